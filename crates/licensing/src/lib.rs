@@ -1,1 +1,15 @@
-//! placeholder
+//! The domain of vpp-spin: accounts, assets, assignments, policies, reconcile, notices, jobs,
+//! audit. Plain Rust: the key-value store is a [`vpp_store::Kv`], Apple is a
+//! [`vpp_apple::Client`] over some transport, and time is passed in.
+
+pub mod audit;
+pub mod auth;
+pub mod error;
+
+pub use error::{ApiError, ErrorCode};
+
+/// Largest request body the API accepts (413 above it).
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// The version reported by `/api/health`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,145 @@
+//! The audit log: who did what, when, and how it ended, for every mutating call.
+//!
+//! Records are appended to pages of [`keys::AUDIT_PAGE`] records; `audit` holds the number of
+//! the page being filled. Only the newest [`RETAINED_PAGES`] pages are kept, so the key count
+//! stays bounded. Reads go newest page first, a page per call.
+
+use crate::error::ApiError;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use vpp_store::{keys, update, Kv, StoreError};
+
+pub const RETAINED_PAGES: u64 = 50;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditRecord {
+    pub at: DateTime<Utc>,
+    /// Role and key fingerprint (`admin:1a2b3c4d`), or `apple`, or `scheduler`.
+    pub actor: String,
+    /// What was asked, e.g. `POST /api/accounts`.
+    pub action: String,
+    /// What it was about (an account id, a policy id), when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// The HTTP status the caller got.
+    pub status: u16,
+    /// The error code, when it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct Head {
+    page: u64,
+}
+
+/// Append one record. Concurrent writers are safe (compare-and-swap on the page and the head).
+pub fn record(kv: &impl Kv, rec: &AuditRecord) -> Result<(), StoreError> {
+    record_keeping(kv, rec, RETAINED_PAGES)
+}
+
+fn record_keeping(kv: &impl Kv, rec: &AuditRecord, retained: u64) -> Result<(), StoreError> {
+    for _ in 0..vpp_store::MAX_SWAP_ATTEMPTS {
+        let head: Head = vpp_store::get_json(kv, &keys::audit_head())?.unwrap_or_default();
+        let appended =
+            update::<Vec<AuditRecord>, bool>(kv, &keys::audit_page(head.page), |page| {
+                let mut page = page.unwrap_or_default();
+                if page.len() >= keys::AUDIT_PAGE {
+                    return Ok((None, false));
+                }
+                page.push(rec.clone());
+                Ok((Some(page), true))
+            })?;
+        if appended {
+            return Ok(());
+        }
+        // The page is full: move the head on (once, whoever wins) and drop the oldest page.
+        let moved = update::<Head, bool>(kv, &keys::audit_head(), |h| {
+            let h = h.unwrap_or_default();
+            if h.page != head.page {
+                return Ok((None, false));
+            }
+            Ok((Some(Head { page: h.page + 1 }), true))
+        })?;
+        if moved && head.page + 1 >= retained {
+            kv.delete(&keys::audit_page(head.page + 1 - retained))?;
+        }
+    }
+    Err(StoreError::Contended {
+        key: keys::audit_head(),
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditPage {
+    pub records: Vec<AuditRecord>,
+    /// Pass as `?page=` to read older records; absent on the oldest page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_page: Option<u64>,
+}
+
+/// One page, newest records first. `page` defaults to the newest.
+pub fn list(kv: &impl Kv, page: Option<u64>) -> Result<AuditPage, ApiError> {
+    let head: Head = vpp_store::get_json(kv, &keys::audit_head())?.unwrap_or_default();
+    let page = page.unwrap_or(head.page);
+    if page > head.page {
+        return Err(ApiError::invalid_field(
+            "page",
+            format!("page {page} does not exist yet"),
+        ));
+    }
+    let mut records: Vec<AuditRecord> =
+        vpp_store::get_json(kv, &keys::audit_page(page))?.unwrap_or_default();
+    records.reverse();
+    let oldest_kept = (head.page + 1).saturating_sub(RETAINED_PAGES);
+    let next_page = (page > oldest_kept).then(|| page - 1);
+    Ok(AuditPage { records, next_page })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vpp_store::MemoryKv;
+
+    fn rec(i: usize) -> AuditRecord {
+        AuditRecord {
+            at: Utc::now(),
+            actor: "admin:00000000".into(),
+            action: format!("POST /api/x/{i}"),
+            target: None,
+            status: 200,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn pages_roll_over_and_read_newest_first() {
+        let kv = MemoryKv::default();
+        for i in 0..(keys::AUDIT_PAGE + 5) {
+            record(&kv, &rec(i)).unwrap();
+        }
+        let newest = list(&kv, None).unwrap();
+        assert_eq!(newest.records.len(), 5);
+        assert_eq!(
+            newest.records[0].action,
+            format!("POST /api/x/{}", keys::AUDIT_PAGE + 4)
+        );
+        assert_eq!(newest.next_page, Some(0));
+        let older = list(&kv, Some(0)).unwrap();
+        assert_eq!(older.records.len(), keys::AUDIT_PAGE);
+        assert_eq!(older.next_page, None);
+        assert!(list(&kv, Some(9)).is_err());
+    }
+
+    #[test]
+    fn old_pages_are_dropped() {
+        let kv = MemoryKv::default();
+        for i in 0..(keys::AUDIT_PAGE * 5) {
+            record_keeping(&kv, &rec(i), 3).unwrap();
+        }
+        let pages = kv.keys().iter().filter(|k| k.starts_with("audit/")).count() as u64;
+        assert_eq!(pages, 3, "pages kept");
+    }
+}
