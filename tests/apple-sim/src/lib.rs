@@ -15,6 +15,8 @@
 
 pub mod client;
 pub mod model;
+#[cfg(test)]
+mod model_tests;
 mod server;
 
 use std::net::SocketAddr;
