@@ -1,14 +1,16 @@
 //! The apple component: the only one that calls Apple and the only one given the key that
 //! unseals server tokens. Reached by service chaining (private route) or, on platforms without
 //! it, through a public route guarded by `internal_secret`. Its internal API is described in
-//! docs/architecture.md.
+//! docs/architecture.md; the other components use it through `vpp_spin_bridge::GatewayTransport`.
+
+mod proxy;
 
 use spin_sdk::http::{Request, Response};
 use spin_sdk::http_component;
 use vpp_licensing::auth::constant_time_eq;
 use vpp_licensing::{ApiError, ErrorCode};
 use vpp_spin_bridge::gateway::INTERNAL_SECRET_HEADER;
-use vpp_spin_bridge::{vars, ApiRequest, ApiResponse};
+use vpp_spin_bridge::{vars, ApiRequest, ApiResponse, SpinKv};
 
 /// Where the internal API is mounted when reached through a public route instead of chaining.
 const PUBLIC_PREFIX: &str = "/internal/apple";
@@ -44,15 +46,21 @@ fn authorize(api: &mut ApiRequest) -> Result<(), ApiError> {
 
 async fn route(req: &ApiRequest) -> Result<ApiResponse, ApiError> {
     let segments = req.segments();
+    if let ("GET", ["health"]) = (req.method.as_str(), segments.as_slice()) {
+        return Ok(health());
+    }
+    let kv = SpinKv::open().map_err(ApiError::store)?;
+    let ctx = proxy::Ctx::load(kv)?;
     match (req.method.as_str(), segments.as_slice()) {
-        ("GET", ["health"]) => Ok(health()),
+        ("POST", ["tokens", "inspect"]) => ctx.inspect(req).await,
+        ("GET", ["service-config"]) => ctx.service_config_response().await,
+        ("GET", ["metadata"]) => ctx.metadata(req).await,
+        ("DELETE", ["accounts", account]) => ctx.forget(account),
+        (_, ["accounts", account, "mdm", "v2", rest @ ..]) => {
+            ctx.forward(account, &rest.join("/"), req).await
+        }
         _ => Err(ApiError::no_route(&req.method, &req.path)),
     }
-}
-
-fn apple_origin() -> Result<String, ApiError> {
-    let url = vars::required("apple_base_url")?;
-    Ok(url.trim_end_matches('/').to_string())
 }
 
 fn health() -> ApiResponse {
@@ -60,7 +68,7 @@ fn health() -> ApiResponse {
         vpp_seal::SealKey::from_base64(&k)
             .map_err(|e| ApiError::new(ErrorCode::Misconfigured, e.to_string()))
     });
-    let origin = apple_origin();
+    let origin = vars::required("apple_base_url");
     let ok = seal.is_ok() && origin.is_ok();
     ApiResponse::ok(&serde_json::json!({
         "reachable": true,

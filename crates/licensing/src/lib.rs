@@ -2,9 +2,11 @@
 //! audit. Plain Rust: the key-value store is a [`vpp_store::Kv`], Apple is a
 //! [`vpp_apple::Client`] over some transport, and time is passed in.
 
+pub mod apple_state;
 pub mod audit;
 pub mod auth;
 pub mod error;
+pub mod instance;
 
 pub use error::{ApiError, ErrorCode};
 

@@ -2,6 +2,7 @@
 //! store, read variables, turn requests into calls and errors into responses. Nothing here
 //! knows about licenses.
 
+pub mod apple_http;
 pub mod gateway;
 pub mod http_api;
 pub mod kv;
