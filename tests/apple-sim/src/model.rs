@@ -953,6 +953,7 @@ pub struct NotificationRecord {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LocationState {
+    #[serde(rename = "uId")]
     pub uid: String,
     pub token: String,
     pub org_name: String,
@@ -1128,6 +1129,9 @@ const NOTIFICATION_TYPES: &[&str] = &[
     "SUBSCRIPTION_COUNT",
     "UNLIMITED_ASSET",
 ];
+
+/// (errorNumber, adamId, pricingParam): how per-item failures are grouped.
+type FailureKey = (u32, String, String);
 
 /// Max elements per notification.
 pub const MAX_NOTIFICATION_ITEMS: usize = 100;
@@ -2420,8 +2424,7 @@ impl Model {
         let mut completed = 0u64;
         let mut done: Vec<Value> = Vec::new();
         // (errorNumber, adamId, pricingParam) -> (serials, users)
-        let mut failed: BTreeMap<(u32, String, String), (Vec<String>, Vec<String>)> =
-            BTreeMap::new();
+        let mut failed: BTreeMap<FailureKey, (Vec<String>, Vec<String>)> = BTreeMap::new();
         let targets: Vec<(Option<&str>, Option<&str>)> = serials
             .iter()
             .map(|s| (Some(s.as_str()), None))
