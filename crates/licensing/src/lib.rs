@@ -7,6 +7,8 @@ pub mod audit;
 pub mod auth;
 pub mod error;
 pub mod instance;
+pub mod job;
+pub mod model;
 
 pub use error::{ApiError, ErrorCode};
 
