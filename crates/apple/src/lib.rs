@@ -21,7 +21,9 @@ pub use client::{
     BatchError, Client, Ownership, Paged, ResponseEcho, UserFilter,
 };
 pub use error::{parse_retry_after, AppleError};
-pub use retry::{send_with_retry, send_with_retry_raw, Attempted, Pacer, RetryPolicy};
+pub use retry::{
+    send_with_retry, send_with_retry_raw, Attempted, Pacer, RetryPolicy, DEFAULT_PACER_WINDOW,
+};
 pub use token::{parse_apple_date, ServerToken, TokenError};
 pub use transport::{
     AppleRequest, AppleResponse, Clock, Method, Target, Transport, APPLE_BASE_URL,

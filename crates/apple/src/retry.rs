@@ -11,10 +11,12 @@ use chrono::{DateTime, Utc};
 use crate::error::AppleError;
 use crate::transport::{AppleRequest, AppleResponse, Clock, Transport};
 
-const WINDOW: Duration = Duration::from_secs(1);
+/// One second plus a margin: requests leave here but Apple counts them on arrival, and latency
+/// varies (against the simulator a bare 1 s window drew a 429 on the 16th request).
+pub const DEFAULT_PACER_WINDOW: Duration = Duration::from_millis(1100);
 
-/// A sliding one-second window: at most `max_per_second` requests start in any window
-/// `[t, t + 1s)`.
+/// A sliding window: at most `max_per_second` requests start in any window `[t, t + window)`,
+/// with `window` at least one second.
 #[derive(Debug)]
 pub struct Pacer {
     state: Mutex<PacerState>,
@@ -23,14 +25,21 @@ pub struct Pacer {
 #[derive(Debug)]
 struct PacerState {
     max_per_second: u32,
+    window: Duration,
     sent: VecDeque<DateTime<Utc>>,
 }
 
 impl Pacer {
     pub fn new(max_per_second: u32) -> Self {
+        Pacer::with_window(max_per_second, DEFAULT_PACER_WINDOW)
+    }
+
+    /// A pacer with an exact window (never shorter than one second).
+    pub fn with_window(max_per_second: u32, window: Duration) -> Self {
         Pacer {
             state: Mutex::new(PacerState {
                 max_per_second: max_per_second.max(1),
+                window: window.max(Duration::from_secs(1)),
                 sent: VecDeque::new(),
             }),
         }
@@ -58,12 +67,13 @@ impl Pacer {
     /// Take a slot at `now`, or say how long to wait for one.
     pub fn try_acquire(&self, now: DateTime<Utc>) -> Result<(), Duration> {
         let mut st = self.lock();
+        let window = st.window;
         if st.max_per_second == u32::MAX {
             return Ok(());
         }
         while let Some(front) = st.sent.front() {
             let age = (now - *front).to_std().unwrap_or(Duration::ZERO);
-            if age >= WINDOW {
+            if age >= window {
                 st.sent.pop_front();
             } else {
                 break;
@@ -75,7 +85,7 @@ impl Pacer {
         }
         let oldest = st.sent.front().copied().unwrap_or(now);
         let age = (now - oldest).to_std().unwrap_or(Duration::ZERO);
-        Err(WINDOW.saturating_sub(age).max(Duration::from_millis(1)))
+        Err(window.saturating_sub(age).max(Duration::from_millis(1)))
     }
 
     /// Wait (on `clock`) until a slot is free, then take it.

@@ -245,14 +245,14 @@ fn pacer_never_exceeds_rate_in_any_window() {
             "{in_window} requests in the second after request {i}"
         );
     }
-    // It did not simply stall: 100 requests in about 100/15 seconds.
+    // It did not simply stall: 100 requests in 6 full windows of 1.1 s.
     let span = (times[99] - times[0]).num_milliseconds();
-    assert!((6000..=7000).contains(&span), "{span}");
+    assert_eq!(span, 6600);
 }
 
 #[test]
 fn pacer_window_semantics() {
-    let p = Pacer::new(2);
+    let p = Pacer::with_window(2, Duration::from_secs(1));
     let t0 = Utc::now();
     assert!(p.try_acquire(t0).is_ok());
     assert!(p.try_acquire(t0).is_ok());
@@ -261,4 +261,11 @@ fn pacer_window_semantics() {
     assert_eq!(p.try_acquire(later), Err(Duration::from_millis(600)));
     assert!(p.try_acquire(t0 + chrono::Duration::seconds(1)).is_ok());
     assert!(Pacer::unlimited().try_acquire(t0).is_ok());
+    // The default window keeps a margin over one second.
+    let p = Pacer::new(1);
+    assert!(p.try_acquire(t0).is_ok());
+    assert_eq!(
+        p.try_acquire(t0 + chrono::Duration::seconds(1)),
+        Err(Duration::from_millis(100))
+    );
 }
