@@ -206,3 +206,68 @@ pub type LedgerShard = BTreeMap<String, BTreeMap<String, LedgerEntry>>;
 
 /// How many ledger shards an account has (fixed, so every writer agrees).
 pub const LEDGER_SHARDS: u32 = 32;
+
+/// The ledger shard that holds (asset, subject).
+pub fn ledger_shard_of(asset_key: &str, subject: &Subject) -> u32 {
+    vpp_store::keys::shard_of(&format!("{asset_key}|{}", subject.tag()), LEDGER_SHARDS)
+}
+
+/// The copy shard of an asset that holds `subject`.
+pub fn copy_shard_of(subject: &Subject, shards: u32) -> u32 {
+    vpp_store::keys::shard_of(&subject.tag(), shards)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum EventKind {
+    Associate,
+    Disassociate,
+    Revoke,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum EventState {
+    Pending,
+    Complete,
+    Failed,
+}
+
+/// A failure Apple reported for some subjects of an event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventFailure {
+    /// Subject tags (`s:<serial>`, `u:<clientUserId>`) it names; empty when Apple named none.
+    pub subjects: Vec<String>,
+    pub error_number: Option<i64>,
+    pub message: String,
+}
+
+/// An asynchronous Apple operation we asked for, tracked to completion (`keys::event(id)`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventRecord {
+    /// Apple's eventId.
+    pub id: String,
+    pub account_id: String,
+    pub kind: EventKind,
+    /// What asked for it: `api`, `policy`, `reconcile`, `cleanup`.
+    pub source: String,
+    /// Assets of an associate/disassociate (empty for revoke: Apple revokes all revocable ones).
+    pub assets: Vec<vpp_apple::AssetRef>,
+    pub subjects: Vec<Subject>,
+    pub state: EventState,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    #[serde(default)]
+    pub polled_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub num_requested: Option<i64>,
+    #[serde(default)]
+    pub num_completed: Option<i64>,
+    #[serde(default)]
+    pub failures: Vec<EventFailure>,
+    /// Its outcome has been applied to the ledger, copy and counts (exactly once).
+    #[serde(default)]
+    pub applied: bool,
+}

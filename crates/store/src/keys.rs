@@ -18,8 +18,8 @@
 //! | `apple/service-config` | Apple's service config and when it was read | apple |
 //! | `apple/metadata/{adamId}` | name and icon of an asset | apple |
 //! | `assets/{id}` | the account's assets with counts (one value, ~150 B per asset) | refresh, notifications (CAS) |
-//! | `assignments/{id}/{gen}/{shard}` | one shard of the account's assignment copy | refresh (write once per generation) |
-//! | `ledger/{id}/{shard}` | assignments this instance made, by subject | licenses, jobs (CAS) |
+//! | `assignments/{id}/{gen}/{adamId}:{pricing}/{shard}` | one shard of an asset's assignment copy (subject → made by) | refresh; events and notifications (CAS) |
+//! | `ledger/{id}/{shard}` | assignments this instance made: asset → subject → entry; shard = `shard_of("{asset}|{subject}", LEDGER_SHARDS)` | licenses, jobs (CAS) |
 //! | `event/{eventId}` | an Apple event we track | licenses, jobs, notifications (CAS) |
 //! | `events/{id}` | index of pending events of an account | licenses, jobs (CAS) |
 //! | `policies`, `policy/{id}` | app policies | licenses (CAS) |
@@ -63,8 +63,9 @@ pub fn metadata(adam_id: &str) -> String {
 pub fn assets(account: &str) -> String {
     format!("assets/{account}")
 }
-pub fn assignment_shard(account: &str, generation: u64, shard: u32) -> String {
-    format!("assignments/{account}/{generation}/{shard}")
+/// One shard of one asset's assignment copy (`asset` is `adamId:pricingParam`).
+pub fn assignment_shard(account: &str, generation: u64, asset: &str, shard: u32) -> String {
+    format!("assignments/{account}/{generation}/{asset}/{shard}")
 }
 pub fn ledger_shard(account: &str, shard: u32) -> String {
     format!("ledger/{account}/{shard}")
@@ -146,7 +147,7 @@ mod tests {
     fn keys_stay_short() {
         // Fermyon Cloud caps keys at 255 bytes.
         let id = "a".repeat(36);
-        assert!(assignment_shard(&id, u64::MAX, u32::MAX).len() < 255);
+        assert!(assignment_shard(&id, u64::MAX, "1234567890:STDQ", u32::MAX).len() < 255);
         assert!(ledger_shard(&id, u32::MAX).len() < 255);
     }
 }
