@@ -253,3 +253,36 @@ mod tests {
         );
     }
 }
+
+impl From<vpp_apple::AppleError> for ApiError {
+    fn from(e: vpp_apple::AppleError) -> Self {
+        apple_error(&e)
+    }
+}
+
+/// How an Apple failure reaches our API: a stable code, Apple's number and message, and a
+/// Retry-After when Apple asked for one.
+pub fn apple_error(e: &vpp_apple::AppleError) -> ApiError {
+    use vpp_apple::AppleError as A;
+    let code = match e {
+        A::TokenExpired => ErrorCode::AppleTokenExpired,
+        A::TokenRevoked => ErrorCode::AppleTokenRevoked,
+        A::TokenInvalid { .. } => ErrorCode::AppleTokenInvalid,
+        A::RateLimited { .. } => ErrorCode::AppleRateLimited,
+        A::Unavailable { .. } | A::Transport(_) | A::Decode(_) => ErrorCode::AppleUnavailable,
+        A::Validation { .. } => ErrorCode::AppleRejected,
+    };
+    let number = match e {
+        A::TokenInvalid { number } => *number,
+        A::Unavailable { number, .. } | A::Validation { number, .. } => *number,
+        A::TokenExpired => Some(9621),
+        A::TokenRevoked => Some(9625),
+        _ => None,
+    };
+    let mut err = ApiError::new(code, format!("Apple: {e}"))
+        .with_details(json!({"appleErrorNumber": number, "appleCode": e.code()}));
+    if let Some(ra) = e.retry_after() {
+        err = err.with_retry_after(ra.as_secs().max(1));
+    }
+    err
+}
