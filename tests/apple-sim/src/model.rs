@@ -905,6 +905,7 @@ pub struct Event {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CallRecord {
+    /// When the request was received.
     pub time: DateTime<Utc>,
     pub method: String,
     pub path: String,
@@ -1654,8 +1655,10 @@ impl Model {
             .collect()
     }
 
+    /// Records a call; the log stays ordered by receipt time even when answers finish out of order.
     pub fn log_call(&mut self, rec: CallRecord) {
-        self.calls.push(rec);
+        let pos = self.calls.partition_point(|c| c.time <= rec.time);
+        self.calls.insert(pos, rec);
     }
 
     // ----- notifications --------------------------------------------------------------------

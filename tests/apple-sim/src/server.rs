@@ -89,6 +89,9 @@ pub(crate) async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    // Receipt time: used by the rate limiter and the call log.
+    let received_at = Instant::now();
+    let received_wall = Utc::now();
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
     let raw_query = req.uri().query().unwrap_or("").to_string();
@@ -115,7 +118,7 @@ pub(crate) async fn handle(
             content_type,
             body: body.clone(),
         };
-        let resp = api_call(&shared, &api).await;
+        let resp = api_call(&shared, &api, received_at).await;
         let token = authorization.as_deref().and_then(|h| {
             let h = h.trim();
             (h.len() > 7 && h[..7].eq_ignore_ascii_case("bearer "))
@@ -123,7 +126,7 @@ pub(crate) async fn handle(
         });
         let (resp, uid) = resp;
         shared.lock().log_call(CallRecord {
-            time: Utc::now(),
+            time: received_wall,
             method,
             path,
             query: raw_query,
@@ -140,7 +143,7 @@ pub(crate) async fn handle(
             let mut m = shared.lock();
             let v = m.lookup(&query);
             m.log_call(CallRecord {
-                time: Utc::now(),
+                time: received_wall,
                 method,
                 path,
                 query: raw_query,
@@ -174,8 +177,12 @@ pub(crate) async fn handle(
 
 /// Runs one API call through the model, with latency, the TEST_NOTIFICATION round trip and
 /// the effects. Returns the response and the location uId.
-async fn api_call(shared: &Arc<Shared>, api: &ApiRequest) -> (ApiResponse, Option<String>) {
-    let outcome = shared.lock().handle_api(api, Instant::now());
+async fn api_call(
+    shared: &Arc<Shared>,
+    api: &ApiRequest,
+    received_at: Instant,
+) -> (ApiResponse, Option<String>) {
+    let outcome = shared.lock().handle_api(api, received_at);
     if outcome.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(outcome.latency_ms)).await;
     }
