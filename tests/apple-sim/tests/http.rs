@@ -390,3 +390,47 @@ async fn usable_inside_a_tokio_runtime() {
     assert_eq!(sim.calls().len(), 2);
     drop(sim); // stopping from inside a runtime is fine too
 }
+
+#[test]
+fn demo_data_is_usable() {
+    let sim = Simulator::start().unwrap();
+    let demo = sim.seed_demo();
+    assert_eq!(demo.len(), 2);
+    for (_, token) in &demo {
+        let v = get(&format!("{}/assets", sim.base_url()), Some(token))
+            .unwrap()
+            .json();
+        assert!(v["assets"].as_array().unwrap().len() >= 4, "{v}");
+        let a = get(&format!("{}/assignments", sim.base_url()), Some(token))
+            .unwrap()
+            .json();
+        assert!(!a["assignments"].as_array().unwrap().is_empty());
+    }
+}
+
+#[test]
+fn flush_events_applies_pending_writes_now() {
+    let (sim, t) = sim();
+    sim.set_event_delay(Duration::from_secs(60));
+    let r = post_json(
+        &format!("{}/assets/associate", sim.base_url()),
+        Some(&t),
+        &json!({"assets": [{"adamId": "100"}], "serialNumbers": ["S1"]}),
+    )
+    .unwrap();
+    let ev = r.json()["eventId"].as_str().unwrap().to_string();
+    assert_eq!(sim.pending_events(), 1);
+    let flushed = post_json(
+        &format!("{}/control/events/flush", sim.origin()),
+        None,
+        &json!({}),
+    )
+    .unwrap();
+    assert_eq!(flushed.status, 200);
+    assert_eq!(sim.pending_events(), 0);
+    assert_eq!(
+        sim.event(&ev).unwrap().event_status,
+        apple_sim::EventStatus::Complete
+    );
+    assert_eq!(sim.location_state(&t).unwrap().assets[0].assigned_count, 1);
+}
