@@ -9,6 +9,7 @@ pub mod error;
 pub mod instance;
 pub mod job;
 pub mod model;
+pub mod status;
 
 pub use error::{ApiError, ErrorCode};
 
