@@ -128,10 +128,14 @@ impl Simulator {
     fn notify(&self, notes: Vec<model::Outgoing>) {
         if !notes.is_empty() {
             let shared = self.shared.clone();
+            shared
+                .in_flight
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.handle.spawn(async move {
-                for n in notes {
-                    server::deliver(shared.clone(), n, None).await;
-                }
+                server::deliver_all(shared.clone(), notes).await;
+                shared
+                    .in_flight
+                    .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             });
         }
     }
@@ -314,6 +318,29 @@ impl Simulator {
 
     pub fn pending_events(&self) -> usize {
         self.model().pending_events().len()
+    }
+
+    /// True when no event is pending and no notification delivery is under way. Cheap and
+    /// non-blocking: poll it with `tokio::time::sleep` inside a runtime.
+    pub fn is_idle(&self) -> bool {
+        self.pending_events() == 0
+            && self
+                .shared
+                .in_flight
+                .load(std::sync::atomic::Ordering::SeqCst)
+                == 0
+    }
+
+    /// Blocks (std sleep) until [`Simulator::is_idle`]. Synchronous tests only.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        while !self.is_idle() {
+            if Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
     }
 
     /// Applies every pending event now (their notifications go out in the background).

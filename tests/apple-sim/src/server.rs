@@ -2,6 +2,7 @@
 //! delivery. All decisions are made by [`Model`]; this file only moves bytes and time.
 
 use std::convert::Infallible;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,8 @@ pub(crate) type HttpClient = Client<HttpConnector, Full<Bytes>>;
 pub(crate) struct Shared {
     pub model: Mutex<Model>,
     pub client: HttpClient,
+    /// Notification batches spawned and not yet finished.
+    pub in_flight: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -32,6 +35,7 @@ impl Shared {
         Shared {
             model: Mutex::new(Model::new(origin)),
             client: Client::builder(TokioExecutor::new()).build_http(),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
         }
     }
     pub fn lock(&self) -> MutexGuard<'_, Model> {
@@ -204,8 +208,11 @@ pub(crate) fn run_effects(shared: &Arc<Shared>, effects: Vec<Effect>) {
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                    // Counted before the event stops being pending, so "idle" never flickers.
+                    shared.in_flight.fetch_add(1, Ordering::SeqCst);
                     let notes = shared.lock().apply_event(&event_id);
-                    deliver_all(shared, notes).await;
+                    deliver_all(shared.clone(), notes).await;
+                    shared.in_flight.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         }
@@ -216,10 +223,15 @@ pub(crate) fn spawn_notifications(shared: &Arc<Shared>, notes: Vec<Outgoing>) {
     if notes.is_empty() {
         return;
     }
-    tokio::spawn(deliver_all(shared.clone(), notes));
+    shared.in_flight.fetch_add(1, Ordering::SeqCst);
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        deliver_all(shared.clone(), notes).await;
+        shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+    });
 }
 
-async fn deliver_all(shared: Arc<Shared>, notes: Vec<Outgoing>) {
+pub(crate) async fn deliver_all(shared: Arc<Shared>, notes: Vec<Outgoing>) {
     for n in notes {
         deliver(shared.clone(), n, None).await;
     }

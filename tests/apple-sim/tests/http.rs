@@ -434,3 +434,24 @@ fn flush_events_applies_pending_writes_now() {
     );
     assert_eq!(sim.location_state(&t).unwrap().assets[0].assigned_count, 1);
 }
+
+#[test]
+fn wait_idle_covers_events_and_deliveries() {
+    let (sim, t) = sim();
+    let rx = Receiver::start().unwrap();
+    post_json(
+        &format!("{}/client/config", sim.base_url()),
+        Some(&t),
+        &json!({"notificationUrl": rx.url(), "notificationAuthToken": "s", "notificationTypes": ["ASSET_MANAGEMENT"]}),
+    )
+    .unwrap();
+    post_json(
+        &format!("{}/assets/associate", sim.base_url()),
+        Some(&t),
+        &json!({"assets": [{"adamId": "100"}], "serialNumbers": ["S1"]}),
+    )
+    .unwrap();
+    assert!(!sim.is_idle());
+    assert!(sim.wait_idle(Duration::from_secs(5)));
+    assert_eq!(rx.received().len(), 2);
+}
