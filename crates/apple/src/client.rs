@@ -385,6 +385,14 @@ impl<T: Transport, C: Clock> Client<T, C> {
         }
     }
 
+    /// For callers behind the Apple component's proxy, which paces and retries for every
+    /// caller of a token: one attempt, no local pacing.
+    pub fn proxied(transport: T, clock: C) -> Self {
+        Client::new(transport, clock)
+            .with_policy(RetryPolicy::none())
+            .with_pacer(Pacer::unlimited())
+    }
+
     pub fn with_policy(mut self, policy: RetryPolicy) -> Self {
         self.policy = policy;
         self
@@ -482,8 +490,11 @@ impl<T: Transport, C: Clock> Client<T, C> {
 
     /// Inject a service config (e.g. one cached in the key-value store); it counts as fresh.
     pub fn set_service_config(&self, cfg: ServiceConfig) {
-        self.pacer
-            .set_max_per_second(cfg.limits.max_request_per_second);
+        // An unlimited pacer (behind the proxy) stays unlimited.
+        if self.pacer.max_per_second() != u32::MAX {
+            self.pacer
+                .set_max_per_second(cfg.limits.max_request_per_second);
+        }
         *lock(&self.service_config) = Some((self.clock.now(), cfg));
     }
 

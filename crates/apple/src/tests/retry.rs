@@ -269,3 +269,17 @@ fn pacer_window_semantics() {
         Err(Duration::from_millis(100))
     );
 }
+
+#[test]
+fn proxied_client_makes_one_attempt_and_reports_apple_terms() {
+    let clock = FakeClock::default();
+    let t = ScriptedTransport::new(|_, _| Ok(AppleResponse::new(429, "").with_retry_after("30")));
+    let c = crate::Client::proxied(t, clock.clone());
+    let err = block_on(c.client_config()).unwrap_err();
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(30)));
+    assert_eq!(c.transport().calls(), 1);
+    assert!(clock.sleeps().is_empty());
+    assert_eq!(c.pacer().max_per_second(), u32::MAX);
+    c.set_service_config(crate::ServiceConfig::default());
+    assert_eq!(c.pacer().max_per_second(), u32::MAX);
+}
