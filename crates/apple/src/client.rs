@@ -23,6 +23,8 @@ pub const DEFAULT_METADATA_LOOKUP_URL: &str =
     "https://uclient-api.itunes.apple.com/WebObjects/MZStorePlatform.woa/wa/lookup";
 /// IDs per metadata lookup (keeps URLs short; Apple documents no limit).
 pub const METADATA_IDS_PER_REQUEST: usize = 100;
+/// Apple: parallel page fetches are allowed, but no more than 5 at once.
+pub const MAX_PAGES_IN_FLIGHT: u32 = 5;
 /// A guard against a server whose `nextPageIndex` never ends.
 pub const MAX_PAGES: u32 = 100_000;
 
@@ -145,6 +147,7 @@ fn paged_query(
 /// A page of a paged endpoint. `absorb` appends a later page's items.
 pub trait Paged: DeserializeOwned {
     fn next_page_index(&self) -> Option<u32>;
+    fn total_pages(&self) -> Option<u32>;
     fn absorb(&mut self, later: Self);
 }
 
@@ -153,6 +156,9 @@ macro_rules! paged {
         impl Paged for $ty {
             fn next_page_index(&self) -> Option<u32> {
                 self.next_page_index
+            }
+            fn total_pages(&self) -> Option<u32> {
+                self.total_pages
             }
             fn absorb(&mut self, later: Self) {
                 $(self.$field.extend(later.$field);)+
@@ -355,6 +361,7 @@ pub struct Client<T: Transport, C: Clock> {
     clock: C,
     pacer: Pacer,
     policy: RetryPolicy,
+    page_concurrency: u32,
     service_config: Mutex<Option<(DateTime<Utc>, ServiceConfig)>>,
     client_config: Mutex<Option<ClientConfig>>,
     metadata: Mutex<HashMap<String, AssetMetadata>>,
@@ -378,6 +385,7 @@ impl<T: Transport, C: Clock> Client<T, C> {
             clock,
             pacer: Pacer::default(),
             policy: RetryPolicy::default(),
+            page_concurrency: 1,
             service_config: Mutex::new(None),
             client_config: Mutex::new(None),
             metadata: Mutex::new(HashMap::new()),
@@ -395,6 +403,12 @@ impl<T: Transport, C: Clock> Client<T, C> {
 
     pub fn with_policy(mut self, policy: RetryPolicy) -> Self {
         self.policy = policy;
+        self
+    }
+
+    /// Pages fetched at once by `all_*` (1 to [`MAX_PAGES_IN_FLIGHT`]; default 1).
+    pub fn with_page_concurrency(mut self, n: u32) -> Self {
+        self.page_concurrency = n.clamp(1, MAX_PAGES_IN_FLIGHT);
         self
     }
 
@@ -566,20 +580,21 @@ impl<T: Transport, C: Clock> Client<T, C> {
         self.all_pages("assignments", &q, since_version).await
     }
 
-    /// Sequential paging from index 0 until `nextPageIndex` is absent. `totalPages` may change
-    /// on the way and is not trusted; a `nextPageIndex` that does not advance is an error.
+    /// Paging from index 0 until `nextPageIndex` is absent. `totalPages` may change on the way:
+    /// it only sizes the next batch of up to `page_concurrency` pages, and a page past the end
+    /// (fetched because `totalPages` shrank) is dropped. A `nextPageIndex` that does not
+    /// advance is an error.
     async fn all_pages<P: Paged>(
         &self,
         path: &str,
         base: &[(String, String)],
         since_version: Option<&str>,
     ) -> Result<P, AppleError> {
-        let mut all: P = self
-            .call(
-                &AppleRequest::get(path, paged_query(base.to_vec(), since_version, 0)),
-                true,
-            )
-            .await?;
+        let fetch = |index: u32| {
+            let req = AppleRequest::get(path, paged_query(base.to_vec(), since_version, index));
+            async move { self.call::<P>(&req, true).await }
+        };
+        let mut all: P = fetch(0).await?;
         let mut current = 0u32;
         let mut read = 1u32;
         while let Some(next) = all.next_page_index() {
@@ -593,15 +608,25 @@ impl<T: Transport, C: Clock> Client<T, C> {
                     "GET {path}: more than {MAX_PAGES} pages"
                 )));
             }
-            let page: P = self
-                .call(
-                    &AppleRequest::get(path, paged_query(base.to_vec(), since_version, next)),
-                    true,
-                )
-                .await?;
-            all.absorb(page);
-            current = next;
-            read += 1;
+            // Speculate only within the advertised total, and only when it is consecutive.
+            let known_end = all.total_pages().unwrap_or(0);
+            let batch = if next == current + 1 && known_end > next {
+                (known_end - next).min(self.page_concurrency).max(1)
+            } else {
+                1
+            };
+            let pages = join_all((next..next + batch).map(fetch).collect()).await;
+            let mut expected = Some(next);
+            for (index, page) in (next..next + batch).zip(pages) {
+                if expected != Some(index) {
+                    break; // past the end, or Apple skipped ahead: follow nextPageIndex instead
+                }
+                let page = page?;
+                expected = page.next_page_index();
+                all.absorb(page);
+                current = index;
+                read += 1;
+            }
         }
         Ok(all)
     }
@@ -771,6 +796,31 @@ impl<T: Transport, C: Clock> Client<T, C> {
         let cache = lock(&self.metadata);
         Ok(ids.iter().filter_map(|id| cache.get(id).cloned()).collect())
     }
+}
+
+/// Run futures together; outputs in input order. (No runtime: each future registers its own
+/// waker, as Spin's outbound HTTP futures do.)
+async fn join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
+    use std::task::Poll;
+    let mut futs: Vec<std::pin::Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(move |cx| {
+        let mut pending = false;
+        for (fut, slot) in futs.iter_mut().zip(out.iter_mut()) {
+            if slot.is_none() {
+                match fut.as_mut().poll(cx) {
+                    Poll::Ready(v) => *slot = Some(v),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(out.iter_mut().filter_map(Option::take).collect())
+        }
+    })
+    .await
 }
 
 /// `{lookup}?version=2&p=mdm-lockup&caller=MDM&platform=…&cc=…&id=a,b`.

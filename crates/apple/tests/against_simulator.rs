@@ -135,6 +135,12 @@ fn all_pages_read_and_no_more() {
     assert_eq!(all.assets.len(), 10);
     assert!(all.version_id.is_some());
     assert_eq!(calls_to(&sim, &token, "GET", "assets"), 4);
+
+    // Up to five pages in flight: still every page once.
+    let c = client(&sim, &token).with_page_concurrency(5);
+    let all = block_on(c.all_assets(&AssetFilter::default())).unwrap();
+    assert_eq!(all.assets.len(), 10);
+    assert_eq!(calls_to(&sim, &token, "GET", "assets"), 8);
 }
 
 #[test]

@@ -210,3 +210,53 @@ fn event_status_and_decode_errors() {
         Err(AppleError::Decode(_))
     ));
 }
+
+/// `pages` pages of one asset each, advertising `advertised` total pages.
+fn fixed_server(pages: u32, advertised: u32) -> ScriptedTransport {
+    ScriptedTransport::new(move |req, _| {
+        let i = page_index(req);
+        if i >= pages {
+            return Ok(resp(
+                400,
+                json!({"errorNumber": 9650, "errorMessage": "bad page index"}),
+            ));
+        }
+        let mut body = json!({"assets": [{"adamId": format!("{i}")}], "currentPageIndex": i,
+            "totalPages": advertised, "versionId": format!("v{i}")});
+        if i + 1 < pages {
+            body["nextPageIndex"] = json!(i + 1);
+        }
+        Ok(resp(200, body))
+    })
+}
+
+#[test]
+fn up_to_five_pages_in_flight_reads_all_and_no_more() {
+    let c = client_with(fixed_server(7, 7), FakeClock::default(), Limits::default())
+        .with_page_concurrency(5);
+    let all = block_on(c.all_assets(&AssetFilter::default())).unwrap();
+    let ids: Vec<String> = all.assets.iter().map(|a| a.adam_id.clone()).collect();
+    assert_eq!(ids, vec!["0", "1", "2", "3", "4", "5", "6"]);
+    assert_eq!(c.transport().calls(), 7);
+    assert_eq!(all.version_id.as_deref(), Some("v0"));
+    // Never above the cap.
+    let c = client_with(fixed_server(3, 3), FakeClock::default(), Limits::default())
+        .with_page_concurrency(50);
+    block_on(c.all_assets(&AssetFilter::default())).unwrap();
+    assert_eq!(c.transport().calls(), 3);
+}
+
+#[test]
+fn shrinking_total_pages_is_tolerated() {
+    // Apple said 6 pages but only 3 exist now: the speculative pages are dropped.
+    let c = client_with(fixed_server(3, 6), FakeClock::default(), Limits::default())
+        .with_page_concurrency(5);
+    let all = block_on(c.all_assets(&AssetFilter::default())).unwrap();
+    assert_eq!(all.assets.len(), 3);
+    // Growing totals (assets_server advertises 1 on the first page) are followed too.
+    let c = client_with(assets_server(4), FakeClock::default(), Limits::default())
+        .with_page_concurrency(5);
+    let all = block_on(c.all_assets(&AssetFilter::default())).unwrap();
+    assert_eq!(all.assets.len(), 8);
+    assert_eq!(c.transport().calls(), 4);
+}
