@@ -1,11 +1,18 @@
 //! The accounts component: App Store License accounts, jobs, the audit log, health, and the
-//! JSON 404 for unknown `/api` routes. The route table is here; the work is in the domain.
+//! JSON 404 for unknown `/api` routes. The route table is here; the work is in the domain
+//! (`vpp_licensing::account`, `refresh`, `cleanup`, `runner`).
 
-use spin_sdk::http::{Method, Request, Response};
+mod health;
+
+use chrono::Utc;
+use serde_json::json;
+use spin_sdk::http::{Request, Response};
 use spin_sdk::http_component;
-use vpp_licensing::{audit, ApiError};
-use vpp_spin_bridge::{gateway, http_api, vars, ApiRequest, ApiResponse, SpinKv};
-use vpp_store::Kv;
+use vpp_licensing::account::{self, AddAccount, EditAccount, Identity};
+use vpp_licensing::job::{self, Job};
+use vpp_licensing::{audit, cleanup, instance, refresh, runner, ApiError};
+use vpp_spin_bridge::apple_http::{random_id, SpinGateway};
+use vpp_spin_bridge::{http_api, vars, ApiRequest, ApiResponse, SpinKv};
 
 #[http_component]
 async fn handle(req: Request) -> Response {
@@ -18,52 +25,220 @@ fn is_public(req: &ApiRequest) -> bool {
 
 async fn route(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
     let segments = req.segments();
-    match (req.method.as_str(), segments.as_slice()) {
-        ("GET", ["api", "health"]) => Ok(health(kv).await),
-        ("GET", ["api", "audit"]) => {
-            req.caller()?.require_admin("read the audit log")?;
-            Ok(ApiResponse::ok(&audit::list(kv, req.query_u64("page")?)?))
+    let m = req.method.as_str();
+    match segments.as_slice() {
+        ["api", "health"] => match m {
+            "GET" => Ok(health::check(kv).await),
+            _ => Err(ApiError::method_not_allowed(m, &req.path, &["GET"])),
+        },
+        ["api", "audit"] => match m {
+            "GET" => {
+                req.caller()?.require_admin("read the audit log")?;
+                Ok(ApiResponse::ok(&audit::list(kv, req.query_u64("page")?)?))
+            }
+            _ => Err(ApiError::method_not_allowed(m, &req.path, &["GET"])),
+        },
+        ["api", "accounts"] => match m {
+            "GET" => Ok(ApiResponse::ok(
+                &json!({"accounts": account::list(kv, &policy_names(kv), Utc::now())?}),
+            )),
+            "POST" => add(kv, req).await,
+            _ => Err(ApiError::method_not_allowed(m, &req.path, &["GET", "POST"])),
+        },
+        ["api", "accounts", id] => match m {
+            "GET" => view(kv, id),
+            "PATCH" => {
+                admin(req, "edit accounts")?;
+                let input: EditAccount = req.json()?;
+                account::edit(kv, &SpinGateway, id, input, Utc::now()).await?;
+                view(kv, id)
+            }
+            "DELETE" => {
+                admin(req, "delete accounts")?;
+                account::delete(kv, &SpinGateway, id, &policy_names(kv)).await?;
+                Ok(ApiResponse::no_content())
+            }
+            _ => Err(ApiError::method_not_allowed(
+                m,
+                &req.path,
+                &["GET", "PATCH", "DELETE"],
+            )),
+        },
+        ["api", "accounts", id, action] => {
+            if m != "POST" {
+                return Err(ApiError::method_not_allowed(m, &req.path, &["POST"]));
+            }
+            admin(req, "act on accounts")?;
+            match *action {
+                "test" => {
+                    let our = instance_id(kv)?;
+                    Ok(ApiResponse::ok(
+                        &account::test(kv, &SpinGateway, id, &our, Utc::now()).await?,
+                    ))
+                }
+                "refresh" => {
+                    let full = match req.query("full") {
+                        None | Some("true") | Some("1") => true,
+                        Some("false") | Some("0") => false,
+                        Some(_) => {
+                            return Err(ApiError::invalid_field(
+                                "full",
+                                "full must be true or false",
+                            ))
+                        }
+                    };
+                    start_job(kv, req, id, "refresh", full).await
+                }
+                "cleanup" => start_job(kv, req, id, "cleanup", true).await,
+                "reclaim" => {
+                    let secret = random_id().map_err(ApiError::internal)?;
+                    account::reclaim(kv, &SpinGateway, id, &identity(kv)?, &secret, Utc::now())
+                        .await?;
+                    view(kv, id)
+                }
+                _ => Err(ApiError::no_route(m, &req.path)),
+            }
         }
-        (_, ["api", "health"]) => Err(ApiError::method_not_allowed(
-            &req.method,
-            &req.path,
-            &["GET"],
-        )),
-        (_, ["api", "audit"]) => Err(ApiError::method_not_allowed(
-            &req.method,
-            &req.path,
-            &["GET"],
-        )),
-        _ => Err(ApiError::no_route(&req.method, &req.path)),
+        ["api", "jobs"] => match m {
+            "GET" => {
+                let limit = req
+                    .query_u64("limit")?
+                    .unwrap_or(50)
+                    .clamp(1, job::KEPT_JOBS as u64) as usize;
+                Ok(ApiResponse::ok(&json!({"jobs": job::recent(kv, limit)?})))
+            }
+            _ => Err(ApiError::method_not_allowed(m, &req.path, &["GET"])),
+        },
+        ["api", "jobs", id] => match m {
+            "GET" => {
+                let j =
+                    job::load(kv, id)?.ok_or_else(|| ApiError::not_found(format!("job {id}")))?;
+                Ok(ApiResponse::ok(&j))
+            }
+            _ => Err(ApiError::method_not_allowed(m, &req.path, &["GET"])),
+        },
+        ["api", "jobs", id, "resume"] => match m {
+            "POST" => {
+                admin(req, "run jobs")?;
+                let j =
+                    job::load(kv, id)?.ok_or_else(|| ApiError::not_found(format!("job {id}")))?;
+                if j.kind != "refresh" && j.kind != "cleanup" {
+                    return Err(ApiError::invalid(format!(
+                        "{} jobs continue through POST /api/daily",
+                        j.kind
+                    )));
+                }
+                let ran = run(kv, id).await?;
+                Ok(ApiResponse::json(
+                    if ran.job.is_running() { 202 } else { 200 },
+                    &ran.job,
+                ))
+            }
+            _ => Err(ApiError::method_not_allowed(m, &req.path, &["POST"])),
+        },
+        _ => Err(ApiError::no_route(m, &req.path)),
     }
 }
 
-/// Is everything this deployment needs usable? Never reveals a secret, only whether it is set.
-async fn health(kv: &SpinKv) -> ApiResponse {
-    let probe_key = "health/probe";
-    let kv_check = kv
-        .set(probe_key, b"ok")
-        .and_then(|_| kv.get(probe_key))
-        .map(|v| v.as_deref() == Some(b"ok".as_slice()));
-    let kv_ok = matches!(kv_check, Ok(true));
-    let admin_key_set = vars::optional("admin_api_key").is_some();
-    let apple = match gateway::call(Method::Get, "/health", None).await {
-        Ok(r) if r.status == 200 => serde_json::from_slice(&r.body)
-            .unwrap_or_else(|_| serde_json::json!({"reachable": true})),
-        Ok(r) => serde_json::json!({"reachable": true, "status": r.status}),
-        Err(e) => serde_json::json!({"reachable": false, "error": e}),
-    };
-    let apple_ok =
-        apple["reachable"].as_bool().unwrap_or(true) && apple["ok"].as_bool() == Some(true);
-    let ok = kv_ok && admin_key_set && apple_ok;
-    let body = serde_json::json!({
-        "status": if ok { "ok" } else { "degraded" },
-        "version": vpp_licensing::VERSION,
-        "checks": {
-            "keyValue": {"ok": kv_ok, "error": kv_check.err().map(|e| e.to_string())},
-            "variables": {"ok": admin_key_set, "admin_api_key": admin_key_set},
-            "apple": apple,
+fn admin(req: &ApiRequest, what: &str) -> Result<(), ApiError> {
+    req.caller()?.require_admin(what)
+}
+
+fn view(kv: &SpinKv, id: &str) -> Result<ApiResponse, ApiError> {
+    let a = account::load(kv, id)?;
+    Ok(ApiResponse::ok(&account::view(
+        kv,
+        &a,
+        &policy_names(kv),
+        Utc::now(),
+    )?))
+}
+
+/// The names of the app policies that use an account.
+fn policy_names(kv: &SpinKv) -> impl Fn(&str) -> Result<Vec<String>, ApiError> + '_ {
+    // WIRE: vpp_licensing::policy::names_using once the policy module lands.
+    move |_account_id| {
+        let _ = kv;
+        Ok(Vec::new())
+    }
+}
+
+fn instance_id(kv: &SpinKv) -> Result<String, ApiError> {
+    let candidate = random_id().map_err(ApiError::internal)?;
+    Ok(instance::ensure(kv, &candidate, Utc::now())?.id)
+}
+
+fn identity(kv: &SpinKv) -> Result<Identity, ApiError> {
+    let candidate = random_id().map_err(ApiError::internal)?;
+    Ok(Identity {
+        instance: instance::ensure(kv, &candidate, Utc::now())?,
+        name: vars::optional("instance_name").unwrap_or_else(|| "vpp-spin".into()),
+        public_url: vars::public_url(),
+        notify: vars::notifications_enabled(),
+    })
+}
+
+async fn add(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
+    admin(req, "add accounts")?;
+    let input: AddAccount = req.json()?;
+    let id = random_id().map_err(ApiError::internal)?;
+    let secret = random_id().map_err(ApiError::internal)?;
+    let a = account::add(
+        kv,
+        &SpinGateway,
+        input,
+        &identity(kv)?,
+        &id,
+        &secret,
+        Utc::now(),
+    )
+    .await?;
+    let v = account::view(kv, &a, &policy_names(kv), Utc::now())?;
+    Ok(ApiResponse::json(201, &v).with_header("location", &format!("/api/accounts/{id}")))
+}
+
+/// Start a refresh or clean-up (or join the one already running), do a first slice now, and
+/// answer 202 with the job.
+async fn start_job(
+    kv: &SpinKv,
+    req: &ApiRequest,
+    id: &str,
+    kind: &str,
+    full: bool,
+) -> Result<ApiResponse, ApiError> {
+    let account = account::load(kv, id)?;
+    let caller = req.caller()?.name.clone();
+    let now = Utc::now();
+    let job = match job::running(kv, kind, Some(id))? {
+        Some(j) => j,
+        None => {
+            let checkpoint = match kind {
+                "refresh" => serde_json::to_value(refresh::initial_state(kv, &account, full)?),
+                _ => {
+                    cleanup::check_allowed(kv, id)?;
+                    serde_json::to_value(cleanup::initial_state(kv, id)?)
+                }
+            }
+            .map_err(ApiError::internal)?;
+            let mut j = Job::new(
+                &random_id().map_err(ApiError::internal)?,
+                kind,
+                Some(id),
+                &caller,
+                now,
+            );
+            j.checkpoint = checkpoint;
+            job::create(kv, &j)?;
+            j
         }
-    });
-    ApiResponse::json(if ok { 200 } else { 503 }, &body)
+    };
+    let ran = run(kv, &job.id).await?;
+    Ok(ApiResponse::json(202, &ran.job).with_header("location", &format!("/api/jobs/{}", job.id)))
+}
+
+async fn run(kv: &SpinKv, job_id: &str) -> Result<runner::Ran, ApiError> {
+    let our = instance_id(kv)?;
+    let now = Utc::now();
+    let mut budget = vars::job_budget(now);
+    runner::run(kv, &SpinGateway, job_id, &our, &mut budget, now).await
 }

@@ -2,13 +2,17 @@
 //! audit. Plain Rust: the key-value store is a [`vpp_store::Kv`], Apple is a
 //! [`vpp_apple::Client`] over some transport, and time is passed in.
 
+pub mod account;
 pub mod apple_state;
 pub mod audit;
 pub mod auth;
+pub mod cleanup;
 pub mod error;
 pub mod instance;
 pub mod job;
 pub mod model;
+pub mod refresh;
+pub mod runner;
 pub mod status;
 
 pub use error::{ApiError, ErrorCode};

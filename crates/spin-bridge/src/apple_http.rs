@@ -117,3 +117,86 @@ pub fn random_id() -> Result<String, String> {
     getrandom::getrandom(&mut b).map_err(|e| e.to_string())?;
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
+
+/// The account operations' way to Apple: the apple component's internal API.
+pub struct SpinGateway;
+
+impl vpp_licensing::account::Gateway for SpinGateway {
+    type T = GatewayTransport;
+    type C = SpinClock;
+
+    async fn inspect(
+        &self,
+        account_id: &str,
+        token: &str,
+    ) -> Result<vpp_licensing::account::Inspected, vpp_licensing::ApiError> {
+        use vpp_licensing::{ApiError, ErrorCode};
+        let body =
+            serde_json::to_vec(&serde_json::json!({"accountId": account_id, "token": token}))
+                .map_err(ApiError::internal)?;
+        let resp = gateway::call(Method::Post, "/tokens/inspect", Some(body))
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::AppleUnavailable, e))?;
+        let value: serde_json::Value = serde_json::from_slice(&resp.body).unwrap_or_default();
+        if resp.status == 200 {
+            let client_config =
+                serde_json::from_value(value["clientConfig"].clone()).map_err(|e| {
+                    ApiError::new(ErrorCode::AppleUnavailable, format!("client config: {e}"))
+                })?;
+            return Ok(vpp_licensing::account::Inspected {
+                sealed: value["sealed"].as_str().unwrap_or_default().to_string(),
+                client_config,
+                owner: serde_json::from_value(value["owner"].clone()).unwrap_or_default(),
+            });
+        }
+        // Our own error shape from the apple component, or Apple's answer passed through.
+        if let Some(code) = value["error"]["code"].as_str() {
+            let message = value["error"]["message"]
+                .as_str()
+                .unwrap_or(code)
+                .to_string();
+            let code = match code {
+                "token_malformed" => ErrorCode::TokenMalformed,
+                "misconfigured" => ErrorCode::Misconfigured,
+                _ => ErrorCode::AppleUnavailable,
+            };
+            return Err(ApiError::new(code, message));
+        }
+        let apple = AppleResponse {
+            status: resp.status,
+            retry_after: resp.retry_after,
+            body: resp.body,
+        };
+        match vpp_apple::AppleError::from_response(&apple, Utc::now()) {
+            Some(e) => Err(e.into()),
+            None => Err(ApiError::new(
+                ErrorCode::AppleUnavailable,
+                format!("unexpected answer {}", apple.status),
+            )),
+        }
+    }
+
+    fn client(&self, account_id: &str) -> vpp_apple::Client<GatewayTransport, SpinClock> {
+        vpp_apple::Client::proxied(
+            GatewayTransport {
+                account: account_id.to_string(),
+            },
+            SpinClock,
+        )
+    }
+
+    async fn forget(&self, account_id: &str) -> Result<(), vpp_licensing::ApiError> {
+        let resp = gateway::call(Method::Delete, &format!("/accounts/{account_id}"), None)
+            .await
+            .map_err(|e| {
+                vpp_licensing::ApiError::new(vpp_licensing::ErrorCode::AppleUnavailable, e)
+            })?;
+        if resp.status >= 300 {
+            return Err(vpp_licensing::ApiError::internal(format!(
+                "apple component refused to forget account: {}",
+                resp.status
+            )));
+        }
+        Ok(())
+    }
+}

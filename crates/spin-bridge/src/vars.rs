@@ -28,3 +28,35 @@ pub fn api_keys() -> Result<Keys, ApiError> {
         reader: optional("reader_api_key"),
     })
 }
+
+/// Apple's notifications reach `public_url` only over HTTPS (Apple rejects anything else with
+/// 9712). `apple_notifications`: `auto` (default: on when public_url is https), `on`, `off`.
+pub fn notifications_enabled() -> bool {
+    match optional("apple_notifications").as_deref() {
+        Some("on") | Some("true") => true,
+        Some("off") | Some("false") => false,
+        _ => public_url()
+            .map(|u| u.starts_with("https://"))
+            .unwrap_or(false),
+    }
+}
+
+pub fn public_url() -> Option<String> {
+    optional("public_url").map(|u| u.trim_end_matches('/').to_string())
+}
+
+/// A whole-number variable, or its default when unset or unreadable.
+pub fn number(name: &str, default: i64) -> i64 {
+    optional(name)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// What one invocation may spend on a job: `job_slice_seconds`, `job_slice_apple_calls`.
+pub fn job_budget(now: chrono::DateTime<chrono::Utc>) -> vpp_licensing::job::Budget {
+    vpp_licensing::job::Budget::new(
+        now,
+        number("job_slice_seconds", 20),
+        number("job_slice_apple_calls", 300).clamp(1, 100_000) as u32,
+    )
+}
