@@ -59,12 +59,19 @@ pub fn derive(account: &Account, apple: &AppleState, syncing: bool, now: DateTim
             return status(
                 "token_rejected",
                 Severity::Error,
-                format!("Apple rejected the server token as {which} ({}). Replace the token.", err.message),
+                format!(
+                    "Apple rejected the server token as {which} ({}). Replace the token.",
+                    err.message
+                ),
             );
         }
     }
     if let Owner::Foreign { id, name } = &apple.owner {
-        let who = if name.is_empty() { id.as_str() } else { name.as_str() };
+        let who = if name.is_empty() {
+            id.as_str()
+        } else {
+            name.as_str()
+        };
         return status(
             "owned_by_another_mdm",
             Severity::Error,
@@ -72,7 +79,11 @@ pub fn derive(account: &Account, apple: &AppleState, syncing: bool, now: DateTim
         );
     }
     if syncing {
-        return status("syncing", Severity::Info, "Synchronizing with Apple now.".into());
+        return status(
+            "syncing",
+            Severity::Info,
+            "Synchronizing with Apple now.".into(),
+        );
     }
     if let Some(wait) = apple.backing_off(now) {
         return status(
@@ -86,7 +97,11 @@ pub fn derive(account: &Account, apple: &AppleState, syncing: bool, now: DateTim
             return status(
                 "apple_unreachable",
                 Severity::Warning,
-                format!("Apple could not be reached at {}: {}", err.at.format("%Y-%m-%d %H:%M UTC"), err.message),
+                format!(
+                    "Apple could not be reached at {}: {}",
+                    err.at.format("%Y-%m-%d %H:%M UTC"),
+                    err.message
+                ),
             );
         }
         if err.code == "apple_rate_limited" {
@@ -107,12 +122,19 @@ pub fn derive(account: &Account, apple: &AppleState, syncing: bool, now: DateTim
             return status(
                 "sync_failed",
                 Severity::Error,
-                format!("The last synchronization at {} failed: {reason}", last.at.format("%Y-%m-%d %H:%M UTC")),
+                format!(
+                    "The last synchronization at {} failed: {reason}",
+                    last.at.format("%Y-%m-%d %H:%M UTC")
+                ),
             );
         }
     }
     if account.last_synchronized.is_none() {
-        return status("never_synced", Severity::Info, "Not synchronized with Apple yet.".into());
+        return status(
+            "never_synced",
+            Severity::Info,
+            "Not synchronized with Apple yet.".into(),
+        );
     }
     let days_left = (account.token_expires_at - now).num_days();
     if days_left <= EXPIRY_WARNING_DAYS {
@@ -150,7 +172,12 @@ mod tests {
             updated_at: now,
             last_synchronized: Some(now),
             last_full_refresh: Some(now),
-            last_sync: Some(SyncOutcome { at: now, ok: true, full: true, error: None }),
+            last_sync: Some(SyncOutcome {
+                at: now,
+                ok: true,
+                full: true,
+                error: None,
+            }),
             notification_secret_sha256: None,
             assignments_version: None,
             users_version: None,
@@ -160,13 +187,21 @@ mod tests {
     }
 
     fn failure(code: &str, now: DateTime<Utc>) -> AppleFailure {
-        AppleFailure { code: code.into(), message: "m".into(), number: None, at: now }
+        AppleFailure {
+            code: code.into(),
+            message: "m".into(),
+            number: None,
+            at: now,
+        }
     }
 
     #[test]
     fn every_status() {
         let now = Utc::now();
-        let ok = AppleState { owner: Owner::Ours, ..Default::default() };
+        let ok = AppleState {
+            owner: Owner::Ours,
+            ..Default::default()
+        };
         let a = account(now);
         assert_eq!(derive(&a, &ok, false, now).code, "healthy");
         assert_eq!(derive(&a, &ok, true, now).code, "syncing");
@@ -185,22 +220,41 @@ mod tests {
         expired.token_expires_at = now - Duration::days(1);
         assert_eq!(derive(&expired, &ok, false, now).code, "expired");
 
-        for (code, word) in [("apple_token_expired", "expired"), ("apple_token_revoked", "revoked"), ("apple_token_invalid", "invalid")] {
-            let st = AppleState { last_error: Some(failure(code, now)), ..ok.clone() };
+        for (code, word) in [
+            ("apple_token_expired", "expired"),
+            ("apple_token_revoked", "revoked"),
+            ("apple_token_invalid", "invalid"),
+        ] {
+            let st = AppleState {
+                last_error: Some(failure(code, now)),
+                ..ok.clone()
+            };
             let s = derive(&a, &st, false, now);
             assert_eq!(s.code, "token_rejected");
             assert!(s.description.contains(word), "{}", s.description);
         }
 
-        let foreign = AppleState { owner: Owner::Foreign { id: "x".into(), name: "Other MDM".into() }, ..ok.clone() };
+        let foreign = AppleState {
+            owner: Owner::Foreign {
+                id: "x".into(),
+                name: "Other MDM".into(),
+            },
+            ..ok.clone()
+        };
         let s = derive(&a, &foreign, false, now);
         assert_eq!(s.code, "owned_by_another_mdm");
         assert!(s.description.contains("Other MDM"));
 
-        let limited = AppleState { backoff_until: Some(now + Duration::seconds(60)), ..ok.clone() };
+        let limited = AppleState {
+            backoff_until: Some(now + Duration::seconds(60)),
+            ..ok.clone()
+        };
         assert_eq!(derive(&a, &limited, false, now).code, "apple_rate_limited");
 
-        let down = AppleState { last_error: Some(failure("apple_unavailable", now)), ..ok.clone() };
+        let down = AppleState {
+            last_error: Some(failure("apple_unavailable", now)),
+            ..ok.clone()
+        };
         assert_eq!(derive(&a, &down, false, now).code, "apple_unreachable");
 
         let mut failed = a.clone();
@@ -208,7 +262,10 @@ mod tests {
             at: now,
             ok: false,
             full: true,
-            error: Some(Failure { code: "x".into(), message: "disk on fire".into() }),
+            error: Some(Failure {
+                code: "x".into(),
+                message: "disk on fire".into(),
+            }),
         });
         let s = derive(&failed, &ok, false, now);
         assert_eq!(s.code, "sync_failed");
