@@ -1,1 +1,304 @@
-//! placeholder
+//! A test host that runs this app's Spin components on the wasmtime crates, behaving as
+//! Spin 3.x/4.x does for spin-sdk 5.2 components (see docs in `/work/shared/spin-platform.md`
+//! section 11). The Spin CLI cannot run here; this host lets tests run the real `.wasm` files.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use spin_host::{App, HostOptions};
+//! let app = App::load("spin.toml".as_ref(), HostOptions::default())?;
+//! let resp = app
+//!     .handle(http::Request::get("/api/health").body(Vec::new())?)
+//!     .await?;
+//! assert_eq!(resp.status(), 200);
+//! # Ok(()) }
+//! ```
+
+pub mod compile;
+pub mod cron;
+pub mod host;
+pub mod http_trigger;
+pub mod key_value;
+pub mod manifest;
+pub mod outbound;
+pub mod routes;
+pub mod server;
+pub mod variables;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use wasmtime::component::{InstancePre, Linker};
+use wasmtime::Engine;
+
+use crate::host::{ComponentEnv, HostState};
+use crate::key_value::KvManager;
+use crate::manifest::Manifest;
+use crate::outbound::AllowedHosts;
+use crate::routes::Router;
+use crate::variables::ComponentVariables;
+
+pub use crate::server::ServerHandle;
+
+/// How to run an app, like `spin up` flags.
+#[derive(Clone, Debug, Default)]
+pub struct HostOptions {
+    /// `--variable k=v` values; they win over `SPIN_VARIABLE_*` and manifest defaults.
+    pub variables: Vec<(String, String)>,
+    /// Persist key-value stores here (`<dir>/<label>.json`); `None` keeps them in memory.
+    pub kv_dir: Option<PathBuf>,
+    /// Store labels besides `default` that exist (what a runtime config would define).
+    pub kv_labels: Vec<String>,
+    /// Where compiled components are cached; `None` = `$CARGO_TARGET_DIR/spin-host-cache` or
+    /// `<manifest dir>/target/spin-host-cache`.
+    pub cache_dir: Option<PathBuf>,
+    /// Do not read or write the compile cache.
+    pub no_cache: bool,
+    /// Ignore `SPIN_VARIABLE_*` from the process environment (for hermetic tests).
+    pub ignore_env: bool,
+}
+
+/// A loaded component: its instantiation recipe and what it is allowed to do.
+pub(crate) struct LoadedComponent {
+    pub pre: InstancePre<HostState>,
+    pub env: Arc<ComponentEnv>,
+}
+
+/// The shared state behind an [`App`].
+pub struct AppInner {
+    pub(crate) manifest: Manifest,
+    pub(crate) engine: Engine,
+    pub(crate) components: HashMap<String, LoadedComponent>,
+    pub(crate) router: Router,
+    /// Components that have an HTTP trigger (public or private): service chaining targets.
+    pub(crate) http_components: Vec<String>,
+    pub(crate) kv: KvManager,
+    /// Set while serving: the address self-requests appear to come in on.
+    pub(crate) self_origin: Mutex<Option<SocketAddr>>,
+}
+
+/// A loaded Spin application. Cheap to clone and share between threads.
+#[derive(Clone)]
+pub struct App {
+    inner: Arc<AppInner>,
+}
+
+impl App {
+    /// Load `spin.toml`, validate it as Spin does, componentize and compile (cached) every
+    /// component in parallel.
+    pub fn load(manifest_path: &Path, options: HostOptions) -> anyhow::Result<App> {
+        let manifest = Manifest::load(manifest_path)?;
+        manifest.check_kv_labels(&options.kv_labels)?;
+
+        let env = |k: &str| {
+            if options.ignore_env {
+                None
+            } else {
+                std::env::var(k).ok()
+            }
+        };
+        let app_vars =
+            variables::resolve_app_variables(&manifest.variables, &options.variables, env)?;
+
+        let mut envs = BTreeMap::new();
+        for (id, c) in &manifest.components {
+            let allowed = AllowedHosts::parse(&c.allowed_outbound_hosts, &app_vars)
+                .with_context(|| format!("component {id:?}: allowed_outbound_hosts"))?;
+            let mut values = BTreeMap::new();
+            for (k, t) in &c.variables {
+                values.insert(k.clone(), t.resolve(&app_vars)?);
+            }
+            envs.insert(
+                id.clone(),
+                Arc::new(ComponentEnv {
+                    id: id.clone(),
+                    kv_labels: c.key_value_stores.clone(),
+                    variables: ComponentVariables {
+                        component_id: id.clone(),
+                        values,
+                    },
+                    allowed_hosts: allowed,
+                    environment: c
+                        .environment
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                }),
+            );
+        }
+
+        let router = Router::build(
+            manifest
+                .http_triggers
+                .iter()
+                .map(|t| (t.component.as_str(), t.route.as_deref())),
+        )?;
+        let http_components = manifest
+            .http_triggers
+            .iter()
+            .map(|t| t.component.clone())
+            .collect();
+
+        let mut labels: Vec<&str> = vec!["default"];
+        labels.extend(options.kv_labels.iter().map(String::as_str));
+        let kv = KvManager::new(labels, options.kv_dir.as_deref())?;
+
+        let engine = compile::engine()?;
+        let linker = host::linker(&engine)?;
+        let cache_dir = if options.no_cache {
+            None
+        } else {
+            Some(
+                options
+                    .cache_dir
+                    .clone()
+                    .unwrap_or_else(|| compile::default_cache_dir(&manifest.dir)),
+            )
+        };
+        let components = compile_all(&engine, &linker, &manifest, cache_dir.as_deref(), &envs)?;
+
+        Ok(App {
+            inner: Arc::new(AppInner {
+                manifest,
+                engine,
+                components,
+                router,
+                http_components,
+                kv,
+                self_origin: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// Handle one request as the HTTP trigger would. `req.uri()` is path + query; the Host
+    /// header is optional (`localhost` is assumed without one).
+    pub async fn handle(
+        &self,
+        req: http::Request<Vec<u8>>,
+    ) -> anyhow::Result<http::Response<Vec<u8>>> {
+        let client: SocketAddr = ([127, 0, 0, 1], 0).into();
+        http_trigger::handle(self.inner.clone(), req, client).await
+    }
+
+    /// Invoke a cron component once, in a fresh instance, with `metadata.timestamp`.
+    /// The outer error is a host failure or trap; the inner one the guest's `error::other`.
+    pub async fn run_cron(
+        &self,
+        component_id: &str,
+        timestamp: u64,
+    ) -> anyhow::Result<Result<(), String>> {
+        http_trigger::run_cron(self.inner.clone(), component_id, timestamp).await
+    }
+
+    /// `(component, cron_expression)` of every `[[trigger.cron]]`.
+    pub fn cron_triggers(&self) -> Vec<(String, String)> {
+        self.inner
+            .manifest
+            .cron_triggers
+            .iter()
+            .map(|t| (t.component.clone(), t.cron_expression.clone()))
+            .collect()
+    }
+
+    /// Serve HTTP on `listen` (port 0 picks a free one). Returns once bound; the server stops
+    /// when the handle is dropped.
+    pub async fn serve(&self, listen: SocketAddr) -> anyhow::Result<ServerHandle> {
+        server::serve(self.inner.clone(), listen).await
+    }
+
+    /// All keys of a store (sorted); empty for an unknown label.
+    pub fn kv_keys(&self, label: &str) -> Vec<String> {
+        self.inner
+            .kv
+            .store(label)
+            .map(|s| s.keys())
+            .unwrap_or_default()
+    }
+
+    pub fn kv_get(&self, label: &str, key: &str) -> Option<Vec<u8>> {
+        self.inner.kv.store(label)?.get(key)
+    }
+
+    /// Write a value as a component would. Panics if the label is unknown (a test bug).
+    pub fn kv_set(&self, label: &str, key: &str, value: &[u8]) {
+        let store = self
+            .inner
+            .kv
+            .store(label)
+            .unwrap_or_else(|| panic!("no key-value store labelled {label:?}"));
+        if let Err(e) = store.set(key, value) {
+            panic!("writing key-value store {label:?}: {e}");
+        }
+    }
+
+    pub fn kv_delete(&self, label: &str, key: &str) {
+        if let Some(s) = self.inner.kv.store(label) {
+            let _ = s.delete(key);
+        }
+    }
+
+    /// The application name from the manifest.
+    pub fn name(&self) -> &str {
+        &self.inner.manifest.name
+    }
+
+    /// `(component, route)` of every public HTTP route.
+    pub fn routes(&self) -> Vec<(String, String)> {
+        self.inner.router.routes()
+    }
+}
+
+/// Compile every component, several at a time (cranelift also parallelises inside one).
+fn compile_all(
+    engine: &Engine,
+    linker: &Linker<HostState>,
+    manifest: &Manifest,
+    cache_dir: Option<&Path>,
+    envs: &BTreeMap<String, Arc<ComponentEnv>>,
+) -> anyhow::Result<HashMap<String, LoadedComponent>> {
+    let results: Vec<(String, anyhow::Result<wasmtime::component::Component>)> =
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = manifest
+                .components
+                .values()
+                .map(|c| {
+                    let id = c.id.clone();
+                    let source = c.source.clone();
+                    let handle =
+                        scope.spawn(move || compile::load_component(engine, &source, cache_dir));
+                    (id, handle)
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|(id, h)| {
+                    let r = h
+                        .join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("compiler thread panicked")));
+                    (id, r)
+                })
+                .collect()
+        });
+
+    let mut out = HashMap::new();
+    for (id, component) in results {
+        let component = component.with_context(|| format!("loading component {id:?}"))?;
+        // Interfaces Spin provides but this host does not (sqlite, redis, llm, ...) trap when
+        // called instead of failing instantiation, so components that merely link them run.
+        let mut l = linker.clone();
+        l.define_unknown_imports_as_traps(&component)
+            .map_err(anyhow::Error::from)?;
+        let pre = l
+            .instantiate_pre(&component)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("linking component {id:?}"))?;
+        let env = envs
+            .get(&id)
+            .cloned()
+            .with_context(|| format!("no settings for component {id:?}"))?;
+        out.insert(id, LoadedComponent { pre, env });
+    }
+    Ok(out)
+}
