@@ -21,14 +21,19 @@
 //! | `assignments/{id}/{gen}/{adamId}:{pricing}/{shard}` | one shard of an asset's assignment copy (subject → made by) | refresh; events and notifications (CAS) |
 //! | `ledger/{id}/{shard}` | assignments this instance made: asset → subject → entry; shard = `shard_of("{asset}|{subject}", LEDGER_SHARDS)` | licenses, jobs (CAS) |
 //! | `event/{eventId}` | an Apple event we track | licenses, jobs, notifications (CAS) |
-//! | `events/{id}` | index of pending events of an account | licenses, jobs (CAS) |
-//! | `policies`, `policy/{id}` | app policies | licenses (CAS) |
-//! | `settings` | license settings | licenses |
-//! | `notices/{page}`, `notices` | license-removal notices, paged ring + head | licenses, jobs (CAS) |
+//! | `events/{id}` | index: ids of the account's pending events (polled by `event::poll_due`) | licenses, jobs (CAS) |
+//! | `reserved/{id}` | asset → licenses held by our pending associations (not yet in Apple's counts) | licenses, jobs (CAS) |
+//! | `policies`, `policy/{id}` | app policies: index of summaries, one value per policy (≤ 20,000 subjects) | licenses (CAS) |
+//! | `settings` | license settings (notification switch, low-license threshold, webhook URL + secret) | licenses (CAS) |
+//! | `notices/{page}`, `notices` | license-removal notices, pages of [`NOTICE_PAGE`] + head | licenses, jobs (CAS) |
+//! | `notices/outbox` | references to notices not yet delivered to the webhook, with the backoff | licenses, jobs (CAS) |
+//! | `users/{id}/{shard}` | managed users of an account: clientUserId → user; shard = `shard_of(clientUserId, USER_SHARDS)` | accounts (users API, refresh), notifications (CAS) |
 //! | `jobs`, `job/{id}`, `lease/{id}` | job index, job state machines, per-account leases | accounts, licenses (CAS) |
 //! | `audit/{page}`, `audit` | audit records, pages of [`AUDIT_PAGE`] + head | every HTTP component (CAS) |
 //! | `notified/{id}` | recent Apple `notificationId`s of an account (dedupe ring) | licenses (CAS) |
 
+/// Shards of an account's managed users (fixed: 100,000 users at ~200 B stay ~300 KiB a shard).
+pub const USER_SHARDS: u32 = 64;
 /// How many assignments a shard holds at most (~60 B each: ~120 KiB per value).
 pub const SHARD_TARGET: usize = 2000;
 /// Audit records per audit page.
@@ -76,6 +81,10 @@ pub fn event(event_id: &str) -> String {
 pub fn account_events(account: &str) -> String {
     format!("events/{account}")
 }
+/// Licenses held by pending associations of an account, per asset.
+pub fn reservations(account: &str) -> String {
+    format!("reserved/{account}")
+}
 pub fn policies() -> String {
     "policies".into()
 }
@@ -90,6 +99,12 @@ pub fn notices_head() -> String {
 }
 pub fn notices_page(page: u64) -> String {
     format!("notices/{page}")
+}
+pub fn notices_outbox() -> String {
+    "notices/outbox".into()
+}
+pub fn user_shard(account: &str, shard: u32) -> String {
+    format!("users/{account}/{shard}")
 }
 pub fn jobs() -> String {
     "jobs".into()

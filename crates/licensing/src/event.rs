@@ -1,0 +1,846 @@
+//! Apple's asynchronous events (associate, disassociate, revoke): tracked from the moment Apple
+//! accepts them until their outcome is applied to the ledger, the assignment copy and the
+//! counts.
+//!
+//! Exactly once: every change is a state transition per (asset, subject) — ledger `Pending` →
+//! `Confirmed`/`Failed`, copy absent → present — and counts, reservations and notices move only
+//! with a transition. So an outcome that arrives twice (event status and notification, or a
+//! notification delivered twice) changes nothing the second time.
+//!
+//! Polling follows Apple's rules: at least [`POLL_INTERVAL_SECS`] between polls of an event,
+//! and an event still `PENDING` after [`RESEND_AFTER_SECS`] is sent again.
+
+use crate::model::{
+    copy_shard_of, ledger_shard_of, AssetsDoc, AssignmentShard, EventFailure, EventKind,
+    EventRecord, EventState, Failure, LedgerEntry, LedgerShard, LedgerState, MadeBy, Subject,
+};
+use crate::{job::Budget, notice};
+use chrono::{DateTime, Duration, Utc};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use vpp_apple::{
+    AppleError, AssetRef, Client, Clock, EventStatus, EventStatusKind, ManageAssetsRequest,
+    RevokeAssetsRequest, Transport,
+};
+use vpp_store::{get_json, keys, set_json, update, Kv, StoreError};
+
+/// Apple: wait at least 30 s between polls of a pending event.
+pub const POLL_INTERVAL_SECS: i64 = 30;
+/// The first poll of a new event (Apple usually answers within seconds).
+pub const FIRST_POLL_AFTER_SECS: i64 = 5;
+/// Apple: still PENDING after 10 minutes → send the request again.
+pub const RESEND_AFTER_SECS: i64 = 600;
+
+/// One (asset, subject) result of an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    /// `adamId:pricingParam`.
+    pub asset_key: String,
+    pub subject: Subject,
+    /// `None`: done; `Some`: Apple refused it for this subject.
+    pub failure: Option<Failure>,
+}
+
+/// The final word on an event (from `GET /status`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Terminal {
+    pub state: EventState,
+    pub num_requested: Option<i64>,
+    pub num_completed: Option<i64>,
+    pub failures: Vec<EventFailure>,
+}
+
+/// Remember an event Apple accepted, and list it for polling.
+pub fn track(kv: &impl Kv, record: &EventRecord) -> Result<(), StoreError> {
+    set_json(kv, &keys::event(&record.id), record)?;
+    if record.state == EventState::Pending {
+        update::<Vec<String>, ()>(kv, &keys::account_events(&record.account_id), |cur| {
+            let mut ids = cur.unwrap_or_default();
+            if ids.contains(&record.id) {
+                return Ok((None, ()));
+            }
+            ids.push(record.id.clone());
+            Ok((Some(ids), ()))
+        })?;
+    }
+    Ok(())
+}
+
+pub fn load(kv: &impl Kv, event_id: &str) -> Result<Option<EventRecord>, StoreError> {
+    get_json(kv, &keys::event(event_id))
+}
+
+fn untrack(kv: &impl Kv, account_id: &str, event_id: &str) -> Result<(), StoreError> {
+    update::<Vec<String>, ()>(kv, &keys::account_events(account_id), |cur| {
+        let Some(mut ids) = cur else {
+            return Ok((None, ()));
+        };
+        let before = ids.len();
+        ids.retain(|i| i != event_id);
+        Ok(((ids.len() != before).then_some(ids), ()))
+    })
+}
+
+/// A new event record for what Apple just accepted.
+pub fn new_record(
+    event_id: &str,
+    account_id: &str,
+    kind: EventKind,
+    source: &str,
+    assets: Vec<AssetRef>,
+    subjects: Vec<Subject>,
+    now: DateTime<Utc>,
+) -> EventRecord {
+    EventRecord {
+        id: event_id.to_string(),
+        account_id: account_id.to_string(),
+        kind,
+        source: source.to_string(),
+        assets,
+        num_requested: Some(subjects.len() as i64),
+        subjects,
+        state: EventState::Pending,
+        created_at: now,
+        updated_at: now,
+        polled_at: None,
+        num_completed: None,
+        failures: Vec::new(),
+        applied: false,
+    }
+}
+
+pub fn asset_ref_key(a: &AssetRef) -> String {
+    crate::model::asset_key(&a.adam_id, a.pricing_param.as_str())
+}
+
+/// Change the reservation of `asset_key` by `delta` (never below zero).
+pub fn reserve(
+    kv: &impl Kv,
+    account_id: &str,
+    deltas: &BTreeMap<String, i64>,
+) -> Result<(), StoreError> {
+    if deltas.values().all(|d| *d == 0) {
+        return Ok(());
+    }
+    update::<BTreeMap<String, i64>, ()>(kv, &keys::reservations(account_id), |cur| {
+        let mut m = cur.unwrap_or_default();
+        for (k, d) in deltas {
+            let v = m.get(k).copied().unwrap_or(0).saturating_add(*d).max(0);
+            if v == 0 {
+                m.remove(k);
+            } else {
+                m.insert(k.clone(), v);
+            }
+        }
+        Ok((Some(m), ()))
+    })
+}
+
+pub fn reservations(kv: &impl Kv, account_id: &str) -> Result<BTreeMap<String, i64>, StoreError> {
+    Ok(get_json(kv, &keys::reservations(account_id))?.unwrap_or_default())
+}
+
+/// Apply per-(asset, subject) results of an event (from a notification or a status poll) and,
+/// when given, its final state. `event_id` `None`: an event we did not make (a notification of
+/// another MDM's or Apple's own change): the copy and counts still follow it. Returns the event
+/// record as it now stands, when we track it.
+pub fn apply_outcome(
+    kv: &impl Kv,
+    account_id: &str,
+    kind: EventKind,
+    event_id: Option<&str>,
+    items: &[Item],
+    terminal: Option<Terminal>,
+    now: DateTime<Utc>,
+) -> Result<Option<EventRecord>, StoreError> {
+    let record = match event_id {
+        Some(id) => load(kv, id)?,
+        None => None,
+    };
+    let ours = record.is_some();
+    let source = record
+        .as_ref()
+        .map(|r| r.source.clone())
+        .unwrap_or_else(|| "apple".to_string());
+    let doc: AssetsDoc = get_json(kv, &keys::assets(account_id))?.unwrap_or_default();
+    let removing = kind != EventKind::Associate;
+
+    // 1. Ledger: one compare-and-swap per shard; remember each item's previous state.
+    let mut by_ledger: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for (i, it) in items.iter().enumerate() {
+        by_ledger
+            .entry(ledger_shard_of(&it.asset_key, &it.subject))
+            .or_default()
+            .push(i);
+    }
+    let mut prev: Vec<Option<LedgerState>> = vec![None; items.len()];
+    for (shard, idx) in &by_ledger {
+        let seen = update::<LedgerShard, Vec<(usize, Option<LedgerState>)>>(
+            kv,
+            &keys::ledger_shard(account_id, *shard),
+            |cur| {
+                let mut s = cur.unwrap_or_default();
+                let mut seen = Vec::new();
+                let mut changed = false;
+                for &i in idx {
+                    let it = &items[i];
+                    let tag = it.subject.tag();
+                    let entries = s.entry(it.asset_key.clone()).or_default();
+                    let before = entries.get(&tag).cloned();
+                    seen.push((i, before.as_ref().map(|e| e.state)));
+                    let after = ledger_transition(before.clone(), kind, it, event_id, ours, now);
+                    if after != before {
+                        changed = true;
+                        match after {
+                            Some(e) => {
+                                entries.insert(tag, e);
+                            }
+                            None => {
+                                entries.remove(&tag);
+                            }
+                        }
+                    }
+                    if entries.is_empty() {
+                        s.remove(&it.asset_key);
+                    }
+                }
+                Ok((changed.then_some(s), seen))
+            },
+        )?;
+        for (i, p) in seen {
+            prev[i] = p;
+        }
+    }
+
+    // 2. Copy: one compare-and-swap per (asset, copy shard); count what really changed.
+    let mut by_copy: BTreeMap<(String, u32), Vec<usize>> = BTreeMap::new();
+    for (i, it) in items.iter().enumerate() {
+        if it.failure.is_some() {
+            continue;
+        }
+        if let Some(asset) = doc.assets.iter().find(|a| a.key() == it.asset_key) {
+            by_copy
+                .entry((
+                    it.asset_key.clone(),
+                    copy_shard_of(&it.subject, asset.shards),
+                ))
+                .or_default()
+                .push(i);
+        }
+    }
+    let mut count_delta: BTreeMap<String, i64> = BTreeMap::new();
+    let mut removed: Vec<(String, Subject)> = Vec::new();
+    let mut was_present = vec![false; items.len()];
+    for ((asset_key, shard), idx) in &by_copy {
+        let key = keys::assignment_shard(account_id, doc.generation, asset_key, *shard);
+        let present = update::<AssignmentShard, Vec<(usize, bool)>>(kv, &key, |cur| {
+            let mut s = cur.unwrap_or_default();
+            let mut out = Vec::new();
+            let mut changed = false;
+            for &i in idx {
+                let tag = items[i].subject.tag();
+                let had = s.get(&tag).cloned();
+                out.push((i, had.is_some()));
+                if removing {
+                    if had.is_some() {
+                        s.remove(&tag);
+                        changed = true;
+                    }
+                } else {
+                    let ledgered = ours || prev[i].is_some();
+                    let made_by = if ledgered {
+                        MadeBy::Ours {
+                            event_id: event_id.map(str::to_string),
+                            at: Some(now),
+                        }
+                    } else {
+                        MadeBy::Foreign
+                    };
+                    match had {
+                        None => {
+                            s.insert(tag, made_by);
+                            changed = true;
+                        }
+                        Some(MadeBy::Foreign) if ledgered => {
+                            s.insert(tag, made_by);
+                            changed = true;
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+            Ok((changed.then_some(s), out))
+        })?;
+        for (i, had) in present {
+            was_present[i] = had;
+        }
+    }
+    for (i, it) in items.iter().enumerate() {
+        if it.failure.is_some() {
+            continue;
+        }
+        let in_copy_doc = doc.assets.iter().any(|a| a.key() == it.asset_key);
+        if removing {
+            if was_present[i] {
+                *count_delta.entry(it.asset_key.clone()).or_default() -= 1;
+            }
+            if was_present[i] || prev[i].is_some_and(|p| p != LedgerState::Failed) {
+                removed.push((it.asset_key.clone(), it.subject.clone()));
+            }
+        } else if in_copy_doc && !was_present[i] {
+            *count_delta.entry(it.asset_key.clone()).or_default() += 1;
+        }
+    }
+    adjust_counts(kv, account_id, &count_delta)?;
+
+    // 3. Reservations held by pending associations are released by their resolution.
+    if kind == EventKind::Associate {
+        let mut release: BTreeMap<String, i64> = BTreeMap::new();
+        for (i, it) in items.iter().enumerate() {
+            if prev[i] == Some(LedgerState::Pending) {
+                *release.entry(it.asset_key.clone()).or_default() -= 1;
+            }
+        }
+        reserve(kv, account_id, &release)?;
+    }
+
+    // 4. Notices for every license taken away.
+    notice::record_removals(kv, account_id, &removed, &source, now)?;
+
+    // 5. The event record.
+    let Some(id) = event_id.filter(|_| ours) else {
+        return Ok(None);
+    };
+    let ok_count = items.iter().filter(|i| i.failure.is_none()).count() as i64;
+    let failed: Vec<&Item> = items.iter().filter(|i| i.failure.is_some()).collect();
+    let updated = update::<EventRecord, Option<EventRecord>>(kv, &keys::event(id), |cur| {
+        let Some(mut r) = cur else {
+            return Ok((None, None));
+        };
+        if r.applied {
+            return Ok((None, Some(r)));
+        }
+        match &terminal {
+            Some(t) => {
+                r.state = t.state;
+                r.num_requested = t.num_requested.or(r.num_requested);
+                r.num_completed = t.num_completed;
+                r.failures = t.failures.clone();
+                r.applied = true;
+            }
+            None => {
+                r.num_completed = Some(r.num_completed.unwrap_or(0) + ok_count);
+                let mut groups: BTreeMap<(Option<i64>, String), Vec<String>> = BTreeMap::new();
+                for it in &failed {
+                    if let Some(f) = &it.failure {
+                        groups
+                            .entry((f.code.parse::<i64>().ok(), f.message.clone()))
+                            .or_default()
+                            .push(it.subject.tag());
+                    }
+                }
+                for ((number, message), subjects) in groups {
+                    r.failures.push(EventFailure {
+                        subjects,
+                        error_number: number,
+                        message,
+                    });
+                }
+                let failed_n: i64 = r.failures.iter().map(|f| f.subjects.len() as i64).sum();
+                let expected = (r.subjects.len() * r.assets.len().max(1)) as i64;
+                if r.kind != EventKind::Revoke
+                    && r.num_completed.unwrap_or(0) + failed_n >= expected
+                {
+                    r.state = if failed_n > 0 {
+                        EventState::Failed
+                    } else {
+                        EventState::Complete
+                    };
+                    r.applied = true;
+                }
+            }
+        }
+        r.updated_at = now;
+        Ok((Some(r.clone()), Some(r)))
+    })?;
+    if let Some(r) = &updated {
+        if r.state != EventState::Pending {
+            untrack(kv, account_id, id)?;
+        }
+    }
+    Ok(updated)
+}
+
+fn ledger_transition(
+    before: Option<LedgerEntry>,
+    kind: EventKind,
+    it: &Item,
+    event_id: Option<&str>,
+    ours: bool,
+    now: DateTime<Utc>,
+) -> Option<LedgerEntry> {
+    let eid = event_id.map(str::to_string);
+    match (kind, &it.failure, before) {
+        (EventKind::Associate, None, Some(e)) if e.state == LedgerState::Confirmed => Some(e),
+        (EventKind::Associate, None, Some(e)) if e.state == LedgerState::Revoking => Some(e),
+        (EventKind::Associate, None, Some(e)) => Some(LedgerEntry {
+            state: LedgerState::Confirmed,
+            event_id: eid.or(e.event_id),
+            at: now,
+            error: None,
+        }),
+        (EventKind::Associate, None, None) if ours => Some(LedgerEntry {
+            state: LedgerState::Confirmed,
+            event_id: eid,
+            at: now,
+            error: None,
+        }),
+        (EventKind::Associate, Some(f), Some(e)) if e.state == LedgerState::Pending => {
+            Some(LedgerEntry {
+                state: LedgerState::Failed,
+                event_id: e.event_id,
+                at: now,
+                error: Some(f.clone()),
+            })
+        }
+        (EventKind::Associate, _, before) => before,
+        (_, None, _) => None,
+        (_, Some(f), Some(e)) if e.state == LedgerState::Revoking => Some(LedgerEntry {
+            state: LedgerState::Confirmed,
+            event_id: e.event_id,
+            at: e.at,
+            error: Some(f.clone()),
+        }),
+        (_, Some(_), before) => before,
+    }
+}
+
+/// Add `delta` to in-use (and the opposite to available) per asset.
+pub fn adjust_counts(
+    kv: &impl Kv,
+    account_id: &str,
+    deltas: &BTreeMap<String, i64>,
+) -> Result<(), StoreError> {
+    if deltas.values().all(|d| *d == 0) {
+        return Ok(());
+    }
+    update::<AssetsDoc, ()>(kv, &keys::assets(account_id), |cur| {
+        let Some(mut doc) = cur else {
+            return Ok((None, ()));
+        };
+        for a in doc.assets.iter_mut() {
+            if let Some(d) = deltas.get(&a.key()) {
+                a.in_use = (a.in_use + d).max(0);
+                if a.total != vpp_apple::Asset::UNLIMITED_TOTAL {
+                    a.available = (a.available - d).max(0);
+                }
+            }
+        }
+        Ok((Some(doc), ()))
+    })
+}
+
+/// The subjects an Apple `ErrorResponse` names (`errorInfo`).
+pub fn failure_subjects(f: &vpp_apple::ErrorResponse) -> Vec<Subject> {
+    let Some(info) = &f.error_info else {
+        return Vec::new();
+    };
+    info.serial_numbers
+        .iter()
+        .map(|s| Subject::SerialNumber(s.clone()))
+        .chain(
+            info.client_user_ids
+                .iter()
+                .map(|u| Subject::ClientUserId(u.clone())),
+        )
+        .collect()
+}
+
+fn failure_of(f: &vpp_apple::ErrorResponse) -> Failure {
+    Failure {
+        code: f.error_number.to_string(),
+        message: f
+            .error_message
+            .clone()
+            .unwrap_or_else(|| format!("Apple error {}", f.error_number)),
+    }
+}
+
+/// The assets an event concerns: its own, or for a revoke every revocable asset we know.
+fn event_assets(record: &EventRecord, doc: &AssetsDoc) -> Vec<String> {
+    if record.assets.is_empty() {
+        doc.assets
+            .iter()
+            .filter(|a| a.revocable)
+            .map(|a| a.key())
+            .collect()
+    } else {
+        record.assets.iter().map(asset_ref_key).collect()
+    }
+}
+
+/// Turn a final `GET /status` answer into items and a terminal state.
+pub fn items_from_status(
+    record: &EventRecord,
+    doc: &AssetsDoc,
+    status: &EventStatus,
+) -> (Vec<Item>, Terminal) {
+    let assets = event_assets(record, doc);
+    let mut failed: BTreeMap<(String, String), Failure> = BTreeMap::new();
+    let mut unnamed: Option<Failure> = None;
+    let mut failures = Vec::new();
+    for f in &status.failures {
+        let subjects = failure_subjects(f);
+        let fail_assets: Vec<String> = f
+            .error_info
+            .as_ref()
+            .map(|i| i.assets.iter().map(asset_ref_key).collect())
+            .filter(|v: &Vec<String>| !v.is_empty())
+            .unwrap_or_else(|| assets.clone());
+        if subjects.is_empty() {
+            unnamed.get_or_insert_with(|| failure_of(f));
+        }
+        for s in &subjects {
+            for a in &fail_assets {
+                failed.insert((a.clone(), s.tag()), failure_of(f));
+            }
+        }
+        failures.push(EventFailure {
+            subjects: subjects.iter().map(Subject::tag).collect(),
+            error_number: Some(f.error_number),
+            message: failure_of(f).message,
+        });
+    }
+    let state = match status.event_status {
+        EventStatusKind::Failed => EventState::Failed,
+        _ => EventState::Complete,
+    };
+    let mut items = Vec::new();
+    for a in &assets {
+        for s in &record.subjects {
+            let failure = failed.get(&(a.clone(), s.tag())).cloned().or_else(|| {
+                // Apple failed the event without naming anyone: nothing can be confirmed.
+                (state == EventState::Failed && failed.is_empty())
+                    .then(|| unnamed.clone())
+                    .flatten()
+                    .or_else(|| {
+                        (state == EventState::Failed && failed.is_empty()).then(|| Failure {
+                            code: "failed".into(),
+                            message: "Apple reported the event as failed".into(),
+                        })
+                    })
+            });
+            items.push(Item {
+                asset_key: a.clone(),
+                subject: s.clone(),
+                failure,
+            });
+        }
+    }
+    let terminal = Terminal {
+        state,
+        num_requested: status.num_requested,
+        num_completed: status.num_completed,
+        failures,
+    };
+    (items, terminal)
+}
+
+/// Is this event due for a status poll now?
+pub fn poll_due_at(record: &EventRecord) -> DateTime<Utc> {
+    match record.polled_at {
+        Some(p) => p + Duration::seconds(POLL_INTERVAL_SECS),
+        None => record.created_at + Duration::seconds(FIRST_POLL_AFTER_SECS),
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PollReport {
+    pub polled: u32,
+    pub completed: u32,
+    pub resent: u32,
+    pub errors: Vec<String>,
+    /// Events still waiting for their next poll.
+    pub waiting: u32,
+}
+
+/// Poll one event now (the caller checked [`poll_due_at`]) and apply what Apple says.
+pub async fn poll_event<T: Transport, C: Clock>(
+    kv: &impl Kv,
+    client: &Client<T, C>,
+    record: &EventRecord,
+    now: DateTime<Utc>,
+) -> Result<EventRecord, PollError> {
+    let status = client.event_status(&record.id).await;
+    let status = match status {
+        Ok(s) => s,
+        Err(e) => {
+            mark_polled(kv, &record.id, None, now)?;
+            return Err(PollError::Apple(e));
+        }
+    };
+    if status.event_status == EventStatusKind::Pending {
+        let r = mark_polled(kv, &record.id, Some(&status), now)?.unwrap_or(record.clone());
+        if now - record.created_at >= Duration::seconds(RESEND_AFTER_SECS) {
+            return resend(kv, client, &r, now).await;
+        }
+        return Ok(r);
+    }
+    let doc: AssetsDoc = get_json(kv, &keys::assets(&record.account_id))?.unwrap_or_default();
+    let (items, terminal) = items_from_status(record, &doc, &status);
+    mark_polled(kv, &record.id, None, now)?;
+    let r = apply_outcome(
+        kv,
+        &record.account_id,
+        record.kind,
+        Some(&record.id),
+        &items,
+        Some(terminal),
+        now,
+    )?;
+    Ok(r.unwrap_or_else(|| record.clone()))
+}
+
+#[derive(Debug)]
+pub enum PollError {
+    Store(StoreError),
+    Apple(AppleError),
+}
+
+impl From<StoreError> for PollError {
+    fn from(e: StoreError) -> Self {
+        PollError::Store(e)
+    }
+}
+
+impl std::fmt::Display for PollError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PollError::Store(e) => write!(f, "{e}"),
+            PollError::Apple(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+fn mark_polled(
+    kv: &impl Kv,
+    id: &str,
+    status: Option<&EventStatus>,
+    now: DateTime<Utc>,
+) -> Result<Option<EventRecord>, StoreError> {
+    update::<EventRecord, Option<EventRecord>>(kv, &keys::event(id), |cur| {
+        let Some(mut r) = cur else {
+            return Ok((None, None));
+        };
+        r.polled_at = Some(now);
+        if let Some(s) = status {
+            r.num_requested = s.num_requested.or(r.num_requested);
+            r.num_completed = s.num_completed.or(r.num_completed);
+        }
+        Ok((Some(r.clone()), Some(r)))
+    })
+}
+
+/// Apple: an event still pending after 10 minutes is sent again. The old record ends (pointing
+/// at the new one); the ledger entries follow the new event.
+async fn resend<T: Transport, C: Clock>(
+    kv: &impl Kv,
+    client: &Client<T, C>,
+    record: &EventRecord,
+    now: DateTime<Utc>,
+) -> Result<EventRecord, PollError> {
+    let serials: Vec<String> = record
+        .subjects
+        .iter()
+        .filter_map(|s| match s {
+            Subject::SerialNumber(x) => Some(x.clone()),
+            _ => None,
+        })
+        .collect();
+    let users: Vec<String> = record
+        .subjects
+        .iter()
+        .filter_map(|s| match s {
+            Subject::ClientUserId(x) => Some(x.clone()),
+            _ => None,
+        })
+        .collect();
+    let sent = match record.kind {
+        EventKind::Revoke => {
+            client
+                .revoke(&RevokeAssetsRequest {
+                    client_user_ids: users,
+                    serial_numbers: serials,
+                })
+                .await
+        }
+        kind => {
+            let req = ManageAssetsRequest {
+                assets: record.assets.clone(),
+                client_user_ids: users,
+                serial_numbers: serials,
+            };
+            if kind == EventKind::Associate {
+                client.associate(&req).await
+            } else {
+                client.disassociate(&req).await
+            }
+        }
+    };
+    let events = sent.map_err(|e| PollError::Apple(e.error))?;
+    let Some(first) = events.first() else {
+        return Ok(record.clone());
+    };
+    let mut fresh = record.clone();
+    fresh.id = first.event_id.clone();
+    fresh.created_at = now;
+    fresh.updated_at = now;
+    fresh.polled_at = None;
+    fresh.num_completed = None;
+    track(kv, &fresh)?;
+    relabel_ledger(kv, record, &fresh.id)?;
+    let ended = update::<EventRecord, EventRecord>(kv, &keys::event(&record.id), |cur| {
+        let mut r = cur.unwrap_or_else(|| record.clone());
+        r.state = EventState::Failed;
+        r.applied = true;
+        r.updated_at = now;
+        r.failures.push(EventFailure {
+            subjects: Vec::new(),
+            error_number: None,
+            message: format!(
+                "still pending after {} minutes; sent again as event {}",
+                RESEND_AFTER_SECS / 60,
+                fresh.id
+            ),
+        });
+        Ok((Some(r.clone()), r))
+    })?;
+    untrack(kv, &record.account_id, &record.id)?;
+    let _ = ended;
+    Ok(fresh)
+}
+
+/// Point the in-flight ledger entries of an event at another event id.
+fn relabel_ledger(kv: &impl Kv, record: &EventRecord, new_id: &str) -> Result<(), StoreError> {
+    let mut by_shard: BTreeMap<u32, Vec<(String, String)>> = BTreeMap::new();
+    for a in &record.assets {
+        let ak = asset_ref_key(a);
+        for s in &record.subjects {
+            by_shard
+                .entry(ledger_shard_of(&ak, s))
+                .or_default()
+                .push((ak.clone(), s.tag()));
+        }
+    }
+    for (shard, pairs) in by_shard {
+        update::<LedgerShard, ()>(kv, &keys::ledger_shard(&record.account_id, shard), |cur| {
+            let Some(mut s) = cur else {
+                return Ok((None, ()));
+            };
+            let mut changed = false;
+            for (ak, tag) in &pairs {
+                if let Some(e) = s.get_mut(ak).and_then(|m| m.get_mut(tag)) {
+                    if e.event_id.as_deref() == Some(record.id.as_str()) {
+                        e.event_id = Some(new_id.to_string());
+                        changed = true;
+                    }
+                }
+            }
+            Ok((changed.then_some(s), ()))
+        })?;
+    }
+    Ok(())
+}
+
+/// Poll every pending event that is due, across all accounts, within `budget`.
+pub async fn poll_due<T: Transport, C: Clock>(
+    kv: &impl Kv,
+    client_for_account: impl Fn(&str) -> Client<T, C>,
+    now: DateTime<Utc>,
+    budget: &mut Budget,
+) -> Result<PollReport, StoreError> {
+    let mut report = PollReport::default();
+    let accounts: Vec<String> = get_json(kv, &keys::accounts())?.unwrap_or_default();
+    for account in accounts {
+        let ids: Vec<String> = get_json(kv, &keys::account_events(&account))?.unwrap_or_default();
+        if ids.is_empty() {
+            continue;
+        }
+        let client = client_for_account(&account);
+        for id in ids {
+            let Some(record) = load(kv, &id)? else {
+                untrack(kv, &account, &id)?;
+                continue;
+            };
+            if record.state != EventState::Pending {
+                untrack(kv, &account, &id)?;
+                continue;
+            }
+            if poll_due_at(&record) > now {
+                report.waiting += 1;
+                continue;
+            }
+            if !budget.take_call(now) {
+                report.waiting += 1;
+                continue;
+            }
+            report.polled += 1;
+            match poll_event(kv, &client, &record, now).await {
+                Ok(r) if r.id != record.id => report.resent += 1,
+                Ok(r) if r.state != EventState::Pending => report.completed += 1,
+                Ok(_) => report.waiting += 1,
+                Err(PollError::Store(e)) => return Err(e),
+                Err(e) => report.errors.push(format!("event {id}: {e}")),
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// What `GET /api/events/{id}` shows: the record plus the outcome per device or user.
+pub fn view(record: &EventRecord) -> serde_json::Value {
+    let failed: BTreeMap<String, &EventFailure> = record
+        .failures
+        .iter()
+        .flat_map(|f| f.subjects.iter().map(move |s| (s.clone(), f)))
+        .collect();
+    let done = record.state != EventState::Pending;
+    let unnamed_failure = record.state == EventState::Failed
+        && failed.is_empty()
+        && record.failures.iter().any(|f| f.subjects.is_empty());
+    let results: Vec<serde_json::Value> = record
+        .subjects
+        .iter()
+        .map(|s| {
+            let mut v = subject_json(s);
+            let (state, err) = match failed.get(&s.tag()) {
+                Some(f) => ("failed", Some(*f)),
+                None if unnamed_failure => ("failed", record.failures.first()),
+                None if done => ("succeeded", None),
+                None => ("pending", None),
+            };
+            v["state"] = state.into();
+            if let Some(f) = err {
+                v["error"] =
+                    serde_json::json!({"appleErrorNumber": f.error_number, "message": f.message});
+            }
+            v
+        })
+        .collect();
+    let mut v = serde_json::to_value(record).unwrap_or_default();
+    v["results"] = results.into();
+    v
+}
+
+pub fn subject_json(s: &Subject) -> serde_json::Value {
+    match s {
+        Subject::SerialNumber(x) => serde_json::json!({"serialNumber": x}),
+        Subject::ClientUserId(x) => serde_json::json!({"clientUserId": x}),
+    }
+}
+
+/// Subjects in a set, for quick membership tests.
+pub fn tags(subjects: &[Subject]) -> BTreeSet<String> {
+    subjects.iter().map(Subject::tag).collect()
+}

@@ -1,0 +1,208 @@
+//! Reconcile: take back every license this instance assigned that no app policy wants any more,
+//! across all accounts. A resumable job (kind `reconcile`): each slice continues at the account
+//! in its checkpoint; the ledger's `Revoking` state makes a repeated slice harmless.
+//!
+//! It reads only our ledger, so foreign assignments are never touched, and it uses Apple's
+//! disassociate per asset (never revoke, which would take every license of the device). An
+//! account owned by another MDM is skipped and reported.
+
+use crate::apple_state::{AppleState, Owner};
+use crate::assignment;
+use crate::error::ApiError;
+use crate::job::{self, Budget, Job};
+use crate::model::{AssetRecord, AssetsDoc, LedgerShard, LedgerState, Subject, LEDGER_SHARDS};
+use crate::policy;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use vpp_apple::{Client, Clock, Transport};
+use vpp_store::{get_json, keys, Kv};
+
+pub const KIND: &str = "reconcile";
+const LEASE_SCOPE: &str = "reconcile";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct State {
+    pub accounts: Vec<String>,
+    pub index: usize,
+    pub revoked: u64,
+    pub events: Vec<String>,
+    pub skipped: Vec<Value>,
+    pub errors: Vec<Value>,
+}
+
+/// Start a reconcile job, or return the one already running.
+pub fn start(
+    kv: &impl Kv,
+    job_id: &str,
+    requested_by: &str,
+    now: DateTime<Utc>,
+) -> Result<(Job, bool), ApiError> {
+    if let Some(j) = job::running(kv, KIND, None)? {
+        return Ok((j, false));
+    }
+    let mut j = Job::new(job_id, KIND, None, requested_by, now);
+    let st = State {
+        accounts: get_json(kv, &keys::accounts())?.unwrap_or_default(),
+        ..State::default()
+    };
+    j.progress.phase = "accounts".into();
+    j.progress.total = Some(st.accounts.len() as u64);
+    j.checkpoint = serde_json::to_value(&st).map_err(ApiError::internal)?;
+    job::create(kv, &j)?;
+    Ok((j, true))
+}
+
+/// What reconcile would take back in one account: asset key → subjects.
+pub fn unwanted(
+    kv: &impl Kv,
+    account_id: &str,
+) -> Result<BTreeMap<String, Vec<Subject>>, ApiError> {
+    let desired = policy::desired(kv, account_id)?;
+    let mut out: BTreeMap<String, Vec<Subject>> = BTreeMap::new();
+    for shard in 0..LEDGER_SHARDS {
+        let l: LedgerShard =
+            get_json(kv, &keys::ledger_shard(account_id, shard))?.unwrap_or_default();
+        for (ak, entries) in l {
+            let want = desired.get(&ak);
+            for (tag, e) in entries {
+                let candidate = e.state == LedgerState::Confirmed
+                    || (e.state == LedgerState::Revoking && e.event_id.is_none());
+                if !candidate || want.is_some_and(|w| w.contains(&tag)) {
+                    continue;
+                }
+                if let Some(s) = Subject::from_tag(&tag) {
+                    out.entry(ak.clone()).or_default().push(s);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Run one slice; saves the job. Returns true when the job finished.
+pub async fn run_slice<T: Transport, C: Clock>(
+    kv: &impl Kv,
+    job: &mut Job,
+    client_for_account: impl Fn(&str) -> Client<T, C>,
+    now: DateTime<Utc>,
+    budget: &mut Budget,
+) -> Result<bool, ApiError> {
+    if !job.is_running() {
+        return Ok(true);
+    }
+    if !job::acquire_lease(kv, LEASE_SCOPE, &job.id, now)? {
+        return Ok(false);
+    }
+    let mut st: State = serde_json::from_value(job.checkpoint.clone()).unwrap_or_default();
+    job.slices += 1;
+    let mut paused = false;
+    while st.index < st.accounts.len() {
+        let account_id = st.accounts[st.index].clone();
+        let apple: AppleState = get_json(kv, &keys::apple_state(&account_id))?.unwrap_or_default();
+        if let Owner::Foreign { id, name } = &apple.owner {
+            st.skipped.push(json!({
+                "accountId": account_id,
+                "reason": "owned_by_another_mdm",
+                "mdmId": id,
+                "mdmName": name,
+            }));
+            st.index += 1;
+            continue;
+        }
+        let doc: AssetsDoc = get_json(kv, &keys::assets(&account_id))?.unwrap_or_default();
+        let todo = unwanted(kv, &account_id)?;
+        let client = client_for_account(&account_id);
+        for (ak, subjects) in todo {
+            if !budget.take_call(now) {
+                paused = true;
+                break;
+            }
+            let asset = doc
+                .assets
+                .iter()
+                .find(|a| a.key() == ak)
+                .cloned()
+                .unwrap_or_else(|| {
+                    let (adam, pricing) = ak.split_once(':').unwrap_or((&ak, "STDQ"));
+                    AssetRecord {
+                        adam_id: adam.to_string(),
+                        pricing_param: pricing.to_string(),
+                        product_type: String::new(),
+                        name: None,
+                        icon_url: None,
+                        total: 0,
+                        available: 0,
+                        in_use: 0,
+                        retired: 0,
+                        device_assignable: true,
+                        revocable: true,
+                        supported_platforms: Vec::new(),
+                        shards: 1,
+                    }
+                });
+            match assignment::disassociate(
+                kv,
+                &client,
+                &account_id,
+                &asset,
+                &subjects,
+                "reconcile",
+                now,
+            )
+            .await
+            {
+                Ok(sub) => {
+                    st.revoked += sub
+                        .events
+                        .iter()
+                        .map(|e| e.subjects.len() as u64)
+                        .sum::<u64>();
+                    st.events.extend(sub.events.iter().map(|e| e.id.clone()));
+                    if let Some(e) = sub.error {
+                        st.errors
+                            .push(json!({"accountId": account_id, "asset": ak, "error": e}));
+                    }
+                }
+                Err(e) => {
+                    st.errors.push(
+                        json!({"accountId": account_id, "asset": ak, "error": e.body()["error"]}),
+                    );
+                    if e.retry_after.is_some() {
+                        paused = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if paused {
+            break;
+        }
+        st.index += 1;
+        job.progress.done = st.index as u64;
+        job.checkpoint = serde_json::to_value(&st).map_err(ApiError::internal)?;
+        job.updated_at = now;
+        job::save(kv, job)?;
+    }
+    job.checkpoint = serde_json::to_value(&st).map_err(ApiError::internal)?;
+    job.progress.done = st.index as u64;
+    job.updated_at = now;
+    let finished = !paused && st.index >= st.accounts.len();
+    if finished {
+        job.succeed(
+            json!({
+                "revoked": st.revoked,
+                "events": st.events,
+                "skipped": st.skipped,
+                "errors": st.errors,
+                "accounts": st.accounts.len(),
+            }),
+            now,
+        );
+    }
+    job::save(kv, job)?;
+    job::release_lease(kv, LEASE_SCOPE, &job.id)?;
+    Ok(finished)
+}

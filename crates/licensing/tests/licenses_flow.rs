@@ -1,0 +1,671 @@
+//! Assign, revoke, events, notifications, policies and reconcile against a scripted Apple and
+//! the in-memory store.
+
+use chrono::{Duration, TimeZone, Utc};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use vpp_apple::testing::{block_on, json as apple_json, FakeClock, ScriptedTransport};
+use vpp_apple::{AppleRequest, Client, Method, Target};
+use vpp_licensing::assignment::{self, AssignBody};
+use vpp_licensing::model::*;
+use vpp_licensing::{event, job, notice, notification, policy, reconcile, settings, ErrorCode};
+use vpp_store::{get_json, keys, set_json, MemoryKv};
+
+const ACCOUNT: &str = "acc1";
+const SECRET: &str = "notification-secret-1";
+
+/// What the fake Apple answers for `GET status?eventId=`.
+type Statuses = Arc<Mutex<BTreeMap<String, Value>>>;
+
+struct Apple {
+    statuses: Statuses,
+    posts: Arc<Mutex<Vec<(String, Value)>>>,
+}
+
+fn apple() -> (Apple, Client<ScriptedTransport, FakeClock>) {
+    let statuses: Statuses = Arc::default();
+    let posts: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
+    let (s2, p2) = (statuses.clone(), posts.clone());
+    let t = ScriptedTransport::new(move |req: &AppleRequest, n| {
+        let Target::Api { path, query } = &req.target else {
+            return Err("absolute".into());
+        };
+        match (req.method, path.as_str()) {
+            (Method::Get, "service/config") => Ok(apple_json(
+                200,
+                json!({"limits": {"maxSerialNumbers": 2, "maxClientUserIds": 2}, "urls": {"invitationEmail": "https://x/?inviteCode=%25inviteCode%25"}}),
+            )),
+            (Method::Post, p) => {
+                let body: Value =
+                    serde_json::from_slice(req.body.as_deref().unwrap_or(b"{}")).unwrap();
+                p2.lock().unwrap().push((p.to_string(), body));
+                Ok(apple_json(200, json!({"eventId": format!("ev{n}")})))
+            }
+            (Method::Get, "status") => {
+                let id = &query.iter().find(|(k, _)| k == "eventId").unwrap().1;
+                match s2.lock().unwrap().get(id) {
+                    Some(v) => Ok(apple_json(200, v.clone())),
+                    None => Ok(apple_json(200, json!({"eventStatus": "PENDING"}))),
+                }
+            }
+            _ => Ok(apple_json(
+                404,
+                json!({"errorNumber": 9602, "errorMessage": "no"}),
+            )),
+        }
+    });
+    let client = Client::new(t, FakeClock::default())
+        .with_policy(vpp_apple::RetryPolicy::none())
+        .with_pacer(vpp_apple::Pacer::unlimited());
+    (Apple { statuses, posts }, client)
+}
+
+fn t0() -> chrono::DateTime<Utc> {
+    Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap()
+}
+
+fn asset(adam: &str, total: i64, in_use: i64) -> AssetRecord {
+    AssetRecord {
+        adam_id: adam.into(),
+        pricing_param: "STDQ".into(),
+        product_type: "App".into(),
+        name: Some(format!("App {adam}")),
+        icon_url: None,
+        total,
+        available: total - in_use,
+        in_use,
+        retired: 0,
+        device_assignable: true,
+        revocable: true,
+        supported_platforms: vec!["iOS".into()],
+        shards: 1,
+    }
+}
+
+fn setup(assets: Vec<AssetRecord>) -> MemoryKv {
+    let kv = MemoryKv::default();
+    let account = json!({
+        "id": ACCOUNT, "name": "School", "organization": "Org", "location": "Main",
+        "locationId": "uid1", "country": "US", "defaultPlatform": "volumestore",
+        "websiteUrl": null, "tokenExpiresAt": "2030-01-01T00:00:00Z",
+        "createdAt": "2025-01-01T00:00:00Z", "updatedAt": "2025-01-01T00:00:00Z",
+        "notificationSecretSha256": sha256(SECRET),
+    });
+    let account: Account = serde_json::from_value(account).unwrap();
+    set_json(&kv, &keys::account(ACCOUNT), &account).unwrap();
+    set_json(&kv, &keys::accounts(), &vec![ACCOUNT.to_string()]).unwrap();
+    set_json(
+        &kv,
+        &keys::assets(ACCOUNT),
+        &AssetsDoc {
+            generation: 1,
+            synced_at: Some(t0()),
+            assets,
+        },
+    )
+    .unwrap();
+    kv
+}
+
+fn sha256(s: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn body(adam: &str, serials: &[&str]) -> AssignBody {
+    AssignBody {
+        account_id: ACCOUNT.into(),
+        adam_id: adam.into(),
+        pricing_param: None,
+        serial_numbers: serials.iter().map(|s| s.to_string()).collect(),
+        client_user_ids: Vec::new(),
+    }
+}
+
+fn counts(kv: &MemoryKv, adam: &str) -> (i64, i64) {
+    let doc: AssetsDoc = get_json(kv, &keys::assets(ACCOUNT)).unwrap().unwrap();
+    let a = doc.find(adam, "STDQ").unwrap();
+    (a.in_use, a.available)
+}
+
+fn ledger(kv: &MemoryKv, adam: &str, serial: &str) -> Option<LedgerEntry> {
+    let s = Subject::SerialNumber(serial.into());
+    let ak = asset_key(adam, "STDQ");
+    let l: LedgerShard = get_json(kv, &keys::ledger_shard(ACCOUNT, ledger_shard_of(&ak, &s)))
+        .unwrap()
+        .unwrap_or_default();
+    l.get(&ak).and_then(|m| m.get(&s.tag())).cloned()
+}
+
+fn copy(kv: &MemoryKv, adam: &str) -> AssignmentShard {
+    get_json(
+        kv,
+        &keys::assignment_shard(ACCOUNT, 1, &asset_key(adam, "STDQ"), 0),
+    )
+    .unwrap()
+    .unwrap_or_default()
+}
+
+fn notify(
+    kv: &MemoryKv,
+    id: &str,
+    kind: &str,
+    payload: Value,
+) -> Result<Value, vpp_licensing::ApiError> {
+    let env = json!({"notificationId": id, "notificationType": kind, "notification": payload});
+    notification::handle(
+        kv,
+        ACCOUNT,
+        Some(&format!("Bearer {SECRET}")),
+        &serde_json::to_vec(&env).unwrap(),
+        t0() + Duration::seconds(3),
+    )
+}
+
+#[test]
+fn assign_is_ledgered_first_and_confirmed_once_by_status_and_notification() {
+    let kv = setup(vec![asset("100", 10, 0)]);
+    let (apple, client) = apple();
+    let out = block_on(assignment::assign(
+        &kv,
+        &client,
+        &body("100", &["S1", "S2", "S3"]),
+        t0(),
+    ))
+    .unwrap();
+    // maxSerialNumbers 2: two Apple requests, two events.
+    assert_eq!(out.events.len(), 2);
+    assert_eq!(apple.posts.lock().unwrap().len(), 2);
+    let e1 = out.events[0].id.clone();
+    assert_eq!(
+        ledger(&kv, "100", "S1").unwrap().state,
+        LedgerState::Pending
+    );
+    assert_eq!(
+        ledger(&kv, "100", "S1").unwrap().event_id.as_deref(),
+        Some(e1.as_str())
+    );
+    assert_eq!(event::reservations(&kv, ACCOUNT).unwrap()["100:STDQ"], 3);
+
+    // Notification for the first event arrives twice.
+    let payload = json!({"eventId": e1, "result": "SUCCESS", "type": "ASSOCIATE",
+        "assignments": [{"adamId": "100", "pricingParam": "STDQ", "serialNumber": "S1"},
+                        {"adamId": "100", "pricingParam": "STDQ", "serialNumber": "S2"}]});
+    notify(&kv, "n1", "ASSET_MANAGEMENT", payload.clone()).unwrap();
+    let dup = notify(&kv, "n1", "ASSET_MANAGEMENT", payload).unwrap();
+    assert_eq!(dup["duplicate"], true);
+    assert_eq!(counts(&kv, "100"), (2, 8));
+    assert_eq!(
+        ledger(&kv, "100", "S1").unwrap().state,
+        LedgerState::Confirmed
+    );
+    let rec = event::load(&kv, &e1).unwrap().unwrap();
+    assert_eq!(rec.state, EventState::Complete);
+    // Then the status poll says the same: nothing counted twice.
+    apple.statuses.lock().unwrap().insert(
+        e1.clone(),
+        json!({"eventStatus": "COMPLETE", "numCompleted": 2, "numRequested": 2}),
+    );
+    block_on(event::poll_event(
+        &kv,
+        &client,
+        &rec,
+        t0() + Duration::seconds(40),
+    ))
+    .unwrap();
+    assert_eq!(counts(&kv, "100"), (2, 8));
+    assert_eq!(event::reservations(&kv, ACCOUNT).unwrap()["100:STDQ"], 1);
+    assert!(matches!(
+        copy(&kv, "100").get("s:S1"),
+        Some(MadeBy::Ours { .. })
+    ));
+    // The event index lists only the pending one.
+    let pending: Vec<String> = get_json(&kv, &keys::account_events(ACCOUNT))
+        .unwrap()
+        .unwrap();
+    assert_eq!(pending, vec![out.events[1].id.clone()]);
+}
+
+#[test]
+fn event_failure_for_one_device_out_of_many() {
+    let kv = setup(vec![asset("100", 10, 0)]);
+    let (apple, client) = apple();
+    let out = block_on(assignment::assign(
+        &kv,
+        &client,
+        &body("100", &["A", "B"]),
+        t0(),
+    ))
+    .unwrap();
+    let ev = out.events[0].clone();
+    apple.statuses.lock().unwrap().insert(
+        ev.id.clone(),
+        json!({"eventStatus": "FAILED", "numCompleted": 1, "numRequested": 2, "failures": [
+            {"errorNumber": 9709, "errorMessage": "not enough", "errorInfo": {"serialNumbers": ["B"]}}]}),
+    );
+    // Not due before the first poll delay: poll_due leaves it.
+    let mut budget = job::Budget::new(t0(), 20, 10);
+    let r = block_on(event::poll_due(
+        &kv,
+        |_| apple_client(&apple),
+        t0() + Duration::seconds(1),
+        &mut budget,
+    ))
+    .unwrap();
+    assert_eq!((r.polled, r.waiting), (0, 1));
+    let r = block_on(event::poll_due(
+        &kv,
+        |_| apple_client(&apple),
+        t0() + Duration::seconds(10),
+        &mut budget,
+    ))
+    .unwrap();
+    assert_eq!(r.completed, 1);
+    assert_eq!(
+        ledger(&kv, "100", "A").unwrap().state,
+        LedgerState::Confirmed
+    );
+    let b = ledger(&kv, "100", "B").unwrap();
+    assert_eq!(b.state, LedgerState::Failed);
+    assert_eq!(b.error.unwrap().code, "9709");
+    assert_eq!(counts(&kv, "100"), (1, 9));
+    assert!(event::reservations(&kv, ACCOUNT).unwrap().is_empty());
+    let view = event::view(&event::load(&kv, &ev.id).unwrap().unwrap());
+    assert_eq!(view["results"][0]["state"], "succeeded");
+    assert_eq!(view["results"][1]["state"], "failed");
+    assert_eq!(view["results"][1]["error"]["appleErrorNumber"], 9709);
+}
+
+fn apple_client(apple: &Apple) -> Client<ScriptedTransport, FakeClock> {
+    let statuses = apple.statuses.clone();
+    let t = ScriptedTransport::new(move |req: &AppleRequest, n| {
+        let Target::Api { path, query } = &req.target else {
+            return Err("absolute".into());
+        };
+        match path.as_str() {
+            "service/config" => Ok(apple_json(200, json!({"limits": {}}))),
+            "status" => {
+                let id = &query.iter().find(|(k, _)| k == "eventId").unwrap().1;
+                Ok(apple_json(
+                    200,
+                    statuses
+                        .lock()
+                        .unwrap()
+                        .get(id)
+                        .cloned()
+                        .unwrap_or(json!({"eventStatus": "PENDING"})),
+                ))
+            }
+            _ => Ok(apple_json(200, json!({"eventId": format!("re{n}")}))),
+        }
+    });
+    Client::new(t, FakeClock::default())
+        .with_policy(vpp_apple::RetryPolicy::none())
+        .with_pacer(vpp_apple::Pacer::unlimited())
+}
+
+#[test]
+fn polls_are_spaced_and_pending_events_are_resent_after_ten_minutes() {
+    let kv = setup(vec![asset("100", 10, 0)]);
+    let (apple, client) = apple();
+    let out = block_on(assignment::assign(&kv, &client, &body("100", &["A"]), t0())).unwrap();
+    let id = out.events[0].id.clone();
+    let mut budget = job::Budget::new(t0(), 3600, 100);
+    let r = block_on(event::poll_due(
+        &kv,
+        |_| apple_client(&apple),
+        t0() + Duration::seconds(6),
+        &mut budget,
+    ))
+    .unwrap();
+    assert_eq!(r.polled, 1);
+    let r = block_on(event::poll_due(
+        &kv,
+        |_| apple_client(&apple),
+        t0() + Duration::seconds(20),
+        &mut budget,
+    ))
+    .unwrap();
+    assert_eq!(r.polled, 0, "30 s between polls");
+    let r = block_on(event::poll_due(
+        &kv,
+        |_| apple_client(&apple),
+        t0() + Duration::seconds(37),
+        &mut budget,
+    ))
+    .unwrap();
+    assert_eq!(r.polled, 1);
+    let r = block_on(event::poll_due(
+        &kv,
+        |_| apple_client(&apple),
+        t0() + Duration::seconds(601),
+        &mut budget,
+    ))
+    .unwrap();
+    assert_eq!(r.resent, 1);
+    let old = event::load(&kv, &id).unwrap().unwrap();
+    assert_eq!(old.state, EventState::Failed);
+    let pending: Vec<String> = get_json(&kv, &keys::account_events(ACCOUNT))
+        .unwrap()
+        .unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_ne!(pending[0], id);
+    assert_eq!(
+        ledger(&kv, "100", "A").unwrap().event_id.as_deref(),
+        Some(pending[0].as_str())
+    );
+    // The resent event completes: the ledger follows it.
+    apple
+        .statuses
+        .lock()
+        .unwrap()
+        .insert(pending[0].clone(), json!({"eventStatus": "COMPLETE"}));
+    block_on(event::poll_due(
+        &kv,
+        |_| apple_client(&apple),
+        t0() + Duration::seconds(700),
+        &mut budget,
+    ))
+    .unwrap();
+    assert_eq!(
+        ledger(&kv, "100", "A").unwrap().state,
+        LedgerState::Confirmed
+    );
+    assert_eq!(counts(&kv, "100"), (1, 9));
+}
+
+#[test]
+fn no_license_available_is_409_without_calling_apple_and_changes_nothing() {
+    let kv = setup(vec![asset("100", 2, 1)]);
+    let (apple, client) = apple();
+    let before = kv.keys();
+    let err = block_on(assignment::assign(
+        &kv,
+        &client,
+        &body("100", &["A", "B"]),
+        t0(),
+    ))
+    .unwrap_err();
+    assert_eq!(err.code, ErrorCode::NoLicensesAvailable);
+    assert_eq!(err.status(), 409);
+    assert_eq!(apple.posts.lock().unwrap().len(), 0);
+    assert_eq!(kv.keys(), before);
+    // One fits; then the reservation makes the next one 409 before Apple confirmed anything.
+    block_on(assignment::assign(&kv, &client, &body("100", &["A"]), t0())).unwrap();
+    let err = block_on(assignment::assign(&kv, &client, &body("100", &["B"]), t0())).unwrap_err();
+    assert_eq!(err.code, ErrorCode::NoLicensesAvailable);
+    // Already assigned subjects are not asked again.
+    let out = block_on(assignment::assign(&kv, &client, &body("100", &["A"]), t0())).unwrap();
+    assert!(out.events.is_empty());
+    assert_eq!(out.already_assigned.len(), 1);
+}
+
+#[test]
+fn bad_input_is_rejected_clearly() {
+    let kv = setup(vec![asset("100", 2, 0)]);
+    let (apple, client) = apple();
+    for (b, code) in [
+        (body("abc", &["A"]), ErrorCode::InvalidRequest),
+        (body("100", &[]), ErrorCode::InvalidRequest),
+        (body("100", &[""]), ErrorCode::InvalidRequest),
+        (body("999", &["A"]), ErrorCode::NotFound),
+        (
+            AssignBody {
+                account_id: "nope".into(),
+                ..body("100", &["A"])
+            },
+            ErrorCode::NotFound,
+        ),
+        (
+            AssignBody {
+                pricing_param: Some("GOLD".into()),
+                ..body("100", &["A"])
+            },
+            ErrorCode::InvalidRequest,
+        ),
+    ] {
+        let e = block_on(assignment::assign(&kv, &client, &b, t0())).unwrap_err();
+        assert_eq!(e.code, code, "{e}");
+    }
+    assert!(apple.posts.lock().unwrap().is_empty());
+}
+
+#[test]
+fn wrong_notification_bearer_is_401_and_changes_nothing() {
+    let kv = setup(vec![asset("100", 10, 0)]);
+    let before = kv.keys();
+    let env = json!({"notificationId": "x", "notificationType": "ASSET_COUNT", "notification": {"adamId": "100", "countDelta": 5}});
+    for auth in [None, Some("Bearer wrong"), Some(SECRET)] {
+        let e = notification::handle(&kv, ACCOUNT, auth, &serde_json::to_vec(&env).unwrap(), t0())
+            .unwrap_err();
+        assert_eq!(e.status(), 401);
+    }
+    assert_eq!(kv.keys(), before);
+    assert_eq!(counts(&kv, "100"), (0, 10));
+    // Right bearer: the count moves, once.
+    notify(
+        &kv,
+        "c1",
+        "ASSET_COUNT",
+        json!({"adamId": "100", "countDelta": 5, "pricingParam": "STDQ"}),
+    )
+    .unwrap();
+    notify(
+        &kv,
+        "c1",
+        "ASSET_COUNT",
+        json!({"adamId": "100", "countDelta": 5, "pricingParam": "STDQ"}),
+    )
+    .unwrap();
+    assert_eq!(counts(&kv, "100"), (0, 15));
+    let t = notify(&kv, "t1", "TEST_NOTIFICATION", json!({})).unwrap();
+    assert_eq!(t["type"], "TEST_NOTIFICATION");
+}
+
+#[test]
+fn foreign_changes_from_notifications_and_user_notifications() {
+    let kv = setup(vec![asset("100", 10, 0)]);
+    notify(
+        &kv,
+        "f1",
+        "ASSET_MANAGEMENT",
+        json!({"eventId": "not-ours", "result": "SUCCESS", "type": "ASSOCIATE",
+        "assignments": [{"adamId": "100", "pricingParam": "STDQ", "clientUserId": "u9"}]}),
+    )
+    .unwrap();
+    assert_eq!(copy(&kv, "100").get("u:u9"), Some(&MadeBy::Foreign));
+    assert_eq!(counts(&kv, "100"), (1, 9));
+    notify(&kv, "u1", "USER_MANAGEMENT", json!({"eventId": "e", "result": "SUCCESS", "type": "CREATE",
+        "users": [{"clientUserId": "u1", "email": "u1@x.org", "inviteCode": "abc", "status": "Registered"}]})).unwrap();
+    notify(
+        &kv,
+        "u2",
+        "USER_ASSOCIATED",
+        json!({"associatedUsers": [{"clientUserId": "u1", "idHash": "h", "status": "Associated"}]}),
+    )
+    .unwrap();
+    let page =
+        vpp_licensing::users::list(&kv, ACCOUNT, None, Some("https://x/?c=%25inviteCode%25"))
+            .unwrap();
+    let users = page["users"].as_array().unwrap();
+    assert_eq!(users.len(), 1);
+    assert_eq!(users[0]["status"], "Associated");
+    assert_eq!(users[0]["inviteCode"], "abc");
+}
+
+fn put_policy(
+    kv: &MemoryKv,
+    client: &Client<ScriptedTransport, FakeClock>,
+    id: &str,
+    serials: &[&str],
+) -> Value {
+    let b: policy::PolicyBody = serde_json::from_value(json!({
+        "name": format!("Policy {id}"), "accountId": ACCOUNT,
+        "assets": [{"adamId": "100", "pricingParam": "STDQ"}], "serialNumbers": serials,
+    }))
+    .unwrap();
+    block_on(policy::put(kv, client, id, &b, t0())).unwrap().1
+}
+
+fn confirm_all(kv: &MemoryKv) {
+    let pending: Vec<String> = get_json(kv, &keys::account_events(ACCOUNT))
+        .unwrap()
+        .unwrap_or_default();
+    for id in pending {
+        let rec = event::load(kv, &id).unwrap().unwrap();
+        let doc: AssetsDoc = get_json(kv, &keys::assets(ACCOUNT)).unwrap().unwrap();
+        let status: vpp_apple::EventStatus =
+            serde_json::from_value(json!({"eventStatus": "COMPLETE"})).unwrap();
+        let (items, terminal) = event::items_from_status(&rec, &doc, &status);
+        event::apply_outcome(
+            kv,
+            ACCOUNT,
+            rec.kind,
+            Some(&id),
+            &items,
+            Some(terminal),
+            t0(),
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn policy_assigns_what_fits_then_edit_and_reconcile_revokes_only_ours() {
+    let kv = setup(vec![asset("100", 3, 1)]);
+    // A foreign assignment already at Apple.
+    set_json(
+        &kv,
+        &keys::assignment_shard(ACCOUNT, 1, "100:STDQ", 0),
+        &AssignmentShard::from([("s:FOREIGN".to_string(), MadeBy::Foreign)]),
+    )
+    .unwrap();
+    let (apple, client) = apple();
+    let r = put_policy(&kv, &client, "p1", &["A", "B", "C"]);
+    assert_eq!(r["assignments"][0]["requested"], 2);
+    assert_eq!(r["assignments"][0]["shortfall"], 1);
+    assert_eq!(
+        r["assignments"][0]["shortfallSubjects"][0]["serialNumber"],
+        "C"
+    );
+    confirm_all(&kv);
+    assert_eq!(counts(&kv, "100"), (3, 0));
+    assert_eq!(
+        policy::names_using_account(&kv, ACCOUNT).unwrap(),
+        vec!["Policy p1".to_string()]
+    );
+    let bad: policy::PolicyBody = serde_json::from_value(
+        json!({"name": "x", "accountId": ACCOUNT, "assets": [{"adamId": "555"}]}),
+    )
+    .unwrap();
+    assert_eq!(
+        block_on(policy::put(&kv, &client, "p2", &bad, t0()))
+            .unwrap_err()
+            .code,
+        ErrorCode::Unprocessable
+    );
+    assert!(policy::load(&kv, "p2").unwrap().is_none());
+
+    // Remove B from the policy; an owner check passes (not foreign); reconcile revokes B only.
+    put_policy(&kv, &client, "p1", &["A"]);
+    apple.posts.lock().unwrap().clear();
+    let (mut j, _) = reconcile::start(&kv, "job1", "admin", t0()).unwrap();
+    let mut budget = job::Budget::new(t0(), 20, 100);
+    let done = block_on(reconcile::run_slice(
+        &kv,
+        &mut j,
+        |_| apple_client(&apple),
+        t0(),
+        &mut budget,
+    ))
+    .unwrap();
+    assert!(done);
+    assert_eq!(j.result.as_ref().unwrap()["revoked"], 1);
+    confirm_all(&kv);
+    assert_eq!(ledger(&kv, "100", "B"), None);
+    assert!(ledger(&kv, "100", "A").is_some());
+    let c = copy(&kv, "100");
+    assert!(c.contains_key("s:FOREIGN") && c.contains_key("s:A") && !c.contains_key("s:B"));
+    assert_eq!(counts(&kv, "100"), (2, 1));
+    // Deleting the policy and reconciling again takes A; FOREIGN is never touched.
+    policy::delete(&kv, "p1").unwrap();
+    let (mut j, _) = reconcile::start(&kv, "job2", "admin", t0()).unwrap();
+    block_on(reconcile::run_slice(
+        &kv,
+        &mut j,
+        |_| apple_client(&apple),
+        t0(),
+        &mut budget,
+    ))
+    .unwrap();
+    confirm_all(&kv);
+    assert_eq!(
+        copy(&kv, "100").keys().cloned().collect::<Vec<_>>(),
+        vec!["s:FOREIGN".to_string()]
+    );
+}
+
+#[test]
+fn reconcile_skips_accounts_owned_by_another_mdm() {
+    let kv = setup(vec![asset("100", 3, 0)]);
+    let (apple, client) = apple();
+    put_policy(&kv, &client, "p1", &["A"]);
+    confirm_all(&kv);
+    policy::delete(&kv, "p1").unwrap();
+    set_json(
+        &kv,
+        &keys::apple_state(ACCOUNT),
+        &json!({"owner": {"kind": "foreign", "id": "other", "name": "Other MDM"}}),
+    )
+    .unwrap();
+    let (mut j, _) = reconcile::start(&kv, "job1", "admin", t0()).unwrap();
+    let mut budget = job::Budget::new(t0(), 20, 100);
+    block_on(reconcile::run_slice(
+        &kv,
+        &mut j,
+        |_| apple_client(&apple),
+        t0(),
+        &mut budget,
+    ))
+    .unwrap();
+    let res = j.result.unwrap();
+    assert_eq!(res["revoked"], 0);
+    assert_eq!(res["skipped"][0]["mdmName"], "Other MDM");
+    assert_eq!(
+        ledger(&kv, "100", "A").unwrap().state,
+        LedgerState::Confirmed
+    );
+}
+
+#[test]
+fn revoke_yields_notices_when_the_setting_is_on() {
+    let kv = setup(vec![asset("100", 3, 0)]);
+    let (_apple, client) = apple();
+    settings::put(&kv, br#"{"licenseRemovalNotification": true}"#).unwrap();
+    block_on(assignment::assign(&kv, &client, &body("100", &["A"]), t0())).unwrap();
+    confirm_all(&kv);
+    let out = block_on(assignment::revoke(&kv, &client, &body("100", &["A"]), t0())).unwrap();
+    assert_eq!(out.events.len(), 1);
+    assert_eq!(
+        ledger(&kv, "100", "A").unwrap().state,
+        LedgerState::Revoking
+    );
+    confirm_all(&kv);
+    // Twice: still one notice.
+    let rec = event::load(&kv, &out.events[0].id).unwrap().unwrap();
+    let items = vec![event::Item {
+        asset_key: "100:STDQ".into(),
+        subject: Subject::SerialNumber("A".into()),
+        failure: None,
+    }];
+    event::apply_outcome(&kv, ACCOUNT, rec.kind, Some(&rec.id), &items, None, t0()).unwrap();
+    let page = notice::list(&kv, None).unwrap();
+    assert_eq!(page.notices.len(), 1);
+    assert_eq!(page.notices[0].serial_number.as_deref(), Some("A"));
+    assert_eq!(page.notices[0].reason, "api");
+    assert_eq!(counts(&kv, "100"), (0, 3));
+}
