@@ -285,15 +285,19 @@ fn compile_all(
     let mut out = HashMap::new();
     for (id, component) in results {
         let component = component.with_context(|| format!("loading component {id:?}"))?;
-        // Interfaces Spin provides but this host does not (sqlite, redis, llm, ...) trap when
-        // called instead of failing instantiation, so components that merely link them run.
-        let mut l = linker.clone();
-        l.define_unknown_imports_as_traps(&component)
-            .map_err(anyhow::Error::from)?;
-        let pre = l
-            .instantiate_pre(&component)
-            .map_err(anyhow::Error::from)
-            .with_context(|| format!("linking component {id:?}"))?;
+        let pre = match linker.instantiate_pre(&component) {
+            Ok(pre) => pre,
+            Err(first) => {
+                // Interfaces Spin provides but this host does not (sqlite, redis, llm, ...)
+                // trap when called instead of failing the load, so components that merely
+                // link them still run. Only done on failure: defining traps for everything
+                // unknown also shadows semver-matched WASI imports.
+                let mut l = linker.clone();
+                l.define_unknown_imports_as_traps(&component)
+                    .and_then(|()| l.instantiate_pre(&component))
+                    .map_err(|_| anyhow::anyhow!("linking component {id:?}: {first:?}"))?
+            }
+        };
         let env = envs
             .get(&id)
             .cloned()
