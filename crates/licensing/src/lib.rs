@@ -4,6 +4,15 @@
 
 pub mod account;
 pub mod apple_state;
+pub mod assignment;
+pub mod event;
+pub mod licenses;
+pub mod notice;
+pub mod notification;
+pub mod policy;
+pub mod reconcile;
+pub mod settings;
+pub mod users;
 pub mod audit;
 pub mod auth;
 pub mod cleanup;
