@@ -67,6 +67,19 @@ impl ApiRequest {
         self.caller.as_ref().ok_or_else(ApiError::unauthorized)
     }
 
+    /// `scheme://host[:port]` the client used, from the `spin-full-url` header Spin adds.
+    pub fn origin(&self) -> Option<String> {
+        let full = self.header("spin-full-url")?;
+        let (scheme, rest) = full.split_once("://")?;
+        let host = rest.split('/').next()?;
+        Some(format!("{scheme}://{host}"))
+    }
+
+    /// An absolute URL for `path` on this app, when the origin is known.
+    pub fn url_for(&self, path: &str) -> String {
+        format!("{}{path}", self.origin().unwrap_or_default())
+    }
+
     pub fn is_mutating(&self) -> bool {
         matches!(self.method.as_str(), "POST" | "PUT" | "PATCH" | "DELETE")
     }

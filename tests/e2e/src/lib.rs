@@ -163,3 +163,76 @@ impl Env {
         self.app.kv_keys("default")
     }
 }
+
+/// Seed a location at the simulator with assets (`(adamId, total)`) and foreign device
+/// assignments (`(adamId, serial)`); returns its token file.
+pub fn seed_location(sim: &Simulator, name: &str, assets: &[(&str, u64)], assignments: &[(&str, &str)]) -> String {
+    let token = sim.add_location(apple_sim::LocationSpec::named(name));
+    let specs = assets
+        .iter()
+        .map(|(id, total)| apple_sim::AssetSpec {
+            adam_id: id.to_string(),
+            total_count: *total,
+            name: Some(format!("App {id}")),
+            ..Default::default()
+        })
+        .collect();
+    sim.add_assets(&token, specs).expect("seed assets");
+    if !assignments.is_empty() {
+        let specs = assignments
+            .iter()
+            .map(|(id, serial)| apple_sim::AssignmentSpec::device(id, serial))
+            .collect();
+        sim.add_assignments(&token, specs).expect("seed assignments");
+    }
+    token
+}
+
+impl Env {
+    /// Add an account and return its id (panics unless 201).
+    pub async fn add_account(&self, name: &str, token: &str) -> String {
+        let r = self
+            .admin("POST", "/api/accounts", Some(&serde_json::json!({"name": name, "token": token})))
+            .await;
+        assert_eq!(r.status, 201, "add account: {}", r.text());
+        r.json()["id"].as_str().expect("id").to_string()
+    }
+
+    /// Run a job to its end: resume it until it is no longer running.
+    pub async fn finish_job(&self, job: &Value) -> Value {
+        let id = job["id"].as_str().expect("job id").to_string();
+        let mut current = job.clone();
+        for _ in 0..500 {
+            if current["state"] != "running" {
+                return current;
+            }
+            let r = self.admin("POST", &format!("/api/jobs/{id}/resume"), None).await;
+            assert!(r.status == 200 || r.status == 202, "resume: {}", r.text());
+            current = r.json();
+        }
+        panic!("job {id} did not finish: {current}");
+    }
+
+    /// Refresh an account to completion; returns the finished job.
+    pub async fn refresh(&self, id: &str) -> Value {
+        let r = self.admin("POST", &format!("/api/accounts/{id}/refresh"), None).await;
+        assert_eq!(r.status, 202, "refresh: {}", r.text());
+        self.finish_job(&r.json()).await
+    }
+
+    /// Keys in the store that belong to an account (its id appears in them).
+    pub fn keys_of(&self, account_id: &str) -> Vec<String> {
+        self.keys().into_iter().filter(|k| k.contains(account_id)).collect()
+    }
+
+    /// Wait (polling, async-friendly) until the simulator has applied every event.
+    pub async fn sim_idle(&self) {
+        for _ in 0..200 {
+            if self.sim.is_idle() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!("simulator still busy");
+    }
+}
