@@ -1,10 +1,21 @@
 //! The licenses component: counts, assignments, policies, reconcile, settings, notices, Apple's
 //! notifications and the daily work. The route table is here; the work is in the domain.
 
-use spin_sdk::http::{Request, Response};
+use chrono::Utc;
+use serde_json::json;
+use spin_sdk::http::{Method, Request, Response};
 use spin_sdk::http_component;
-use vpp_licensing::ApiError;
+use vpp_apple::Client;
+use vpp_licensing::job::Budget;
+use vpp_licensing::{
+    assignment, event, licenses, notice, notification, policy, reconcile, settings, ApiError,
+};
+use vpp_spin_bridge::apple_http::{random_id, GatewayTransport, SpinClock};
 use vpp_spin_bridge::{http_api, ApiRequest, ApiResponse, SpinKv};
+
+/// Time one request may spend on Apple work (the managed platforms stop us at 30 s).
+const SLICE_SECONDS: i64 = 20;
+const SLICE_APPLE_CALLS: u32 = 200;
 
 #[http_component]
 async fn handle(req: Request) -> Response {
@@ -16,9 +27,221 @@ fn is_public(req: &ApiRequest) -> bool {
     req.path.starts_with("/api/apple/notifications/")
 }
 
-async fn route(_kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
+type AppleClient = Client<GatewayTransport, SpinClock>;
+
+fn client_for(account: &str) -> AppleClient {
+    Client::proxied(
+        GatewayTransport {
+            account: account.to_string(),
+        },
+        SpinClock,
+    )
+}
+
+async fn route(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
     let segments = req.segments();
-    match (req.method.as_str(), segments.as_slice()) {
-        _ => Err(ApiError::no_route(&req.method, &req.path)),
+    let m = req.method.as_str();
+    match (m, segments.as_slice()) {
+        ("GET", ["api", "licenses"]) => list_licenses(kv, req),
+        ("GET", ["api", "licenses", account, adam, "assignments"]) => {
+            let page = licenses::assignments(
+                kv,
+                account,
+                adam,
+                req.query("pricingParam"),
+                req.query_u64("page")?,
+            )?;
+            Ok(ApiResponse::ok(&page))
+        }
+        ("POST", ["api", "assignments"]) => {
+            req.caller()?.require_admin("assign licenses")?;
+            let body: assignment::AssignBody = req.json()?;
+            let client = client_for(&body.account_id);
+            let out = assignment::assign(kv, &client, &body, Utc::now()).await?;
+            Ok(submitted(out))
+        }
+        ("POST", ["api", "assignments", "revoke"]) => {
+            req.caller()?.require_admin("revoke licenses")?;
+            let body: assignment::AssignBody = req.json()?;
+            let client = client_for(&body.account_id);
+            let out = assignment::revoke(kv, &client, &body, Utc::now()).await?;
+            Ok(submitted(out))
+        }
+        ("GET", ["api", "events", id]) => get_event(kv, id).await,
+        ("GET", ["api", "policies"]) => Ok(ApiResponse::ok(&json!({
+            "policies": policy::list(kv)?,
+        }))),
+        ("GET", ["api", "policies", id]) => {
+            policy::validate_id(id)?;
+            let p =
+                policy::load(kv, id)?.ok_or_else(|| ApiError::not_found(format!("policy {id}")))?;
+            Ok(ApiResponse::ok(&p))
+        }
+        ("PUT", ["api", "policies", id]) => {
+            req.caller()?.require_admin("change app policies")?;
+            let body: policy::PolicyBody = req.json()?;
+            let client = client_for(&body.account_id);
+            let (created, out) = policy::put(kv, &client, id, &body, Utc::now()).await?;
+            Ok(ApiResponse::json(if created { 201 } else { 200 }, &out))
+        }
+        ("DELETE", ["api", "policies", id]) => {
+            req.caller()?.require_admin("delete app policies")?;
+            policy::delete(kv, id)?;
+            Ok(ApiResponse::no_content())
+        }
+        ("POST", ["api", "reconcile"]) => {
+            req.caller()?.require_admin("reconcile licenses")?;
+            run_reconcile(kv, req).await
+        }
+        ("GET", ["api", "settings"]) => Ok(ApiResponse::ok(&settings::load(kv)?.view())),
+        ("PUT", ["api", "settings"]) => {
+            req.caller()?.require_admin("change settings")?;
+            Ok(ApiResponse::ok(&settings::put(kv, &req.body)?.view()))
+        }
+        ("GET", ["api", "notices"]) => {
+            Ok(ApiResponse::ok(&notice::list(kv, req.query_u64("page")?)?))
+        }
+        ("POST", ["api", "notices", "deliver"]) => {
+            req.caller()?.require_admin("deliver notices")?;
+            let report = notice::deliver_due(kv, &Webhook, Utc::now(), 20, true).await?;
+            Ok(ApiResponse::ok(&report))
+        }
+        ("POST", ["api", "apple", "notifications", account]) => {
+            let out = notification::handle(
+                kv,
+                account,
+                req.header("authorization"),
+                &req.body,
+                Utc::now(),
+            )?;
+            Ok(ApiResponse::ok(&out))
+        }
+        (_, ["api", "licenses"])
+        | (_, ["api", "licenses", _, _, "assignments"])
+        | (_, ["api", "events", _])
+        | (_, ["api", "policies"])
+        | (_, ["api", "notices"]) => Err(ApiError::method_not_allowed(m, &req.path, &["GET"])),
+        (_, ["api", "assignments"])
+        | (_, ["api", "assignments", "revoke"])
+        | (_, ["api", "reconcile"])
+        | (_, ["api", "notices", "deliver"])
+        | (_, ["api", "apple", "notifications", _]) => {
+            Err(ApiError::method_not_allowed(m, &req.path, &["POST"]))
+        }
+        (_, ["api", "policies", _]) => Err(ApiError::method_not_allowed(
+            m,
+            &req.path,
+            &["GET", "PUT", "DELETE"],
+        )),
+        (_, ["api", "settings"]) => {
+            Err(ApiError::method_not_allowed(m, &req.path, &["GET", "PUT"]))
+        }
+        _ => Err(ApiError::no_route(m, &req.path)),
+    }
+}
+
+fn submitted(out: assignment::Submitted) -> ApiResponse {
+    let first = out.events.first().map(|e| e.id.clone());
+    let mut v = serde_json::to_value(&out).unwrap_or_default();
+    v["eventId"] = json!(first);
+    v["events"] = json!(out.events.iter().map(event::view).collect::<Vec<_>>());
+    ApiResponse::json(if out.events.is_empty() { 200 } else { 202 }, &v)
+}
+
+fn wants_csv(req: &ApiRequest) -> bool {
+    req.query("format") == Some("csv")
+        || req.header("accept").is_some_and(|a| a.contains("text/csv"))
+}
+
+fn list_licenses(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
+    let filter = licenses::Filter {
+        account_id: req
+            .query("accountId")
+            .filter(|s| !s.is_empty())
+            .map(str::to_string),
+        search: req
+            .query("search")
+            .or_else(|| req.query("q"))
+            .filter(|s| !s.is_empty())
+            .map(str::to_string),
+        low_only: req.query("low") == Some("true"),
+    };
+    if let Some(f) = req.query("format") {
+        if f != "csv" && f != "json" {
+            return Err(ApiError::invalid_field(
+                "format",
+                "format must be csv or json",
+            ));
+        }
+    }
+    let rows = licenses::list(kv, &filter)?;
+    if wants_csv(req) {
+        return Ok(ApiResponse {
+            status: 200,
+            content_type: "text/csv; charset=utf-8",
+            headers: vec![(
+                "content-disposition".into(),
+                "attachment; filename=\"licenses.csv\"".into(),
+            )],
+            body: licenses::to_csv(&rows).into_bytes(),
+        });
+    }
+    Ok(ApiResponse::ok(&json!({ "licenses": rows })))
+}
+
+/// The event as we know it; polled at Apple first when it is pending and a poll is due (Apple's
+/// spacing rules hold whoever polls).
+async fn get_event(kv: &SpinKv, id: &str) -> Result<ApiResponse, ApiError> {
+    if id.is_empty() || id.len() > 128 {
+        return Err(ApiError::invalid_field("id", "not an event id"));
+    }
+    let mut record =
+        event::load(kv, id)?.ok_or_else(|| ApiError::not_found(format!("event {id}")))?;
+    let now = Utc::now();
+    if record.state == vpp_licensing::model::EventState::Pending
+        && event::poll_due_at(&record) <= now
+    {
+        let client = client_for(&record.account_id);
+        match event::poll_event(kv, &client, &record, now).await {
+            Ok(r) if r.id == record.id => record = r,
+            Ok(_) | Err(event::PollError::Apple(_)) => {
+                record = event::load(kv, id)?.unwrap_or(record);
+            }
+            Err(event::PollError::Store(e)) => return Err(ApiError::store(e)),
+        }
+    }
+    Ok(ApiResponse::ok(&event::view(&record)))
+}
+
+async fn run_reconcile(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
+    let now = Utc::now();
+    let id = random_id().map_err(ApiError::internal)?;
+    let requested_by = req.caller()?.name.clone();
+    let (mut job, _created) = reconcile::start(kv, &id, &requested_by, now)?;
+    let mut budget = Budget::new(now, SLICE_SECONDS, SLICE_APPLE_CALLS);
+    reconcile::run_slice(kv, &mut job, client_for, now, &mut budget).await?;
+    let location = req.url_for(&format!("/api/jobs/{}", job.id));
+    Ok(ApiResponse::json(202, &job).with_header("location", &location))
+}
+
+/// Notice deliveries over Spin's outbound HTTP.
+struct Webhook;
+
+impl notice::WebhookSender for Webhook {
+    async fn post(
+        &self,
+        url: &str,
+        headers: &[(String, String)],
+        body: &[u8],
+    ) -> Result<u16, String> {
+        let mut b = Request::builder();
+        b.method(Method::Post).uri(url);
+        for (k, v) in headers {
+            b.header(k.as_str(), v.as_str());
+        }
+        let resp: Response = spin_sdk::http::send(b.body(body.to_vec()).build())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(*resp.status())
     }
 }
