@@ -209,7 +209,6 @@ impl Manifest {
     }
 
     /// Parse and validate manifest text; `dir` is where relative sources are resolved.
-    /// `extra_kv_labels` are the store labels a runtime config would define besides `default`.
     pub fn parse(text: &str, dir: &Path) -> anyhow::Result<Self> {
         let raw: RawManifest = toml::from_str(text)?;
         match raw.spin_manifest_version {

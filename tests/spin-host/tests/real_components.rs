@@ -55,7 +55,11 @@ admin_api_key = "{{{{ admin_api_key }}}}"
     let app = App::load(&manifest, options).unwrap();
 
     let health = app
-        .handle(http::Request::get("/.well-known/spin/health").body(Vec::new()).unwrap())
+        .handle(
+            http::Request::get("/.well-known/spin/health")
+                .body(Vec::new())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(health.status(), 200);
