@@ -7,6 +7,7 @@ pub mod apple_state;
 pub mod assignment;
 pub mod event;
 pub mod licenses;
+pub mod licenses_openapi;
 pub mod notice;
 pub mod notification;
 pub mod policy;

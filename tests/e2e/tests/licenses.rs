@@ -56,21 +56,38 @@ async fn settled_event(env: &Env, id: &str) -> Value {
 
 fn sim_assignments(env: &Env, token: &str) -> Vec<Value> {
     let st = env.sim.location_state(token).unwrap();
-    serde_json::to_value(&st.assignments).unwrap().as_array().cloned().unwrap_or_default()
+    serde_json::to_value(&st.assignments)
+        .unwrap()
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
 }
 
 fn holds(list: &[Value], adam: &str, serial: &str) -> bool {
-    list.iter().any(|a| a["adamId"] == adam && a["serialNumber"] == serial)
+    list.iter()
+        .any(|a| a["adamId"] == adam && a["serialNumber"] == serial)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn licenses_list_search_csv_and_assignments_page() {
     let env = Env::start().await;
-    let token = seed_location(&env.sim, "Main", &[("100", 10), ("200", 3)], &[("100", "FOREIGN-1")]);
+    let token = seed_location(
+        &env.sim,
+        "Main",
+        &[("100", 10), ("200", 3)],
+        &[("100", "FOREIGN-1")],
+    );
     let id = account(&env, "Main", &token).await;
     let list = licenses(&env, &id).await;
     let r100 = row(&list, "100");
-    assert_eq!((r100["total"].as_i64(), r100["inUse"].as_i64(), r100["available"].as_i64()), (Some(10), Some(1), Some(9)));
+    assert_eq!(
+        (
+            r100["total"].as_i64(),
+            r100["inUse"].as_i64(),
+            r100["available"].as_i64()
+        ),
+        (Some(10), Some(1), Some(9))
+    );
     assert_eq!(r100["accountId"], id.as_str());
     assert_eq!(r100["pricingParam"], "STDQ");
     // Names come from Apple's metadata lookup at refresh.
@@ -79,19 +96,39 @@ async fn licenses_list_search_csv_and_assignments_page() {
         let r = env.get("/api/licenses?search=app%20100").await.json();
         assert_eq!(r["licenses"].as_array().unwrap().len(), 1);
     }
-    assert_eq!(row(&list, "200")["lowLicenses"], true, "3 left, threshold 5");
+    assert_eq!(
+        row(&list, "200")["lowLicenses"],
+        true,
+        "3 left, threshold 5"
+    );
     assert_eq!(r100["lowLicenses"], false);
     // Search by name, and the reader key may read.
-    let r = env.call("GET", "/api/licenses?search=200", None, Some(READER_KEY)).await;
+    let r = env
+        .call("GET", "/api/licenses?search=200", None, Some(READER_KEY))
+        .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["licenses"].as_array().unwrap().len(), 1);
-    assert_eq!(env.get("/api/licenses?accountId=nope").await.code(), "not_found");
-    assert_eq!(env.get("/api/licenses?format=xml").await.code(), "invalid_request");
+    assert_eq!(
+        env.get("/api/licenses?accountId=nope").await.code(),
+        "not_found"
+    );
+    assert_eq!(
+        env.get("/api/licenses?format=xml").await.code(),
+        "invalid_request"
+    );
 
     // CSV, by query and by Accept, parsed back.
-    let csv = env.get(&format!("/api/licenses?accountId={id}&format=csv")).await;
+    let csv = env
+        .get(&format!("/api/licenses?accountId={id}&format=csv"))
+        .await;
     assert_eq!(csv.status, 200);
-    assert!(csv.headers.get("content-type").unwrap().to_str().unwrap().starts_with("text/csv"));
+    assert!(csv
+        .headers
+        .get("content-type")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .starts_with("text/csv"));
     let text = csv.text();
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().unwrap().split(',').collect();
@@ -99,20 +136,39 @@ async fn licenses_list_search_csv_and_assignments_page() {
     assert_eq!(rows.len(), 2);
     let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
     let r = rows.iter().find(|r| r[col("adamId")] == "100").unwrap();
-    assert_eq!((r[col("total")], r[col("available")], r[col("inUse")]), ("10", "9", "1"));
-    let mut b = http::Request::builder().method("GET").uri(format!("/api/licenses?accountId={id}"));
-    b = b.header("authorization", format!("Bearer {}", e2e::ADMIN_KEY)).header("accept", "text/csv");
+    assert_eq!(
+        (r[col("total")], r[col("available")], r[col("inUse")]),
+        ("10", "9", "1")
+    );
+    let mut b = http::Request::builder()
+        .method("GET")
+        .uri(format!("/api/licenses?accountId={id}"));
+    b = b
+        .header("authorization", format!("Bearer {}", e2e::ADMIN_KEY))
+        .header("accept", "text/csv");
     let resp = env.app.handle(b.body(Vec::new()).unwrap()).await.unwrap();
     assert!(String::from_utf8_lossy(resp.body()).starts_with("accountId,"));
 
     // Assignments of one asset, with who made them.
-    let page = env.get(&format!("/api/licenses/{id}/100/assignments")).await;
+    let page = env
+        .get(&format!("/api/licenses/{id}/100/assignments"))
+        .await;
     assert_eq!(page.status, 200, "{}", page.text());
     let page = page.json();
     assert_eq!(page["assignments"][0]["serialNumber"], "FOREIGN-1");
     assert_eq!(page["assignments"][0]["madeBy"], "foreign");
-    assert_eq!(env.get(&format!("/api/licenses/{id}/999/assignments")).await.code(), "not_found");
-    assert_eq!(env.get(&format!("/api/licenses/{id}/100/assignments?page=9")).await.code(), "invalid_request");
+    assert_eq!(
+        env.get(&format!("/api/licenses/{id}/999/assignments"))
+            .await
+            .code(),
+        "not_found"
+    );
+    assert_eq!(
+        env.get(&format!("/api/licenses/{id}/100/assignments?page=9"))
+            .await
+            .code(),
+        "invalid_request"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,18 +183,48 @@ async fn assign_confirmed_once_when_notifications_arrive_twice() {
     let event_id = r.json()["eventId"].as_str().unwrap().to_string();
     let ev = settled_event(&env, &event_id).await;
     assert_eq!(ev["state"], "complete", "{ev}");
-    assert!(ev["results"].as_array().unwrap().iter().all(|r| r["state"] == "succeeded"), "{ev}");
+    assert!(
+        ev["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["state"] == "succeeded"),
+        "{ev}"
+    );
     // Every notification came twice; the counts moved once.
-    let dupes = env.sim.notifications().iter().filter(|n| n.notification_type == "ASSET_MANAGEMENT").count();
+    let dupes = env
+        .sim
+        .notifications()
+        .iter()
+        .filter(|n| n.notification_type == "ASSET_MANAGEMENT")
+        .count();
     assert!(dupes >= 2, "the simulator delivered duplicates");
     let r100 = row(&licenses(&env, &id).await, "100").clone();
-    assert_eq!((r100["inUse"].as_i64(), r100["available"].as_i64(), r100["pending"].as_i64()), (Some(3), Some(7), Some(0)), "{r100}");
+    assert_eq!(
+        (
+            r100["inUse"].as_i64(),
+            r100["available"].as_i64(),
+            r100["pending"].as_i64()
+        ),
+        (Some(3), Some(7), Some(0)),
+        "{r100}"
+    );
     for s in ["S1", "S2", "S3"] {
         assert!(holds(&sim_assignments(&env, &token), "100", s));
     }
     // Ours in the assignments page; a full refresh agrees with the counts.
-    let page = env.get(&format!("/api/licenses/{id}/100/assignments")).await.json();
-    assert!(page["assignments"].as_array().unwrap().iter().all(|a| a["madeBy"] == "thisInstance"), "{page}");
+    let page = env
+        .get(&format!("/api/licenses/{id}/100/assignments"))
+        .await
+        .json();
+    assert!(
+        page["assignments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["madeBy"] == "thisInstance"),
+        "{page}"
+    );
     env.refresh(&id).await;
     let r100 = row(&licenses(&env, &id).await, "100").clone();
     assert_eq!(r100["inUse"], 3);
@@ -147,7 +233,11 @@ async fn assign_confirmed_once_when_notifications_arrive_twice() {
     let again = env.admin("POST", "/api/assignments", Some(&body)).await;
     assert_eq!(again.status, 200, "{}", again.text());
     assert_eq!(again.json()["alreadyAssigned"].as_array().unwrap().len(), 3);
-    assert!(env.sim.calls().iter().all(|c| !c.path.contains("associate")));
+    assert!(env
+        .sim
+        .calls()
+        .iter()
+        .all(|c| !c.path.contains("associate")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,25 +247,62 @@ async fn no_license_available_is_409_without_calling_apple() {
     let id = account(&env, "Main", &token).await;
     env.sim.clear_calls();
     let r = env
-        .admin("POST", "/api/assignments", Some(&json!({"accountId": id, "adamId": "100", "serialNumbers": ["A", "B"]})))
+        .admin(
+            "POST",
+            "/api/assignments",
+            Some(&json!({"accountId": id, "adamId": "100", "serialNumbers": ["A", "B"]})),
+        )
         .await;
-    assert_eq!((r.status, r.code().as_str()), (409, "no_licenses_available"), "{}", r.text());
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (409, "no_licenses_available"),
+        "{}",
+        r.text()
+    );
     assert_eq!(r.json()["error"]["details"]["available"], 1);
-    assert!(env.sim.calls().iter().all(|c| !c.path.contains("assets/associate")), "Apple not called");
+    assert!(
+        env.sim
+            .calls()
+            .iter()
+            .all(|c| !c.path.contains("assets/associate")),
+        "Apple not called"
+    );
     // Bad input: clear errors; reader key may not assign.
     for (b, code) in [
-        (json!({"accountId": id, "adamId": "x1", "serialNumbers": ["A"]}), "invalid_request"),
+        (
+            json!({"accountId": id, "adamId": "x1", "serialNumbers": ["A"]}),
+            "invalid_request",
+        ),
         (json!({"accountId": id, "adamId": "100"}), "invalid_request"),
-        (json!({"accountId": id, "adamId": "100", "serialNumbers": ["A"], "extra": 1}), "invalid_json"),
-        (json!({"accountId": "nope", "adamId": "100", "serialNumbers": ["A"]}), "not_found"),
+        (
+            json!({"accountId": id, "adamId": "100", "serialNumbers": ["A"], "extra": 1}),
+            "invalid_json",
+        ),
+        (
+            json!({"accountId": "nope", "adamId": "100", "serialNumbers": ["A"]}),
+            "not_found",
+        ),
     ] {
-        assert_eq!(env.admin("POST", "/api/assignments", Some(&b)).await.code(), code, "{b}");
+        assert_eq!(
+            env.admin("POST", "/api/assignments", Some(&b)).await.code(),
+            code,
+            "{b}"
+        );
     }
     let reader = env
-        .call("POST", "/api/assignments", Some(&json!({"accountId": id, "adamId": "100", "serialNumbers": ["A"]})), Some(READER_KEY))
+        .call(
+            "POST",
+            "/api/assignments",
+            Some(&json!({"accountId": id, "adamId": "100", "serialNumbers": ["A"]})),
+            Some(READER_KEY),
+        )
         .await;
     assert_eq!(reader.status, 403);
-    assert_eq!(env.admin("POST", "/api/daily", None).await.status, 404, "issue 6");
+    assert_eq!(
+        env.admin("POST", "/api/daily", None).await.status,
+        404,
+        "issue 6"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,9 +311,15 @@ async fn event_failure_for_one_device_out_of_many() {
     let token = seed_location(&env.sim, "Main", &[("100", 3)], &[]);
     let id = account(&env, "Main", &token).await;
     // Someone takes a license at Apple behind our back: we think 3 are free, Apple has 2.
-    env.sim.add_assignments(&token, vec![AssignmentSpec::device("100", "ELSEWHERE")]).unwrap();
+    env.sim
+        .add_assignments(&token, vec![AssignmentSpec::device("100", "ELSEWHERE")])
+        .unwrap();
     let r = env
-        .admin("POST", "/api/assignments", Some(&json!({"accountId": id, "adamId": "100", "serialNumbers": ["A", "B", "C"]})))
+        .admin(
+            "POST",
+            "/api/assignments",
+            Some(&json!({"accountId": id, "adamId": "100", "serialNumbers": ["A", "B", "C"]})),
+        )
         .await;
     assert_eq!(r.status, 202, "{}", r.text());
     let ev = settled_event(&env, r.json()["eventId"].as_str().unwrap()).await;
@@ -195,27 +328,54 @@ async fn event_failure_for_one_device_out_of_many() {
     let failed: Vec<&Value> = results.iter().filter(|r| r["state"] == "failed").collect();
     assert_eq!(failed.len(), 1, "{ev}");
     assert_eq!(failed[0]["error"]["appleErrorNumber"], 9709);
-    assert_eq!(results.iter().filter(|r| r["state"] == "succeeded").count(), 2);
+    assert_eq!(
+        results.iter().filter(|r| r["state"] == "succeeded").count(),
+        2
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoke_takes_one_asset_and_yields_a_notice() {
     let env = env_with_notifications().await;
-    let token = seed_location(&env.sim, "Main", &[("100", 5), ("200", 5)], &[("200", "S1")]);
+    let token = seed_location(
+        &env.sim,
+        "Main",
+        &[("100", 5), ("200", 5)],
+        &[("200", "S1")],
+    );
     let id = account(&env, "Main", &token).await;
-    let r = env.admin("PUT", "/api/settings", Some(&json!({"licenseRemovalNotification": true}))).await;
+    let r = env
+        .admin(
+            "PUT",
+            "/api/settings",
+            Some(&json!({"licenseRemovalNotification": true})),
+        )
+        .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let r = env.admin("POST", "/api/assignments", Some(&json!({"accountId": id, "adamId": "100", "serialNumbers": ["S1"]}))).await;
+    let r = env
+        .admin(
+            "POST",
+            "/api/assignments",
+            Some(&json!({"accountId": id, "adamId": "100", "serialNumbers": ["S1"]})),
+        )
+        .await;
     settled_event(&env, r.json()["eventId"].as_str().unwrap()).await;
     let r = env
-        .admin("POST", "/api/assignments/revoke", Some(&json!({"accountId": id, "adamId": "100", "serialNumbers": ["S1"]})))
+        .admin(
+            "POST",
+            "/api/assignments/revoke",
+            Some(&json!({"accountId": id, "adamId": "100", "serialNumbers": ["S1"]})),
+        )
         .await;
     assert_eq!(r.status, 202, "{}", r.text());
     let ev = settled_event(&env, r.json()["eventId"].as_str().unwrap()).await;
     assert_eq!(ev["state"], "complete", "{ev}");
     let held = sim_assignments(&env, &token);
     assert!(!holds(&held, "100", "S1"));
-    assert!(holds(&held, "200", "S1"), "disassociate, not revoke: the other asset stays");
+    assert!(
+        holds(&held, "200", "S1"),
+        "disassociate, not revoke: the other asset stays"
+    );
     let notices = env.get("/api/notices").await.json();
     let list = notices["notices"].as_array().unwrap();
     assert_eq!(list.len(), 1, "{notices}");
@@ -229,21 +389,45 @@ async fn wrong_bearer_is_401_and_changes_nothing() {
     let env = env_with_notifications().await;
     let token = seed_location(&env.sim, "Main", &[("100", 5)], &[]);
     let id = account(&env, "Main", &token).await;
-    let before: Vec<String> = env.keys().into_iter().filter(|k| !k.starts_with("audit")).collect();
+    let before: Vec<String> = env
+        .keys()
+        .into_iter()
+        .filter(|k| !k.starts_with("audit"))
+        .collect();
     let body = json!({"notificationId": "n-1", "notificationType": "ASSET_COUNT", "notification": {"adamId": "100", "countDelta": 7, "pricingParam": "STDQ"}});
     for key in [None, Some("wrong-secret"), Some(e2e::ADMIN_KEY)] {
-        let r = env.call("POST", &format!("/api/apple/notifications/{id}"), Some(&body), key).await;
-        assert_eq!((r.status, r.code().as_str()), (401, "unauthorized"), "{}", r.text());
+        let r = env
+            .call(
+                "POST",
+                &format!("/api/apple/notifications/{id}"),
+                Some(&body),
+                key,
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (401, "unauthorized"),
+            "{}",
+            r.text()
+        );
     }
-    let after: Vec<String> = env.keys().into_iter().filter(|k| !k.starts_with("audit")).collect();
+    let after: Vec<String> = env
+        .keys()
+        .into_iter()
+        .filter(|k| !k.starts_with("audit"))
+        .collect();
     assert_eq!(after, before);
     assert_eq!(row(&licenses(&env, &id).await, "100")["total"], 5);
     // Apple's own ASSET_COUNT (with the right secret) moves the counts.
-    env.sim.change_asset_count(&token, "100", "STDQ", 4).unwrap();
+    env.sim
+        .change_asset_count(&token, "100", "STDQ", 4)
+        .unwrap();
     env.sim_idle().await;
     let mut total = 0;
     for _ in 0..50 {
-        total = row(&licenses(&env, &id).await, "100")["total"].as_i64().unwrap();
+        total = row(&licenses(&env, &id).await, "100")["total"]
+            .as_i64()
+            .unwrap();
         if total == 9 {
             break;
         }
@@ -257,8 +441,10 @@ async fn put_policy(env: &Env, id: &str, account: &str, serials: &[&str]) -> Val
         .admin(
             "PUT",
             &format!("/api/policies/{id}"),
-            Some(&json!({"name": format!("Policy {id}"), "accountId": account,
-                "assets": [{"adamId": "100", "pricingParam": "STDQ"}], "serialNumbers": serials})),
+            Some(
+                &json!({"name": format!("Policy {id}"), "accountId": account,
+                "assets": [{"adamId": "100", "pricingParam": "STDQ"}], "serialNumbers": serials}),
+            ),
         )
         .await;
     assert!(r.status == 200 || r.status == 201, "{}", r.text());
@@ -269,7 +455,9 @@ async fn wait_assignments(env: &Env, token: &str, want: &[&str], not: &[&str]) {
     for _ in 0..100 {
         env.sim_idle().await;
         let held = sim_assignments(env, token);
-        if want.iter().all(|s| holds(&held, "100", s)) && not.iter().all(|s| !holds(&held, "100", s)) {
+        if want.iter().all(|s| holds(&held, "100", s))
+            && not.iter().all(|s| !holds(&held, "100", s))
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -286,7 +474,10 @@ async fn reconcile(env: &Env) -> Value {
         if current["state"] != "running" {
             return current;
         }
-        current = env.get(&format!("/api/jobs/{}", job["id"].as_str().unwrap())).await.json();
+        current = env
+            .get(&format!("/api/jobs/{}", job["id"].as_str().unwrap()))
+            .await
+            .json();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("reconcile did not finish: {current}");
@@ -299,11 +490,21 @@ async fn policy_shortfall_edit_and_reconcile_with_foreign_and_foreign_owned_acco
     let id = account(&env, "Main", &token).await;
     let p = put_policy(&env, "lab", &id, &["A", "B", "C", "D"]).await;
     let a = &p["assignments"][0];
-    assert_eq!((a["requested"].as_i64(), a["shortfall"].as_i64()), (Some(3), Some(1)), "{p}");
+    assert_eq!(
+        (a["requested"].as_i64(), a["shortfall"].as_i64()),
+        (Some(3), Some(1)),
+        "{p}"
+    );
     assert_eq!(a["shortfallSubjects"][0]["serialNumber"], "D");
     wait_assignments(&env, &token, &["A", "B", "C", "FOREIGN"], &[]).await;
     let list = env.get("/api/policies").await.json();
-    assert_eq!(list["policies"][0]["serialNumbers"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        list["policies"][0]["serialNumbers"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
 
     // A second account owned by another MDM, with one of our assignments in its ledger history.
     let other = seed_location(&env.sim, "Other", &[("100", 2)], &[]);
@@ -313,10 +514,17 @@ async fn policy_shortfall_edit_and_reconcile_with_foreign_and_foreign_owned_acco
     let r = env.admin("DELETE", "/api/policies/other", None).await;
     assert_eq!(r.status, 204);
     env.sim
-        .take_over(&other, TakeOver {
-            mdm_info: MdmInfo { id: "other-mdm".into(), name: "Other MDM".into(), metadata: "x".into() },
-            ..Default::default()
-        })
+        .take_over(
+            &other,
+            TakeOver {
+                mdm_info: MdmInfo {
+                    id: "other-mdm".into(),
+                    name: "Other MDM".into(),
+                    metadata: "x".into(),
+                },
+                ..Default::default()
+            },
+        )
         .unwrap();
     env.refresh(&other_id).await;
 
@@ -325,16 +533,40 @@ async fn policy_shortfall_edit_and_reconcile_with_foreign_and_foreign_owned_acco
     let job = reconcile(&env).await;
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(job["result"]["revoked"], 1, "{job}");
-    assert_eq!(job["result"]["skipped"][0]["accountId"], other_id.as_str(), "{job}");
+    assert_eq!(
+        job["result"]["skipped"][0]["accountId"],
+        other_id.as_str(),
+        "{job}"
+    );
     wait_assignments(&env, &token, &["A", "C", "FOREIGN"], &["B"]).await;
-    assert!(holds(&sim_assignments(&env, &other), "100", "X"), "foreign-owned account untouched");
+    assert!(
+        holds(&sim_assignments(&env, &other), "100", "X"),
+        "foreign-owned account untouched"
+    );
     let calls = env.sim.calls();
-    assert!(calls.iter().all(|c| !c.path.contains("assets/revoke")), "disassociate only");
+    assert!(
+        calls.iter().all(|c| !c.path.contains("assets/revoke")),
+        "disassociate only"
+    );
     // Deleting the policy: the account may not be deleted while it is used; then reconcile takes the rest.
-    let del = env.admin("DELETE", &format!("/api/accounts/{id}"), None).await;
-    assert_eq!(del.code(), "account_in_use", "{} {}", del.status, del.text());
-    assert_eq!(env.admin("DELETE", "/api/policies/lab", None).await.status, 204);
-    assert_eq!(env.admin("DELETE", "/api/policies/lab", None).await.code(), "not_found");
+    let del = env
+        .admin("DELETE", &format!("/api/accounts/{id}"), None)
+        .await;
+    assert_eq!(
+        del.code(),
+        "account_in_use",
+        "{} {}",
+        del.status,
+        del.text()
+    );
+    assert_eq!(
+        env.admin("DELETE", "/api/policies/lab", None).await.status,
+        204
+    );
+    assert_eq!(
+        env.admin("DELETE", "/api/policies/lab", None).await.code(),
+        "not_found"
+    );
     reconcile(&env).await;
     wait_assignments(&env, &token, &["FOREIGN"], &["A", "C"]).await;
 }
@@ -354,8 +586,14 @@ async fn settings_validation_and_webhook_down_then_up_delivers_once() {
         assert_eq!(r.status, 400, "{bad}: {}", r.text());
     }
     let r = env
-        .admin("PUT", "/api/settings", Some(&json!({"licenseRemovalNotification": true, "lowLicenseThreshold": 1,
-            "noticeWebhookUrl": hook.url(), "noticeWebhookSecret": "0123456789abcdef0123"})))
+        .admin(
+            "PUT",
+            "/api/settings",
+            Some(
+                &json!({"licenseRemovalNotification": true, "lowLicenseThreshold": 1,
+            "noticeWebhookUrl": hook.url(), "noticeWebhookSecret": "0123456789abcdef0123"}),
+            ),
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     let s = env.get("/api/settings").await.json();
@@ -365,10 +603,20 @@ async fn settings_validation_and_webhook_down_then_up_delivers_once() {
 
     let token = seed_location(&env.sim, "Main", &[("100", 5)], &[]);
     let id = account(&env, "Main", &token).await;
-    let r = env.admin("POST", "/api/assignments", Some(&json!({"accountId": id, "adamId": "100", "serialNumbers": ["S1", "S2"]}))).await;
+    let r = env
+        .admin(
+            "POST",
+            "/api/assignments",
+            Some(&json!({"accountId": id, "adamId": "100", "serialNumbers": ["S1", "S2"]})),
+        )
+        .await;
     settled_event(&env, r.json()["eventId"].as_str().unwrap()).await;
     let r = env
-        .admin("POST", "/api/assignments/revoke", Some(&json!({"accountId": id, "adamId": "100", "serialNumbers": ["S1", "S2"]})))
+        .admin(
+            "POST",
+            "/api/assignments/revoke",
+            Some(&json!({"accountId": id, "adamId": "100", "serialNumbers": ["S1", "S2"]})),
+        )
         .await;
     settled_event(&env, r.json()["eventId"].as_str().unwrap()).await;
     assert_eq!(env.get("/api/notices").await.json()["undelivered"], 2);
@@ -389,7 +637,10 @@ async fn settings_validation_and_webhook_down_then_up_delivers_once() {
         .flat_map(|g| g.body["notices"].as_array().unwrap().iter())
         .collect();
     // The 503 attempt also reached the receiver; only the accepted one counts as delivery.
-    let ok_ids: std::collections::BTreeSet<&str> = delivered.iter().map(|n| n["id"].as_str().unwrap()).collect();
+    let ok_ids: std::collections::BTreeSet<&str> = delivered
+        .iter()
+        .map(|n| n["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ok_ids.len(), 2);
     assert_eq!(env.get("/api/notices").await.json()["undelivered"], 0);
 }
