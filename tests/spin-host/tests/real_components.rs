@@ -174,3 +174,29 @@ fn app_is_shareable() {
         });
     }
 }
+
+/// `serve` binds, answers over TCP, and stops when the handle is dropped.
+#[tokio::test]
+async fn serve_binds_and_stops_on_drop() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(
+        dir.path(),
+        "spin_manifest_version = 2\n[application]\nname = \"empty\"\n",
+    );
+    let app = App::load(&manifest, HostOptions::default()).unwrap();
+    let server = app.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = server.local_addr();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /.well-known/spin/health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.ends_with("OK"), "{out}");
+    drop(server);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
