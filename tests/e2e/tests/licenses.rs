@@ -644,3 +644,54 @@ async fn settings_validation_and_webhook_down_then_up_delivers_once() {
     assert_eq!(ok_ids.len(), 2);
     assert_eq!(env.get("/api/notices").await.json()["undelivered"], 0);
 }
+
+/// Served by the accounts component through `vpp_licensing::users::handle`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_users_create_invite_link_associate_and_retire() {
+    let env = env_with_notifications().await;
+    let token = seed_location(&env.sim, "Main", &[("100", 5)], &[]);
+    let id = account(&env, "Main", &token).await;
+    let bad = env
+        .admin(
+            "POST",
+            &format!("/api/accounts/{id}/users"),
+            Some(&json!({"clientUserId": "u1", "email": "nope"})),
+        )
+        .await;
+    assert_eq!(bad.code(), "invalid_request", "{}", bad.text());
+    let r = env
+        .admin(
+            "POST",
+            &format!("/api/accounts/{id}/users"),
+            Some(&json!({"clientUserId": "u1", "email": "u1@example.org"})),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    env.sim_idle().await;
+    let u = env.get(&format!("/api/accounts/{id}/users/u1")).await;
+    assert_eq!(u.status, 200, "{}", u.text());
+    let u = u.json();
+    assert_eq!(u["status"], "Registered", "{u}");
+    let code = u["inviteCode"].as_str().expect("invite code");
+    assert!(u["invitationUrl"].as_str().unwrap().contains(code), "{u}");
+    env.sim.associate_user(&token, "u1").unwrap();
+    env.sim_idle().await;
+    let mut status = Value::Null;
+    for _ in 0..50 {
+        let list = env.get(&format!("/api/accounts/{id}/users")).await.json();
+        status = list["users"][0]["status"].clone();
+        if status == "Associated" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, "Associated");
+    let r = env
+        .admin("POST", &format!("/api/accounts/{id}/users/u1/retire"), None)
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    env.sim_idle().await;
+    let st = env.sim.location_state(&token).unwrap();
+    let users = serde_json::to_value(&st.users).unwrap();
+    assert_eq!(users[0]["status"], "Retired", "{users}");
+}
