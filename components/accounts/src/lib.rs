@@ -181,6 +181,8 @@ fn identity(kv: &SpinKv) -> Result<Identity, ApiError> {
 async fn add(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
     admin(req, "add accounts")?;
     let input: AddAccount = req.json()?;
+    // Check the token before anything (even this instance's identity) is written.
+    account::validate_add(&input, Utc::now())?;
     let id = random_id().map_err(ApiError::internal)?;
     let secret = random_id().map_err(ApiError::internal)?;
     let a = account::add(
@@ -194,7 +196,8 @@ async fn add(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
     )
     .await?;
     let v = account::view(kv, &a, &policy_names(kv), Utc::now())?;
-    Ok(ApiResponse::json(201, &v).with_header("location", &req.url_for(&format!("/api/accounts/{id}"))))
+    Ok(ApiResponse::json(201, &v)
+        .with_header("location", &req.url_for(&format!("/api/accounts/{id}"))))
 }
 
 /// Start a refresh or clean-up (or join the one already running), do a first slice now, and
@@ -233,7 +236,8 @@ async fn start_job(
         }
     };
     let ran = run(kv, &job.id).await?;
-    Ok(ApiResponse::json(202, &ran.job).with_header("location", &req.url_for(&format!("/api/jobs/{}", job.id))))
+    Ok(ApiResponse::json(202, &ran.job)
+        .with_header("location", &req.url_for(&format!("/api/jobs/{}", job.id))))
 }
 
 async fn run(kv: &SpinKv, job_id: &str) -> Result<runner::Ran, ApiError> {

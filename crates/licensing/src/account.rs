@@ -137,6 +137,17 @@ pub fn validate_token(token: &str, now: DateTime<Utc>) -> Result<ServerToken, Ap
     Ok(parsed)
 }
 
+/// Everything about an add request that can be checked without Apple.
+pub fn validate_add(
+    input: &AddAccount,
+    now: DateTime<Utc>,
+) -> Result<(String, ServerToken), ApiError> {
+    Ok((
+        validate_name(&input.name)?,
+        validate_token(&input.token, now)?,
+    ))
+}
+
 pub fn ids(kv: &impl Kv) -> Result<Vec<String>, ApiError> {
     Ok(get_json(kv, &keys::accounts())?.unwrap_or_default())
 }
@@ -245,14 +256,21 @@ pub async fn add<G: Gateway>(
     notification_secret: &str,
     now: DateTime<Utc>,
 ) -> Result<Account, ApiError> {
-    let name = validate_name(&input.name)?;
-    let token = validate_token(&input.token, now)?;
-    let inspected = gw.inspect(id, &input.token).await?;
+    let (name, token) = validate_add(&input, now)?;
+    let inspected = match gw.inspect(id, &input.token).await {
+        Ok(i) => i,
+        Err(e) => {
+            // The apple component may have paced this id: leave no key behind.
+            let _ = gw.forget(id).await;
+            return Err(e);
+        }
+    };
     let cfg = &inspected.client_config;
     if let Some(uid) = cfg.u_id.as_deref() {
         for other in ids(kv)? {
             if let Some(a) = get_json::<Account>(kv, &keys::account(&other))? {
                 if a.location_id.as_deref() == Some(uid) {
+                    let _ = gw.forget(id).await;
                     return Err(ApiError::new(
                         ErrorCode::DuplicateLocation,
                         format!(

@@ -81,7 +81,10 @@ impl Resp {
     }
     /// The error code of the API's error shape.
     pub fn code(&self) -> String {
-        self.json()["error"]["code"].as_str().unwrap_or("").to_string()
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
     }
 }
 
@@ -128,7 +131,13 @@ impl Env {
         }
     }
 
-    pub async fn call(&self, method: &str, path: &str, body: Option<&Value>, key: Option<&str>) -> Resp {
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        key: Option<&str>,
+    ) -> Resp {
         let mut b = http::Request::builder().method(method).uri(path);
         if let Some(k) = key {
             b = b.header("authorization", format!("Bearer {k}"));
@@ -141,7 +150,11 @@ impl Env {
             None => Vec::new(),
         };
         let req = b.body(bytes).expect("request");
-        let resp = self.app.handle(req).await.expect("host handled the request");
+        let resp = self
+            .app
+            .handle(req)
+            .await
+            .expect("host handled the request");
         let (parts, body) = resp.into_parts();
         Resp {
             status: parts.status.as_u16(),
@@ -166,7 +179,12 @@ impl Env {
 
 /// Seed a location at the simulator with assets (`(adamId, total)`) and foreign device
 /// assignments (`(adamId, serial)`); returns its token file.
-pub fn seed_location(sim: &Simulator, name: &str, assets: &[(&str, u64)], assignments: &[(&str, &str)]) -> String {
+pub fn seed_location(
+    sim: &Simulator,
+    name: &str,
+    assets: &[(&str, u64)],
+    assignments: &[(&str, &str)],
+) -> String {
     let token = sim.add_location(apple_sim::LocationSpec::named(name));
     let specs = assets
         .iter()
@@ -183,7 +201,8 @@ pub fn seed_location(sim: &Simulator, name: &str, assets: &[(&str, u64)], assign
             .iter()
             .map(|(id, serial)| apple_sim::AssignmentSpec::device(id, serial))
             .collect();
-        sim.add_assignments(&token, specs).expect("seed assignments");
+        sim.add_assignments(&token, specs)
+            .expect("seed assignments");
     }
     token
 }
@@ -192,7 +211,11 @@ impl Env {
     /// Add an account and return its id (panics unless 201).
     pub async fn add_account(&self, name: &str, token: &str) -> String {
         let r = self
-            .admin("POST", "/api/accounts", Some(&serde_json::json!({"name": name, "token": token})))
+            .admin(
+                "POST",
+                "/api/accounts",
+                Some(&serde_json::json!({"name": name, "token": token})),
+            )
             .await;
         assert_eq!(r.status, 201, "add account: {}", r.text());
         r.json()["id"].as_str().expect("id").to_string()
@@ -206,7 +229,9 @@ impl Env {
             if current["state"] != "running" {
                 return current;
             }
-            let r = self.admin("POST", &format!("/api/jobs/{id}/resume"), None).await;
+            let r = self
+                .admin("POST", &format!("/api/jobs/{id}/resume"), None)
+                .await;
             assert!(r.status == 200 || r.status == 202, "resume: {}", r.text());
             current = r.json();
         }
@@ -215,14 +240,19 @@ impl Env {
 
     /// Refresh an account to completion; returns the finished job.
     pub async fn refresh(&self, id: &str) -> Value {
-        let r = self.admin("POST", &format!("/api/accounts/{id}/refresh"), None).await;
+        let r = self
+            .admin("POST", &format!("/api/accounts/{id}/refresh"), None)
+            .await;
         assert_eq!(r.status, 202, "refresh: {}", r.text());
         self.finish_job(&r.json()).await
     }
 
     /// Keys in the store that belong to an account (its id appears in them).
     pub fn keys_of(&self, account_id: &str) -> Vec<String> {
-        self.keys().into_iter().filter(|k| k.contains(account_id)).collect()
+        self.keys()
+            .into_iter()
+            .filter(|k| k.contains(account_id))
+            .collect()
     }
 
     /// Wait (polling, async-friendly) until the simulator has applied every event.

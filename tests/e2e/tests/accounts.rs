@@ -14,8 +14,19 @@ fn find<'a>(list: &'a Value, id: &str) -> &'a Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_list_get_and_never_synced_then_healthy() {
     let env = Env::start().await;
-    let token = seed_location(&env.sim, "Main Campus", &[("100", 10), ("200", 5)], &[("100", "SER-1")]);
-    let r = env.admin("POST", "/api/accounts", Some(&json!({"name": "  Main  ", "token": token}))).await;
+    let token = seed_location(
+        &env.sim,
+        "Main Campus",
+        &[("100", 10), ("200", 5)],
+        &[("100", "SER-1")],
+    );
+    let r = env
+        .admin(
+            "POST",
+            "/api/accounts",
+            Some(&json!({"name": "  Main  ", "token": token})),
+        )
+        .await;
     assert_eq!(r.status, 201, "{}", r.text());
     let a = r.json();
     let id = a["id"].as_str().unwrap().to_string();
@@ -26,8 +37,17 @@ async fn add_list_get_and_never_synced_then_healthy() {
     assert!(a["expiryDate"].is_string());
     assert!(!r.text().contains(&token), "the token is never returned");
     // Location is absolute, built from the URL Spin saw.
-    let location = r.headers.get("location").unwrap().to_str().unwrap().to_string();
-    assert!(location.ends_with(&format!("/api/accounts/{id}")), "{location}");
+    let location = r
+        .headers
+        .get("location")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        location.ends_with(&format!("/api/accounts/{id}")),
+        "{location}"
+    );
 
     // The instance claimed the location with its mdmInfo.
     let st = env.sim.location_state(&token).unwrap();
@@ -52,29 +72,81 @@ async fn add_list_get_and_never_synced_then_healthy() {
 async fn bad_tokens_are_refused_and_store_nothing() {
     let env = Env::start().await;
     let before = env.keys();
-    let malformed = env.admin("POST", "/api/accounts", Some(&json!({"name": "x", "token": "not a token"}))).await;
-    assert_eq!((malformed.status, malformed.code().as_str()), (422, "token_malformed"), "{}", malformed.text());
+    let malformed = env
+        .admin(
+            "POST",
+            "/api/accounts",
+            Some(&json!({"name": "x", "token": "not a token"})),
+        )
+        .await;
+    assert_eq!(
+        (malformed.status, malformed.code().as_str()),
+        (422, "token_malformed"),
+        "{}",
+        malformed.text()
+    );
 
     let expired = env.sim.add_location(apple_sim::LocationSpec {
         exp_date: Some(chrono::Utc::now() - chrono::Duration::days(2)),
         ..apple_sim::LocationSpec::named("Old")
     });
-    let r = env.admin("POST", "/api/accounts", Some(&json!({"name": "x", "token": expired}))).await;
-    assert_eq!((r.status, r.code().as_str()), (422, "token_expired"), "{}", r.text());
+    let r = env
+        .admin(
+            "POST",
+            "/api/accounts",
+            Some(&json!({"name": "x", "token": expired})),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (422, "token_expired"),
+        "{}",
+        r.text()
+    );
 
-    let missing = env.admin("POST", "/api/accounts", Some(&json!({"name": "x"}))).await;
-    assert_eq!((missing.status, missing.code().as_str()), (400, "invalid_json"));
-    let empty_name = env.admin("POST", "/api/accounts", Some(&json!({"name": " ", "token": expired}))).await;
+    let missing = env
+        .admin("POST", "/api/accounts", Some(&json!({"name": "x"})))
+        .await;
+    assert_eq!(
+        (missing.status, missing.code().as_str()),
+        (400, "invalid_json")
+    );
+    let valid = env.sim.add_location(apple_sim::LocationSpec::named("Fine"));
+    let empty_name = env
+        .admin(
+            "POST",
+            "/api/accounts",
+            Some(&json!({"name": " ", "token": valid})),
+        )
+        .await;
     assert_eq!(empty_name.code(), "invalid_request");
     let unknown_field = env
-        .admin("POST", "/api/accounts", Some(&json!({"name": "x", "token": expired, "tokne": 1})))
+        .admin(
+            "POST",
+            "/api/accounts",
+            Some(&json!({"name": "x", "token": expired, "tokne": 1})),
+        )
         .await;
     assert_eq!(unknown_field.code(), "invalid_json");
 
     // Format and expiry are checked before Apple is called.
-    assert!(env.sim.calls().iter().all(|c| c.path.ends_with("service/config")), "{:?}", env.sim.calls());
-    let after: Vec<String> = env.keys().into_iter().filter(|k| !k.starts_with("audit")).collect();
-    let before: Vec<String> = before.into_iter().filter(|k| !k.starts_with("audit")).collect();
+    assert!(
+        env.sim
+            .calls()
+            .iter()
+            .all(|c| c.path.ends_with("service/config")),
+        "{:?}",
+        env.sim.calls()
+    );
+    let after: Vec<String> = env
+        .keys()
+        .into_iter()
+        .filter(|k| !k.starts_with("audit"))
+        .collect();
+    let before: Vec<String> = before
+        .into_iter()
+        .filter(|k| !k.starts_with("audit"))
+        .collect();
     assert_eq!(after, before, "nothing stored");
 }
 
@@ -83,10 +155,25 @@ async fn second_token_of_a_location_is_a_conflict() {
     let env = Env::start().await;
     let token = seed_location(&env.sim, "HQ", &[("1", 1)], &[]);
     let id = env.add_account("HQ", &token).await;
-    let again = env.admin("POST", "/api/accounts", Some(&json!({"name": "HQ again", "token": token}))).await;
-    assert_eq!((again.status, again.code().as_str()), (409, "duplicate_location"));
+    let again = env
+        .admin(
+            "POST",
+            "/api/accounts",
+            Some(&json!({"name": "HQ again", "token": token})),
+        )
+        .await;
+    assert_eq!(
+        (again.status, again.code().as_str()),
+        (409, "duplicate_location")
+    );
     assert_eq!(again.json()["error"]["details"]["accountId"], id.as_str());
-    assert_eq!(env.get("/api/accounts").await.json()["accounts"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        env.get("/api/accounts").await.json()["accounts"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,23 +181,45 @@ async fn apple_down_during_add_stores_nothing() {
     let env = Env::start().await;
     let token = seed_location(&env.sim, "HQ", &[("1", 1)], &[]);
     env.sim
-        .inject_fault(&token, FaultSpec::new(FaultKind::Unavailable).on("client/config").retry_after(1))
+        .inject_fault(
+            &token,
+            FaultSpec::new(FaultKind::Unavailable)
+                .on("client/config")
+                .retry_after(1),
+        )
         .unwrap();
-    let keys_before: Vec<String> = env.keys().into_iter().filter(|k| !k.starts_with("audit")).collect();
-    let r = env.admin("POST", "/api/accounts", Some(&json!({"name": "HQ", "token": token}))).await;
+    let keys_before: Vec<String> = env
+        .keys()
+        .into_iter()
+        .filter(|k| !k.starts_with("audit"))
+        .collect();
+    let r = env
+        .admin(
+            "POST",
+            "/api/accounts",
+            Some(&json!({"name": "HQ", "token": token})),
+        )
+        .await;
     assert_eq!(r.code(), "apple_unavailable", "{}", r.text());
     assert!(r.status >= 500);
     let keys_after: Vec<String> = env
         .keys()
         .into_iter()
-        .filter(|k| !k.starts_with("audit") && !k.starts_with("apple/service-config") && !k.starts_with("instance"))
+        .filter(|k| {
+            !k.starts_with("audit")
+                && !k.starts_with("apple/service-config")
+                && !k.starts_with("instance")
+        })
         .collect();
     let keys_before: Vec<String> = keys_before
         .into_iter()
         .filter(|k| !k.starts_with("apple/service-config") && !k.starts_with("instance"))
         .collect();
     assert_eq!(keys_after, keys_before, "nothing stored");
-    assert!(env.get("/api/accounts").await.json()["accounts"].as_array().unwrap().is_empty());
+    assert!(env.get("/api/accounts").await.json()["accounts"]
+        .as_array()
+        .unwrap()
+        .is_empty());
     // Apple comes back: the same token adds fine.
     env.sim.clear_faults(&token).unwrap();
     env.add_account("HQ", &token).await;
@@ -120,27 +229,52 @@ async fn apple_down_during_add_stores_nothing() {
 async fn location_owned_by_another_mdm_is_not_taken_over_until_reclaimed() {
     let env = Env::start().await;
     let token = env.sim.add_location(apple_sim::LocationSpec {
-        mdm_info: Some(MdmInfo { id: "other-mdm".into(), name: "Other MDM".into(), metadata: "x".into() }),
+        mdm_info: Some(MdmInfo {
+            id: "other-mdm".into(),
+            name: "Other MDM".into(),
+            metadata: "x".into(),
+        }),
         ..apple_sim::LocationSpec::named("Taken")
     });
     let id = env.add_account("Taken", &token).await;
     let st = env.sim.location_state(&token).unwrap();
-    assert_eq!(st.mdm_info.unwrap().id, "other-mdm", "not taken over silently");
+    assert_eq!(
+        st.mdm_info.unwrap().id,
+        "other-mdm",
+        "not taken over silently"
+    );
     let a = env.get(&format!("/api/accounts/{id}")).await.json();
     assert_eq!(a["status"]["code"], "owned_by_another_mdm", "{a}");
-    assert!(a["status"]["description"].as_str().unwrap().contains("Other MDM"));
+    assert!(a["status"]["description"]
+        .as_str()
+        .unwrap()
+        .contains("Other MDM"));
 
     // Clean up refuses while another MDM owns the location.
-    let c = env.admin("POST", &format!("/api/accounts/{id}/cleanup"), None).await;
+    let c = env
+        .admin("POST", &format!("/api/accounts/{id}/cleanup"), None)
+        .await;
     assert_eq!((c.status, c.code().as_str()), (409, "owned_by_another_mdm"));
 
     // Readers may not reclaim; admins may, and the audit says who.
-    let denied = env.call("POST", &format!("/api/accounts/{id}/reclaim"), None, Some(READER_KEY)).await;
+    let denied = env
+        .call(
+            "POST",
+            &format!("/api/accounts/{id}/reclaim"),
+            None,
+            Some(READER_KEY),
+        )
+        .await;
     assert_eq!(denied.status, 403);
-    let r = env.admin("POST", &format!("/api/accounts/{id}/reclaim"), None).await;
+    let r = env
+        .admin("POST", &format!("/api/accounts/{id}/reclaim"), None)
+        .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_ne!(r.json()["status"]["code"], "owned_by_another_mdm");
-    assert_ne!(env.sim.location_state(&token).unwrap().mdm_info.unwrap().id, "other-mdm");
+    assert_ne!(
+        env.sim.location_state(&token).unwrap().mdm_info.unwrap().id,
+        "other-mdm"
+    );
     let audit = env.get("/api/audit").await.json();
     let rec = audit["records"]
         .as_array()
@@ -156,12 +290,32 @@ async fn edit_renames_and_replaces_token_of_same_location_only() {
     let env = Env::start().await;
     let token = seed_location(&env.sim, "HQ", &[("1", 1)], &[]);
     let id = env.add_account("HQ", &token).await;
-    let r = env.admin("PATCH", &format!("/api/accounts/{id}"), Some(&json!({"name": "Head office"}))).await;
-    assert_eq!((r.status, r.json()["name"].clone()), (200, json!("Head office")));
+    let r = env
+        .admin(
+            "PATCH",
+            &format!("/api/accounts/{id}"),
+            Some(&json!({"name": "Head office"})),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.json()["name"].clone()),
+        (200, json!("Head office"))
+    );
 
     let other = seed_location(&env.sim, "Elsewhere", &[], &[]);
-    let r = env.admin("PATCH", &format!("/api/accounts/{id}"), Some(&json!({"token": other}))).await;
-    assert_eq!((r.status, r.code().as_str()), (422, "location_mismatch"), "{}", r.text());
+    let r = env
+        .admin(
+            "PATCH",
+            &format!("/api/accounts/{id}"),
+            Some(&json!({"token": other})),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (422, "location_mismatch"),
+        "{}",
+        r.text()
+    );
 
     // A renewed token of the same location: same uId, new expiry.
     let uid = env.sim.location_uid(&token).unwrap();
@@ -171,10 +325,18 @@ async fn edit_renames_and_replaces_token_of_same_location_only() {
         ..apple_sim::LocationSpec::named("HQ")
     });
     let before = env.get(&format!("/api/accounts/{id}")).await.json()["expiryDate"].clone();
-    let r = env.admin("PATCH", &format!("/api/accounts/{id}"), Some(&json!({"token": renewed}))).await;
+    let r = env
+        .admin(
+            "PATCH",
+            &format!("/api/accounts/{id}"),
+            Some(&json!({"token": renewed})),
+        )
+        .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_ne!(r.json()["expiryDate"], before);
-    let nothing = env.admin("PATCH", &format!("/api/accounts/{id}"), Some(&json!({}))).await;
+    let nothing = env
+        .admin("PATCH", &format!("/api/accounts/{id}"), Some(&json!({})))
+        .await;
     assert_eq!(nothing.status, 400);
 }
 
@@ -183,19 +345,50 @@ async fn test_reports_each_check() {
     let env = Env::start().await;
     let token = seed_location(&env.sim, "HQ", &[("1", 1)], &[]);
     let id = env.add_account("HQ", &token).await;
-    let r = env.admin("POST", &format!("/api/accounts/{id}/test"), None).await.json();
+    let r = env
+        .admin("POST", &format!("/api/accounts/{id}/test"), None)
+        .await
+        .json();
     assert_eq!(r["ok"], true, "{r}");
-    let names: Vec<&str> = r["checks"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["tokenWellFormed", "tokenNotExpired", "appleReachable", "tokenAccepted", "ownsLocation"]);
+    let names: Vec<&str> = r["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "tokenWellFormed",
+            "tokenNotExpired",
+            "appleReachable",
+            "tokenAccepted",
+            "ownsLocation"
+        ]
+    );
 
     env.sim.set_token_revoked(&token, true).unwrap();
-    let r = env.admin("POST", &format!("/api/accounts/{id}/test"), None).await.json();
+    let r = env
+        .admin("POST", &format!("/api/accounts/{id}/test"), None)
+        .await
+        .json();
     assert_eq!(r["ok"], false);
-    let accepted = r["checks"].as_array().unwrap().iter().find(|c| c["name"] == "tokenAccepted").unwrap();
+    let accepted = r["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "tokenAccepted")
+        .unwrap();
     assert_eq!(accepted["ok"], false);
     let a = env.get(&format!("/api/accounts/{id}")).await.json();
     assert_eq!(a["status"]["code"], "token_rejected");
-    assert!(a["status"]["description"].as_str().unwrap().contains("revoked"), "{a}");
+    assert!(
+        a["status"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("revoked"),
+        "{a}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,9 +397,16 @@ async fn statuses_for_rate_limit_and_failed_sync() {
     let token = seed_location(&env.sim, "HQ", &[("1", 1)], &[]);
     let id = env.add_account("HQ", &token).await;
     env.sim
-        .inject_fault(&token, FaultSpec::new(FaultKind::RateLimited).on("assets").retry_after(120))
+        .inject_fault(
+            &token,
+            FaultSpec::new(FaultKind::RateLimited)
+                .on("assets")
+                .retry_after(120),
+        )
         .unwrap();
-    let r = env.admin("POST", &format!("/api/accounts/{id}/refresh"), None).await;
+    let r = env
+        .admin("POST", &format!("/api/accounts/{id}/refresh"), None)
+        .await;
     assert_eq!(r.status, 202);
     assert_eq!(r.json()["state"], "running", "paused, not failed");
     let a = env.get(&format!("/api/accounts/{id}")).await.json();
@@ -239,7 +439,9 @@ async fn takeover_mid_refresh_stops_it_and_keeps_the_previous_copy() {
     assert_eq!(first["state"], "succeeded");
     let before = env.app.kv_get("default", &format!("assets/{id}")).unwrap();
 
-    let r = env.admin("POST", &format!("/api/accounts/{id}/refresh"), None).await;
+    let r = env
+        .admin("POST", &format!("/api/accounts/{id}/refresh"), None)
+        .await;
     assert_eq!(r.json()["state"], "running");
     env.sim.take_over(&token, TakeOver::default()).unwrap();
     let job = env.finish_job(&r.json()).await;
@@ -247,13 +449,24 @@ async fn takeover_mid_refresh_stops_it_and_keeps_the_previous_copy() {
     assert_eq!(job["error"]["code"], "owned_by_another_mdm");
     let a = env.get(&format!("/api/accounts/{id}")).await.json();
     assert_eq!(a["status"]["code"], "owned_by_another_mdm");
-    assert_eq!(env.app.kv_get("default", &format!("assets/{id}")).unwrap(), before, "previous copy intact");
-    assert!(env.app.kv_get("default", &format!("assets/{id}/staging")).is_none(), "no half copy left");
+    assert_eq!(
+        env.app.kv_get("default", &format!("assets/{id}")).unwrap(),
+        before,
+        "previous copy intact"
+    );
+    assert!(
+        env.app
+            .kv_get("default", &format!("assets/{id}/staging"))
+            .is_none(),
+        "no half copy left"
+    );
 }
 
 /// The stored copy of an account: assets (without the sync time) and every assignment shard.
 fn stored_copy(env: &Env, id: &str) -> (Value, Vec<(String, Value)>) {
-    let mut doc: Value = serde_json::from_slice(&env.app.kv_get("default", &format!("assets/{id}")).unwrap()).unwrap();
+    let mut doc: Value =
+        serde_json::from_slice(&env.app.kv_get("default", &format!("assets/{id}")).unwrap())
+            .unwrap();
     doc["syncedAt"] = Value::Null;
     let generation = doc["generation"].as_u64().unwrap();
     doc["generation"] = Value::Null;
@@ -277,9 +490,15 @@ async fn refresh_interrupted_and_resumed_gives_the_same_copy() {
         let env = Env::start_with(vec![("job_slice_apple_calls", slice_calls.into())]).await;
         env.sim.set_page_size(3);
         let serials: Vec<String> = (0..25).map(|i| format!("D{i:02}")).collect();
-        let mut pairs: Vec<(&str, &str)> = serials[..15].iter().map(|s| ("100", s.as_str())).collect();
+        let mut pairs: Vec<(&str, &str)> =
+            serials[..15].iter().map(|s| ("100", s.as_str())).collect();
         pairs.extend(serials[15..].iter().map(|s| ("200", s.as_str())));
-        let token = seed_location(&env.sim, "HQ", &[("100", 30), ("200", 12), ("300", 1)], &pairs);
+        let token = seed_location(
+            &env.sim,
+            "HQ",
+            &[("100", 30), ("200", 12), ("300", 1)],
+            &pairs,
+        );
         let id = env.add_account("HQ", &token).await;
         let job = env.refresh(&id).await;
         assert_eq!(job["state"], "succeeded", "{job}");
@@ -292,22 +511,44 @@ async fn refresh_interrupted_and_resumed_gives_the_same_copy() {
     assert!(slices_b > 5, "interrupted many times: {slices_b}");
     assert_eq!(doc_a, doc_b);
     assert_eq!(shards_a, shards_b);
-    let total: usize = shards_a.iter().map(|(_, v)| v.as_object().unwrap().len()).sum();
+    let total: usize = shards_a
+        .iter()
+        .map(|(_, v)| v.as_object().unwrap().len())
+        .sum();
     assert_eq!(total, 25);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_removes_every_key_of_the_account() {
     let env = Env::start().await;
-    let token = seed_location(&env.sim, "HQ", &[("100", 5), ("200", 5)], &[("100", "A"), ("200", "B")]);
+    let token = seed_location(
+        &env.sim,
+        "HQ",
+        &[("100", 5), ("200", 5)],
+        &[("100", "A"), ("200", "B")],
+    );
     let id = env.add_account("HQ", &token).await;
     env.refresh(&id).await;
     assert!(env.keys_of(&id).len() > 3, "{:?}", env.keys_of(&id));
-    let denied = env.call("DELETE", &format!("/api/accounts/{id}"), None, Some(READER_KEY)).await;
+    let denied = env
+        .call(
+            "DELETE",
+            &format!("/api/accounts/{id}"),
+            None,
+            Some(READER_KEY),
+        )
+        .await;
     assert_eq!(denied.status, 403);
-    let r = env.admin("DELETE", &format!("/api/accounts/{id}"), None).await;
+    let r = env
+        .admin("DELETE", &format!("/api/accounts/{id}"), None)
+        .await;
     assert_eq!(r.status, 204, "{}", r.text());
     assert_eq!(env.keys_of(&id), Vec::<String>::new());
     assert_eq!(env.get(&format!("/api/accounts/{id}")).await.status, 404);
-    assert_eq!(env.admin("DELETE", &format!("/api/accounts/{id}"), None).await.status, 404);
+    assert_eq!(
+        env.admin("DELETE", &format!("/api/accounts/{id}"), None)
+            .await
+            .status,
+        404
+    );
 }
