@@ -5,25 +5,26 @@
 pub mod account;
 pub mod apple_state;
 pub mod assignment;
+pub mod audit;
+pub mod auth;
+pub mod cleanup;
+pub mod daily;
+pub mod error;
 pub mod event;
+pub mod instance;
+pub mod job;
 pub mod licenses;
 pub mod licenses_openapi;
+pub mod model;
 pub mod notice;
 pub mod notification;
 pub mod policy;
 pub mod reconcile;
-pub mod settings;
-pub mod users;
-pub mod audit;
-pub mod auth;
-pub mod cleanup;
-pub mod error;
-pub mod instance;
-pub mod job;
-pub mod model;
 pub mod refresh;
 pub mod runner;
+pub mod settings;
 pub mod status;
+pub mod users;
 
 pub use error::{ApiError, ErrorCode};
 

@@ -31,6 +31,7 @@
 //! | `jobs`, `job/{id}`, `lease/{id}` | job index, job state machines, per-account leases | accounts, licenses (CAS) |
 //! | `audit/{page}`, `audit` | audit records, pages of [`AUDIT_PAGE`] + head | every HTTP component (CAS) |
 //! | `notified/{id}` | recent Apple `notificationId`s of an account (dedupe ring) | licenses (CAS) |
+//! | `daily/last` | the newest daily run: job id, started, finished, state (due-ness) | licenses, under `lease/daily` |
 
 /// Shards of an account's managed users (fixed: 100,000 users at ~200 B stay ~300 KiB a shard).
 pub const USER_SHARDS: u32 = 64;
@@ -123,6 +124,10 @@ pub fn audit_page(page: u64) -> String {
 }
 pub fn notified(account: &str) -> String {
     format!("notified/{account}")
+}
+/// The newest daily run (when it started: is the next one due?).
+pub fn daily_last() -> String {
+    "daily/last".into()
 }
 
 /// Stable shard of a subject (serial number or clientUserId): FNV-1a, so every component and
