@@ -10,7 +10,7 @@ use spin_sdk::http::{Request, Response};
 use spin_sdk::http_component;
 use vpp_licensing::account::{self, AddAccount, EditAccount, Identity};
 use vpp_licensing::job::{self, Job};
-use vpp_licensing::{audit, cleanup, instance, refresh, runner, ApiError};
+use vpp_licensing::{audit, cleanup, instance, refresh, runner, users, ApiError};
 use vpp_spin_bridge::apple_http::{random_id, SpinGateway};
 use vpp_spin_bridge::{http_api, vars, ApiRequest, ApiResponse, SpinKv};
 
@@ -64,6 +64,25 @@ async fn route(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
                 &["GET", "PATCH", "DELETE"],
             )),
         },
+        ["api", "accounts", id, "users", rest @ ..] => {
+            if m != "GET" {
+                admin(req, "manage users")?;
+            }
+            account::load(kv, id)?;
+            let client = vpp_licensing::account::Gateway::client(&SpinGateway, id);
+            let (status, body) = users::handle(
+                kv,
+                &client,
+                id,
+                m,
+                rest,
+                req.query_u64("page")?,
+                &req.body,
+                Utc::now(),
+            )
+            .await?;
+            Ok(ApiResponse::json(status, &body))
+        }
         ["api", "accounts", id, action] => {
             if m != "POST" {
                 return Err(ApiError::method_not_allowed(m, &req.path, &["POST"]));
@@ -156,11 +175,7 @@ fn view(kv: &SpinKv, id: &str) -> Result<ApiResponse, ApiError> {
 
 /// The names of the app policies that use an account.
 fn policy_names(kv: &SpinKv) -> impl Fn(&str) -> Result<Vec<String>, ApiError> + '_ {
-    // WIRE: vpp_licensing::policy::names_using once the policy module lands.
-    move |_account_id| {
-        let _ = kv;
-        Ok(Vec::new())
-    }
+    move |account_id| vpp_licensing::policy::names_using_account(kv, account_id)
 }
 
 fn instance_id(kv: &SpinKv) -> Result<String, ApiError> {

@@ -550,6 +550,10 @@ pub async fn delete<G: Gateway>(
     }
     kv.delete(&keys::account_events(id))?;
     kv.delete(&keys::notified(id))?;
+    kv.delete(&keys::reservations(id))?;
+    for shard in 0..keys::USER_SHARDS {
+        kv.delete(&keys::user_shard(id, shard))?;
+    }
     kv.delete(&keys::lease(id))?;
     let dropped = update::<Vec<job::JobSummary>, Vec<String>>(kv, &keys::jobs(), |cur| {
         let mut list = cur.unwrap_or_default();

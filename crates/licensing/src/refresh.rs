@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
-use vpp_apple::{AppleError, AssetFilter, AssignmentFilter, Client, Clock, Transport};
+use vpp_apple::{AppleError, AssetFilter, AssignmentFilter, Client, Clock, Transport, UserFilter};
 use vpp_store::{get_json, keys, set_json, update, Kv};
 
 /// Where a refresh being built keeps its assets document.
@@ -33,6 +33,7 @@ pub enum Phase {
     ClientConfig,
     Assets,
     Assignments,
+    Users,
     Commit,
 }
 
@@ -51,7 +52,17 @@ pub struct RefreshState {
     pub new_version: Option<String>,
     pub assets_read: u64,
     pub assignments_read: u64,
+    #[serde(default)]
+    pub users_read: u64,
     pub pages_read: u64,
+    /// When the refresh began: ledger entries newer than this are not judged by its copy.
+    #[serde(default)]
+    pub started_at: Option<DateTime<Utc>>,
+    /// `sinceVersionId` for users, and the users versionId this refresh will record.
+    #[serde(default)]
+    pub users_since: Option<String>,
+    #[serde(default)]
+    pub new_users_version: Option<String>,
 }
 
 /// The checkpoint a new refresh job starts from.
@@ -80,7 +91,15 @@ pub fn initial_state(
         new_version: None,
         assets_read: 0,
         assignments_read: 0,
+        users_read: 0,
         pages_read: 0,
+        started_at: Some(Utc::now()),
+        users_since: if full {
+            None
+        } else {
+            account.users_version.clone()
+        },
+        new_users_version: None,
     })
 }
 
@@ -166,6 +185,7 @@ fn progress(st: &RefreshState) -> Progress {
             Phase::ClientConfig => "clientConfig",
             Phase::Assets => "assets",
             Phase::Assignments => "assignments",
+            Phase::Users => "users",
             Phase::Commit => "commit",
         }
         .to_string(),
@@ -382,6 +402,39 @@ async fn step<T: Transport, C: Clock>(
             }
             match page.next_page_index {
                 Some(n) if n > st.next_page => st.next_page = n,
+                _ => {
+                    st.phase = Phase::Users;
+                    st.next_page = 0;
+                }
+            }
+            Ok(false)
+        }
+        Phase::Users => {
+            let page = client
+                .users_page(
+                    &UserFilter::default(),
+                    st.users_since.as_deref(),
+                    st.next_page,
+                )
+                .await
+                .map_err(StepError::Apple)?;
+            check_owner(client, our_id)?;
+            st.pages_read += 1;
+            if st.next_page == 0 {
+                st.new_users_version = page.version_id.clone();
+            }
+            st.users_read += page.users.len() as u64;
+            crate::users::apply_from_apple(
+                kv,
+                account_id,
+                &page.users,
+                false,
+                false,
+                None,
+                client.clock().now(),
+            )?;
+            match page.next_page_index {
+                Some(n) if n > st.next_page => st.next_page = n,
                 _ => st.phase = Phase::Commit,
             }
             Ok(false)
@@ -400,7 +453,17 @@ fn commit(kv: &impl Kv, account_id: &str, st: &RefreshState) -> Result<(), StepE
     let mut doc = staging;
     doc.generation = st.generation;
     doc.synced_at = Some(Utc::now());
+    // Our licenses Apple no longer lists (only a full read can tell), judged before switching.
+    let gone = if st.full {
+        gone_from_copy(kv, account_id, &doc, st.started_at)?
+    } else {
+        Vec::new()
+    };
     set_json(kv, &keys::assets(account_id), &doc)?;
+    if !gone.is_empty() {
+        forget_gone(kv, account_id, &gone)?;
+        crate::notice::record_removals(kv, account_id, &gone, "refresh", Utc::now())?;
+    }
     if st.full && old.generation != st.generation {
         crate::account::delete_copy(kv, account_id, &old)?;
     }
@@ -412,8 +475,91 @@ fn commit(kv: &impl Kv, account_id: &str, st: &RefreshState) -> Result<(), StepE
         if st.new_version.is_some() {
             a.assignments_version = st.new_version.clone();
         }
+        if st.new_users_version.is_some() {
+            a.users_version = st.new_users_version.clone();
+        }
         Ok((Some(a), ()))
     })?;
+    Ok(())
+}
+
+/// Confirmed ledger entries (older than the refresh) whose license is not in the new copy.
+fn gone_from_copy(
+    kv: &impl Kv,
+    account_id: &str,
+    doc: &AssetsDoc,
+    started_at: Option<DateTime<Utc>>,
+) -> Result<Vec<(String, Subject)>, vpp_store::StoreError> {
+    let mut gone = Vec::new();
+    let mut shards: HashMap<String, AssignmentShard> = HashMap::new();
+    for n in 0..crate::model::LEDGER_SHARDS {
+        let ledger: LedgerShard =
+            get_json(kv, &keys::ledger_shard(account_id, n))?.unwrap_or_default();
+        for (ak, subjects) in &ledger {
+            let shard_count = doc.assets.iter().find(|a| &a.key() == ak).map(|a| a.shards);
+            for (tag, entry) in subjects {
+                if entry.state != LedgerState::Confirmed
+                    || started_at.is_some_and(|t| entry.at >= t)
+                {
+                    continue;
+                }
+                let Some(subject) = Subject::from_tag(tag) else {
+                    continue;
+                };
+                let present = match shard_count {
+                    None => false,
+                    Some(count) => {
+                        let key = keys::assignment_shard(
+                            account_id,
+                            doc.generation,
+                            ak,
+                            copy_shard_of(&subject, count),
+                        );
+                        if !shards.contains_key(&key) {
+                            let s: AssignmentShard = get_json(kv, &key)?.unwrap_or_default();
+                            shards.insert(key.clone(), s);
+                        }
+                        shards.get(&key).is_some_and(|s| s.contains_key(tag))
+                    }
+                };
+                if !present {
+                    gone.push((ak.clone(), subject));
+                }
+            }
+        }
+    }
+    Ok(gone)
+}
+
+/// Take licenses Apple no longer has out of our ledger (reconcile must not revoke them).
+fn forget_gone(
+    kv: &impl Kv,
+    account_id: &str,
+    gone: &[(String, Subject)],
+) -> Result<(), vpp_store::StoreError> {
+    let mut by_shard: BTreeMap<u32, Vec<&(String, Subject)>> = BTreeMap::new();
+    for g in gone {
+        by_shard
+            .entry(ledger_shard_of(&g.0, &g.1))
+            .or_default()
+            .push(g);
+    }
+    for (n, items) in by_shard {
+        update::<LedgerShard, ()>(kv, &keys::ledger_shard(account_id, n), |cur| {
+            let mut shard = cur.unwrap_or_default();
+            for (ak, subject) in &items {
+                if let Some(m) = shard.get_mut(ak) {
+                    if m.get(&subject.tag())
+                        .is_some_and(|e| e.state == LedgerState::Confirmed)
+                    {
+                        m.remove(&subject.tag());
+                    }
+                }
+            }
+            shard.retain(|_, m| !m.is_empty());
+            Ok((Some(shard), ()))
+        })?;
+    }
     Ok(())
 }
 

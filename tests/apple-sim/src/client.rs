@@ -238,10 +238,13 @@ fn serve_one(
         .unwrap_or("/")
         .to_string();
     let mut len = 0usize;
+    let mut chunked = false;
     let mut authorization = None;
     for l in lines {
         if let Some((k, v)) = l.split_once(':') {
-            if k.trim().eq_ignore_ascii_case("content-length") {
+            if k.trim().eq_ignore_ascii_case("transfer-encoding") {
+                chunked = v.trim().eq_ignore_ascii_case("chunked");
+            } else if k.trim().eq_ignore_ascii_case("content-length") {
                 len = v.trim().parse().unwrap_or(0);
             } else if k.trim().eq_ignore_ascii_case("authorization") {
                 authorization = Some(v.trim().to_string());
@@ -249,7 +252,18 @@ fn serve_one(
         }
     }
     let mut body = buf[header_end + 4..].to_vec();
-    while body.len() < len {
+    if chunked {
+        // Read until the terminating zero-length chunk, then decode.
+        while !body.windows(5).any(|w| w == b"0\r\n\r\n") {
+            let n = stream.read(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+        body = decode_chunked(&body);
+    }
+    while !chunked && body.len() < len {
         let n = stream.read(&mut chunk)?;
         if n == 0 {
             break;
@@ -266,4 +280,22 @@ fn serve_one(
     let resp = format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     stream.write_all(resp.as_bytes())?;
     Ok(())
+}
+
+/// Decode a `Transfer-Encoding: chunked` body (HTTP clients may send one without a length).
+fn decode_chunked(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut rest = raw;
+    while let Some(i) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size_line = String::from_utf8_lossy(&rest[..i]);
+        let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
+            .unwrap_or(0);
+        rest = &rest[i + 2..];
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.extend_from_slice(&rest[..size]);
+        rest = rest.get(size + 2..).unwrap_or(&[]);
+    }
+    out
 }

@@ -35,8 +35,14 @@ fn wasm_dir() -> PathBuf {
     target.join("wasm32-wasip1/release")
 }
 
-/// The real manifest with `source` paths pointed at the built components.
+/// The real manifest with `source` paths pointed at the built components (written once per
+/// test process: tests run in parallel).
 fn manifest() -> PathBuf {
+    static MANIFEST: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    MANIFEST.get_or_init(write_manifest).clone()
+}
+
+fn write_manifest() -> PathBuf {
     let root = workspace_root();
     let text = std::fs::read_to_string(root.join("spin.toml")).expect("spin.toml");
     let dir = wasm_dir();
