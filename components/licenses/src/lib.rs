@@ -6,12 +6,15 @@ use serde_json::json;
 use spin_sdk::http::{Method, Request, Response};
 use spin_sdk::http_component;
 use vpp_apple::Client;
+use vpp_licensing::audit::{self, AuditRecord};
+use vpp_licensing::auth::{constant_time_eq, Role};
 use vpp_licensing::job::Budget;
 use vpp_licensing::{
-    assignment, event, licenses, notice, notification, policy, reconcile, settings, ApiError,
+    assignment, daily, event, instance, licenses, notice, notification, policy, reconcile,
+    settings, ApiError,
 };
-use vpp_spin_bridge::apple_http::{random_id, GatewayTransport, SpinClock};
-use vpp_spin_bridge::{http_api, ApiRequest, ApiResponse, SpinKv};
+use vpp_spin_bridge::apple_http::{random_id, GatewayTransport, SpinClock, SpinGateway};
+use vpp_spin_bridge::{http_api, vars, ApiRequest, ApiResponse, SpinKv};
 
 /// Time one request may spend on Apple work (the managed platforms stop us at 30 s).
 const SLICE_SECONDS: i64 = 20;
@@ -22,9 +25,11 @@ async fn handle(req: Request) -> Response {
     http_api::serve(req, is_public, route).await
 }
 
-/// Apple's notifications carry the account's notification secret instead of an API key.
+/// Apple's notifications carry the account's notification secret instead of an API key;
+/// `POST /api/daily` takes the scheduler's key (or the admin key), checked by [`daily_post`].
 fn is_public(req: &ApiRequest) -> bool {
     req.path.starts_with("/api/apple/notifications/")
+        || (req.method == "POST" && req.segments() == ["api", "daily"])
 }
 
 type AppleClient = Client<GatewayTransport, SpinClock>;
@@ -106,6 +111,12 @@ async fn route(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
             let report = notice::deliver_due(kv, &Webhook, Utc::now(), 20, true).await?;
             Ok(ApiResponse::ok(&report))
         }
+        ("POST", ["api", "daily"]) => daily_post(kv, req).await,
+        ("GET", ["api", "daily"]) => Ok(ApiResponse::ok(&daily::view(
+            kv,
+            &daily_config()?,
+            Utc::now(),
+        )?)),
         ("POST", ["api", "apple", "notifications", account]) => {
             let out = notification::handle(
                 kv,
@@ -136,6 +147,7 @@ async fn route(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
         (_, ["api", "settings"]) => {
             Err(ApiError::method_not_allowed(m, &req.path, &["GET", "PUT"]))
         }
+        (_, ["api", "daily"]) => Err(ApiError::method_not_allowed(m, &req.path, &["GET", "POST"])),
         _ => Err(ApiError::no_route(m, &req.path)),
     }
 }
@@ -222,6 +234,138 @@ async fn run_reconcile(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, Api
     reconcile::run_slice(kv, &mut job, client_for, now, &mut budget).await?;
     let location = req.url_for(&format!("/api/jobs/{}", job.id));
     Ok(ApiResponse::json(202, &job).with_header("location", &location))
+}
+
+/// `daily_at_utc` and `full_refresh_days`.
+fn daily_config() -> Result<daily::Config, ApiError> {
+    daily::Config::from_vars(
+        vars::optional("daily_at_utc").as_deref(),
+        vars::optional("full_refresh_days").as_deref(),
+    )
+}
+
+/// Who may run the daily work: the scheduler's key (`scheduler_api_key`) or the admin key.
+/// Returns the actor for the audit log and whether it is the admin.
+fn daily_caller(req: &ApiRequest) -> Result<(String, bool), ApiError> {
+    let presented = req
+        .header("authorization")
+        .and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .ok_or_else(ApiError::unauthorized)?;
+    if let Some(key) = vars::optional("scheduler_api_key") {
+        if constant_time_eq(presented.as_bytes(), key.as_bytes()) {
+            return Ok(("scheduler".to_string(), false));
+        }
+    }
+    let caller = vars::api_keys()?.authenticate(req.header("authorization"))?;
+    match caller.role {
+        Role::Admin => Ok((caller.name, true)),
+        Role::Reader => Err(ApiError::forbidden("run the daily work")),
+    }
+}
+
+/// `POST /api/daily[?force=true]`: one bounded slice of the daily work (see `vpp_licensing::daily`).
+async fn daily_post(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
+    let (actor, is_admin) = daily_caller(req)?;
+    let result = daily_tick(kv, req, &actor, is_admin).await;
+    // The route is outside the API-key check, so it writes its own audit record; idle ticks
+    // (every few minutes, nothing changed) and busy ones are not recorded.
+    let (status, error, target) = match &result {
+        Ok((r, target)) => (r.status, None, target.clone()),
+        Err(e) => (e.status(), Some(e.code.as_str().to_string()), None),
+    };
+    if target.is_some() || error.is_some() {
+        let rec = AuditRecord {
+            at: Utc::now(),
+            actor,
+            action: format!("POST {}", req.path),
+            target,
+            status,
+            error,
+        };
+        if let Err(e) = audit::record(kv, &rec) {
+            eprintln!("audit record failed: {e}");
+        }
+    }
+    result.map(|(r, _)| r)
+}
+
+async fn daily_tick(
+    kv: &SpinKv,
+    req: &ApiRequest,
+    actor: &str,
+    is_admin: bool,
+) -> Result<(ApiResponse, Option<String>), ApiError> {
+    let force = match req.query("force") {
+        None | Some("") | Some("false") => false,
+        Some("true") | Some("1") => true,
+        Some(_) => {
+            return Err(ApiError::invalid_field(
+                "force",
+                "force must be true or false",
+            ))
+        }
+    };
+    if force && !is_admin {
+        return Err(ApiError::forbidden("force a daily run"));
+    }
+    let config = daily_config()?;
+    let now = Utc::now();
+    let candidate = random_id().map_err(ApiError::internal)?;
+    let our_id = instance::ensure(kv, &candidate, now)?.id;
+    let clock = Utc::now;
+    let new_id = || random_id().map_err(ApiError::internal);
+    let ctx = daily::Ctx {
+        kv,
+        gw: &SpinGateway,
+        sender: &Webhook,
+        config,
+        our_id: &our_id,
+        requested_by: actor,
+        clock: &clock,
+        new_id: &new_id,
+    };
+    let mut budget = vars::job_budget(now);
+    Ok(match daily::tick(&ctx, force, &mut budget).await? {
+        daily::Tick::Busy => (
+            ApiResponse::json(
+                202,
+                &json!({
+                    "status": "busy",
+                    "message": "another invocation is working on the daily run right now",
+                }),
+            ),
+            None,
+        ),
+        daily::Tick::Idle { next_run_at } => (
+            ApiResponse::ok(&json!({"status": "idle", "nextRunAt": next_run_at})),
+            None,
+        ),
+        daily::Tick::Ran {
+            job,
+            started,
+            next_run_at,
+        } => {
+            let running = job.is_running();
+            let status = match (running, started) {
+                (false, _) => "finished",
+                (true, true) => "started",
+                (true, false) => "running",
+            };
+            let location = req.url_for(&format!("/api/jobs/{}", job.id));
+            let id = job.id.clone();
+            let body = json!({"status": status, "job": job, "nextRunAt": next_run_at});
+            (
+                ApiResponse::json(if running { 202 } else { 200 }, &body)
+                    .with_header("location", &location),
+                Some(id),
+            )
+        }
+    })
 }
 
 /// Notice deliveries over Spin's outbound HTTP.
