@@ -17,7 +17,7 @@ use serde_json::json;
 use vpp_apple::{
     split_manage, AssetRef, Client, Clock, ManageAssetsRequest, PricingParam, Transport,
 };
-use vpp_store::{get_json, keys, set_json, update, Kv};
+use vpp_store::{get_json, keys, Kv};
 
 /// The checkpoint of a clean-up job.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,19 +53,6 @@ pub fn initial_state(kv: &impl Kv, account_id: &str) -> Result<CleanupState, Api
         generation: doc.generation,
         ..CleanupState::default()
     })
-}
-
-/// Save an event we asked Apple for and list it as pending for its account.
-pub fn track_event(kv: &impl Kv, ev: &EventRecord) -> Result<(), ApiError> {
-    set_json(kv, &keys::event(&ev.id), ev)?;
-    update::<Vec<String>, ()>(kv, &keys::account_events(&ev.account_id), |cur| {
-        let mut list = cur.unwrap_or_default();
-        if !list.contains(&ev.id) {
-            list.push(ev.id.clone());
-        }
-        Ok((Some(list), ()))
-    })?;
-    Ok(())
 }
 
 /// Run one slice; the caller saves `job` afterwards.
@@ -206,7 +193,7 @@ pub async fn run_slice<T: Transport, C: Clock>(
                     .map(Subject::ClientUserId),
             );
             for ev in events {
-                track_event(
+                crate::event::track(
                     kv,
                     &EventRecord {
                         id: ev.event_id.clone(),

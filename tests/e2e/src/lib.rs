@@ -272,3 +272,21 @@ impl Env {
         panic!("simulator still busy");
     }
 }
+
+impl Env {
+    /// Wait until Apple applied an event we track and our API no longer shows it pending.
+    pub async fn settled_event(&self, id: &str) -> Value {
+        self.sim_idle().await;
+        let mut last = Value::Null;
+        for _ in 0..150 {
+            let r = self.get(&format!("/api/events/{id}")).await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            last = r.json();
+            if last["state"] != "pending" {
+                return last;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("event {id} still pending: {last}");
+    }
+}

@@ -552,3 +552,69 @@ async fn delete_removes_every_key_of_the_account() {
         404
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_revokes_foreign_assignments_and_leaves_ours_alone() {
+    let env = Env::start().await;
+    // Foreign: F1 and F2 on app 100, F3 on app 200. Ours (made below): O1 on 100, F1 on 200.
+    let token = seed_location(
+        &env.sim,
+        "HQ",
+        &[("100", 10), ("200", 10)],
+        &[("100", "F1"), ("100", "F2"), ("200", "F3")],
+    );
+    let id = env.add_account("HQ", &token).await;
+    env.refresh(&id).await;
+    for (adam, serial) in [("100", "O1"), ("200", "F1")] {
+        let r = env
+            .admin(
+                "POST",
+                "/api/assignments",
+                Some(&json!({"accountId": id, "adamId": adam, "serialNumbers": [serial]})),
+            )
+            .await;
+        assert_eq!(r.status, 202, "{}", r.text());
+        let ev = env
+            .settled_event(r.json()["eventId"].as_str().unwrap())
+            .await;
+        assert_eq!(ev["state"], "complete", "{ev}");
+    }
+    env.refresh(&id).await;
+    let page = env
+        .get(&format!("/api/licenses/{id}/100/assignments"))
+        .await
+        .json();
+    let text = page.to_string();
+    assert!(text.contains("F1") && text.contains("O1"), "{text}");
+
+    let r = env
+        .admin("POST", &format!("/api/accounts/{id}/cleanup"), None)
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let job = env.finish_job(&r.json()).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["result"]["released"], 3, "{job}");
+    for ev in job["result"]["events"].as_array().unwrap() {
+        env.settled_event(ev.as_str().unwrap()).await;
+    }
+    let st = env.sim.location_state(&token).unwrap();
+    let mut left: Vec<(String, String)> = st
+        .assignments
+        .iter()
+        .map(|a| {
+            let v = serde_json::to_value(a).unwrap();
+            (
+                v["adamId"].as_str().unwrap().to_string(),
+                v["serialNumber"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        vec![
+            ("100".to_string(), "O1".to_string()),
+            ("200".to_string(), "F1".to_string())
+        ]
+    );
+}
