@@ -31,6 +31,10 @@ async fn route(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
             "GET" => Ok(health::check(kv).await),
             _ => Err(ApiError::method_not_allowed(m, &req.path, &["GET"])),
         },
+        ["api", "openapi.json"] => match m {
+            "GET" => Ok(ApiResponse::ok(&vpp_licensing::openapi::document())),
+            _ => Err(ApiError::method_not_allowed(m, &req.path, &["GET"])),
+        },
         ["api", "audit"] => match m {
             "GET" => {
                 req.caller()?.require_admin("read the audit log")?;

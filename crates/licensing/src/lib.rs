@@ -18,6 +18,7 @@ pub mod licenses_openapi;
 pub mod model;
 pub mod notice;
 pub mod notification;
+pub mod openapi;
 pub mod policy;
 pub mod reconcile;
 pub mod refresh;
