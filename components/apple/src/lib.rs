@@ -56,6 +56,7 @@ async fn route(req: &ApiRequest) -> Result<ApiResponse, ApiError> {
         ("GET", ["service-config"]) => ctx.service_config_response().await,
         ("GET", ["metadata"]) => ctx.metadata(req).await,
         ("DELETE", ["accounts", account]) => ctx.forget(account),
+        ("GET", ["accounts", account, "lookup"]) => ctx.lookup(account, req).await,
         (_, ["accounts", account, "mdm", "v2", rest @ ..]) => {
             ctx.forward(account, &rest.join("/"), req).await
         }

@@ -369,6 +369,42 @@ impl Ctx {
         Ok(ApiResponse::ok(&found))
     }
 
+    /// `GET /accounts/{id}/lookup?url=...`: Apple's content metadata lookup for an account. Only
+    /// the lookup URL that Apple's service config names is fetched, with the token as cookie.
+    pub async fn lookup(&self, account: &str, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
+        let url = req
+            .query("url")
+            .ok_or_else(|| ApiError::invalid_field("url", "url is required"))?;
+        let cfg = self.service_config().await?;
+        let base = cfg.urls.content_metadata_lookup.clone().unwrap_or_default();
+        let base_path = base.split('?').next().unwrap_or_default();
+        if base_path.is_empty() || url.split('?').next() != Some(base_path) {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                "only Apple's content lookup can be fetched",
+            ));
+        }
+        let bearer = self
+            .kv
+            .get(&keys::token(account))?
+            .and_then(|s| self.seal.open(account, &String::from_utf8_lossy(&s)).ok())
+            .unwrap_or_default();
+        let transport = AppleTransport {
+            origin: self.origin.clone(),
+            bearer,
+        };
+        let areq = AppleRequest {
+            method: Method::Get,
+            target: Target::Absolute(url.to_string()),
+            body: None,
+        };
+        let resp = transport
+            .send(&areq)
+            .await
+            .map_err(|e| unreachable_apple(&e))?;
+        Ok(apple_answer(&resp, None))
+    }
+
     /// `DELETE /accounts/{id}`: drop the keys this component keeps for an account.
     pub fn forget(&self, account: &str) -> Result<ApiResponse, ApiError> {
         self.kv.delete(&keys::apple_state(account))?;

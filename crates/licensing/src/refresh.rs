@@ -22,6 +22,9 @@ use std::collections::{BTreeMap, HashMap};
 use vpp_apple::{AppleError, AssetFilter, AssignmentFilter, Client, Clock, Transport, UserFilter};
 use vpp_store::{get_json, keys, set_json, update, Kv};
 
+/// Names looked up per refresh at most (the rest follow in later refreshes).
+const NAMES_PER_REFRESH: usize = 200;
+
 /// Where a refresh being built keeps its assets document.
 pub fn staging_key(account: &str) -> String {
     format!("{}/staging", keys::assets(account))
@@ -34,6 +37,7 @@ pub enum Phase {
     Assets,
     Assignments,
     Users,
+    Names,
     Commit,
 }
 
@@ -186,6 +190,7 @@ fn progress(st: &RefreshState) -> Progress {
             Phase::Assets => "assets",
             Phase::Assignments => "assignments",
             Phase::Users => "users",
+            Phase::Names => "names",
             Phase::Commit => "commit",
         }
         .to_string(),
@@ -435,8 +440,33 @@ async fn step<T: Transport, C: Clock>(
             )?;
             match page.next_page_index {
                 Some(n) if n > st.next_page => st.next_page = n,
-                _ => st.phase = Phase::Commit,
+                _ => st.phase = Phase::Names,
             }
+            Ok(false)
+        }
+        Phase::Names => {
+            // Names and icons from Apple's content lookup; a failed lookup leaves names empty.
+            let mut staging: AssetsDoc =
+                get_json(kv, &staging_key(account_id))?.unwrap_or_default();
+            let missing: Vec<String> = staging
+                .assets
+                .iter()
+                .filter(|a| a.name.is_none())
+                .map(|a| a.adam_id.clone())
+                .take(NAMES_PER_REFRESH)
+                .collect();
+            if !missing.is_empty() {
+                if let Ok(found) = client.metadata(&missing).await {
+                    for m in found {
+                        for a in staging.assets.iter_mut().filter(|a| a.adam_id == m.adam_id) {
+                            a.name = m.name.clone();
+                            a.icon_url = m.icon_url.clone();
+                        }
+                    }
+                    set_json(kv, &staging_key(account_id), &staging)?;
+                }
+            }
+            st.phase = Phase::Commit;
             Ok(false)
         }
         Phase::Commit => {

@@ -70,14 +70,20 @@ pub struct GatewayTransport {
 
 impl Transport for GatewayTransport {
     async fn send(&self, req: &AppleRequest) -> Result<AppleResponse, String> {
-        let Target::Api { .. } = &req.target else {
-            return Err("absolute URLs are not proxied; use the gateway's /metadata".into());
+        let url = match &req.target {
+            Target::Api { .. } => req.url(&format!(
+                "{}/accounts/{}/mdm/v2",
+                gateway::base_url(),
+                self.account
+            )),
+            // Apple's content lookup (names, icons): fetched by the apple component with the token.
+            Target::Absolute(abs) => format!(
+                "{}/accounts/{}/lookup?url={}",
+                gateway::base_url(),
+                self.account,
+                vpp_apple::transport::percent_encode(abs)
+            ),
         };
-        let url = req.url(&format!(
-            "{}/accounts/{}/mdm/v2",
-            gateway::base_url(),
-            self.account
-        ));
         let mut b = Request::builder();
         b.method(spin_method(req.method)).uri(url);
         if let Some(secret) = vars::optional("internal_secret") {

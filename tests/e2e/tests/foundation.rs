@@ -18,7 +18,10 @@ async fn health_needs_no_key_and_reaches_the_apple_component_by_chaining() {
     assert_eq!(h["checks"]["appleComponent"]["reachable"], true);
     assert_eq!(h["checks"]["appleComponent"]["sealKey"], "valid");
     // Variables read (the value, never a secret).
-    assert_eq!(h["checks"]["variables"]["publicUrl"], env.public_url.as_str());
+    assert_eq!(
+        h["checks"]["variables"]["publicUrl"],
+        env.public_url.as_str()
+    );
     assert!(!r.text().contains(ADMIN_KEY));
 }
 
@@ -42,8 +45,15 @@ async fn every_api_route_needs_a_bearer_key() {
         }
     }
     // The reader key reads but may not change anything.
-    assert_eq!(env.call("GET", "/api/accounts", None, Some(READER_KEY)).await.status, 200);
-    let r = env.call("POST", "/api/reconcile", None, Some(READER_KEY)).await;
+    assert_eq!(
+        env.call("GET", "/api/accounts", None, Some(READER_KEY))
+            .await
+            .status,
+        200
+    );
+    let r = env
+        .call("POST", "/api/reconcile", None, Some(READER_KEY))
+        .await;
     assert_eq!((r.status, r.code().as_str()), (403, "forbidden"));
 }
 
@@ -57,12 +67,20 @@ async fn routing_unknown_routes_methods_and_large_bodies() {
     // Outside /api Spin itself answers 404 with an empty body; its health route is its own.
     let r = env.call("GET", "/elsewhere", None, None).await;
     assert_eq!((r.status, r.body.len()), (404, 0));
-    assert_eq!(env.call("GET", "/.well-known/spin/health", None, None).await.status, 200);
+    assert_eq!(
+        env.call("GET", "/.well-known/spin/health", None, None)
+            .await
+            .status,
+        200
+    );
 
     let big = json!({"name": "x", "token": "A".repeat(1_100_000)});
     let r = env.admin("POST", "/api/accounts", Some(&big)).await;
     assert_eq!((r.status, r.code().as_str()), (413, "payload_too_large"));
-    assert!(env.get("/api/accounts").await.json()["accounts"].as_array().unwrap().is_empty());
+    assert!(env.get("/api/accounts").await.json()["accounts"]
+        .as_array()
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,7 +88,11 @@ async fn key_value_written_by_one_component_is_read_by_another() {
     let env = Env::start().await;
     // The licenses component writes settings and the audit record of the change ...
     let r = env
-        .admin("PUT", "/api/settings", Some(&json!({"licenseRemovalNotification": true, "lowLicenseThreshold": 3})))
+        .admin(
+            "PUT",
+            "/api/settings",
+            Some(&json!({"licenseRemovalNotification": true, "lowLicenseThreshold": 3})),
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     // ... which the accounts component reads in a later request.
@@ -91,14 +113,19 @@ async fn outbound_call_to_a_host_not_allowed_is_refused() {
     assert_eq!(r.status, 503, "{}", r.text());
     let h = r.json();
     assert_eq!(h["checks"]["appleComponent"]["reachable"], false, "{h}");
-    assert!(sim.calls().is_empty(), "the request never left: {:?}", sim.calls());
+    assert!(
+        sim.calls().is_empty(),
+        "the request never left: {:?}",
+        sim.calls()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_answers_on_a_port_with_spin_headers_used_for_locations() {
     let env = Env::start().await;
     let addr = env.server.local_addr();
-    let body = json!({"name": "HQ", "token": e2e::seed_location(&env.sim, "HQ", &[("1", 1)], &[])}).to_string();
+    let body = json!({"name": "HQ", "token": e2e::seed_location(&env.sim, "HQ", &[("1", 1)], &[])})
+        .to_string();
     let req = format!(
         "POST /api/accounts HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -119,5 +146,8 @@ async fn serve_answers_on_a_port_with_spin_headers_used_for_locations() {
         .find(|l| l.to_ascii_lowercase().starts_with("location:"))
         .unwrap_or_default()
         .to_string();
-    assert!(location.contains(&format!("http://{addr}/api/accounts/")), "{location}");
+    assert!(
+        location.contains(&format!("http://{addr}/api/accounts/")),
+        "{location}"
+    );
 }
