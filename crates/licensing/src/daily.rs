@@ -208,7 +208,7 @@ pub enum Tick {
     Idle { next_run_at: DateTime<Utc> },
     /// A slice ran; the job tells whether the run finished.
     Ran {
-        job: Job,
+        job: Box<Job>,
         started: bool,
         next_run_at: DateTime<Utc>,
     },
@@ -269,7 +269,7 @@ async fn tick_held<K: Kv, G: Gateway, S: WebhookSender>(
     };
     run_slice(ctx, &mut job, holder, budget).await?;
     Ok(Tick::Ran {
-        job,
+        job: Box::new(job),
         started,
         next_run_at: next_scheduled((ctx.clock)(), at),
     })
@@ -867,7 +867,7 @@ mod tests {
         fn run_to_end(&self, calls: u32) -> (Job, u32) {
             for n in 1..200 {
                 match self.tick(false, calls) {
-                    Tick::Ran { job, .. } if !job.is_running() => return (job, n),
+                    Tick::Ran { job, .. } if !job.is_running() => return (*job, n),
                     Tick::Ran { .. } => {}
                     other => panic!("tick {n}: {other:?}"),
                 }
