@@ -323,13 +323,7 @@ async fn step<T: Transport, C: Clock>(
                 staging.assets.push(rec);
             }
             set_json(kv, &staging_key, &staging)?;
-            match page.next_page_index {
-                Some(n) if n > st.next_page => st.next_page = n,
-                _ => {
-                    st.phase = Phase::Assignments;
-                    st.next_page = 0;
-                }
-            }
+            advance(st, page.next_page_index, Phase::Assignments);
             Ok(false)
         }
         Phase::Assignments => {
@@ -405,13 +399,7 @@ async fn step<T: Transport, C: Clock>(
                     },
                 )?;
             }
-            match page.next_page_index {
-                Some(n) if n > st.next_page => st.next_page = n,
-                _ => {
-                    st.phase = Phase::Users;
-                    st.next_page = 0;
-                }
-            }
+            advance(st, page.next_page_index, Phase::Users);
             Ok(false)
         }
         Phase::Users => {
@@ -438,10 +426,7 @@ async fn step<T: Transport, C: Clock>(
                 None,
                 client.clock().now(),
             )?;
-            match page.next_page_index {
-                Some(n) if n > st.next_page => st.next_page = n,
-                _ => st.phase = Phase::Names,
-            }
+            advance(st, page.next_page_index, Phase::Names);
             Ok(false)
         }
         Phase::Names => {
@@ -472,6 +457,17 @@ async fn step<T: Transport, C: Clock>(
         Phase::Commit => {
             commit(kv, account_id, st)?;
             Ok(true)
+        }
+    }
+}
+
+/// Follow Apple's `nextPageIndex` (only forward), or move on to `then` after the last page.
+fn advance(st: &mut RefreshState, next: Option<u32>, then: Phase) {
+    match next {
+        Some(n) if n > st.next_page => st.next_page = n,
+        _ => {
+            st.phase = then;
+            st.next_page = 0;
         }
     }
 }

@@ -298,11 +298,6 @@ async fn no_license_available_is_409_without_calling_apple() {
         )
         .await;
     assert_eq!(reader.status, 403);
-    assert_eq!(
-        env.admin("POST", "/api/daily", None).await.status,
-        404,
-        "issue 6"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,6 @@
 //! Scale benchmark: an account of 2,000 assets and 100,000 assignments in the simulator,
 //! refreshed through the real components in spin-host, then API reads timed.
-//! Run: `cargo bench -p e2e --bench scale` (after building the components for wasm32-wasip1).
+//! Run: `bash scripts/bench` (builds the components, then `cargo run -p e2e --example scale`).
 //! Prints figures; asserts nothing about time.
 
 use e2e::{Env, ADMIN_KEY};
