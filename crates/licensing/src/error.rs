@@ -221,39 +221,6 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shape_is_stable() {
-        let e = ApiError::unauthorized();
-        assert_eq!(e.status(), 401);
-        assert_eq!(e.body()["error"]["code"], "unauthorized");
-        assert!(e.body()["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("Bearer"));
-        assert!(e.body()["error"]["details"].is_object());
-    }
-
-    #[test]
-    fn parse_json_reports_position() {
-        #[derive(serde::Deserialize, Debug)]
-        struct T {
-            #[allow(dead_code)]
-            a: u32,
-        }
-        let e = parse_json::<T>(b"{\"a\": \"x\"}").unwrap_err();
-        assert_eq!(e.code, ErrorCode::InvalidJson);
-        assert_eq!(e.body()["error"]["details"]["line"], 1);
-        assert_eq!(
-            parse_json::<T>(b"").unwrap_err().code,
-            ErrorCode::InvalidJson
-        );
-    }
-}
-
 impl From<vpp_apple::AppleError> for ApiError {
     fn from(e: vpp_apple::AppleError) -> Self {
         apple_error(&e)
@@ -285,4 +252,37 @@ pub fn apple_error(e: &vpp_apple::AppleError) -> ApiError {
         err = err.with_retry_after(ra.as_secs().max(1));
     }
     err
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shape_is_stable() {
+        let e = ApiError::unauthorized();
+        assert_eq!(e.status(), 401);
+        assert_eq!(e.body()["error"]["code"], "unauthorized");
+        assert!(e.body()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Bearer"));
+        assert!(e.body()["error"]["details"].is_object());
+    }
+
+    #[test]
+    fn parse_json_reports_position() {
+        #[derive(serde::Deserialize, Debug)]
+        struct T {
+            #[allow(dead_code)]
+            a: u32,
+        }
+        let e = parse_json::<T>(b"{\"a\": \"x\"}").unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidJson);
+        assert_eq!(e.body()["error"]["details"]["line"], 1);
+        assert_eq!(
+            parse_json::<T>(b"").unwrap_err().code,
+            ErrorCode::InvalidJson
+        );
+    }
 }

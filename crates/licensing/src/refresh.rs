@@ -541,11 +541,14 @@ fn gone_from_copy(
                             ak,
                             copy_shard_of(&subject, count),
                         );
-                        if !shards.contains_key(&key) {
-                            let s: AssignmentShard = get_json(kv, &key)?.unwrap_or_default();
-                            shards.insert(key.clone(), s);
-                        }
-                        shards.get(&key).is_some_and(|s| s.contains_key(tag))
+                        let shard = match shards.entry(key) {
+                            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                            std::collections::hash_map::Entry::Vacant(e) => {
+                                let s: AssignmentShard = get_json(kv, e.key())?.unwrap_or_default();
+                                e.insert(s)
+                            }
+                        };
+                        shard.contains_key(tag)
                     }
                 };
                 if !present {
@@ -649,14 +652,15 @@ impl LedgerCache {
         subject: &Subject,
     ) -> Result<MadeBy, vpp_store::StoreError> {
         let shard = ledger_shard_of(asset, subject);
-        if !self.shards.contains_key(&shard) {
-            let s: LedgerShard =
-                get_json(kv, &keys::ledger_shard(account, shard))?.unwrap_or_default();
-            self.shards.insert(shard, s);
-        }
-        let entry = self
-            .shards
-            .get(&shard)
+        let ledger = match self.shards.entry(shard) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let s: LedgerShard =
+                    get_json(kv, &keys::ledger_shard(account, shard))?.unwrap_or_default();
+                e.insert(s)
+            }
+        };
+        let entry = Some(&*ledger)
             .and_then(|s| s.get(asset))
             .and_then(|m| m.get(&subject.tag()));
         Ok(match entry {
