@@ -622,3 +622,94 @@ async fn cleanup_revokes_foreign_assignments_and_leaves_ours_alone() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statuses_expiring_soon_and_apple_unreachable() {
+    let env = Env::start().await;
+    let soon = env.sim.add_location(apple_sim::LocationSpec {
+        exp_date: Some(chrono::Utc::now() + chrono::Duration::days(10)),
+        ..apple_sim::LocationSpec::named("Soon")
+    });
+    let id = env.add_account("Soon", &soon).await;
+    env.refresh(&id).await;
+    let a = env.get(&format!("/api/accounts/{id}")).await.json();
+    assert_eq!(a["status"]["code"], "expiring_soon", "{a}");
+    assert_eq!(a["status"]["severity"], "warning");
+
+    let token = seed_location(&env.sim, "Down", &[("1", 1)], &[]);
+    let id = env.add_account("Down", &token).await;
+    env.sim
+        .inject_fault(
+            &token,
+            FaultSpec::new(FaultKind::InternalError).on("client/config"),
+        )
+        .unwrap();
+    let r = env
+        .admin("POST", &format!("/api/accounts/{id}/refresh"), None)
+        .await;
+    assert_eq!(
+        r.json()["state"],
+        "running",
+        "paused until Apple is back: {}",
+        r.text()
+    );
+    let a = env.get(&format!("/api/accounts/{id}")).await.json();
+    assert!(
+        ["apple_unreachable", "syncing"].contains(&a["status"]["code"].as_str().unwrap()),
+        "{a}"
+    );
+    env.sim.clear_faults(&token).unwrap();
+    let job = env.finish_job(&r.json()).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(
+        env.get(&format!("/api/accounts/{id}")).await.json()["status"]["code"],
+        "healthy"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_license_found_gone_at_refresh_yields_a_notice() {
+    let env = Env::start().await;
+    let r = env
+        .admin(
+            "PUT",
+            "/api/settings",
+            Some(&json!({"licenseRemovalNotification": true})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let token = seed_location(&env.sim, "HQ", &[("100", 5)], &[]);
+    let id = env.add_account("HQ", &token).await;
+    env.refresh(&id).await;
+    let r = env
+        .admin(
+            "POST",
+            "/api/assignments",
+            Some(&json!({"accountId": id, "adamId": "100", "serialNumbers": ["KEEP", "GONE"]})),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    env.settled_event(r.json()["eventId"].as_str().unwrap())
+        .await;
+    env.refresh(&id).await;
+    // Someone takes a license back in Apple Business Manager, outside this instance.
+    env.sim
+        .remove_assignments(
+            &token,
+            vec![apple_sim::AssignmentSpec::device("100", "GONE")],
+        )
+        .unwrap();
+    let job = env.refresh(&id).await;
+    assert_eq!(job["state"], "succeeded");
+    let notices = env.get("/api/notices").await.json();
+    let text = notices.to_string();
+    assert!(text.contains("GONE") && text.contains("refresh"), "{text}");
+    assert!(!text.contains("KEEP"), "{text}");
+    // Reconcile will not try to take back what Apple no longer has.
+    let page = env
+        .get(&format!("/api/licenses/{id}/100/assignments"))
+        .await
+        .json()
+        .to_string();
+    assert!(page.contains("KEEP") && !page.contains("GONE"), "{page}");
+}
