@@ -270,6 +270,53 @@ fn subjects_of(req: &ManageAssetsRequest) -> Vec<Subject> {
         .collect()
 }
 
+/// Events Apple accepted for one request: tracked, and named on the ledger entries that wait
+/// for them (state `waiting`, no event yet).
+struct Accepted<'a> {
+    account_id: &'a str,
+    kind: EventKind,
+    source: &'a str,
+    asset_ref: &'a AssetRef,
+    asset_key: &'a str,
+    waiting: LedgerState,
+    now: DateTime<Utc>,
+}
+
+impl Accepted<'_> {
+    fn record(
+        &self,
+        kv: &impl Kv,
+        part: &[Subject],
+        events: Vec<vpp_apple::EventResponse>,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let mut out = Vec::new();
+        for ev in events {
+            let rec = event::new_record(
+                &ev.event_id,
+                self.account_id,
+                self.kind,
+                self.source,
+                vec![self.asset_ref.clone()],
+                part.to_vec(),
+                self.now,
+            );
+            event::track(kv, &rec)?;
+            let eid = ev.event_id.clone();
+            ledger_write(kv, self.account_id, self.asset_key, part, |cur| match cur {
+                Some(e) if e.state == self.waiting && e.event_id.is_none() => {
+                    Some(Some(LedgerEntry {
+                        event_id: Some(eid.clone()),
+                        ..e.clone()
+                    }))
+                }
+                _ => None,
+            })?;
+            out.push(rec);
+        }
+        Ok(out)
+    }
+}
+
 /// Write ledger entries for (asset, subjects): `f` maps the current entry to the new one.
 pub fn ledger_write(
     kv: &impl Kv,
@@ -370,29 +417,16 @@ pub async fn associate<T: Transport, C: Clock>(
         let part = subjects_of(req);
         match client.associate(req).await {
             Ok(events) => {
-                for ev in events {
-                    let rec = event::new_record(
-                        &ev.event_id,
-                        account_id,
-                        EventKind::Associate,
-                        source,
-                        vec![asset_ref.clone()],
-                        part.clone(),
-                        now,
-                    );
-                    event::track(kv, &rec)?;
-                    let eid = ev.event_id.clone();
-                    ledger_write(kv, account_id, &ak, &part, |cur| match cur {
-                        Some(e) if e.state == LedgerState::Pending && e.event_id.is_none() => {
-                            Some(Some(LedgerEntry {
-                                event_id: Some(eid.clone()),
-                                ..e.clone()
-                            }))
-                        }
-                        _ => None,
-                    })?;
-                    out.events.push(rec);
-                }
+                let ctx = Accepted {
+                    account_id,
+                    kind: EventKind::Associate,
+                    source,
+                    asset_ref: &asset_ref,
+                    asset_key: &ak,
+                    waiting: LedgerState::Pending,
+                    now,
+                };
+                out.events.extend(ctx.record(kv, &part, events)?);
             }
             Err(e) => {
                 failed_at = Some((i, e.error));
@@ -544,29 +578,16 @@ pub async fn disassociate<T: Transport, C: Clock>(
         let part = subjects_of(req);
         match client.disassociate(req).await {
             Ok(events) => {
-                for ev in events {
-                    let rec = event::new_record(
-                        &ev.event_id,
-                        account_id,
-                        EventKind::Disassociate,
-                        source,
-                        vec![asset_ref.clone()],
-                        part.clone(),
-                        now,
-                    );
-                    event::track(kv, &rec)?;
-                    let eid = ev.event_id.clone();
-                    ledger_write(kv, account_id, &ak, &part, |cur| match cur {
-                        Some(e) if e.state == LedgerState::Revoking && e.event_id.is_none() => {
-                            Some(Some(LedgerEntry {
-                                event_id: Some(eid.clone()),
-                                ..e.clone()
-                            }))
-                        }
-                        _ => None,
-                    })?;
-                    out.events.push(rec);
-                }
+                let ctx = Accepted {
+                    account_id,
+                    kind: EventKind::Disassociate,
+                    source,
+                    asset_ref: &asset_ref,
+                    asset_key: &ak,
+                    waiting: LedgerState::Revoking,
+                    now,
+                };
+                out.events.extend(ctx.record(kv, &part, events)?);
             }
             Err(e) => {
                 let rest: Vec<Subject> = requests[i..].iter().flat_map(subjects_of).collect();

@@ -40,18 +40,7 @@ async fn licenses(env: &Env, account: &str) -> Value {
 
 /// Wait until Apple applied the event and its notifications reached us, then read the event.
 async fn settled_event(env: &Env, id: &str) -> Value {
-    env.sim_idle().await;
-    let mut last = Value::Null;
-    for _ in 0..100 {
-        let r = env.get(&format!("/api/events/{id}")).await;
-        assert_eq!(r.status, 200, "{}", r.text());
-        last = r.json();
-        if last["state"] != "pending" {
-            return last;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("event {id} still pending: {last}");
+    env.settled_event(id).await
 }
 
 fn sim_assignments(env: &Env, token: &str) -> Vec<Value> {
