@@ -20,6 +20,9 @@ use vpp_apple::{
 };
 use vpp_store::{get_json, keys, set_json, update, Kv};
 
+/// Jobs that work on one account's copy: while one runs, the account is syncing.
+const ACCOUNT_JOBS: &[&str] = &["refresh", "cleanup"];
+
 /// Longest display name an account may have.
 pub const MAX_NAME_LEN: usize = 100;
 
@@ -174,8 +177,7 @@ pub fn view(
     now: DateTime<Utc>,
 ) -> Result<AccountView, ApiError> {
     let apple = apple_state(kv, &account.id)?;
-    let syncing = job::running(kv, "refresh", Some(&account.id))?.is_some()
-        || job::running(kv, "cleanup", Some(&account.id))?.is_some();
+    let syncing = job::running_of(kv, ACCOUNT_JOBS, Some(&account.id))?.is_some();
     Ok(AccountView {
         id: account.id.clone(),
         name: account.name.clone(),
@@ -516,9 +518,7 @@ pub async fn delete<G: Gateway>(
         )
         .with_details(json!({"policies": using})));
     }
-    if let Some(j) =
-        job::running(kv, "refresh", Some(id))?.or(job::running(kv, "cleanup", Some(id))?)
-    {
+    if let Some(j) = job::running_of(kv, ACCOUNT_JOBS, Some(id))? {
         return Err(ApiError::new(
             ErrorCode::Conflict,
             format!(

@@ -157,9 +157,18 @@ pub fn recent(kv: &impl Kv, limit: usize) -> Result<Vec<Job>, StoreError> {
 
 /// The running job of `kind` for `account`, if any (newest first).
 pub fn running(kv: &impl Kv, kind: &str, account: Option<&str>) -> Result<Option<Job>, StoreError> {
+    running_of(kv, &[kind], account)
+}
+
+/// The newest running job of any of `kinds` for `account`: one read of the index.
+pub fn running_of(
+    kv: &impl Kv,
+    kinds: &[&str],
+    account: Option<&str>,
+) -> Result<Option<Job>, StoreError> {
     let list: Vec<JobSummary> = get_json(kv, &keys::jobs())?.unwrap_or_default();
     for s in list.iter().rev() {
-        if s.kind == kind && s.account_id.as_deref() == account {
+        if kinds.contains(&s.kind.as_str()) && s.account_id.as_deref() == account {
             if let Some(j) = load(kv, &s.id)? {
                 if j.is_running() {
                     return Ok(Some(j));

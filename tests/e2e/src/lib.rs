@@ -290,3 +290,46 @@ impl Env {
         panic!("event {id} still pending: {last}");
     }
 }
+
+/// An account's stored copy, comparable across runs: the assets document (without sync time,
+/// generation and simulator icon URLs), its generation, and every assignment shard of it.
+pub struct StoredCopy {
+    pub assets: Value,
+    pub generation: u64,
+    pub shards: Vec<(String, Value)>,
+}
+
+impl Env {
+    pub fn stored_copy(&self, id: &str) -> StoredCopy {
+        let raw = self
+            .app
+            .kv_get("default", &format!("assets/{id}"))
+            .expect("assets document");
+        let mut doc: Value = serde_json::from_slice(&raw).expect("assets json");
+        doc["syncedAt"] = Value::Null;
+        // Icons point at the simulator, whose port differs between runs.
+        if let Some(assets) = doc["assets"].as_array_mut() {
+            for a in assets {
+                a["iconUrl"] = Value::Null;
+            }
+        }
+        let generation = doc["generation"].as_u64().expect("generation");
+        doc["generation"] = Value::Null;
+        let prefix = format!("assignments/{id}/{generation}/");
+        let mut shards: Vec<(String, Value)> = self
+            .keys()
+            .into_iter()
+            .filter(|k| k.starts_with(&prefix))
+            .filter_map(|k| {
+                let v = serde_json::from_slice(&self.app.kv_get("default", &k)?).ok()?;
+                Some((k[prefix.len()..].to_string(), v))
+            })
+            .collect();
+        shards.sort_by(|a, b| a.0.cmp(&b.0));
+        StoredCopy {
+            assets: doc,
+            generation,
+            shards,
+        }
+    }
+}

@@ -464,28 +464,8 @@ async fn takeover_mid_refresh_stops_it_and_keeps_the_previous_copy() {
 
 /// The stored copy of an account: assets (without the sync time) and every assignment shard.
 fn stored_copy(env: &Env, id: &str) -> (Value, Vec<(String, Value)>) {
-    let mut doc: Value =
-        serde_json::from_slice(&env.app.kv_get("default", &format!("assets/{id}")).unwrap())
-            .unwrap();
-    doc["syncedAt"] = Value::Null;
-    // Icons point at the simulator, whose port differs between runs.
-    for a in doc["assets"].as_array_mut().unwrap() {
-        a["iconUrl"] = Value::Null;
-    }
-    let generation = doc["generation"].as_u64().unwrap();
-    doc["generation"] = Value::Null;
-    let prefix = format!("assignments/{id}/{generation}/");
-    let mut shards: Vec<(String, Value)> = env
-        .keys()
-        .into_iter()
-        .filter(|k| k.starts_with(&prefix))
-        .map(|k| {
-            let v = serde_json::from_slice(&env.app.kv_get("default", &k).unwrap()).unwrap();
-            (k[prefix.len()..].to_string(), v)
-        })
-        .collect();
-    shards.sort_by(|a, b| a.0.cmp(&b.0));
-    (doc, shards)
+    let copy = env.stored_copy(id);
+    (copy.assets, copy.shards)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -246,22 +246,9 @@ fn final_state(env: &Env) -> BTreeMap<String, Value> {
     for id in ids {
         let acc = account_record(env, &id);
         let name = acc["name"].as_str().unwrap().to_string();
-        let mut doc: Value =
-            serde_json::from_slice(&env.app.kv_get("default", &format!("assets/{id}")).unwrap())
-                .unwrap();
-        doc["syncedAt"] = Value::Null;
-        let generation = doc["generation"].as_u64().unwrap();
-        let prefix = format!("assignments/{id}/{generation}/");
-        let mut shards: Vec<(String, Value)> = env
-            .keys()
-            .into_iter()
-            .filter(|k| k.starts_with(&prefix))
-            .map(|k| {
-                let v = serde_json::from_slice(&env.app.kv_get("default", &k).unwrap()).unwrap();
-                (k[prefix.len()..].to_string(), v)
-            })
-            .collect();
-        shards.sort_by(|a, b| a.0.cmp(&b.0));
+        let copy = env.stored_copy(&id);
+        let (doc, shards) = (copy.assets, copy.shards);
+        let prefix = format!("assignments/{id}/{}/", copy.generation);
         let stale: Vec<String> = env
             .keys()
             .into_iter()
@@ -269,6 +256,7 @@ fn final_state(env: &Env) -> BTreeMap<String, Value> {
             .collect();
         let entry = json!({
                 "assets": doc,
+                "generation": copy.generation,
                 "shards": shards,
                 "staleShards": stale,
                 "location": acc["location"],
