@@ -1,4 +1,4 @@
-//! The accounts component: App Store License accounts, jobs, the audit log, health, and the
+//! The accounts component: App Store License accounts, jobs, the audit log, health, metrics, and the
 //! JSON 404 for unknown `/api` routes. The route table is here; the work is in the domain
 //! (`vpp_licensing::account`, `refresh`, `cleanup`, `runner`).
 
@@ -33,6 +33,15 @@ async fn route(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
         },
         ["api", "openapi.json"] => match m {
             "GET" => Ok(ApiResponse::ok(&vpp_licensing::openapi::document())),
+            _ => Err(ApiError::method_not_allowed(m, &req.path, &["GET"])),
+        },
+        ["api", "metrics"] => match m {
+            "GET" => Ok(ApiResponse {
+                status: 200,
+                content_type: vpp_licensing::metrics::CONTENT_TYPE,
+                headers: Vec::new(),
+                body: vpp_licensing::metrics::render(kv, Utc::now())?.into_bytes(),
+            }),
             _ => Err(ApiError::method_not_allowed(m, &req.path, &["GET"])),
         },
         ["api", "audit"] => match m {

@@ -221,6 +221,11 @@ impl Ctx {
             {
                 st.token_expires_at = Some(exp);
             }
+            let error_key = error.map(|e| match body["errorNumber"].as_i64() {
+                Some(n) => n.to_string(),
+                None => e.code().to_string(),
+            });
+            st.count_call(path, error_key.as_deref());
             match error {
                 None => {
                     st.last_ok_at = Some(now);

@@ -176,7 +176,11 @@ fn list_licenses(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError>
             .or_else(|| req.query("q"))
             .filter(|s| !s.is_empty())
             .map(str::to_string),
-        low_only: req.query("low") == Some("true"),
+        low_only: match req.query("low") {
+            None | Some("") | Some("false") => false,
+            Some("true") => true,
+            Some(_) => return Err(ApiError::invalid_field("low", "low must be true or false")),
+        },
     };
     if let Some(f) = req.query("format") {
         if f != "csv" && f != "json" {

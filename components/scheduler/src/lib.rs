@@ -39,13 +39,14 @@ async fn tick(timestamp: u64) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot reach {url}: {e}"))?;
     let status = *resp.status();
-    let body = String::from_utf8_lossy(resp.body());
-    // One line per tick so the operator can follow the daily work in the cron plugin's log.
-    println!("scheduler: POST {url} -> {status} {body}");
+    // One short line per tick (status, job id, progress) so the operator can follow the daily
+    // work in the cron plugin's log; never the job record.
+    let line = vpp_licensing::daily::tick_line(status, resp.body());
+    println!("scheduler: {line}");
     if (200..300).contains(&status) {
         Ok(())
     } else {
-        Err(format!("daily route answered {status}: {body}"))
+        Err(format!("daily route answered {line}"))
     }
 }
 

@@ -4,6 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase", tag = "kind")]
@@ -49,6 +50,67 @@ pub struct AppleState {
     pub backoff_until: Option<DateTime<Utc>>,
     #[serde(default)]
     pub token_expires_at: Option<DateTime<Utc>>,
+    /// Calls to Apple and their errors, per endpoint, since the account was added: counted in
+    /// the same write that records the outcome, so they cost no extra key-value operation.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub calls: BTreeMap<String, EndpointCalls>,
+}
+
+/// Apple's endpoints as counted: anything else is counted as `other`, so the map stays small.
+pub const ENDPOINTS: [&str; 13] = [
+    "assets",
+    "assets/associate",
+    "assets/disassociate",
+    "assets/revoke",
+    "assignments",
+    "client/config",
+    "service/config",
+    "status",
+    "users",
+    "users/create",
+    "users/update",
+    "users/retire",
+    "other",
+];
+
+/// Distinct error kinds kept per endpoint; rarer ones are added up under `other`.
+pub const MAX_ERROR_KINDS: usize = 16;
+
+/// One endpoint's calls and errors. `errors` is keyed by Apple's `errorNumber` (e.g. `9632`), or
+/// by our error code when Apple gave no number (e.g. `apple_unavailable` for a lost answer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointCalls {
+    pub calls: u64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub errors: BTreeMap<String, u64>,
+}
+
+/// The counted endpoint of an Apple path such as `/assets/associate?x=1` or `status`.
+pub fn endpoint_of(path: &str) -> &'static str {
+    let p = path.split('?').next().unwrap_or("").trim_matches('/');
+    ENDPOINTS
+        .iter()
+        .find(|e| **e == p)
+        .copied()
+        .unwrap_or("other")
+}
+
+impl AppleState {
+    /// Count one call to Apple's `path`; `error` is Apple's `errorNumber` or our code.
+    pub fn count_call(&mut self, path: &str, error: Option<&str>) {
+        let counts = self.calls.entry(endpoint_of(path).to_string()).or_default();
+        counts.calls += 1;
+        if let Some(e) = error {
+            let key = if counts.errors.contains_key(e) || counts.errors.len() < MAX_ERROR_KINDS - 1
+            {
+                e
+            } else {
+                "other"
+            };
+            *counts.errors.entry(key.to_string()).or_default() += 1;
+        }
+    }
 }
 
 impl AppleState {
@@ -69,5 +131,32 @@ pub fn owner_from(our_id: &str, mdm_info: Option<&vpp_apple::MdmInfo>) -> Owner 
             id: m.id.clone(),
             name: m.name.clone(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_are_counted_per_endpoint_and_error_and_stay_bounded() {
+        let mut st = AppleState::default();
+        st.count_call("/assets/associate", None);
+        st.count_call("assets/associate", Some("9632"));
+        st.count_call("status?eventId=1", Some("apple_unavailable"));
+        st.count_call("something/new", None);
+        assert_eq!(st.calls["assets/associate"].calls, 2);
+        assert_eq!(st.calls["assets/associate"].errors["9632"], 1);
+        assert_eq!(st.calls["status"].errors["apple_unavailable"], 1);
+        assert_eq!(st.calls["other"].calls, 1);
+        for n in 0..100 {
+            st.count_call("assets", Some(&format!("{}", 9000 + n)));
+        }
+        let assets = &st.calls["assets"];
+        assert_eq!(assets.calls, 100);
+        assert_eq!(assets.errors.len(), MAX_ERROR_KINDS);
+        assert_eq!(assets.errors.values().sum::<u64>(), 100);
+        assert_eq!(assets.errors["other"], 100 - (MAX_ERROR_KINDS as u64 - 1));
+        assert!(st.calls.len() <= ENDPOINTS.len());
     }
 }

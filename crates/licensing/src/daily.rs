@@ -639,6 +639,52 @@ pub fn view(kv: &impl Kv, config: &Config, now: DateTime<Utc>) -> Result<Value, 
     }))
 }
 
+/// The one line the scheduler logs per tick: the daily route's HTTP status, the tick's status
+/// (`idle`, `busy`, `started`, `running`, `finished`), and the job's id, state and progress when
+/// there is one. Never the job record itself (its checkpoint can be kilobytes).
+pub fn tick_line(http_status: u16, body: &[u8]) -> String {
+    let v: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(_) => {
+            let text = String::from_utf8_lossy(body);
+            let short: String = text.chars().take(120).collect();
+            return format!("{http_status} (not JSON) {short}");
+        }
+    };
+    let text = |v: &Value| v.as_str().unwrap_or("").to_string();
+    if let Some(e) = v.get("error") {
+        return format!(
+            "{http_status} error {}: {}",
+            text(&e["code"]),
+            text(&e["message"])
+        );
+    }
+    let mut line = format!("{http_status} {}", text(&v["status"]));
+    let job = &v["job"];
+    if job.is_object() {
+        line.push_str(&format!(
+            " job {} {}",
+            text(&job["id"]),
+            text(&job["state"])
+        ));
+        let p = &job["progress"];
+        let phase = text(&p["phase"]);
+        if !phase.is_empty() {
+            line.push_str(&format!(" {phase}"));
+        }
+        if let Some(done) = p["done"].as_u64() {
+            match p["total"].as_u64() {
+                Some(total) => line.push_str(&format!(" {done}/{total}")),
+                None => line.push_str(&format!(" {done}")),
+            }
+        }
+    }
+    if let Some(next) = v["nextRunAt"].as_str() {
+        line.push_str(&format!(" next {next}"));
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1036,5 +1082,48 @@ mod tests {
         a.last_full_refresh = Some(t(2, 0) - Duration::days(6));
         assert!(!wants_full(&a, t(2, 0), 7));
         assert!(wants_full(&a, t(2, 0), 0), "0: every run is full");
+    }
+}
+
+#[cfg(test)]
+mod tick_line_tests {
+    use super::tick_line;
+    use serde_json::json;
+
+    #[test]
+    fn a_running_tick_is_one_short_line_without_the_checkpoint() {
+        let checkpoint = "x".repeat(5000);
+        let body = json!({"status": "running", "nextRunAt": "2026-12-01T02:00:00Z",
+            "job": {"id": "j1", "state": "running", "progress": {"phase": "refresh", "done": 3, "total": 7},
+                    "checkpoint": {"big": checkpoint}}});
+        let line = tick_line(202, body.to_string().as_bytes());
+        assert_eq!(
+            line,
+            "202 running job j1 running refresh 3/7 next 2026-12-01T02:00:00Z"
+        );
+    }
+
+    #[test]
+    fn idle_busy_errors_and_garbage_stay_short() {
+        assert_eq!(
+            tick_line(
+                200,
+                br#"{"status":"idle","nextRunAt":"2026-12-01T02:00:00Z"}"#
+            ),
+            "200 idle next 2026-12-01T02:00:00Z"
+        );
+        assert_eq!(
+            tick_line(202, br#"{"status":"busy","message":"m"}"#),
+            "202 busy"
+        );
+        assert_eq!(
+            tick_line(
+                401,
+                br#"{"error":{"code":"unauthorized","message":"no key"}}"#
+            ),
+            "401 error unauthorized: no key"
+        );
+        let garbage = vec![b'<'; 4000];
+        assert!(tick_line(502, &garbage).len() < 200);
     }
 }

@@ -159,6 +159,19 @@ impl ApiError {
         .with_details(json!({"allowed": allowed}))
     }
 
+    /// The `Allow` header value a 405 must carry (RFC 9110 15.5.6), from the methods
+    /// [`ApiError::method_not_allowed`] recorded; `None` for every other error.
+    pub fn allow_header(&self) -> Option<String> {
+        if self.code != ErrorCode::MethodNotAllowed {
+            return None;
+        }
+        let methods: Vec<&str> = self.details["allowed"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        Some(methods.join(", "))
+    }
+
     pub fn invalid(message: impl Into<String>) -> Self {
         ApiError::new(ErrorCode::InvalidRequest, message)
     }
@@ -257,6 +270,14 @@ pub fn apple_error(e: &vpp_apple::AppleError) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn method_not_allowed_carries_the_allow_value() {
+        let e = ApiError::method_not_allowed("PATCH", "/api/x", &["GET", "PUT"]);
+        assert_eq!(e.status(), 405);
+        assert_eq!(e.allow_header().as_deref(), Some("GET, PUT"));
+        assert_eq!(ApiError::unauthorized().allow_header(), None);
+    }
 
     #[test]
     fn shape_is_stable() {

@@ -15,6 +15,7 @@ pub mod instance;
 pub mod job;
 pub mod licenses;
 pub mod licenses_openapi;
+pub mod metrics;
 pub mod model;
 pub mod notice;
 pub mod notification;

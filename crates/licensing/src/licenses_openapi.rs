@@ -1,165 +1,260 @@
 //! The OpenAPI description of the licenses routes (and the managed-users routes served by the
 //! accounts component). Merge [`paths`] into the document's `paths` and [`schemas`] into
-//! `components.schemas`; errors use the shared `Error` schema.
+//! `components.schemas`; [`crate::openapi::document`] adds the shared responses (401, 403, 400 and
+//! 413 for bodies, 503, Apple's errors for operations marked `x-apple`).
 
+use crate::openapi::{account_id_param, err, r};
 use serde_json::{json, Value};
-
-fn err(codes: &[&str]) -> Value {
-    json!({"description": format!("error; codes: {}", codes.join(", ")),
-           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
-}
 
 fn ok(schema: Value) -> Value {
     json!({"description": "OK", "content": {"application/json": {"schema": schema}}})
-}
-
-fn r(name: &str) -> Value {
-    json!({"$ref": format!("#/components/schemas/{name}")})
 }
 
 fn body(name: &str) -> Value {
     json!({"required": true, "content": {"application/json": {"schema": r(name)}}})
 }
 
-fn param(name: &str, at: &str, ty: &str, description: &str) -> Value {
-    json!({"name": name, "in": at, "required": at == "path", "schema": {"type": ty}, "description": description})
+fn query(name: &str, schema: Value, description: &str) -> Value {
+    json!({"name": name, "in": "query", "schema": schema, "description": description})
+}
+
+fn path(name: &str, schema: Value, description: &str) -> Value {
+    json!({"name": name, "in": "path", "required": true, "schema": schema, "description": description})
+}
+
+fn page(description: &str) -> Value {
+    query(
+        "page",
+        json!({"type": "integer", "minimum": 0}),
+        description,
+    )
+}
+
+fn policy_id() -> Value {
+    path(
+        "id",
+        json!({"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"}),
+        "1 to 64 letters, digits, '.', '_' or '-'",
+    )
+}
+
+fn event_links() -> Value {
+    json!({"GetEvent": {"operationId": "getEvent", "parameters": {"id": "$response.body#/eventId"}}})
+}
+
+fn job_links(pointer: &str) -> Value {
+    json!({"GetJob": {"operationId": "getJob", "parameters": {"id": pointer}}})
 }
 
 pub fn paths() -> Value {
-    let admin = json!([{"bearer": []}]);
+    let submitted = |status: &str| {
+        json!({"description": status, "content": {"application/json": {"schema": r("Submitted")}},
+               "links": event_links()})
+    };
     json!({
         "/api/licenses": {"get": {
+            "operationId": "listLicenses",
             "summary": "One row per asset with counts and a low-license flag (reader key allowed)",
             "parameters": [
-                param("accountId", "query", "string", "only this account"),
-                param("search", "query", "string", "case-insensitive part of the name or adamId"),
-                param("low", "query", "boolean", "only assets at or below the low-license threshold"),
-                param("format", "query", "string", "csv for a CSV export (or send Accept: text/csv)"),
+                query("accountId", json!({"type": "string"}), "only this account (404 when there is none)"),
+                query("search", json!({"type": "string"}), "case-insensitive part of the name or adamId"),
+                query("low", json!({"type": "string", "enum": ["true", "false"]}), "only assets at or below the low-license threshold"),
+                query("format", json!({"type": "string", "enum": ["json", "csv"]}), "csv for a CSV export (or send Accept: text/csv)"),
             ],
             "responses": {
                 "200": {"description": "OK", "content": {
-                    "application/json": {"schema": {"type": "object", "properties": {"licenses": {"type": "array", "items": r("LicenseRow")}}}},
-                    "text/csv": {"schema": {"type": "string"}}}},
+                    "application/json": {"schema": {"type": "object", "required": ["licenses"], "properties": {"licenses": {"type": "array", "items": r("LicenseRow")}}}},
+                    "text/csv": {"schema": {"type": "string"}}},
+                    "links": {"ListAssignments": {"operationId": "listAssignments", "parameters": {
+                        "accountId": "$response.body#/licenses/0/accountId", "adamId": "$response.body#/licenses/0/adamId"}}}},
                 "400": err(&["invalid_request"]), "404": err(&["not_found"])}}},
         "/api/licenses/{accountId}/{adamId}/assignments": {"get": {
+            "operationId": "listAssignments",
             "summary": "A page of an asset's assignments, each with who made it",
             "parameters": [
-                param("accountId", "path", "string", ""), param("adamId", "path", "string", ""),
-                param("pricingParam", "query", "string", "STDQ (default) or PLUS"),
-                param("page", "query", "integer", "0-based; follow nextPage"),
+                account_id_param("accountId"), path("adamId", r("AdamId"), "Apple's numeric product id"),
+                query("pricingParam", r("PricingParam"), "STDQ (default) or PLUS"),
+                page("0-based; follow nextPage; a page past the last is 404"),
             ],
             "responses": {"200": ok(r("AssignmentsPage")), "400": err(&["invalid_request"]), "404": err(&["not_found"])}}},
         "/api/assignments": {"post": {
+            "operationId": "assign", "x-apple": true,
             "summary": "Assign an asset to devices or users (ledger first; all fit or nothing is asked)",
-            "security": admin, "requestBody": body("AssignRequest"),
-            "responses": {"202": ok(r("Submitted")), "200": ok(r("Submitted")),
-                "400": err(&["invalid_request", "invalid_json"]), "404": err(&["not_found"]),
-                "409": err(&["no_licenses_available"]), "422": err(&["unprocessable", "apple_rejected"]),
-                "429": err(&["apple_rate_limited"]), "502": err(&["apple_unavailable"])}}},
+            "requestBody": body("AssignRequest"),
+            "responses": {"202": submitted("Apple accepted; follow the event"), "200": submitted("nothing to ask Apple (every subject already held the license)"),
+                "404": err(&["not_found"]),
+                "409": err(&["no_licenses_available", "conflict"]), "422": err(&["unprocessable"])}}},
         "/api/assignments/revoke": {"post": {
+            "operationId": "revoke", "x-apple": true,
             "summary": "Take an asset from devices or users (Apple's disassociate; other assets stay)",
-            "security": admin, "requestBody": body("AssignRequest"),
-            "responses": {"202": ok(r("Submitted")), "400": err(&["invalid_request"]), "404": err(&["not_found"])}}},
+            "requestBody": body("AssignRequest"),
+            "responses": {"202": submitted("Apple accepted; follow the event"), "200": submitted("nothing to ask Apple"),
+                "404": err(&["not_found"]), "409": err(&["conflict"]), "422": err(&["unprocessable"])}}},
         "/api/events/{id}": {"get": {
+            "operationId": "getEvent",
             "summary": "Apple's outcome of an event, per device or user (polls Apple when due: >= 30 s apart)",
-            "parameters": [param("id", "path", "string", "Apple's eventId")],
+            "parameters": [path("id", json!({"type": "string", "minLength": 1, "maxLength": 128}), "Apple's eventId")],
             "responses": {"200": ok(r("Event")), "404": err(&["not_found"])}}},
-        "/api/policies": {"get": {"summary": "All app policies",
-            "responses": {"200": ok(json!({"type": "object", "properties": {"policies": {"type": "array", "items": r("Policy")}}}))}}},
+        "/api/policies": {"get": {"operationId": "listPolicies", "summary": "All app policies",
+            "responses": {"200": ok(json!({"type": "object", "required": ["policies"], "properties": {"policies": {"type": "array", "items": r("PolicySummary")}}}))}}},
         "/api/policies/{id}": {
-            "get": {"summary": "One app policy", "parameters": [param("id", "path", "string", "")],
-                "responses": {"200": ok(r("Policy")), "404": err(&["not_found"])}},
-            "put": {"summary": "Create or replace a policy (the desired state); assigns what is missing as far as licenses allow",
-                "security": admin, "parameters": [param("id", "path", "string", "1-64 of [A-Za-z0-9._-]")],
+            "parameters": [policy_id()],
+            "get": {"operationId": "getPolicy", "summary": "One app policy",
+                "responses": {"200": ok(r("Policy")), "400": err(&["invalid_request"]), "404": err(&["not_found"])}},
+            "put": {"operationId": "putPolicy", "x-apple": true,
+                "summary": "Create or replace a policy (the desired state); assigns what is missing as far as licenses allow",
                 "requestBody": body("PolicyRequest"),
                 "responses": {"200": ok(r("PolicyResult")), "201": ok(r("PolicyResult")),
-                    "400": err(&["invalid_request", "invalid_json"]), "404": err(&["not_found"]), "422": err(&["unprocessable"])}},
-            "delete": {"summary": "Delete a policy (its licenses stay until reconcile)", "security": admin,
-                "parameters": [param("id", "path", "string", "")],
-                "responses": {"204": {"description": "deleted"}, "404": err(&["not_found"])}}},
+                    "404": err(&["not_found"]), "409": err(&["conflict"]), "422": err(&["unprocessable"])}},
+            "delete": {"operationId": "deletePolicy", "summary": "Delete a policy (its licenses stay until reconcile)",
+                "responses": {"204": {"description": "deleted"}, "400": err(&["invalid_request"]), "404": err(&["not_found"])}}},
         "/api/reconcile": {"post": {
+            "operationId": "reconcile", "x-apple": true,
             "summary": "Start (or continue) the reconcile job over all accounts; see GET /api/jobs/{id}",
-            "security": admin, "responses": {"202": ok(r("Job"))}}},
+            "responses": {"202": {"description": "the job", "content": {"application/json": {"schema": r("Job")}},
+                "headers": {"Location": {"description": "the job", "schema": {"type": "string"}}},
+                "links": job_links("$response.body#/id")}}}},
         "/api/settings": {
-            "get": {"summary": "License settings", "responses": {"200": ok(r("Settings"))}},
-            "put": {"summary": "Change settings (fields left out keep their value)", "security": admin,
+            "get": {"operationId": "getSettings", "summary": "License settings", "responses": {"200": ok(r("Settings"))}},
+            "put": {"operationId": "putSettings", "summary": "Change settings (fields left out keep their value)",
                 "requestBody": body("SettingsRequest"),
-                "responses": {"200": ok(r("Settings")), "400": err(&["invalid_request", "invalid_json"])}}},
+                "responses": {"200": ok(r("Settings"))}}},
         "/api/notices": {"get": {
+            "operationId": "listNotices",
             "summary": "License-removal notices, newest first, a page at a time",
-            "parameters": [param("page", "query", "integer", "follow nextPage")],
-            "responses": {"200": ok(r("NoticePage")), "400": err(&["invalid_request"])}}},
+            "parameters": [page("follow nextPage; a page that does not exist yet is 404")],
+            "responses": {"200": ok(r("NoticePage")), "400": err(&["invalid_request"]), "404": err(&["not_found"])}}},
         "/api/notices/deliver": {"post": {
+            "operationId": "deliverNotices",
             "summary": "Deliver pending notices to the webhook now. Body sent: {notices:[Notice]}; header X-VPP-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, \"<t>.<body>\")>",
-            "security": admin, "responses": {"200": ok(json!({"type": "object"}))}}},
+            "responses": {"200": ok(r("DeliveryReport"))}}},
+        "/api/daily": {
+            "get": {"operationId": "getDaily", "summary": "The current or last daily run and when the next one starts",
+                "responses": {"200": ok(json!({"type": "object"}))}},
+            "post": {"operationId": "runDaily", "x-apple": true,
+                "summary": "One bounded slice of the daily work (refresh, event polling, reconcile, notices). Scheduler or admin key; force=true (admin) starts a run now.",
+                "security": [{"scheduler": []}, {"bearer": []}],
+                "parameters": [query("force", json!({"type": "string", "enum": ["true", "false", "1"]}), "start a run now (admin key only)")],
+                "responses": {
+                    "200": {"description": "idle, or the run finished", "content": {"application/json": {"schema": r("DailyTick")}},
+                        "links": job_links("$response.body#/job/id")},
+                    "202": {"description": "busy, or the run goes on", "content": {"application/json": {"schema": r("DailyTick")}},
+                        "links": job_links("$response.body#/job/id")},
+                    "400": err(&["invalid_request"])}}},
         "/api/apple/notifications/{accountId}": {"post": {
+            "operationId": "appleNotification",
             "summary": "Apple's notifications. Authorization: Bearer <the account's notification token> (no API key). Deduplicated on notificationId.",
-            "security": [],
-            "parameters": [param("accountId", "path", "string", "")],
-            "responses": {"200": ok(json!({"type": "object"})), "400": err(&["invalid_json", "invalid_request"]), "401": err(&["unauthorized"])}}},
-        "/api/accounts/{id}/users": {
-            "get": {"summary": "Managed users, a page at a time (with invitation links)",
-                "parameters": [param("id", "path", "string", ""), param("page", "query", "integer", "")],
-                "responses": {"200": ok(json!({"type": "object"})), "404": err(&["not_found"])}},
-            "post": {"summary": "Register users with Apple: {clientUserId, email?, managedAppleId?} or {users:[...]}",
-                "security": admin, "parameters": [param("id", "path", "string", "")],
-                "responses": {"202": ok(json!({"type": "object"})), "400": err(&["invalid_request", "invalid_json"])}}},
-        "/api/accounts/{id}/users/{clientUserId}": {"get": {"summary": "One managed user with its invitation link",
-            "parameters": [param("id", "path", "string", ""), param("clientUserId", "path", "string", "")],
+            "security": [{"appleNotification": []}],
+            "parameters": [account_id_param("accountId")],
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object",
+                "required": ["notificationId", "notificationType", "notification"],
+                "properties": {"notificationId": {"type": "string", "minLength": 1}, "notificationType": {"type": "string"}, "notification": {"type": "object"}}}}}},
             "responses": {"200": ok(json!({"type": "object"})), "404": err(&["not_found"])}}},
-        "/api/accounts/{id}/users/{clientUserId}/retire": {"post": {"summary": "Retire a user (Apple frees its licenses)",
-            "security": admin,
-            "parameters": [param("id", "path", "string", ""), param("clientUserId", "path", "string", "")],
-            "responses": {"202": ok(json!({"type": "object"}))}}},
+        "/api/accounts/{id}/users": {
+            "parameters": [account_id_param("id")],
+            "get": {"operationId": "listUsers", "summary": "Managed users, a page at a time (with invitation links)",
+                "parameters": [query("page", json!({"type": "integer", "minimum": 0, "maximum": 63}), "follow nextPage")],
+                "responses": {"200": ok(r("UserPage")), "400": err(&["invalid_request"]), "404": err(&["not_found"])}},
+            "post": {"operationId": "createUsers", "x-apple": true,
+                "summary": "Register users with Apple: {clientUserId, email?, managedAppleId?} or {users:[...]}",
+                "requestBody": body("UsersRequest"),
+                "responses": {"202": ok(json!({"type": "object"})), "404": err(&["not_found"])}}},
+        "/api/accounts/{id}/users/{clientUserId}": {
+            "parameters": [account_id_param("id"), path("clientUserId", r("SubjectId"), "")],
+            "get": {"operationId": "getUser", "summary": "One managed user with its invitation link", "x-apple": true,
+                "responses": {"200": ok(r("User")), "400": err(&["invalid_request"]), "404": err(&["not_found"])}}},
+        "/api/accounts/{id}/users/{clientUserId}/retire": {
+            "parameters": [account_id_param("id"), path("clientUserId", r("SubjectId"), "")],
+            "post": {"operationId": "retireUser", "summary": "Retire a user (Apple frees its licenses)", "x-apple": true,
+                "responses": {"202": ok(json!({"type": "object"})), "400": err(&["invalid_request"]), "404": err(&["not_found"])}}},
     })
 }
 
 pub fn schemas() -> Value {
     let s = |t: &str| json!({"type": t});
+    let n = |t: &str| json!({"type": [t, "null"]});
+    let date = json!({"type": "string", "format": "date-time"});
     let subject = json!({"type": "object", "properties": {"serialNumber": s("string"), "clientUserId": s("string")}});
+    let subjects = |max: usize| json!({"type": "array", "maxItems": max, "items": r("SubjectId")});
     json!({
-        "LicenseRow": {"type": "object", "properties": {
+        "AdamId": {"type": "string", "pattern": "^[0-9]{1,32}$", "description": "Apple's numeric product id, e.g. \"408709785\""},
+        "PricingParam": {"type": "string", "enum": ["STDQ", "PLUS"]},
+        "SubjectId": {"type": "string", "pattern": "^[!-~]([ -~]{0,126}[!-~])?$",
+            "description": "a serial number or clientUserId: 1 to 128 printable ASCII characters, no surrounding space"},
+        "LicenseRow": {"type": "object", "required": ["accountId", "adamId", "pricingParam", "total", "available", "inUse", "pending", "lowLicenses"], "properties": {
             "accountId": s("string"), "accountName": s("string"), "adamId": s("string"), "pricingParam": s("string"),
-            "name": s("string"), "productType": s("string"), "total": s("integer"), "available": s("integer"),
+            "name": n("string"), "productType": s("string"), "total": s("integer"), "available": s("integer"),
             "inUse": s("integer"), "retired": s("integer"), "pending": s("integer"), "unlimited": s("boolean"),
-            "lowLicenses": s("boolean"), "deviceAssignable": s("boolean"), "revocable": s("boolean")}},
-        "AssignmentsPage": {"type": "object", "properties": {
-            "page": s("integer"), "pages": s("integer"), "nextPage": s("integer"),
-            "assignments": {"type": "array", "items": {"type": "object", "properties": {
+            "lowLicenses": s("boolean"), "deviceAssignable": s("boolean"), "revocable": s("boolean"),
+            "syncedAt": {"type": ["string", "null"], "format": "date-time"}}},
+        "AssignmentsPage": {"type": "object", "required": ["page", "pages", "assignments"], "properties": {
+            "accountId": s("string"), "adamId": s("string"), "pricingParam": s("string"), "inUse": s("integer"),
+            "page": s("integer"), "pages": s("integer"), "nextPage": n("integer"),
+            "assignments": {"type": "array", "items": {"type": "object", "required": ["madeBy"], "properties": {
                 "serialNumber": s("string"), "clientUserId": s("string"),
                 "madeBy": {"type": "string", "enum": ["thisInstance", "foreign"]}, "eventId": s("string"), "at": s("string")}}}}},
-        "AssignRequest": {"type": "object", "required": ["accountId", "adamId"], "properties": {
-            "accountId": s("string"), "adamId": s("string"), "pricingParam": {"type": "string", "enum": ["STDQ", "PLUS"]},
-            "serialNumbers": {"type": "array", "items": s("string")}, "clientUserIds": {"type": "array", "items": s("string")}}},
+        "AssignRequest": {"type": "object", "required": ["accountId", "adamId"], "additionalProperties": false,
+            "description": "Name at least one device or user; at most 10000 in all.",
+            "anyOf": [{"required": ["serialNumbers"], "properties": {"serialNumbers": {"minItems": 1}}},
+                      {"required": ["clientUserIds"], "properties": {"clientUserIds": {"minItems": 1}}}],
+            "properties": {
+                "accountId": {"type": "string", "minLength": 1}, "adamId": r("AdamId"), "pricingParam": r("PricingParam"),
+                "serialNumbers": subjects(10_000), "clientUserIds": subjects(10_000)}},
         "Submitted": {"type": "object", "properties": {
-            "eventId": s("string"), "events": {"type": "array", "items": r("Event")},
-            "alreadyAssigned": {"type": "array", "items": subject}, "rejected": {"type": "array", "items": subject}}},
-        "Event": {"type": "object", "properties": {
+            "eventId": n("string"), "events": {"type": "array", "items": r("Event")},
+            "alreadyAssigned": {"type": "array", "items": subject}, "shortfall": {"type": "array", "items": subject},
+            "rejected": {"type": "array", "items": subject}, "error": {}}},
+        "Event": {"type": "object", "required": ["id", "state"], "properties": {
             "id": s("string"), "accountId": s("string"), "kind": {"type": "string", "enum": ["associate", "disassociate", "revoke"]},
             "source": s("string"), "state": {"type": "string", "enum": ["pending", "complete", "failed"]},
-            "numRequested": s("integer"), "numCompleted": s("integer"),
+            "numRequested": n("integer"), "numCompleted": n("integer"),
             "results": {"type": "array", "items": {"type": "object", "properties": {
                 "serialNumber": s("string"), "clientUserId": s("string"),
                 "state": {"type": "string", "enum": ["pending", "succeeded", "failed"]},
-                "error": {"type": "object", "properties": {"appleErrorNumber": s("integer"), "message": s("string")}}}}}}},
-        "PolicyRequest": {"type": "object", "required": ["name", "accountId", "assets"], "properties": {
-            "name": s("string"), "accountId": s("string"),
-            "assets": {"type": "array", "items": {"type": "object", "properties": {"adamId": s("string"), "pricingParam": s("string")}}},
-            "serialNumbers": {"type": "array", "items": s("string")}, "clientUserIds": {"type": "array", "items": s("string")}}},
-        "Policy": {"allOf": [r("PolicyRequest"), {"type": "object", "properties": {"id": s("string"), "createdAt": s("string"), "updatedAt": s("string")}}]},
+                "error": {"type": ["object", "null"], "properties": {"appleErrorNumber": n("integer"), "message": s("string")}}}}}}},
+        "PolicyAsset": {"type": "object", "required": ["adamId"], "properties": {"adamId": r("AdamId"), "pricingParam": r("PricingParam")}},
+        "PolicyRequest": {"type": "object", "required": ["name", "accountId", "assets"], "additionalProperties": false,
+            "description": "At most 20000 serial numbers and clientUserIds in all.",
+            "properties": {
+                "name": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "\\S"}, "accountId": {"type": "string", "minLength": 1},
+                "assets": {"type": "array", "minItems": 1, "maxItems": 200, "items": r("PolicyAsset")},
+                "serialNumbers": subjects(20_000), "clientUserIds": subjects(20_000)}},
+        "PolicySummary": {"type": "object", "required": ["id", "name", "accountId"], "properties": {"id": s("string"), "name": s("string"), "accountId": s("string")}},
+        "Policy": {"type": "object", "required": ["id", "name", "accountId", "assets"], "properties": {
+            "id": s("string"), "name": s("string"), "accountId": s("string"),
+            "assets": {"type": "array", "items": r("PolicyAsset")},
+            "serialNumbers": {"type": "array", "items": s("string")}, "clientUserIds": {"type": "array", "items": s("string")},
+            "createdAt": date, "updatedAt": date}},
         "PolicyResult": {"type": "object", "properties": {"policy": r("Policy"), "assignments": {"type": "array", "items": {"type": "object", "properties": {
             "adamId": s("string"), "wanted": s("integer"), "alreadyAssigned": s("integer"), "requested": s("integer"),
             "shortfall": s("integer"), "shortfallSubjects": {"type": "array", "items": subject}, "eventIds": {"type": "array", "items": s("string")}}}}}},
-        "Settings": {"type": "object", "properties": {
+        "Settings": {"type": "object", "required": ["licenseRemovalNotification", "lowLicenseThreshold", "noticeWebhookUrl", "noticeWebhookSecretSet"], "properties": {
             "licenseRemovalNotification": s("boolean"), "lowLicenseThreshold": s("integer"),
-            "noticeWebhookUrl": s("string"), "noticeWebhookSecretSet": s("boolean")}},
-        "SettingsRequest": {"type": "object", "properties": {
-            "licenseRemovalNotification": s("boolean"), "lowLicenseThreshold": s("integer"),
-            "noticeWebhookUrl": {"type": "string", "nullable": true}, "noticeWebhookSecret": {"type": "string", "minLength": 16}}},
-        "NoticePage": {"type": "object", "properties": {
-            "notices": {"type": "array", "items": {"type": "object", "properties": {
-                "id": s("string"), "accountId": s("string"), "adamId": s("string"), "pricingParam": s("string"),
-                "serialNumber": s("string"), "clientUserId": s("string"), "reason": s("string"), "at": s("string"), "deliveredAt": s("string")}}},
-            "nextPage": s("integer"), "undelivered": s("integer"), "lastDeliveryError": s("string")}},
+            "noticeWebhookUrl": n("string"), "noticeWebhookSecretSet": s("boolean")}},
+        "SettingsRequest": {"type": "object", "additionalProperties": false, "properties": {
+            "licenseRemovalNotification": s("boolean"),
+            "lowLicenseThreshold": {"type": "integer", "minimum": 0, "maximum": 1_000_000},
+            "noticeWebhookUrl": {"type": ["string", "null"], "format": "uri", "maxLength": 2048, "pattern": "^https?://",
+                "description": "an http(s) URL the licenses component may reach (notice_webhook_hosts); null or \"\" removes it"},
+            "noticeWebhookSecret": {"type": "string", "minLength": 16, "maxLength": 256, "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$"}}},
+        "Notice": {"type": "object", "required": ["id", "accountId", "adamId", "pricingParam", "reason", "at"], "properties": {
+            "id": s("string"), "accountId": s("string"), "adamId": s("string"), "pricingParam": s("string"),
+            "serialNumber": s("string"), "clientUserId": s("string"), "reason": s("string"), "at": date, "deliveredAt": date}},
+        "NoticePage": {"type": "object", "required": ["notices", "undelivered"], "properties": {
+            "notices": {"type": "array", "items": r("Notice")},
+            "nextPage": s("integer"), "undelivered": s("integer"), "lastDeliveryError": s("string"), "nextDeliveryAt": date}},
+        "DeliveryReport": {"type": "object"},
+        "DailyTick": {"type": "object", "required": ["status"], "properties": {
+            "status": {"type": "string", "enum": ["idle", "busy", "started", "running", "finished"]},
+            "job": r("Job"), "nextRunAt": date, "message": s("string")}},
+        "NewUser": {"type": "object", "required": ["clientUserId"], "additionalProperties": false, "properties": {
+            "clientUserId": r("SubjectId"), "email": {"type": "string", "format": "email", "maxLength": 254}, "managedAppleId": s("string")}},
+        "UsersRequest": {"oneOf": [
+            {"type": "object", "required": ["users"], "additionalProperties": false, "properties": {
+                "users": {"type": "array", "minItems": 1, "maxItems": 1000, "uniqueItems": true, "items": r("NewUser")}}},
+            r("NewUser")]},
+        "User": {"type": "object", "required": ["clientUserId"], "properties": {
+            "clientUserId": s("string"), "email": n("string"), "status": s("string"), "invitationUrl": s("string")}},
+        "UserPage": {"type": "object", "required": ["users"], "properties": {"users": {"type": "array", "items": r("User")}, "nextPage": n("integer")}},
     })
 }

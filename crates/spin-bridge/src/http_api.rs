@@ -167,6 +167,10 @@ impl ApiResponse {
         if let Some(s) = e.retry_after {
             r.headers.push(("retry-after".into(), s.to_string()));
         }
+        // RFC 9110 15.5.6: a 405 lists the methods the resource supports.
+        if let Some(allow) = e.allow_header() {
+            r.headers.push(("allow".into(), allow));
+        }
         r
     }
 
