@@ -185,19 +185,28 @@ impl Ctx {
         let resp = match done.last {
             Ok(resp) => resp,
             Err(e) => {
-                self.record(account, rest, None, Some(&AppleError::Transport(e.clone())))?;
+                let lost = AppleError::Transport(e.clone());
+                self.record(account, rest, done.attempts, None, Some(&lost))?;
                 return Err(unreachable_apple(&e));
             }
         };
-        let owner = self.record(account, rest, Some(&resp), done.error.as_ref())?;
+        let owner = self.record(
+            account,
+            rest,
+            done.attempts,
+            Some(&resp),
+            done.error.as_ref(),
+        )?;
         Ok(apple_answer(&resp, Some(owner)))
     }
 
-    /// Remember what Apple said: owner (from `mdmInfo`), last error, backoff, token expiry.
+    /// Remember what Apple said: owner (from `mdmInfo`), last error, backoff, token expiry, and
+    /// count the requests (`attempts`) and the error.
     fn record(
         &self,
         account: &str,
         path: &str,
+        attempts: u32,
         resp: Option<&AppleResponse>,
         error: Option<&AppleError>,
     ) -> Result<Owner, ApiError> {
@@ -225,7 +234,7 @@ impl Ctx {
                 Some(n) => n.to_string(),
                 None => e.code().to_string(),
             });
-            st.count_call(path, error_key.as_deref());
+            st.count_call(path, attempts, error_key.as_deref());
             match error {
                 None => {
                     st.last_ok_at = Some(now);

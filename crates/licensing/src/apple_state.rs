@@ -76,7 +76,8 @@ pub const ENDPOINTS: [&str; 13] = [
 /// Distinct error kinds kept per endpoint; rarer ones are added up under `other`.
 pub const MAX_ERROR_KINDS: usize = 16;
 
-/// One endpoint's calls and errors. `errors` is keyed by Apple's `errorNumber` (e.g. `9632`), or
+/// One endpoint's requests to Apple (`calls`, retries included) and failed calls (`errors`, once
+/// per call that failed after its retries). `errors` is keyed by Apple's `errorNumber` (e.g. `9632`), or
 /// by our error code when Apple gave no number (e.g. `apple_unavailable` for a lost answer).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
@@ -97,10 +98,11 @@ pub fn endpoint_of(path: &str) -> &'static str {
 }
 
 impl AppleState {
-    /// Count one call to Apple's `path`; `error` is Apple's `errorNumber` or our code.
-    pub fn count_call(&mut self, path: &str, error: Option<&str>) {
+    /// Count a call to Apple's `path` that took `requests` HTTP requests (retries included);
+    /// `error` (Apple's `errorNumber`, or our code) when it failed in the end.
+    pub fn count_call(&mut self, path: &str, requests: u32, error: Option<&str>) {
         let counts = self.calls.entry(endpoint_of(path).to_string()).or_default();
-        counts.calls += 1;
+        counts.calls += u64::from(requests);
         if let Some(e) = error {
             let key = if counts.errors.contains_key(e) || counts.errors.len() < MAX_ERROR_KINDS - 1
             {
@@ -141,16 +143,16 @@ mod tests {
     #[test]
     fn calls_are_counted_per_endpoint_and_error_and_stay_bounded() {
         let mut st = AppleState::default();
-        st.count_call("/assets/associate", None);
-        st.count_call("assets/associate", Some("9632"));
-        st.count_call("status?eventId=1", Some("apple_unavailable"));
-        st.count_call("something/new", None);
-        assert_eq!(st.calls["assets/associate"].calls, 2);
+        st.count_call("/assets/associate", 1, None);
+        st.count_call("assets/associate", 3, Some("9632"));
+        st.count_call("status?eventId=1", 1, Some("apple_unavailable"));
+        st.count_call("something/new", 1, None);
+        assert_eq!(st.calls["assets/associate"].calls, 4);
         assert_eq!(st.calls["assets/associate"].errors["9632"], 1);
         assert_eq!(st.calls["status"].errors["apple_unavailable"], 1);
         assert_eq!(st.calls["other"].calls, 1);
         for n in 0..100 {
-            st.count_call("assets", Some(&format!("{}", 9000 + n)));
+            st.count_call("assets", 1, Some(&format!("{}", 9000 + n)));
         }
         let assets = &st.calls["assets"];
         assert_eq!(assets.calls, 100);

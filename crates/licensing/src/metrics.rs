@@ -241,7 +241,7 @@ pub fn render(kv: &impl Kv, now: DateTime<Utc>) -> Result<String, ApiError> {
     let mut f = x.family(
         "vpp_apple_calls_total",
         "counter",
-        "Calls to Apple per account and endpoint since the account was added.",
+        "HTTP requests to Apple (retries included) per account and endpoint since the account was added.",
     );
     for a in &accounts {
         for (endpoint, c) in &a.apple.calls {
@@ -255,7 +255,7 @@ pub fn render(kv: &impl Kv, now: DateTime<Utc>) -> Result<String, ApiError> {
     let mut f = x.family(
         "vpp_apple_errors_total",
         "counter",
-        "Failed calls to Apple per account, endpoint and error_number (Apple's errorNumber, or our code when Apple gave none).",
+        "Calls to Apple that failed after their retries, per account, endpoint and error_number (Apple's errorNumber, or our code when Apple gave none).",
     );
     for a in &accounts {
         for (endpoint, c) in &a.apple.calls {
@@ -399,5 +399,127 @@ mod tests {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }
         assert!(text.ends_with('\n'));
+    }
+
+    /// Counts reads, and fails on any write: the metrics route only reads.
+    struct Counting {
+        inner: vpp_store::MemoryKv,
+        reads: std::cell::Cell<usize>,
+    }
+
+    impl Kv for Counting {
+        fn get(&self, key: &str) -> Result<Option<Vec<u8>>, vpp_store::KvError> {
+            self.reads.set(self.reads.get() + 1);
+            self.inner.get(key)
+        }
+        fn set(&self, key: &str, _: &[u8]) -> Result<(), vpp_store::KvError> {
+            panic!("metrics wrote {key}")
+        }
+        fn delete(&self, key: &str) -> Result<(), vpp_store::KvError> {
+            panic!("metrics deleted {key}")
+        }
+        fn swap(&self, key: &str, _: Option<&[u8]>, _: &[u8]) -> Result<bool, vpp_store::KvError> {
+            panic!("metrics swapped {key}")
+        }
+    }
+
+    fn put(kv: &vpp_store::MemoryKv, key: String, v: serde_json::Value) {
+        kv.set(&key, v.to_string().as_bytes()).unwrap();
+    }
+
+    /// `accounts` accounts of `assets` assets each, with Apple state and a finished job each.
+    fn store(accounts: usize, assets: usize) -> vpp_store::MemoryKv {
+        use serde_json::json;
+        let kv = vpp_store::MemoryKv::default();
+        let ids: Vec<String> = (0..accounts).map(|i| format!("{i:032x}")).collect();
+        put(&kv, keys::accounts(), json!(ids));
+        let mut index = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            put(
+                &kv,
+                keys::account(id),
+                json!({
+                "id": id, "name": format!("A{i}"), "organization": "Org", "location": "Loc",
+                "locationId": null, "country": null, "defaultPlatform": null, "websiteUrl": null,
+                "tokenExpiresAt": "2030-01-01T00:00:00Z", "createdAt": "2026-01-01T00:00:00Z",
+                "updatedAt": "2026-01-01T00:00:00Z", "lastSynchronized": "2026-11-30T11:00:00Z"}),
+            );
+            put(
+                &kv,
+                keys::apple_state(id),
+                json!({
+                "owner": {"kind": "ours"},
+                "lastError": {"code": "apple_rejected", "message": "m", "number": 9632, "at": "2026-11-30T11:00:00Z"},
+                "calls": {"assets": {"calls": 7, "errors": {"9632": 2}}}}),
+            );
+            put(&kv, keys::account_events(id), json!(["e1", "e2"]));
+            let list: Vec<_> = (0..assets).map(|a| json!({
+                "adamId": format!("{}", 1000 + a), "pricingParam": "STDQ", "productType": "App",
+                "name": format!("App \"{a}\""), "total": 10, "available": 4, "inUse": 6, "retired": 0})).collect();
+            put(
+                &kv,
+                keys::assets(id),
+                json!({"generation": 1, "syncedAt": null, "assets": list}),
+            );
+            let job = format!("{:032x}", 1000 + i);
+            put(
+                &kv,
+                keys::job(&job),
+                json!({
+                "id": job, "kind": "refresh", "accountId": id, "state": "succeeded", "requestedBy": "admin",
+                "createdAt": "2026-11-30T11:00:00Z", "updatedAt": "2026-11-30T11:00:30Z",
+                "finishedAt": "2026-11-30T11:00:30Z", "progress": {"phase": "done", "done": 1}, "slices": 1}),
+            );
+            index.push(json!({"id": job, "kind": "refresh", "createdAt": "2026-11-30T11:00:00Z"}));
+        }
+        put(&kv, keys::jobs(), json!(index));
+        kv
+    }
+
+    #[test]
+    fn figures_come_from_the_stored_records() {
+        let now: DateTime<Utc> = "2026-11-30T12:00:00Z".parse().unwrap();
+        let text = render(&store(2, 3), now).unwrap();
+        let id = format!("{:032x}", 0);
+        for line in [
+            "vpp_accounts 2".to_string(),
+            format!("vpp_account_seconds_since_last_sync{{account_id=\"{id}\"}} 3600"),
+            format!("vpp_account_owned{{account_id=\"{id}\",owner=\"ours\"}} 1"),
+            format!("vpp_account_last_apple_error_number{{account_id=\"{id}\",code=\"apple_rejected\"}} 9632"),
+            format!("vpp_account_pending_events{{account_id=\"{id}\"}} 2"),
+            format!("vpp_apple_calls_total{{account_id=\"{id}\",endpoint=\"assets\"}} 7"),
+            format!("vpp_apple_errors_total{{account_id=\"{id}\",endpoint=\"assets\",error_number=\"9632\"}} 2"),
+            format!("vpp_asset_licenses{{account_id=\"{id}\",adam_id=\"1000\",pricing_param=\"STDQ\",state=\"in_use\"}} 6"),
+            format!("vpp_asset_low_licenses{{account_id=\"{id}\",adam_id=\"1000\",pricing_param=\"STDQ\",name=\"App \\\"0\\\"\"}} 1"),
+            "vpp_jobs{kind=\"refresh\",state=\"succeeded\"} 2".to_string(),
+            "vpp_job_duration_seconds_sum{kind=\"refresh\",outcome=\"succeeded\"} 60".to_string(),
+            "vpp_job_duration_seconds_count{kind=\"refresh\",outcome=\"succeeded\"} 2".to_string(),
+            "vpp_pending_events 4".to_string(),
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+    }
+
+    #[test]
+    fn reads_grow_with_accounts_and_kept_jobs_never_with_assets() {
+        let now = Utc::now();
+        let reads = |accounts: usize, assets: usize| {
+            let kv = Counting {
+                inner: store(accounts, assets),
+                reads: Default::default(),
+            };
+            render(&kv, now).unwrap();
+            kv.reads.get()
+        };
+        assert_eq!(reads(3, 1), reads(3, 500));
+        let per_account = reads(4, 1) - reads(3, 1);
+        // record, Apple state, pending events, and the licenses list's record, assets,
+        // reservations; plus the account's one job.
+        assert!(per_account <= 7, "{per_account} reads per account");
+        assert!(
+            reads(0, 0) <= 8,
+            "{} reads with nothing stored",
+            reads(0, 0)
+        );
     }
 }
