@@ -90,7 +90,7 @@ pub fn validate_subjects(
     ] {
         for v in list {
             let v = v.trim();
-            if v.is_empty() || v.len() > MAX_ID_LEN || v.chars().any(char::is_control) {
+            if v.is_empty() || v.chars().count() > MAX_ID_LEN || v.chars().any(char::is_control) {
                 return Err(ApiError::invalid_field(
                     field,
                     format!("{field} entries must be 1 to {MAX_ID_LEN} printable characters"),

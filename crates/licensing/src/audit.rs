@@ -85,10 +85,8 @@ pub fn list(kv: &impl Kv, page: Option<u64>) -> Result<AuditPage, ApiError> {
     let head: Head = vpp_store::get_json(kv, &keys::audit_head())?.unwrap_or_default();
     let page = page.unwrap_or(head.page);
     if page > head.page {
-        return Err(ApiError::invalid_field(
-            "page",
-            format!("page {page} does not exist yet"),
-        ));
+        return Err(ApiError::not_found(format!("audit page {page}"))
+            .with_details(serde_json::json!({"field": "page"})));
     }
     let mut records: Vec<AuditRecord> =
         vpp_store::get_json(kv, &keys::audit_page(page))?.unwrap_or_default();

@@ -180,10 +180,11 @@ pub fn assignments(
     };
     let page = page.unwrap_or(0);
     if page >= u64::from(asset.shards) {
-        return Err(ApiError::invalid_field(
-            "page",
-            format!("page must be below {}", asset.shards),
-        ));
+        return Err(ApiError::not_found(format!(
+            "page {page} (the asset's assignments have {} pages)",
+            asset.shards
+        ))
+        .with_details(json!({"field": "page"})));
     }
     let shard: AssignmentShard = get_json(
         kv,

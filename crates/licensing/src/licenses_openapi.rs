@@ -93,7 +93,7 @@ pub fn paths() -> Value {
         "/api/events/{id}": {"get": {
             "operationId": "getEvent",
             "summary": "Apple's outcome of an event, per device or user (polls Apple when due: >= 30 s apart)",
-            "parameters": [path("id", json!({"type": "string", "minLength": 1, "maxLength": 128}), "Apple's eventId")],
+            "parameters": [path("id", json!({"type": "string", "pattern": "^[A-Za-z0-9._~-]{1,128}$"}), "Apple's eventId")],
             "responses": {"200": ok(r("Event")), "404": err(&["not_found"])}}},
         "/api/policies": {"get": {"operationId": "listPolicies", "summary": "All app policies",
             "responses": {"200": ok(json!({"type": "object", "required": ["policies"], "properties": {"policies": {"type": "array", "items": r("PolicySummary")}}}))}}},
@@ -160,11 +160,11 @@ pub fn paths() -> Value {
                 "requestBody": body("UsersRequest"),
                 "responses": {"202": ok(json!({"type": "object"})), "404": err(&["not_found"])}}},
         "/api/accounts/{id}/users/{clientUserId}": {
-            "parameters": [account_id_param("id"), path("clientUserId", r("SubjectId"), "")],
+            "parameters": [account_id_param("id"), path("clientUserId", json!({"type": "string", "pattern": "^[A-Za-z0-9._~@+-]{1,128}$"}), "the user's clientUserId (other characters are never found: 404)")],
             "get": {"operationId": "getUser", "summary": "One managed user with its invitation link", "x-apple": true,
                 "responses": {"200": ok(r("User")), "400": err(&["invalid_request"]), "404": err(&["not_found"])}}},
         "/api/accounts/{id}/users/{clientUserId}/retire": {
-            "parameters": [account_id_param("id"), path("clientUserId", r("SubjectId"), "")],
+            "parameters": [account_id_param("id"), path("clientUserId", json!({"type": "string", "pattern": "^[A-Za-z0-9._~@+-]{1,128}$"}), "the user's clientUserId (other characters are never found: 404)")],
             "post": {"operationId": "retireUser", "summary": "Retire a user (Apple frees its licenses)", "x-apple": true,
                 "responses": {"202": ok(json!({"type": "object"})), "400": err(&["invalid_request"]), "404": err(&["not_found"])}}},
     })

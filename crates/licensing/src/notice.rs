@@ -194,10 +194,8 @@ pub fn list(kv: &impl Kv, page: Option<u64>) -> Result<NoticePage, crate::ApiErr
     let head: Head = get_json(kv, &keys::notices_head())?.unwrap_or_default();
     let page = page.unwrap_or(head.page);
     if page > head.page {
-        return Err(crate::ApiError::invalid_field(
-            "page",
-            format!("page {page} does not exist yet"),
-        ));
+        return Err(crate::ApiError::not_found(format!("notice page {page}"))
+            .with_details(serde_json::json!({"field": "page"})));
     }
     let mut notices: Vec<Notice> = get_json(kv, &keys::notices_page(page))?.unwrap_or_default();
     notices.reverse();

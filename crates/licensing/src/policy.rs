@@ -154,7 +154,7 @@ pub fn validate(
 ) -> Result<(Policy, AssetsDoc), ApiError> {
     validate_id(id)?;
     let name = body.name.trim();
-    if name.is_empty() || name.len() > 200 {
+    if name.is_empty() || name.chars().count() > 200 {
         return Err(ApiError::invalid_field(
             "name",
             "name must be 1 to 200 characters",

@@ -114,7 +114,7 @@ pub fn put(kv: &impl Kv, body: &[u8]) -> Result<Settings, ApiError> {
     let secret = match obj.get("noticeWebhookSecret") {
         None => None,
         Some(Value::String(s))
-            if (MIN_SECRET_LEN..=MAX_SECRET_LEN).contains(&s.len())
+            if (MIN_SECRET_LEN..=MAX_SECRET_LEN).contains(&s.chars().count())
                 && !s.chars().any(char::is_control) =>
         {
             Some(s.clone())
@@ -143,8 +143,9 @@ pub fn put(kv: &impl Kv, body: &[u8]) -> Result<Settings, ApiError> {
         next.notice_webhook_secret = Some(s);
     }
     if next.notice_webhook_url.is_some() && next.notice_webhook_secret.is_none() {
+        // Well-formed, but the stored settings have no secret to sign with: 422, not 400.
         return Err(ApiError::new(
-            ErrorCode::InvalidRequest,
+            ErrorCode::Unprocessable,
             format!("a webhook needs noticeWebhookSecret ({MIN_SECRET_LEN}+ characters) to sign deliveries"),
         )
         .with_details(json!({"field": "noticeWebhookSecret"})));

@@ -184,7 +184,7 @@ fn valid_email(e: &str) -> bool {
 }
 
 fn validate_cid(cid: &str) -> Result<(), ApiError> {
-    if cid.trim().is_empty() || cid.len() > 128 || cid.chars().any(char::is_control) {
+    if cid.trim().is_empty() || cid.chars().count() > 128 || cid.chars().any(char::is_control) {
         return Err(ApiError::invalid_field(
             "clientUserId",
             "clientUserId must be 1 to 128 printable characters",

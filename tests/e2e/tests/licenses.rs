@@ -156,7 +156,7 @@ async fn licenses_list_search_csv_and_assignments_page() {
         env.get(&format!("/api/licenses/{id}/100/assignments?page=9"))
             .await
             .code(),
-        "invalid_request"
+        "not_found"
     );
 }
 
