@@ -9,6 +9,9 @@ pub struct MemoryKv {
     inner: Arc<Mutex<Inner>>,
 }
 
+/// Another writer's turn, run right after a swap.
+type AfterSwap = Box<dyn FnOnce(&MemoryKv) + Send>;
+
 #[derive(Default)]
 struct Inner {
     data: BTreeMap<String, Vec<u8>>,
@@ -17,7 +20,7 @@ struct Inner {
     /// Report every swap as failed, applied or not (Spin's Redis store).
     swap_always_reports_failure: bool,
     /// Called once with the store after the next applied swap (a writer slipping in).
-    after_swap: Option<Box<dyn FnOnce(&MemoryKv) + Send>>,
+    after_swap: Option<AfterSwap>,
 }
 
 impl MemoryKv {
