@@ -55,6 +55,8 @@ impl Kv for SpinKv {
         }
         match swap(cas, new) {
             Ok(()) => Ok(true),
+            // Not proof that nothing was written: Spin's Redis store reports applied swaps as
+            // cas-failed too. `vpp_store::update` reads the key back to tell (write marks).
             Err(CasError::CasFailed(_)) => Ok(false),
             Err(CasError::StoreError(e)) => Err(KvError(format!("{e:?}"))),
         }

@@ -5,6 +5,7 @@
 //! [`keys`]: that module is the one place where the layout is written down.
 
 pub mod keys;
+pub mod mark;
 mod memory;
 
 pub use memory::MemoryKv;
@@ -26,9 +27,11 @@ impl std::error::Error for KvError {}
 
 /// The operations Spin's key-value store offers on every platform, plus compare-and-swap.
 ///
-/// `swap` writes `new` only if the stored value is still `expected` (`None`: the key is absent)
-/// and says whether it did. Where the platform has no atomics the implementation documents its
-/// weaker guarantee (see docs/architecture.md).
+/// `swap` writes `new` only if the stored value is still `expected` (`None`: the key is absent).
+/// `Ok(true)` means it wrote; `Ok(false)` means it may not have: Spin's Redis store reports
+/// `cas-failed` after a swap it applied, so a caller that must know reads the key back, as
+/// [`update`] does with its write marks ([`mark`]). Where the platform has no atomics the
+/// implementation documents its weaker guarantee (see docs/architecture.md).
 pub trait Kv {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError>;
     fn set(&self, key: &str, value: &[u8]) -> Result<(), KvError>;
@@ -119,6 +122,10 @@ fn encode<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
 /// value (or `None`) and returns the new one plus a result; the write is a compare-and-swap
 /// against the bytes read, retried from a fresh read when another writer got there first.
 /// Returning `None` as the new value leaves the key untouched.
+///
+/// Every write carries a fresh revision in its [`mark`]. When the store reports the swap as
+/// failed, the key is read again: if a mark there holds our revision, the write landed (Spin's
+/// Redis store reports applied swaps as failed) and `f` is not applied a second time.
 pub fn update<T, R>(
     kv: &impl Kv,
     key: &str,
@@ -129,15 +136,21 @@ where
 {
     for _ in 0..MAX_SWAP_ATTEMPTS {
         let raw = kv.get(key)?;
-        let current = match &raw {
-            None => None,
-            Some(bytes) => Some(decode::<T>(key, bytes)?),
+        let (current, before) = match &raw {
+            None => (None, Vec::new()),
+            Some(bytes) => (Some(decode::<T>(key, bytes)?), mark::revisions(bytes)),
         };
         let (next, out) = f(current)?;
         let Some(next) = next else { return Ok(out) };
-        let bytes = encode(key, &next)?;
+        let revision = mark::new_revision();
+        let bytes = mark::append(encode(key, &next)?, revision, &before);
         if kv.swap(key, raw.as_deref(), &bytes)? {
             return Ok(out);
+        }
+        if let Some(now) = kv.get(key)? {
+            if mark::revisions(&now).contains(&revision) {
+                return Ok(out);
+            }
         }
     }
     Err(StoreError::Contended {
@@ -198,5 +211,108 @@ mod tests {
         let kv = MemoryKv::default();
         update::<u32, ()>(&kv, "n", |_| Ok((None, ()))).unwrap();
         assert!(!kv.exists("n").unwrap());
+    }
+
+    /// Spin's Redis store reports every swap as failed; each update must still apply once.
+    #[test]
+    fn update_applies_once_when_the_store_reports_an_applied_swap_as_failed() {
+        let kv = MemoryKv::like_spin_redis();
+        for _ in 0..10 {
+            update::<u32, ()>(&kv, "n", |cur| Ok((Some(cur.unwrap_or(0) + 1), ()))).unwrap();
+        }
+        assert_eq!(get_json::<u32>(&kv, "n").unwrap(), Some(10));
+    }
+
+    /// The write landed, then another writer built on it before we read the key back: our
+    /// revision is in its mark, so we do not apply our change a second time.
+    #[test]
+    fn update_finds_its_write_under_a_later_writers_value() {
+        let kv = MemoryKv::like_spin_redis();
+        set_json(&kv, "items", &Vec::<String>::new()).unwrap();
+        kv.after_next_swap(|kv| {
+            update::<Vec<String>, ()>(kv, "items", |cur| {
+                let mut v = cur.unwrap_or_default();
+                v.push("theirs".into());
+                Ok((Some(v), ()))
+            })
+            .unwrap();
+        });
+        update::<Vec<String>, ()>(&kv, "items", |cur| {
+            let mut v = cur.unwrap_or_default();
+            v.push("ours".into());
+            Ok((Some(v), ()))
+        })
+        .unwrap();
+        assert_eq!(
+            get_json::<Vec<String>>(&kv, "items").unwrap(),
+            Some(vec!["ours".to_string(), "theirs".to_string()])
+        );
+    }
+
+    /// Another writer computed the very same value from the same state and won the race: the
+    /// key holds the JSON we meant to write, but not our revision, so our change is applied again
+    /// on the fresh value (two increments, not one).
+    #[test]
+    fn an_equal_value_from_another_writer_does_not_count_as_ours() {
+        let kv = MemoryKv::like_spin_redis();
+        set_json(&kv, "n", &5u32).unwrap();
+        let mut first = true;
+        update::<u32, ()>(&kv, "n", |cur| {
+            let cur = cur.unwrap_or(0);
+            if first {
+                first = false;
+                // Read 5 like us, wrote 6 before our swap.
+                update::<u32, ()>(&kv, "n", |c| Ok((Some(c.unwrap_or(0) + 1), ()))).unwrap();
+            }
+            Ok((Some(cur + 1), ()))
+        })
+        .unwrap();
+        assert_eq!(get_json::<u32>(&kv, "n").unwrap(), Some(7));
+    }
+
+    /// Model: writers on several threads append unique items through a store that reports
+    /// applied swaps as failed (and one that does not); every item ends up there exactly once.
+    #[test]
+    fn concurrent_writers_lose_nothing_and_repeat_nothing() {
+        for kv in [MemoryKv::like_spin_redis(), MemoryKv::default()] {
+            let threads = 4;
+            let per_thread = 150;
+            std::thread::scope(|s| {
+                for t in 0..threads {
+                    let kv = kv.clone();
+                    s.spawn(move || {
+                        for i in 0..per_thread {
+                            let item = t * 1000 + i;
+                            // Contention can exhaust the attempts: the caller retries later.
+                            loop {
+                                let r = update::<Vec<u32>, ()>(&kv, "items", |cur| {
+                                    let mut v = cur.unwrap_or_default();
+                                    v.push(item);
+                                    Ok((Some(v), ()))
+                                });
+                                match r {
+                                    Ok(()) => break,
+                                    Err(StoreError::Contended { .. }) => continue,
+                                    Err(e) => panic!("{e}"),
+                                }
+                            }
+                        }
+                    });
+                }
+            });
+            let mut items = get_json::<Vec<u32>>(&kv, "items").unwrap().unwrap();
+            assert_eq!(items.len(), (threads * per_thread) as usize);
+            items.sort();
+            items.dedup();
+            assert_eq!(items.len(), (threads * per_thread) as usize);
+        }
+    }
+
+    #[test]
+    fn values_written_before_marks_existed_are_updated() {
+        let kv = MemoryKv::like_spin_redis();
+        kv.set("n", b"3").unwrap();
+        update::<u32, ()>(&kv, "n", |cur| Ok((Some(cur.unwrap_or(0) + 1), ()))).unwrap();
+        assert_eq!(get_json::<u32>(&kv, "n").unwrap(), Some(4));
     }
 }

@@ -9,14 +9,36 @@ pub struct MemoryKv {
     inner: Arc<Mutex<Inner>>,
 }
 
+/// Another writer's turn, run right after a swap.
+type AfterSwap = Box<dyn FnOnce(&MemoryKv) + Send>;
+
 #[derive(Default)]
 struct Inner {
     data: BTreeMap<String, Vec<u8>>,
     /// Fail every write after this many more writes succeed.
     writes_before_failure: Option<usize>,
+    /// Report every swap as failed, applied or not (Spin's Redis store).
+    swap_always_reports_failure: bool,
+    /// Called once with the store after the next applied swap (a writer slipping in).
+    after_swap: Option<AfterSwap>,
 }
 
 impl MemoryKv {
+    /// A store whose `swap` behaves as Spin's Redis store (`crates/key-value-redis`, Spin
+    /// 4.0.2): the compare-and-swap is applied when the value is unchanged, and then reported
+    /// as `cas-failed` either way (its `UNWATCH <key>` is refused by Redis).
+    pub fn like_spin_redis() -> MemoryKv {
+        let kv = MemoryKv::default();
+        kv.lock().swap_always_reports_failure = true;
+        kv
+    }
+
+    /// Run `f` right after the next swap that is applied, before its caller sees the answer:
+    /// another writer that gets in between a swap and the caller's next read.
+    pub fn after_next_swap(&self, f: impl FnOnce(&MemoryKv) + Send + 'static) {
+        self.lock().after_swap = Some(Box::new(f));
+    }
+
     pub fn keys(&self) -> Vec<String> {
         self.lock().data.keys().cloned().collect()
     }
@@ -69,12 +91,18 @@ impl Kv for MemoryKv {
     }
 
     fn swap(&self, key: &str, expected: Option<&[u8]>, new: &[u8]) -> Result<bool, KvError> {
-        let mut inner = self.lock();
-        if inner.data.get(key).map(Vec::as_slice) != expected {
-            return Ok(false);
+        let (hook, reported) = {
+            let mut inner = self.lock();
+            if inner.data.get(key).map(Vec::as_slice) != expected {
+                return Ok(false);
+            }
+            inner.charge_write()?;
+            inner.data.insert(key.to_string(), new.to_vec());
+            (inner.after_swap.take(), !inner.swap_always_reports_failure)
+        };
+        if let Some(f) = hook {
+            f(self);
         }
-        inner.charge_write()?;
-        inner.data.insert(key.to_string(), new.to_vec());
-        Ok(true)
+        Ok(reported)
     }
 }

@@ -5,7 +5,7 @@
 use apple_sim::Simulator;
 use base64::Engine;
 use serde_json::Value;
-use spin_host::{App, HostOptions, ServerHandle};
+use spin_host::{App, HostOptions, Platform, ServerHandle};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 
@@ -99,6 +99,194 @@ pub struct Env {
     pub sim: Simulator,
     pub server: ServerHandle,
     pub public_url: String,
+    /// How the app was started: [`Env::another_instance`] starts more the same way.
+    launch: Launch,
+}
+
+/// How the host runs the app: the platform, and where the key-value store lives.
+#[derive(Clone, Debug, Default)]
+pub struct HostSetup {
+    pub platform: Platform,
+    /// A runtime config file (e.g. `[key_value_store.default] type = "redis"`).
+    pub runtime_config: Option<PathBuf>,
+}
+
+#[derive(Clone)]
+struct Launch {
+    variables: Vec<(String, String)>,
+    setup: HostSetup,
+}
+
+/// One more instance of the app of an [`Env`]: same variables and key-value store, its own port.
+pub struct Instance {
+    pub app: App,
+    pub server: ServerHandle,
+    pub public_url: String,
+}
+
+impl Instance {
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        key: Option<&str>,
+    ) -> Resp {
+        request(&self.app, method, path, body, key).await
+    }
+
+    pub async fn admin(&self, method: &str, path: &str, body: Option<&Value>) -> Resp {
+        self.call(method, path, body, Some(ADMIN_KEY)).await
+    }
+}
+
+/// Load and serve the app on `listen` as `launch` says.
+async fn launch_app(launch: &Launch, listen: SocketAddr, sim: &Simulator) -> (App, ServerHandle) {
+    let public_url = format!("http://{listen}");
+    let mut variables = launch.variables.clone();
+    variables.retain(|(k, _)| k != "public_url");
+    variables.push(("public_url".into(), public_url.clone()));
+    let manifest = match launch.setup.platform {
+        Platform::SelfHosted => manifest(),
+        Platform::ManagedCloud => {
+            variables.retain(|(k, _)| k != "apple_gateway_url" && k != "internal_secret");
+            variables.push((
+                "apple_gateway_url".into(),
+                format!("{public_url}/internal/apple"),
+            ));
+            variables.push(("internal_secret".into(), INTERNAL_SECRET.into()));
+            managed_cloud_manifest(&public_url, &sim.origin(), &variables)
+        }
+    };
+    let options = HostOptions {
+        variables,
+        runtime_config: launch.setup.runtime_config.clone(),
+        platform: launch.setup.platform,
+        ..HostOptions::default()
+    };
+    let app = App::load(&manifest, options).expect("load spin.toml");
+    let server = app.serve(listen).await.expect("serve");
+    (app, server)
+}
+
+/// The internal secret the managed-cloud manifests use.
+pub const INTERNAL_SECRET: &str = "e2e-internal-secret-0123456789";
+
+/// Where the components built without key-value atomics are (`scripts/test` builds them):
+/// `VPP_WASM_NO_ATOMICS_DIR`, else `<target>/no-atomics`.
+fn no_atomics_wasm_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("VPP_WASM_NO_ATOMICS_DIR") {
+        return PathBuf::from(d);
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace_root().join("target"));
+    target.join("no-atomics")
+}
+
+/// The real manifest changed the way README's Platforms section tells users to for Fermyon
+/// Cloud and Akamai Functions: no cron trigger (no scheduler component), the apple component on
+/// the public route `/internal/apple/...` reached by a self-request with `internal_secret`,
+/// literal `allowed_outbound_hosts` (no variables), the components built without atomics.
+fn managed_cloud_manifest(
+    public_url: &str,
+    apple_origin: &str,
+    vars: &[(String, String)],
+) -> PathBuf {
+    let root = workspace_root();
+    let text = std::fs::read_to_string(root.join("spin.toml")).expect("spin.toml");
+    let mut doc: toml::Table = toml::from_str(&text).expect("spin.toml parses");
+    let dir = no_atomics_wasm_dir();
+    for c in ["accounts", "licenses", "apple"] {
+        let wasm = dir.join(format!("{c}.wasm"));
+        assert!(
+            wasm.exists(),
+            "{} is missing: build the components without atomics first (bash scripts/test does)",
+            wasm.display()
+        );
+    }
+    let triggers = doc["trigger"].as_table_mut().expect("[trigger]");
+    triggers.remove("cron");
+    for t in triggers["http"].as_array_mut().expect("[[trigger.http]]") {
+        if t["component"].as_str() == Some("apple") {
+            t["route"] = toml::Value::String("/internal/apple/...".into());
+        }
+    }
+    // Variables in allowed_outbound_hosts are written out (Fermyon Cloud has no expressions there).
+    let defaults: Vec<(String, String)> = doc["variables"]
+        .as_table()
+        .expect("[variables]")
+        .iter()
+        .filter_map(|(k, v)| Some((k.clone(), v.get("default")?.as_str()?.to_string())))
+        .collect();
+    let value_of = |name: &str| {
+        vars.iter()
+            .chain(defaults.iter())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let components = doc["component"].as_table_mut().expect("[component]");
+    components.remove("scheduler");
+    for (id, c) in components.iter_mut() {
+        let c = c.as_table_mut().expect("component table");
+        c.insert(
+            "source".into(),
+            toml::Value::String(dir.join(format!("{id}.wasm")).display().to_string()),
+        );
+        let hosts: Vec<toml::Value> = c["allowed_outbound_hosts"]
+            .as_array()
+            .expect("allowed_outbound_hosts")
+            .iter()
+            .filter_map(|h| h.as_str())
+            .map(|h| match h {
+                "http://apple.spin.internal" => public_url.to_string(),
+                "{{ apple_base_url }}" => apple_origin.to_string(),
+                h if h.starts_with("{{") => {
+                    value_of(h.trim_matches(|c| c == '{' || c == '}' || c == ' '))
+                }
+                h => h.to_string(),
+            })
+            .map(toml::Value::String)
+            .collect();
+        c.insert("allowed_outbound_hosts".into(), toml::Value::Array(hosts));
+    }
+    let out_dir = root.join("target/e2e");
+    std::fs::create_dir_all(&out_dir).expect("target/e2e");
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = out_dir.join(format!("spin-cloud-{}-{n}.toml", std::process::id()));
+    std::fs::write(&path, toml::to_string(&doc).expect("toml")).expect("write manifest");
+    path
+}
+
+/// Send one request to an app as the HTTP trigger would.
+pub async fn request(
+    app: &App,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    key: Option<&str>,
+) -> Resp {
+    let mut b = http::Request::builder().method(method).uri(path);
+    if let Some(k) = key {
+        b = b.header("authorization", format!("Bearer {k}"));
+    }
+    let bytes = match body {
+        Some(v) => {
+            b = b.header("content-type", "application/json");
+            serde_json::to_vec(v).expect("json")
+        }
+        None => Vec::new(),
+    };
+    let req = b.body(bytes).expect("request");
+    let resp = app.handle(req).await.expect("host handled the request");
+    let (parts, body) = resp.into_parts();
+    Resp {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    }
 }
 
 impl Env {
@@ -108,6 +296,11 @@ impl Env {
 
     /// Start with extra or overriding Spin variables.
     pub async fn start_with(extra: Vec<(&str, String)>) -> Env {
+        Env::start_on(extra, HostSetup::default()).await
+    }
+
+    /// Start on a platform and key-value store of choice.
+    pub async fn start_on(extra: Vec<(&str, String)>, setup: HostSetup) -> Env {
         let sim = Simulator::start().expect("simulator");
         let listen = free_port();
         let public_url = format!("http://{listen}");
@@ -123,17 +316,26 @@ impl Env {
             variables.retain(|(name, _)| name != k);
             variables.push((k.to_string(), v));
         }
-        let options = HostOptions {
-            variables,
-            ..HostOptions::default()
-        };
-        let app = App::load(&manifest(), options).expect("load spin.toml");
-        let server = app.serve(listen).await.expect("serve");
+        let launch = Launch { variables, setup };
+        let (app, server) = launch_app(&launch, listen, &sim).await;
         Env {
             app,
             sim,
             server,
             public_url,
+            launch,
+        }
+    }
+
+    /// Another instance of this app (same variables, platform and key-value store; its own
+    /// port and `public_url`): SpinKube replicas sharing Redis.
+    pub async fn another_instance(&self) -> Instance {
+        let listen = free_port();
+        let (app, server) = launch_app(&self.launch, listen, &self.sim).await;
+        Instance {
+            app,
+            server,
+            public_url: format!("http://{listen}"),
         }
     }
 
@@ -144,29 +346,7 @@ impl Env {
         body: Option<&Value>,
         key: Option<&str>,
     ) -> Resp {
-        let mut b = http::Request::builder().method(method).uri(path);
-        if let Some(k) = key {
-            b = b.header("authorization", format!("Bearer {k}"));
-        }
-        let bytes = match body {
-            Some(v) => {
-                b = b.header("content-type", "application/json");
-                serde_json::to_vec(v).expect("json")
-            }
-            None => Vec::new(),
-        };
-        let req = b.body(bytes).expect("request");
-        let resp = self
-            .app
-            .handle(req)
-            .await
-            .expect("host handled the request");
-        let (parts, body) = resp.into_parts();
-        Resp {
-            status: parts.status.as_u16(),
-            headers: parts.headers,
-            body,
-        }
+        request(&self.app, method, path, body, key).await
     }
 
     pub async fn admin(&self, method: &str, path: &str, body: Option<&Value>) -> Resp {

@@ -15,12 +15,30 @@ use wasmtime::{Config, Engine};
 const CACHE_FORMAT: &str = "spin-host-v1";
 const WASMTIME_VERSION: &str = "48.0.8";
 
-/// The engine every component of an app is compiled for.
-pub fn engine() -> anyhow::Result<Engine> {
+/// The engine every component of an app is compiled for. With `epoch_interruption` the code
+/// checks an epoch counter so a guest that computes without end can be stopped (an invocation
+/// time limit); it changes the compiled code, so it is part of the cache key.
+pub fn engine(epoch_interruption: bool) -> anyhow::Result<Engine> {
     let mut config = Config::new();
     config.wasm_component_model(true);
+    config.epoch_interruption(epoch_interruption);
     // Kept at defaults otherwise: the cache key below assumes this exact configuration.
     Engine::new(&config).map_err(anyhow::Error::from)
+}
+
+/// How often the epoch advances when epoch interruption is on.
+pub const EPOCH_TICK: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Advance `engine`'s epoch every [`EPOCH_TICK`] until the engine is dropped.
+pub fn start_epoch_ticker(engine: &Engine) {
+    let weak = engine.weak();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(EPOCH_TICK);
+        match weak.upgrade() {
+            Some(engine) => engine.increment_epoch(),
+            None => return,
+        }
+    });
 }
 
 /// `true` for a component binary, `false` for a core module.
@@ -53,9 +71,13 @@ pub fn default_cache_dir(manifest_dir: &Path) -> PathBuf {
     }
 }
 
-fn cache_key(bytes: &[u8]) -> String {
+fn cache_key(engine: &Engine, bytes: &[u8]) -> String {
     let mut h = Sha256::new();
     h.update(CACHE_FORMAT.as_bytes());
+    // Engines differing in configuration (epoch interruption) compile differently.
+    let mut config_hash = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut config_hash);
+    h.update(std::hash::Hasher::finish(&config_hash).to_le_bytes());
     h.update(WASMTIME_VERSION.as_bytes());
     h.update(std::env::consts::ARCH.as_bytes());
     h.update(bytes);
@@ -70,7 +92,7 @@ pub fn load_component(
 ) -> anyhow::Result<Component> {
     let bytes =
         std::fs::read(source).with_context(|| format!("reading component {}", source.display()))?;
-    let cached = cache_dir.map(|d| d.join(format!("{}.cwasm", cache_key(&bytes))));
+    let cached = cache_dir.map(|d| d.join(format!("{}.cwasm", cache_key(engine, &bytes))));
     if let Some(path) = &cached {
         if path.exists() {
             // SAFETY: the file was written by `Engine::precompile_component` of this same

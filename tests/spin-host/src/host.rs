@@ -9,7 +9,7 @@ use wasmtime::component::{HasSelf, Linker, Resource, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-use crate::key_value::{Cas, OpenStore, SwapError};
+use crate::key_value::{Cas, IncrementError, OpenStore, SwapError};
 use crate::outbound::AllowedHosts;
 use crate::variables::{ComponentVariables, GetError};
 use crate::AppInner;
@@ -179,7 +179,11 @@ impl spin_kv::HostStore for HostState {
         s: Resource<OpenStore>,
         key: String,
     ) -> Trap<Result<Option<Vec<u8>>, spin_kv::Error>> {
-        Ok(Ok(self.store_of(&s)?.store.get(&key)))
+        Ok(self
+            .store_of(&s)?
+            .store
+            .get(&key)
+            .map_err(spin_kv::Error::Other))
     }
 
     fn set(
@@ -208,11 +212,19 @@ impl spin_kv::HostStore for HostState {
         s: Resource<OpenStore>,
         key: String,
     ) -> Trap<Result<bool, spin_kv::Error>> {
-        Ok(Ok(self.store_of(&s)?.store.exists(&key)))
+        Ok(self
+            .store_of(&s)?
+            .store
+            .exists(&key)
+            .map_err(spin_kv::Error::Other))
     }
 
     fn get_keys(&mut self, s: Resource<OpenStore>) -> Trap<Result<Vec<String>, spin_kv::Error>> {
-        Ok(Ok(self.store_of(&s)?.store.keys()))
+        Ok(self
+            .store_of(&s)?
+            .store
+            .keys()
+            .map_err(spin_kv::Error::Other))
     }
 
     fn drop(&mut self, s: Resource<OpenStore>) -> Trap<()> {
@@ -273,7 +285,11 @@ impl wasi_kv::HostBucket for HostState {
         b: Resource<OpenStore>,
         key: String,
     ) -> Trap<Result<Option<Vec<u8>>, wasi_kv::Error>> {
-        Ok(Ok(self.store_of(&b)?.store.get(&key)))
+        Ok(self
+            .store_of(&b)?
+            .store
+            .get(&key)
+            .map_err(wasi_kv::Error::Other))
     }
 
     fn set(
@@ -302,7 +318,11 @@ impl wasi_kv::HostBucket for HostState {
         b: Resource<OpenStore>,
         key: String,
     ) -> Trap<Result<bool, wasi_kv::Error>> {
-        Ok(Ok(self.store_of(&b)?.store.exists(&key)))
+        Ok(self
+            .store_of(&b)?
+            .store
+            .exists(&key)
+            .map_err(wasi_kv::Error::Other))
     }
 
     fn list_keys(
@@ -316,10 +336,12 @@ impl wasi_kv::HostBucket for HostState {
                 "list_keys: cursor not supported".to_string(),
             )));
         }
-        Ok(Ok(wasi_kv::KeyResponse {
-            keys: self.store_of(&b)?.store.keys(),
-            cursor: None,
-        }))
+        Ok(self
+            .store_of(&b)?
+            .store
+            .keys()
+            .map(|keys| wasi_kv::KeyResponse { keys, cursor: None })
+            .map_err(wasi_kv::Error::Other))
     }
 
     fn drop(&mut self, b: Resource<OpenStore>) -> Trap<()> {
@@ -337,17 +359,17 @@ impl atomics::Host for HostState {
         delta: i64,
     ) -> Trap<Result<i64, wasi_kv::Error>> {
         let store = self.store_of(&b)?;
-        // A non-8-byte value panics the host in Spin's SQLite backend; trap here likewise.
-        store
-            .store
-            .increment(&key, delta)
-            .map(Ok)
-            .map_err(wasmtime::Error::msg)
+        match store.store.increment(&key, delta) {
+            Ok(n) => Ok(Ok(n)),
+            // A non-8-byte value panics the host in Spin's SQLite backend; trap here likewise.
+            Err(IncrementError::HostPanic(m)) => Err(wasmtime::Error::msg(m)),
+            Err(IncrementError::Store(m)) => Ok(Err(wasi_kv::Error::Other(m))),
+        }
     }
 
     fn swap(&mut self, cas: Resource<Cas>, value: Vec<u8>) -> Trap<Result<(), atomics::CasError>> {
-        let c = self.table.delete(cas)?;
-        match c.store.swap(&c.key, c.observed.as_deref(), &value) {
+        let mut c = self.table.delete(cas)?;
+        match c.swap(&value) {
             Ok(()) => Ok(Ok(())),
             Err(SwapError::CasFailed(_)) => {
                 // The guest gets its cas back to retry with.
@@ -368,18 +390,15 @@ impl atomics::HostCas for HostState {
         key: String,
     ) -> Trap<Result<Resource<Cas>, wasi_kv::Error>> {
         let store = self.store_of(&b)?.store;
-        Ok(Ok(self.table.push(Cas {
-            store,
-            key,
-            observed: None,
-        })?))
+        match store.new_cas(&key) {
+            Ok(cas) => Ok(Ok(self.table.push(cas)?)),
+            Err(m) => Ok(Err(wasi_kv::Error::Other(m))),
+        }
     }
 
     fn current(&mut self, cas: Resource<Cas>) -> Trap<Result<Option<Vec<u8>>, wasi_kv::Error>> {
         let c = self.table.get_mut(&cas)?;
-        let value = c.store.get(&c.key);
-        c.observed = value.clone();
-        Ok(Ok(value))
+        Ok(c.current().map_err(wasi_kv::Error::Other))
     }
 
     fn drop(&mut self, cas: Resource<Cas>) -> Trap<()> {
@@ -394,7 +413,11 @@ impl batch::Host for HostState {
         b: Resource<OpenStore>,
         keys: Vec<String>,
     ) -> Trap<Result<Vec<(String, Option<Vec<u8>>)>, wasi_kv::Error>> {
-        Ok(Ok(self.store_of(&b)?.store.get_many(&keys)))
+        Ok(self
+            .store_of(&b)?
+            .store
+            .get_many(&keys)
+            .map_err(wasi_kv::Error::Other))
     }
 
     fn set_many(

@@ -155,6 +155,7 @@ async fn execute_inner(
         &app.engine,
         HostState::new(app.clone(), loaded.env.clone(), TriggerKind::Http),
     );
+    set_deadline(&app, &mut store);
     let pre = ProxyPre::new(loaded.pre.clone()).map_err(anyhow::Error::from)?;
     let proxy = pre
         .instantiate_async(&mut store)
@@ -173,12 +174,12 @@ async fn execute_inner(
         .map_err(anyhow::Error::from)?;
 
     // The guest keeps running (writing the body) after it hands over the response head.
+    let limit = app.invocation_limit;
     let task = tokio::spawn(async move {
-        proxy
+        let call = proxy
             .wasi_http_incoming_handler()
-            .call_handle(&mut store, req_res, out)
-            .await
-            .map_err(anyhow::Error::from)
+            .call_handle(&mut store, req_res, out);
+        within_limit(limit, call).await
     });
 
     let resp = match rx.await {
@@ -218,10 +219,14 @@ pub async fn run_cron(
         .components
         .get(component_id)
         .with_context(|| format!("unknown component {component_id:?}"))?;
+    if app.platform == crate::Platform::ManagedCloud {
+        anyhow::bail!("this platform has no cron trigger");
+    }
     let mut store = Store::new(
         &app.engine,
         HostState::new(app.clone(), loaded.env.clone(), TriggerKind::Cron),
     );
+    set_deadline(&app, &mut store);
     let pre = SpinCronPre::new(loaded.pre.clone())
         .map_err(anyhow::Error::from)
         .with_context(|| format!("component {component_id:?} is not a cron component"))?;
@@ -229,13 +234,40 @@ pub async fn run_cron(
         .instantiate_async(&mut store)
         .await
         .map_err(anyhow::Error::from)?;
-    let result = instance
-        .call_handle_cron_event(&mut store, cron_types::Metadata { timestamp })
-        .await
-        .map_err(anyhow::Error::from)?;
+    let result = within_limit(
+        app.invocation_limit,
+        instance.call_handle_cron_event(&mut store, cron_types::Metadata { timestamp }),
+    )
+    .await?;
     Ok(result.map_err(|e| match e {
         cron_types::Error::Other(m) => m,
     }))
+}
+
+// ---- the invocation time limit ----
+
+/// With a limit, a guest that computes past it traps at its next epoch check.
+fn set_deadline(app: &AppInner, store: &mut Store<HostState>) {
+    if let Some(limit) = app.invocation_limit {
+        let ticks = limit.as_millis() / crate::compile::EPOCH_TICK.as_millis().max(1);
+        store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX).max(1));
+        store.epoch_deadline_trap();
+    }
+}
+
+/// Run a guest call; past the limit it is dropped where it waits (a host call, outbound HTTP),
+/// which ends the instance, as the managed platforms end an invocation that runs too long.
+async fn within_limit<T>(
+    limit: Option<std::time::Duration>,
+    call: impl Future<Output = wasmtime::Result<T>>,
+) -> anyhow::Result<T> {
+    match limit {
+        None => call.await.map_err(anyhow::Error::from),
+        Some(limit) => match tokio::time::timeout(limit, call).await {
+            Ok(r) => r.map_err(anyhow::Error::from),
+            Err(_) => Err(anyhow!("invocation exceeded the time limit of {limit:?}")),
+        },
+    }
 }
 
 // ---- outbound HTTP ----
@@ -338,7 +370,8 @@ async fn send(
             into_send_result(resp)
         }
         Outbound::Chain(target) => {
-            if trigger != TriggerKind::Http {
+            if trigger != TriggerKind::Http || app.platform == crate::Platform::ManagedCloud {
+                // No service chaining on the managed clouds either.
                 // Spin installs the chaining interceptor only for the HTTP trigger; elsewhere
                 // `*.spin.internal` goes to DNS, which does not know it.
                 return Err(Error::DnsError {

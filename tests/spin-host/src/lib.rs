@@ -20,7 +20,9 @@ pub mod http_trigger;
 pub mod key_value;
 pub mod manifest;
 pub mod outbound;
+pub mod redis_store;
 pub mod routes;
+pub mod runtime_config;
 pub mod server;
 pub mod variables;
 
@@ -58,6 +60,54 @@ pub struct HostOptions {
     pub no_cache: bool,
     /// Ignore `SPIN_VARIABLE_*` from the process environment (for hermetic tests).
     pub ignore_env: bool,
+    /// `--runtime-config-file`: key-value stores by label (`[key_value_store.<label>]`, types
+    /// `spin` and `redis`); a label defined there wins over `kv_dir`/`kv_labels`.
+    pub runtime_config: Option<PathBuf>,
+    /// What the platform provides and enforces; see [`Platform`].
+    pub platform: Platform,
+    /// How long one invocation may run before the host stops it (a 500 to the caller).
+    /// `None` = the platform's limit: none when self-hosted, 30 s on the managed clouds.
+    pub invocation_limit: Option<std::time::Duration>,
+}
+
+/// The platform an app is run as.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Platform {
+    /// Self-hosted Spin (`spin up`): key-value atomics, service chaining, the cron trigger.
+    #[default]
+    SelfHosted,
+    /// Fermyon Cloud and Akamai Functions, as far as they constrain this app: no
+    /// `wasi:keyvalue/atomics` (a component importing it does not load), a store of at most
+    /// 1,024 keys with keys of at most 255 bytes and values of at most 1 MB, no service chaining
+    /// (`*.spin.internal` is refused), a 30 s limit per invocation, no cron trigger.
+    ManagedCloud,
+}
+
+impl Platform {
+    /// The time limit of one invocation (Fermyon Cloud and Akamai Functions: 30 s).
+    pub fn invocation_limit(self) -> Option<std::time::Duration> {
+        match self {
+            Platform::SelfHosted => None,
+            Platform::ManagedCloud => Some(std::time::Duration::from_secs(30)),
+        }
+    }
+
+    /// Interfaces a component of this platform must not import.
+    fn missing_interfaces(self) -> &'static [&'static str] {
+        match self {
+            Platform::SelfHosted => &[],
+            // Fermyon Cloud links neither atomics nor batch; Akamai Functions no atomics.
+            Platform::ManagedCloud => &["wasi:keyvalue/atomics", "wasi:keyvalue/batch"],
+        }
+    }
+
+    pub fn parse(s: &str) -> anyhow::Result<Platform> {
+        match s {
+            "self-hosted" | "spin" => Ok(Platform::SelfHosted),
+            "managed-cloud" => Ok(Platform::ManagedCloud),
+            other => anyhow::bail!("unknown platform {other:?} (self-hosted, managed-cloud)"),
+        }
+    }
 }
 
 /// A loaded component: its instantiation recipe and what it is allowed to do.
@@ -77,6 +127,9 @@ pub struct AppInner {
     pub(crate) kv: KvManager,
     /// Set while serving: the address self-requests appear to come in on.
     pub(crate) self_origin: Mutex<Option<SocketAddr>>,
+    pub(crate) platform: Platform,
+    /// Stop an invocation after this long (epoch deadline and timer).
+    pub(crate) invocation_limit: Option<std::time::Duration>,
 }
 
 /// A loaded Spin application. Cheap to clone and share between threads.
@@ -90,7 +143,22 @@ impl App {
     /// component in parallel.
     pub fn load(manifest_path: &Path, options: HostOptions) -> anyhow::Result<App> {
         let manifest = Manifest::load(manifest_path)?;
-        manifest.check_kv_labels(&options.kv_labels)?;
+        if options.platform == Platform::ManagedCloud && !manifest.cron_triggers.is_empty() {
+            anyhow::bail!(
+                "this platform has no cron trigger: remove the [[trigger.cron]] entries and call \
+                 the scheduled route from an external scheduler"
+            );
+        }
+        let mut store_configs = match &options.runtime_config {
+            Some(path) => runtime_config::load(path)?,
+            None => Vec::new(),
+        };
+        store_configs.push(("default".to_string(), key_value::StoreConfig::Spin));
+        for label in &options.kv_labels {
+            store_configs.push((label.clone(), key_value::StoreConfig::Spin));
+        }
+        let defined: Vec<String> = store_configs.iter().map(|(l, _)| l.clone()).collect();
+        manifest.check_kv_labels(&defined)?;
 
         let env = |k: &str| {
             if options.ignore_env {
@@ -141,11 +209,17 @@ impl App {
             .map(|t| t.component.clone())
             .collect();
 
-        let mut labels: Vec<&str> = vec!["default"];
-        labels.extend(options.kv_labels.iter().map(String::as_str));
-        let kv = KvManager::new(labels, options.kv_dir.as_deref())?;
+        let limits = (options.platform == Platform::ManagedCloud)
+            .then_some(key_value::StoreLimits::MANAGED_CLOUD);
+        let kv = KvManager::with_configs(&store_configs, options.kv_dir.as_deref(), limits)?;
 
-        let engine = compile::engine()?;
+        let invocation_limit = options
+            .invocation_limit
+            .or_else(|| options.platform.invocation_limit());
+        let engine = compile::engine(invocation_limit.is_some())?;
+        if invocation_limit.is_some() {
+            compile::start_epoch_ticker(&engine);
+        }
         let linker = host::linker(&engine)?;
         let cache_dir = if options.no_cache {
             None
@@ -158,6 +232,23 @@ impl App {
             )
         };
         let components = compile_all(&engine, &linker, &manifest, cache_dir.as_deref(), &envs)?;
+        for (id, c) in &components {
+            let ty = c.pre.component().component_type();
+            for (name, _) in ty.imports(&engine) {
+                if let Some(missing) = options
+                    .platform
+                    .missing_interfaces()
+                    .iter()
+                    .find(|m| name.starts_with(*m))
+                {
+                    anyhow::bail!(
+                        "component {id:?} imports {name}, which this platform does not provide \
+                         ({missing}); build it without the `atomics` feature \
+                         (--no-default-features)"
+                    );
+                }
+            }
+        }
 
         Ok(App {
             inner: Arc::new(AppInner {
@@ -168,6 +259,8 @@ impl App {
                 http_components,
                 kv,
                 self_origin: Mutex::new(None),
+                platform: options.platform,
+                invocation_limit,
             }),
         })
     }
@@ -213,12 +306,19 @@ impl App {
         self.inner
             .kv
             .store(label)
-            .map(|s| s.keys())
+            .map(|s| {
+                s.scan_keys()
+                    .unwrap_or_else(|e| panic!("listing keys: {e}"))
+            })
             .unwrap_or_default()
     }
 
     pub fn kv_get(&self, label: &str, key: &str) -> Option<Vec<u8>> {
-        self.inner.kv.store(label)?.get(key)
+        self.inner
+            .kv
+            .store(label)?
+            .get(key)
+            .unwrap_or_else(|e| panic!("reading {key:?}: {e}"))
     }
 
     /// Write a value as a component would. Panics if the label is unknown (a test bug).

@@ -1,5 +1,5 @@
 //! `spin-host serve --listen 127.0.0.1:3000 [--manifest spin.toml] [--variable k=v]...
-//! [--kv-dir .spin/kv]` serves the app (and runs its cron triggers on their UTC schedule) until
+//! [--kv-dir .spin/kv] [--runtime-config-file rc.toml] [--platform managed-cloud]` serves the app (and runs its cron triggers on their UTC schedule) until
 //! killed; `spin-host cron <component-id> [same options]` invokes a cron component once.
 
 use std::net::SocketAddr;
@@ -9,8 +9,8 @@ use anyhow::{bail, Context};
 use spin_host::{App, HostOptions};
 
 const USAGE: &str = "usage:
-  spin-host serve [--listen 127.0.0.1:3000] [--manifest spin.toml] [--variable k=v]... [--kv-dir DIR] [--kv-label LABEL]... [--no-cron]
-  spin-host cron <component-id> [--manifest spin.toml] [--variable k=v]... [--kv-dir DIR] [--kv-label LABEL]...";
+  spin-host serve [--listen 127.0.0.1:3000] [--manifest spin.toml] [--variable k=v]... [--kv-dir DIR] [--kv-label LABEL]... [--runtime-config-file FILE] [--platform self-hosted|managed-cloud] [--no-cron]
+  spin-host cron <component-id> [--manifest spin.toml] [--variable k=v]... [--kv-dir DIR] [--kv-label LABEL]... [--runtime-config-file FILE]";
 
 struct Args {
     command: String,
@@ -50,6 +50,12 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> anyhow::Result<Args> {
             }
             "--kv-dir" => args.options.kv_dir = Some(PathBuf::from(value("--kv-dir")?)),
             "--kv-label" => args.options.kv_labels.push(value("--kv-label")?),
+            "--runtime-config-file" => {
+                args.options.runtime_config = Some(PathBuf::from(value("--runtime-config-file")?))
+            }
+            "--platform" => {
+                args.options.platform = spin_host::Platform::parse(&value("--platform")?)?
+            }
             "--no-cron" => args.run_cron = false,
             "-h" | "--help" => bail!("{USAGE}"),
             other if !other.starts_with('-') && args.component.is_none() => {
