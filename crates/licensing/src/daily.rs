@@ -444,8 +444,7 @@ async fn refresh_step<K: Kv, G: Gateway, S: WebhookSender>(
                     now,
                 );
                 c.checkpoint = serde_json::to_value(&initial).map_err(ApiError::internal)?;
-                job::create(kv, &c)?;
-                c
+                job::start(kv, &c)?.into_job()
             }
         },
     };
