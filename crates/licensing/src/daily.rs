@@ -891,6 +891,26 @@ mod tests {
     }
 
     #[test]
+    fn a_run_over_more_accounts_than_the_job_index_keeps_does_not_lose_itself() {
+        // One child refresh job per account: more of them than the index keeps finished jobs.
+        let ids: Vec<String> = (0..(job::KEPT_JOBS + 20))
+            .map(|i| format!("acc{i}"))
+            .collect();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let h = Harness::new(&refs, 0);
+        let (job, ticks) = h.run_to_end(150);
+        assert!(ticks > 1, "several slices");
+        assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+        let result = job.result.as_ref().unwrap();
+        assert_eq!(result["refreshed"], ids.len(), "{result}");
+        assert!(
+            result["reconcile"]["jobId"].is_string(),
+            "reconcile ran: {result}"
+        );
+        assert!(job::load(&h.kv, &job.id).unwrap().is_some());
+    }
+
+    #[test]
     fn runs_every_phase_then_is_idle_until_the_next_scheduled_time() {
         let h = Harness::new(&["a", "b"], 0);
         let (job, ticks) = h.run_to_end(1000);

@@ -103,8 +103,11 @@ pub fn paths() -> Value {
                 "responses": {"200": ok(json!({"type": "object"})), "404": err(&["not_found"])}},
             "post": {"summary": "Register users with Apple: {clientUserId, email?, managedAppleId?} or {users:[...]}",
                 "security": admin, "parameters": [param("id", "path", "string", "")],
-                "responses": {"202": ok(json!({"type": "object"})), "400": err(&["invalid_request", "invalid_json"])}}},
-        "/api/accounts/{id}/users/{clientUserId}": {"get": {"summary": "One managed user with its invitation link",
+                "responses": {"202": ok(json!({"type": "object", "description": "users Apple accepted (Creating, with their eventId); when a later batch failed, also failed: [{clientUserId, outcome: rejected|unknown}] and error",
+                    "properties": {"eventIds": {"type": "array", "items": {"type": "string"}}, "users": {"type": "array", "items": {"type": "object"}},
+                        "failed": {"type": "array", "items": {"type": "object", "properties": {"clientUserId": {"type": "string"}, "outcome": {"type": "string", "enum": ["rejected", "unknown"]}}}},
+                        "error": {"type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "details": {}}}}})), "400": err(&["invalid_request", "invalid_json"])}}},
+        "/api/accounts/{id}/users/{clientUserId}": {"get": {"summary": "One managed user with its invitation link (an admin's request re-reads a user still being created from Apple; a reader's stays local)",
             "parameters": [param("id", "path", "string", ""), param("clientUserId", "path", "string", "")],
             "responses": {"200": ok(json!({"type": "object"})), "404": err(&["not_found"])}}},
         "/api/accounts/{id}/users/{clientUserId}/retire": {"post": {"summary": "Retire a user (Apple frees its licenses)",
@@ -155,11 +158,14 @@ pub fn schemas() -> Value {
             "noticeWebhookUrl": s("string"), "noticeWebhookSecretSet": s("boolean")}},
         "SettingsRequest": {"type": "object", "properties": {
             "licenseRemovalNotification": s("boolean"), "lowLicenseThreshold": s("integer"),
-            "noticeWebhookUrl": {"type": "string", "nullable": true}, "noticeWebhookSecret": {"type": "string", "minLength": 16}}},
+            "noticeWebhookUrl": {"type": ["string", "null"], "description": "https:// to a public host (not loopback, private, link-local, *.internal, *.local); http:// and private hosts only where the operator lists them in notice_webhook_http_hosts"},
+            "noticeWebhookSecret": {"type": "string", "minLength": 16}}},
         "NoticePage": {"type": "object", "properties": {
             "notices": {"type": "array", "items": {"type": "object", "properties": {
                 "id": s("string"), "accountId": s("string"), "adamId": s("string"), "pricingParam": s("string"),
                 "serialNumber": s("string"), "clientUserId": s("string"), "reason": s("string"), "at": s("string"), "deliveredAt": s("string")}}},
-            "nextPage": s("integer"), "undelivered": s("integer"), "lastDeliveryError": s("string")}},
+            "nextPage": s("integer"), "undelivered": s("integer"), "lastDeliveryError": s("string"), "nextDeliveryAt": s("string"),
+            "dropped": {"type": "integer", "description": "undelivered notices that left the kept pages (a ring) before delivery, in total"},
+            "lastDrop": {"type": "object", "properties": {"at": s("string"), "count": s("integer"), "reason": s("string")}}}},
     })
 }

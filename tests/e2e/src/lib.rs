@@ -108,6 +108,26 @@ impl Env {
 
     /// Start with extra or overriding Spin variables.
     pub async fn start_with(extra: Vec<(&str, String)>) -> Env {
+        Env::start_from(manifest(), extra).await
+    }
+
+    /// Start from the real manifest changed by `edit` (e.g. a component given another route),
+    /// with extra or overriding Spin variables.
+    pub async fn start_edited(extra: Vec<(&str, String)>, edit: impl Fn(&str) -> String) -> Env {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let base = std::fs::read_to_string(manifest()).expect("manifest");
+        let edited = edit(&base);
+        assert_ne!(edited, base, "the edit changed nothing");
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let path = workspace_root().join(format!(
+            "target/e2e/spin-{}-edited-{n}.toml",
+            std::process::id()
+        ));
+        std::fs::write(&path, edited).expect("write manifest");
+        Env::start_from(path, extra).await
+    }
+
+    async fn start_from(manifest: PathBuf, extra: Vec<(&str, String)>) -> Env {
         let sim = Simulator::start().expect("simulator");
         let listen = free_port();
         let public_url = format!("http://{listen}");
@@ -127,7 +147,7 @@ impl Env {
             variables,
             ..HostOptions::default()
         };
-        let app = App::load(&manifest(), options).expect("load spin.toml");
+        let app = App::load(&manifest, options).expect("load spin.toml");
         let server = app.serve(listen).await.expect("serve");
         Env {
             app,
