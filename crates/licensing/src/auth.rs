@@ -79,14 +79,12 @@ pub fn authorize_internal(
     let public = path
         .strip_prefix(public_prefix)
         .filter(|r| r.is_empty() || r.starts_with('/'));
-    match secret.filter(|s| !s.is_empty()) {
-        Some(secret) => {
-            if !constant_time_eq(presented.unwrap_or("").as_bytes(), secret.as_bytes()) {
-                return Err(ApiError::unauthorized());
-            }
-        }
-        None if public.is_some() => return Err(ApiError::unauthorized()),
-        None => {}
+    let allowed = match secret.filter(|s| !s.is_empty()) {
+        Some(secret) => constant_time_eq(presented.unwrap_or("").as_bytes(), secret.as_bytes()),
+        None => public.is_none(),
+    };
+    if !allowed {
+        return Err(ApiError::unauthorized());
     }
     Ok(match public {
         Some("") => "/".to_string(),
