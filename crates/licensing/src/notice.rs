@@ -170,6 +170,17 @@ pub fn record_removals(
     reason: &str,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
+    record_keeping(kv, account_id, removed, reason, now, RETAINED_PAGES)
+}
+
+fn record_keeping(
+    kv: &impl Kv,
+    account_id: &str,
+    removed: &[(String, Subject)],
+    reason: &str,
+    now: DateTime<Utc>,
+    retained: u64,
+) -> Result<(), StoreError> {
     if removed.is_empty() || !settings::load(kv)?.license_removal_notification {
         return Ok(());
     }
@@ -218,7 +229,7 @@ pub fn record_removals(
         })?;
         if moved {
             idle_rounds = 0;
-            retire_pages(kv, page + 1, RETAINED_PAGES, now)?;
+            retire_pages(kv, page + 1, retained, now)?;
         } else {
             idle_rounds += 1;
             if idle_rounds > MAX_IDLE_ROUNDS {
@@ -709,11 +720,13 @@ mod tests {
     fn without_a_webhook_storage_stays_bounded_and_drops_are_recorded() {
         let kv = MemoryKv::default();
         settings::put(&kv, br#"{"licenseRemovalNotification": true}"#).unwrap();
-        let ring = RETAINED_PAGES as usize * keys::NOTICE_PAGE;
+        // A ring of 8 pages here (the real one: `keys::NOTICE_PAGES_KEPT`).
+        let kept = 8;
+        let ring = kept as usize * keys::NOTICE_PAGE;
         let extra = 5 * keys::NOTICE_PAGE;
         let t = Utc::now();
-        for chunk in removed(ring + extra).chunks(3000) {
-            record_removals(&kv, "a", chunk, "reconcile", t).unwrap();
+        for chunk in removed(ring + extra).chunks(700) {
+            record_keeping(&kv, "a", chunk, "reconcile", t, kept).unwrap();
         }
         let outbox = kv.get(&keys::notices_outbox()).unwrap().unwrap_or_default();
         assert!(outbox.len() < 1024, "outbox is {} bytes", outbox.len());
@@ -722,7 +735,7 @@ mod tests {
             .iter()
             .filter(|k| k.starts_with("notices/"))
             .count();
-        assert!(pages <= RETAINED_PAGES as usize + 1, "{pages} notice keys");
+        assert_eq!(pages, kept as usize + 1, "pages kept and the outbox");
         let l = list(&kv, None).unwrap();
         assert_eq!(l.undelivered, ring as u64);
         assert_eq!(l.dropped, extra as u64);
