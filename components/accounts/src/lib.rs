@@ -78,7 +78,8 @@ async fn route(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
             )),
         },
         ["api", "accounts", id, "users", rest @ ..] => {
-            if m != "GET" {
+            let is_admin = req.caller()?.role == vpp_licensing::auth::Role::Admin;
+            if m != "GET" && !is_admin {
                 admin(req, "manage users")?;
             }
             account::load(kv, id)?;
@@ -91,6 +92,7 @@ async fn route(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
                 rest,
                 req.query_u64("page")?,
                 &req.body,
+                is_admin,
                 Utc::now(),
             )
             .await?;
@@ -208,9 +210,12 @@ fn identity(kv: &SpinKv) -> Result<Identity, ApiError> {
 
 async fn add(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
     admin(req, "add accounts")?;
+    let started = Utc::now();
     let input: AddAccount = req.json()?;
     // Check the token before anything (even this instance's identity) is written.
-    account::validate_add(&input, Utc::now())?;
+    account::validate_add(&input, started)?;
+    // The first refresh's slice counts from the start of this request.
+    let mut budget = vars::job_budget(started)?;
     let id = random_id().map_err(ApiError::internal)?;
     let secret = random_id().map_err(ApiError::internal)?;
     let a = account::add(
@@ -223,13 +228,44 @@ async fn add(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
         Utc::now(),
     )
     .await?;
-    let v = account::view(kv, &a, &policy_names(kv), Utc::now())?;
-    Ok(ApiResponse::json(201, &v)
-        .with_header("location", &req.url_for(&format!("/api/accounts/{id}"))))
+    // The first full refresh starts now, as a job: a first slice runs within what is left of
+    // this request's budget; the job continues through POST /api/jobs/{id}/resume or the daily
+    // run. The account is added whatever becomes of it.
+    let caller = req.caller()?.name.clone();
+    let refresh = match new_job(kv, &a, "refresh", true, &caller) {
+        Ok(j) => {
+            let our = instance_id(kv)?;
+            match runner::run(kv, &SpinGateway, &j.id, &our, &mut budget, Utc::now()).await {
+                Ok(ran) => Some(ran.job),
+                Err(e) => {
+                    eprintln!("first refresh of account {id}: {}", e.message);
+                    job::load(kv, &j.id)?.or(Some(j))
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("first refresh of account {id} not started: {}", e.message);
+            None
+        }
+    };
+    let a = account::load(kv, &id)?;
+    let mut v = serde_json::to_value(account::view(kv, &a, &policy_names(kv), Utc::now())?)
+        .map_err(ApiError::internal)?;
+    let link = refresh.as_ref().map(|j| {
+        let url = req.url_for(&format!("/api/jobs/{}", j.id));
+        v["refreshJob"] = account::refresh_job_link(j, &url);
+        format!("<{url}>; rel=\"refresh-job\"")
+    });
+    let mut resp = ApiResponse::json(201, &v)
+        .with_header("location", &req.url_for(&format!("/api/accounts/{id}")));
+    if let Some(link) = link {
+        resp = resp.with_header("link", &link);
+    }
+    Ok(resp)
 }
 
-/// Start a refresh or clean-up (or join the one already running), do a first slice now, and
-/// answer 202 with the job.
+/// Start a refresh or clean-up (or join the one already running: one job per account and kind,
+/// even when two requests come at once), do a first slice now, and answer 202 with the job.
 async fn start_job(
     kv: &SpinKv,
     req: &ApiRequest,
@@ -239,28 +275,13 @@ async fn start_job(
 ) -> Result<ApiResponse, ApiError> {
     let account = account::load(kv, id)?;
     let caller = req.caller()?.name.clone();
-    let now = Utc::now();
     let job = match job::running(kv, kind, Some(id))? {
         Some(j) => j,
         None => {
-            let checkpoint = match kind {
-                "refresh" => serde_json::to_value(refresh::initial_state(kv, &account, full)?),
-                _ => {
-                    cleanup::check_allowed(kv, id)?;
-                    serde_json::to_value(cleanup::initial_state(kv, id)?)
-                }
+            if kind == "cleanup" {
+                cleanup::check_allowed(kv, id)?;
             }
-            .map_err(ApiError::internal)?;
-            let mut j = Job::new(
-                &random_id().map_err(ApiError::internal)?,
-                kind,
-                Some(id),
-                &caller,
-                now,
-            );
-            j.checkpoint = checkpoint;
-            job::create(kv, &j)?;
-            j
+            new_job(kv, &account, kind, full, &caller)?
         }
     };
     let ran = run(kv, &job.id).await?;
@@ -268,9 +289,33 @@ async fn start_job(
         .with_header("location", &req.url_for(&format!("/api/jobs/{}", job.id))))
 }
 
+/// Create a refresh or clean-up job of `account` unless one is running (then that one).
+fn new_job(
+    kv: &SpinKv,
+    account: &vpp_licensing::model::Account,
+    kind: &str,
+    full: bool,
+    caller: &str,
+) -> Result<Job, ApiError> {
+    let checkpoint = match kind {
+        "refresh" => serde_json::to_value(refresh::initial_state(kv, account, full)?),
+        _ => serde_json::to_value(cleanup::initial_state(kv, &account.id)?),
+    }
+    .map_err(ApiError::internal)?;
+    let mut j = Job::new(
+        &random_id().map_err(ApiError::internal)?,
+        kind,
+        Some(&account.id),
+        caller,
+        Utc::now(),
+    );
+    j.checkpoint = checkpoint;
+    Ok(job::start(kv, &j)?.into_job())
+}
+
 async fn run(kv: &SpinKv, job_id: &str) -> Result<runner::Ran, ApiError> {
     let our = instance_id(kv)?;
     let now = Utc::now();
-    let mut budget = vars::job_budget(now);
+    let mut budget = vars::job_budget(now)?;
     runner::run(kv, &SpinGateway, job_id, &our, &mut budget, now).await
 }

@@ -7,7 +7,7 @@ mod proxy;
 
 use spin_sdk::http::{Request, Response};
 use spin_sdk::http_component;
-use vpp_licensing::auth::constant_time_eq;
+use vpp_licensing::auth::authorize_internal;
 use vpp_licensing::{ApiError, ErrorCode};
 use vpp_spin_bridge::gateway::INTERNAL_SECRET_HEADER;
 use vpp_spin_bridge::{vars, ApiRequest, ApiResponse, SpinKv};
@@ -28,19 +28,18 @@ async fn handle(req: Request) -> Response {
         .into_spin()
 }
 
-/// Service chaining needs no secret (only components of this app can chain). A request that came
-/// through the public route must carry `internal_secret`, and the route only works when one is set.
+/// When `internal_secret` is set, every request must carry it, whatever its path (the other
+/// components always send it); without one, only service chaining reaches the component (see
+/// `vpp_licensing::auth::authorize_internal`).
 fn authorize(api: &mut ApiRequest) -> Result<(), ApiError> {
-    let Some(rest) = api.path.strip_prefix(PUBLIC_PREFIX) else {
-        return Ok(());
-    };
-    let rest = if rest.is_empty() { "/" } else { rest }.to_string();
-    let secret = vars::optional("internal_secret").ok_or_else(ApiError::unauthorized)?;
-    let presented = api.header(INTERNAL_SECRET_HEADER).unwrap_or("");
-    if !constant_time_eq(presented.as_bytes(), secret.as_bytes()) {
-        return Err(ApiError::unauthorized());
-    }
-    api.path = rest;
+    let secret = vars::optional("internal_secret");
+    let presented = api.header(INTERNAL_SECRET_HEADER).map(str::to_string);
+    api.path = authorize_internal(
+        &api.path,
+        PUBLIC_PREFIX,
+        secret.as_deref(),
+        presented.as_deref(),
+    )?;
     Ok(())
 }
 

@@ -101,7 +101,10 @@ async fn route(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
         ("GET", ["api", "settings"]) => Ok(ApiResponse::ok(&settings::load(kv)?.view())),
         ("PUT", ["api", "settings"]) => {
             req.caller()?.require_admin("change settings")?;
-            Ok(ApiResponse::ok(&settings::put(kv, &req.body)?.view()))
+            let rules = webhook_rules();
+            Ok(ApiResponse::ok(
+                &settings::put_with(kv, &req.body, &rules)?.view(),
+            ))
         }
         ("GET", ["api", "notices"]) => {
             Ok(ApiResponse::ok(&notice::list(kv, req.query_u64("page")?)?))
@@ -333,7 +336,7 @@ async fn daily_tick(
         clock: &clock,
         new_id: &new_id,
     };
-    let mut budget = vars::job_budget(now);
+    let mut budget = vars::job_budget(now)?;
     Ok(match daily::tick(&ctx, force, &mut budget).await? {
         daily::Tick::Busy => (
             ApiResponse::json(
@@ -372,6 +375,12 @@ async fn daily_tick(
     })
 }
 
+/// The hosts an operator allows the notice webhook to reach over http (and at private
+/// addresses): `notice_webhook_http_hosts`, comma-separated.
+fn webhook_rules() -> settings::WebhookRules {
+    settings::WebhookRules::from_var(vars::optional("notice_webhook_http_hosts").as_deref())
+}
+
 /// Notice deliveries over Spin's outbound HTTP.
 struct Webhook;
 
@@ -391,5 +400,9 @@ impl notice::WebhookSender for Webhook {
             .await
             .map_err(|e| e.to_string())?;
         Ok(*resp.status())
+    }
+
+    fn rules(&self) -> settings::WebhookRules {
+        webhook_rules()
     }
 }

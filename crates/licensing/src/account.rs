@@ -302,6 +302,7 @@ pub async fn add<G: Gateway>(
         last_full_refresh: None,
         last_sync: None,
         notification_secret_sha256: with_notifications.then(|| sha256_hex(notification_secret)),
+        next_notification_secret_sha256: None,
         assignments_version: None,
         users_version: None,
         claimed_at: None,
@@ -340,6 +341,17 @@ pub async fn add<G: Gateway>(
         Ok((Some(list), ()))
     })?;
     Ok(account)
+}
+
+/// How an add's answer links to the account's first refresh: `refreshJob` (id, state,
+/// progress, and `href`, the job's URL; `GET` it to follow, `POST {href}/resume` to continue).
+pub fn refresh_job_link(job: &job::Job, href: &str) -> Value {
+    json!({
+        "id": job.id,
+        "state": job.state,
+        "progress": job.progress,
+        "href": href,
+    })
 }
 
 /// Undo a half-done add: best effort, every key of the account.
@@ -472,6 +484,12 @@ pub async fn test<G: Gateway>(
 }
 
 /// Write our mdmInfo (and notification settings) again: this instance owns the location.
+///
+/// With notifications, Apple sends a test notification carrying the new secret before it
+/// answers, so the new secret's hash is stored (as the next secret, accepted beside the current
+/// one) before Apple is asked. When Apple answers, the new secret replaces the old. When Apple
+/// refuses (an error with its number), the next secret is dropped and the old one stays; when
+/// the answer is lost, both stay valid, since Apple may have switched.
 pub async fn reclaim<G: Gateway>(
     kv: &impl Kv,
     gw: &G,
@@ -483,18 +501,39 @@ pub async fn reclaim<G: Gateway>(
     load(kv, id)?;
     let client = gw.client(id);
     let with_notifications = identity.notify && identity.public_url.is_some();
-    client
+    let next_hash = sha256_hex(notification_secret);
+    if with_notifications {
+        update::<Account, ()>(kv, &keys::account(id), |cur| {
+            let Some(mut a) = cur else {
+                return Ok((None, ()));
+            };
+            a.next_notification_secret_sha256 = Some(next_hash.clone());
+            Ok((Some(a), ()))
+        })?;
+    }
+    let answer = client
         .set_client_config(&claim_request(identity, id, Some(notification_secret)))
-        .await?;
+        .await;
     update::<Account, ()>(kv, &keys::account(id), |cur| {
         let Some(mut a) = cur else {
             return Ok((None, ()));
         };
-        a.claimed_at = Some(now);
-        a.updated_at = now;
-        a.notification_secret_sha256 = with_notifications.then(|| sha256_hex(notification_secret));
+        let ours = a.next_notification_secret_sha256.as_deref() == Some(next_hash.as_str());
+        match &answer {
+            Ok(_) => {
+                a.claimed_at = Some(now);
+                a.updated_at = now;
+                a.notification_secret_sha256 = with_notifications.then(|| next_hash.clone());
+                if ours {
+                    a.next_notification_secret_sha256 = None;
+                }
+            }
+            Err(e) if e.number().is_some() && ours => a.next_notification_secret_sha256 = None,
+            Err(_) => return Ok((None, ())),
+        }
         Ok((Some(a), ()))
     })?;
+    answer?;
     load(kv, id)
 }
 

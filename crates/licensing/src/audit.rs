@@ -9,7 +9,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use vpp_store::{keys, update, Kv, StoreError};
 
-pub const RETAINED_PAGES: u64 = 50;
+/// Pages kept: the ring's size is written in the layout (`keys::AUDIT_PAGES_KEPT`).
+pub const RETAINED_PAGES: u64 = keys::AUDIT_PAGES_KEPT;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -63,12 +64,24 @@ fn record_keeping(kv: &impl Kv, rec: &AuditRecord, retained: u64) -> Result<(), 
             Ok((Some(Head { page: h.page + 1 }), true))
         })?;
         if moved && head.page + 1 >= retained {
-            kv.delete(&keys::audit_page(head.page + 1 - retained))?;
+            drop_pages_from(kv, head.page + 1 - retained)?;
         }
     }
     Err(StoreError::Contended {
         key: keys::audit_head(),
     })
+}
+
+/// Delete `page` and any older page still stored (one left behind by a crash between moving the
+/// head and deleting), so the ring never keeps more than its size.
+fn drop_pages_from(kv: &impl Kv, page: u64) -> Result<(), StoreError> {
+    kv.delete(&keys::audit_page(page))?;
+    let mut older = page;
+    while older > 0 && kv.exists(&keys::audit_page(older - 1))? {
+        older -= 1;
+        kv.delete(&keys::audit_page(older))?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -135,6 +148,21 @@ mod tests {
     fn old_pages_are_dropped() {
         let kv = MemoryKv::default();
         for i in 0..(keys::AUDIT_PAGE * 5) {
+            record_keeping(&kv, &rec(i), 3).unwrap();
+        }
+        let pages = kv.keys().iter().filter(|k| k.starts_with("audit/")).count() as u64;
+        assert_eq!(pages, 3, "pages kept");
+    }
+
+    #[test]
+    fn a_page_left_behind_by_a_crash_is_dropped_later() {
+        let kv = MemoryKv::default();
+        for i in 0..(keys::AUDIT_PAGE * 4) {
+            record_keeping(&kv, &rec(i), 3).unwrap();
+        }
+        // As if a crash had come between moving the head and deleting page 0.
+        kv.set(&keys::audit_page(0), b"[]").unwrap();
+        for i in 0..(keys::AUDIT_PAGE * 2) {
             record_keeping(&kv, &rec(i), 3).unwrap();
         }
         let pages = kv.keys().iter().filter(|k| k.starts_with("audit/")).count() as u64;

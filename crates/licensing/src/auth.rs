@@ -65,6 +65,34 @@ impl Keys {
     }
 }
 
+/// The apple component's caller check. With `secret` set, every request must present it,
+/// whatever its path: a route alone proves nothing (a chained request and one through a public
+/// mount look alike to the component). Without a secret only service chaining can reach the
+/// component, so a request through the public mount (`public_prefix`) is refused. Returns the
+/// path with the public prefix taken off.
+pub fn authorize_internal(
+    path: &str,
+    public_prefix: &str,
+    secret: Option<&str>,
+    presented: Option<&str>,
+) -> Result<String, ApiError> {
+    let public = path
+        .strip_prefix(public_prefix)
+        .filter(|r| r.is_empty() || r.starts_with('/'));
+    let allowed = match secret.filter(|s| !s.is_empty()) {
+        Some(secret) => constant_time_eq(presented.unwrap_or("").as_bytes(), secret.as_bytes()),
+        None => public.is_none(),
+    };
+    if !allowed {
+        return Err(ApiError::unauthorized());
+    }
+    Ok(match public {
+        Some("") => "/".to_string(),
+        Some(rest) => rest.to_string(),
+        None => path.to_string(),
+    })
+}
+
 /// Compare without an early exit, so timing does not reveal how much of a key matched.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     let mut diff = a.len() ^ b.len();
@@ -90,6 +118,39 @@ pub fn fingerprint(secret: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn internal_secret_is_required_on_every_path_when_set() {
+        let s = Some("s3cret-s3cret");
+        let p = "/internal/apple";
+        // A chained path (no public prefix) without the secret: refused when one is set.
+        assert!(authorize_internal("/accounts/a/mdm/v2/assets", p, s, None).is_err());
+        assert!(authorize_internal("/health", p, s, Some("wrong")).is_err());
+        assert_eq!(
+            authorize_internal("/accounts/a/mdm/v2/assets", p, s, Some("s3cret-s3cret")).unwrap(),
+            "/accounts/a/mdm/v2/assets"
+        );
+        assert!(authorize_internal("/internal/apple/health", p, s, None).is_err());
+        assert_eq!(
+            authorize_internal("/internal/apple/health", p, s, Some("s3cret-s3cret")).unwrap(),
+            "/health"
+        );
+        assert_eq!(
+            authorize_internal("/internal/apple", p, s, Some("s3cret-s3cret")).unwrap(),
+            "/"
+        );
+        // Without a secret: chaining only.
+        assert!(authorize_internal("/internal/apple/health", p, None, None).is_err());
+        assert!(authorize_internal("/internal/apple/health", p, Some(""), None).is_err());
+        assert_eq!(
+            authorize_internal("/health", p, None, None).unwrap(),
+            "/health"
+        );
+        assert_eq!(
+            authorize_internal("/internal/applex", p, None, None).unwrap(),
+            "/internal/applex"
+        );
+    }
 
     fn keys() -> Keys {
         Keys {

@@ -444,8 +444,7 @@ async fn refresh_step<K: Kv, G: Gateway, S: WebhookSender>(
                     now,
                 );
                 c.checkpoint = serde_json::to_value(&initial).map_err(ApiError::internal)?;
-                job::create(kv, &c)?;
-                c
+                job::start(kv, &c)?.into_job()
             }
         },
     };
@@ -935,6 +934,26 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn a_run_over_more_accounts_than_the_job_index_keeps_does_not_lose_itself() {
+        // One child refresh job per account: more of them than the index keeps finished jobs.
+        let ids: Vec<String> = (0..(job::KEPT_JOBS + 20))
+            .map(|i| format!("acc{i}"))
+            .collect();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let h = Harness::new(&refs, 0);
+        let (job, ticks) = h.run_to_end(150);
+        assert!(ticks > 1, "several slices");
+        assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+        let result = job.result.as_ref().unwrap();
+        assert_eq!(result["refreshed"], ids.len(), "{result}");
+        assert!(
+            result["reconcile"]["jobId"].is_string(),
+            "reconcile ran: {result}"
+        );
+        assert!(job::load(&h.kv, &job.id).unwrap().is_some());
     }
 
     #[test]

@@ -31,23 +31,47 @@ pub fn ensure(
     })
 }
 
-/// Our `mdmInfo`: id, the configured name, and where we run as metadata.
+/// Longest `mdmInfo.name` Apple takes (characters).
+pub const MAX_MDM_NAME_CHARS: usize = 100;
+/// Longest `mdmInfo.metadata` Apple takes (characters).
+pub const MAX_MDM_METADATA_CHARS: usize = 255;
+
+/// Our `mdmInfo`: id, the configured name, and where we run as metadata; each cut to Apple's
+/// length in characters (never inside one: names may be in any script).
 pub fn mdm_info(instance: &Instance, name: &str, public_url: Option<&str>) -> vpp_apple::MdmInfo {
-    let mut metadata = public_url.unwrap_or("vpp-spin").to_string();
-    metadata.truncate(255);
-    let mut name = name.to_string();
-    name.truncate(100);
     vpp_apple::MdmInfo {
         id: instance.id.clone(),
-        name,
-        metadata,
+        name: cut(name, MAX_MDM_NAME_CHARS),
+        metadata: cut(public_url.unwrap_or("vpp-spin"), MAX_MDM_METADATA_CHARS),
     }
+}
+
+/// The first `max` characters of `s`.
+pub fn cut(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use vpp_store::MemoryKv;
+
+    #[test]
+    fn long_names_in_any_script_are_cut_by_characters() {
+        let i = Instance {
+            id: "i".into(),
+            created_at: Utc::now(),
+        };
+        // 'é' is two bytes: byte 100 falls inside a character.
+        let name = format!("a{}", "é".repeat(150));
+        let m = mdm_info(&i, &name, Some(&"ü".repeat(300)));
+        assert_eq!(m.name.chars().count(), MAX_MDM_NAME_CHARS);
+        assert!(m.name.starts_with("aé"));
+        assert_eq!(m.metadata.chars().count(), MAX_MDM_METADATA_CHARS);
+        let m = mdm_info(&i, "Schule Zürich 学校", None);
+        assert_eq!(m.name, "Schule Zürich 学校");
+        assert_eq!(m.metadata, "vpp-spin");
+    }
 
     #[test]
     fn first_id_wins() {

@@ -8,10 +8,17 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use vpp_store::{get_json, keys, set_json, update, Kv, StoreError};
 
-/// Jobs kept in the index; older finished ones are dropped with their records.
-pub const KEPT_JOBS: usize = 200;
+/// Finished jobs kept in the index (running jobs are never dropped): see `keys::KEPT_JOBS`.
+pub use vpp_store::keys::KEPT_JOBS;
 /// A lease not renewed for this long is free again (its holder crashed).
 pub const LEASE_SECONDS: i64 = 90;
+/// The longest slice one invocation may spend on a job: well under the managed platforms' 30 s
+/// per request (an Apple call in flight at the deadline still has to finish) and the lease.
+pub const MAX_SLICE_SECONDS: i64 = 20;
+/// The slice when `job_slice_seconds` is not set.
+pub const DEFAULT_SLICE_SECONDS: i64 = 20;
+// A slice ends long before its lease expires, so no second holder can start meanwhile.
+const _: () = assert!(MAX_SLICE_SECONDS * 3 < LEASE_SECONDS);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -121,26 +128,126 @@ pub fn save(kv: &impl Kv, job: &Job) -> Result<(), StoreError> {
     set_json(kv, &keys::job(&job.id), job)
 }
 
-/// Store a new job and list it; the oldest jobs beyond [`KEPT_JOBS`] are dropped.
+/// Store a new job and list it. Beyond [`KEPT_JOBS`], the oldest *finished* jobs are dropped
+/// with their records; a running job is never dropped (a daily run over hundreds of accounts
+/// lists a child job per account while it runs).
 pub fn create(kv: &impl Kv, job: &Job) -> Result<(), StoreError> {
     save(kv, job)?;
-    let summary = JobSummary {
+    let dropped = update::<Vec<JobSummary>, Vec<String>>(kv, &keys::jobs(), |cur| {
+        let mut list = cur.unwrap_or_default();
+        list.push(summary_of(job));
+        let dropped = trim(kv, &mut list)?;
+        Ok((Some(list), dropped))
+    })?;
+    for d in dropped {
+        kv.delete(&keys::job(&d))?;
+    }
+    Ok(())
+}
+
+/// What [`start`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Started {
+    /// The new job is stored and listed.
+    Created(Job),
+    /// A job of the same kind and scope was already running: that one, the new one is discarded.
+    Joined(Job),
+}
+
+impl Started {
+    pub fn job(&self) -> &Job {
+        match self {
+            Started::Created(j) | Started::Joined(j) => j,
+        }
+    }
+    pub fn into_job(self) -> Job {
+        match self {
+            Started::Created(j) | Started::Joined(j) => j,
+        }
+    }
+    pub fn created(&self) -> bool {
+        matches!(self, Started::Created(_))
+    }
+}
+
+/// Start `job` unless a job of its kind for its account (or, without an account, of its kind) is
+/// running already: at most one running job per scope and kind. The check and the listing are
+/// one compare-and-swap on the index, so of two concurrent starts exactly one creates the job
+/// and the other joins it (no check-then-create race).
+pub fn start(kv: &impl Kv, job: &Job) -> Result<Started, StoreError> {
+    // The record first: whoever finds the id in the index must be able to read it.
+    save(kv, job)?;
+    let outcome = update::<Vec<JobSummary>, Result<Vec<String>, Job>>(kv, &keys::jobs(), |cur| {
+        let mut list = cur.unwrap_or_default();
+        for s in list.iter().rev() {
+            if s.id == job.id || s.kind != job.kind || s.account_id != job.account_id {
+                continue;
+            }
+            if let Some(j) = load(kv, &s.id)? {
+                if j.is_running() {
+                    return Ok((None, Err(j)));
+                }
+            }
+        }
+        if list.iter().any(|s| s.id == job.id) {
+            return Ok((None, Ok(Vec::new())));
+        }
+        list.push(summary_of(job));
+        let dropped = trim(kv, &mut list)?;
+        Ok((Some(list), Ok(dropped)))
+    })?;
+    match outcome {
+        Ok(dropped) => {
+            for d in dropped {
+                kv.delete(&keys::job(&d))?;
+            }
+            Ok(Started::Created(job.clone()))
+        }
+        Err(existing) => {
+            kv.delete(&keys::job(&job.id))?;
+            Ok(Started::Joined(existing))
+        }
+    }
+}
+
+fn summary_of(job: &Job) -> JobSummary {
+    JobSummary {
         id: job.id.clone(),
         kind: job.kind.clone(),
         account_id: job.account_id.clone(),
         created_at: job.created_at,
-    };
-    let dropped = update::<Vec<JobSummary>, Vec<JobSummary>>(kv, &keys::jobs(), |cur| {
-        let mut list = cur.unwrap_or_default();
-        list.push(summary.clone());
-        let excess = list.len().saturating_sub(KEPT_JOBS);
-        let dropped: Vec<JobSummary> = list.drain(..excess).collect();
-        Ok((Some(list), dropped))
-    })?;
-    for d in dropped {
-        kv.delete(&keys::job(&d.id))?;
     }
-    Ok(())
+}
+
+/// Drop the oldest finished jobs until at most [`KEPT_JOBS`] are listed (or only running ones
+/// are left); returns the ids dropped. Reads the records it considers.
+fn trim(kv: &impl Kv, list: &mut Vec<JobSummary>) -> Result<Vec<String>, StoreError> {
+    let mut excess = list.len().saturating_sub(KEPT_JOBS);
+    let mut dropped = Vec::new();
+    let mut i = 0;
+    while excess > 0 && i < list.len() {
+        let running = load(kv, &list[i].id)?.is_some_and(|j| j.is_running());
+        if running {
+            i += 1;
+        } else {
+            dropped.push(list.remove(i).id);
+            excess -= 1;
+        }
+    }
+    Ok(dropped)
+}
+
+/// The slice length from `job_slice_seconds`: unset means [`DEFAULT_SLICE_SECONDS`]; a value
+/// outside 1..=[`MAX_SLICE_SECONDS`] is clamped into it (a slice longer than a request may run
+/// would be cut off mid-write). Text that is not a whole number is a configuration error.
+pub fn slice_seconds(raw: Option<&str>) -> Result<i64, String> {
+    let Some(raw) = raw.map(str::trim).filter(|s| !s.is_empty()) else {
+        return Ok(DEFAULT_SLICE_SECONDS);
+    };
+    let n: i64 = raw
+        .parse()
+        .map_err(|_| format!("job_slice_seconds must be a whole number of seconds, not {raw:?}"))?;
+    Ok(n.clamp(1, MAX_SLICE_SECONDS))
 }
 
 /// Recent jobs, newest first, as full records.
@@ -289,11 +396,11 @@ mod tests {
         let kv = MemoryKv::default();
         let t = Utc::now();
         for i in 0..(KEPT_JOBS + 3) {
-            create(
-                &kv,
-                &Job::new(&format!("j{i}"), "refresh", Some("a"), "admin", t),
-            )
-            .unwrap();
+            let mut j = Job::new(&format!("j{i}"), "refresh", Some("a"), "admin", t);
+            if i + 1 < KEPT_JOBS + 3 {
+                j.succeed(Value::Null, t);
+            }
+            create(&kv, &j).unwrap();
         }
         assert!(load(&kv, "j0").unwrap().is_none());
         assert!(load(&kv, "j3").unwrap().is_some());
@@ -302,6 +409,125 @@ mod tests {
         let r = running(&kv, "refresh", Some("a")).unwrap().unwrap();
         assert_eq!(r.id, format!("j{}", KEPT_JOBS + 2));
         assert!(running(&kv, "cleanup", Some("a")).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_running_job_is_never_dropped_from_the_index() {
+        // A daily run lists a child job per account while it runs: with more accounts than the
+        // index keeps, the daily job itself (the oldest) must stay.
+        let kv = MemoryKv::default();
+        let t = Utc::now();
+        create(&kv, &Job::new("daily-1", "daily", None, "scheduler", t)).unwrap();
+        for i in 0..(KEPT_JOBS + 50) {
+            let mut c = Job::new(
+                &format!("r{i}"),
+                "refresh",
+                Some(&format!("acc{i}")),
+                "d",
+                t,
+            );
+            if i % 2 == 0 {
+                c.succeed(Value::Null, t);
+            }
+            create(&kv, &c).unwrap();
+        }
+        assert!(load(&kv, "daily-1").unwrap().is_some());
+        assert_eq!(running(&kv, "daily", None).unwrap().unwrap().id, "daily-1");
+        let list: Vec<JobSummary> = get_json(&kv, &keys::jobs()).unwrap().unwrap();
+        assert_eq!(list.len(), KEPT_JOBS);
+        assert!(list.iter().any(|s| s.id == "r1"), "old running child kept");
+        assert!(
+            !list.iter().any(|s| s.id == "r0"),
+            "old finished child dropped"
+        );
+        // Only running jobs left beyond the bound: the index grows rather than drop one.
+        let kv = MemoryKv::default();
+        for i in 0..(KEPT_JOBS + 5) {
+            create(
+                &kv,
+                &Job::new(&format!("x{i}"), "refresh", Some(&format!("a{i}")), "d", t),
+            )
+            .unwrap();
+        }
+        assert!(load(&kv, "x0").unwrap().is_some());
+    }
+
+    /// A store where another request starts the same job between our read of the index and our
+    /// write of it, once.
+    struct Racing<'a> {
+        inner: &'a MemoryKv,
+        rival: std::cell::Cell<Option<Job>>,
+    }
+
+    impl Kv for Racing<'_> {
+        fn get(&self, key: &str) -> Result<Option<Vec<u8>>, vpp_store::KvError> {
+            self.inner.get(key)
+        }
+        fn set(&self, key: &str, value: &[u8]) -> Result<(), vpp_store::KvError> {
+            self.inner.set(key, value)
+        }
+        fn delete(&self, key: &str) -> Result<(), vpp_store::KvError> {
+            self.inner.delete(key)
+        }
+        fn swap(
+            &self,
+            key: &str,
+            expected: Option<&[u8]>,
+            new: &[u8],
+        ) -> Result<bool, vpp_store::KvError> {
+            if key == keys::jobs() {
+                if let Some(rival) = self.rival.take() {
+                    assert!(start(self.inner, &rival).unwrap().created());
+                }
+            }
+            self.inner.swap(key, expected, new)
+        }
+    }
+
+    #[test]
+    fn two_starts_at_once_make_one_job() {
+        let kv = MemoryKv::default();
+        let t = Utc::now();
+        let racing = Racing {
+            inner: &kv,
+            rival: std::cell::Cell::new(Some(Job::new("first", "refresh", Some("a"), "x", t))),
+        };
+        let second = start(&racing, &Job::new("second", "refresh", Some("a"), "y", t)).unwrap();
+        assert_eq!(
+            second,
+            Started::Joined(load(&kv, "first").unwrap().unwrap())
+        );
+        assert!(
+            load(&kv, "second").unwrap().is_none(),
+            "the loser leaves no record"
+        );
+        let list: Vec<JobSummary> = get_json(&kv, &keys::jobs()).unwrap().unwrap();
+        assert_eq!(list.len(), 1);
+        // Another kind or another account is its own job; a finished one does not block.
+        assert!(start(&kv, &Job::new("c", "cleanup", Some("a"), "x", t))
+            .unwrap()
+            .created());
+        assert!(start(&kv, &Job::new("b", "refresh", Some("b"), "x", t))
+            .unwrap()
+            .created());
+        let mut first = load(&kv, "first").unwrap().unwrap();
+        first.succeed(Value::Null, t);
+        save(&kv, &first).unwrap();
+        assert!(start(&kv, &Job::new("third", "refresh", Some("a"), "x", t))
+            .unwrap()
+            .created());
+    }
+
+    #[test]
+    fn slice_seconds_are_bounded() {
+        assert_eq!(slice_seconds(None), Ok(DEFAULT_SLICE_SECONDS));
+        assert_eq!(slice_seconds(Some(" ")), Ok(DEFAULT_SLICE_SECONDS));
+        assert_eq!(slice_seconds(Some("5")), Ok(5));
+        assert_eq!(slice_seconds(Some("3600")), Ok(MAX_SLICE_SECONDS));
+        assert_eq!(slice_seconds(Some("0")), Ok(1));
+        assert_eq!(slice_seconds(Some("-4")), Ok(1));
+        assert!(slice_seconds(Some("twenty")).is_err());
+        const { assert!(MAX_SLICE_SECONDS < 30 && MAX_SLICE_SECONDS * 3 < LEASE_SECONDS) };
     }
 
     #[test]

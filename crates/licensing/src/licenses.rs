@@ -109,10 +109,15 @@ pub fn list(kv: &impl Kv, filter: &Filter) -> Result<Vec<LicenseRow>, ApiError> 
     Ok(out)
 }
 
+/// Characters that make a spreadsheet read a cell as a formula when they lead it (a leading tab
+/// or carriage return is skipped by some spreadsheets before they look).
+const FORMULA_LEADS: [char; 6] = ['=', '+', '-', '@', '\t', '\r'];
+
 fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) || s.starts_with([' ', '=', '+', '-', '@']) {
-        // Quote, and neutralise spreadsheet formulas.
-        let body = if s.starts_with(['=', '+', '-', '@']) {
+    let formula = s.starts_with(FORMULA_LEADS);
+    if formula || s.contains([',', '"', '\n', '\r', '\t']) || s.starts_with(' ') {
+        // Quote, and neutralise spreadsheet formulas with a leading apostrophe.
+        let body = if formula {
             format!("'{s}")
         } else {
             s.to_string()
@@ -230,5 +235,19 @@ mod tests {
         assert_eq!(csv_field("a,b"), "\"a,b\"");
         assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
         assert_eq!(csv_field("=1+1"), "\"'=1+1\"");
+    }
+
+    #[test]
+    fn csv_formula_guard_covers_every_leading_trigger() {
+        for (raw, want) in [
+            ("+SUM(A1)", "\"'+SUM(A1)\""),
+            ("-2+3", "\"'-2+3\""),
+            ("@cmd", "\"'@cmd\""),
+            ("\t=1+1", "\"'\t=1+1\""),
+            ("\r=1+1", "\"'\r=1+1\""),
+            ("a\tb", "\"a\tb\""),
+        ] {
+            assert_eq!(csv_field(raw), want, "{raw:?}");
+        }
     }
 }

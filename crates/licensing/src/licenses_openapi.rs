@@ -158,10 +158,13 @@ pub fn paths() -> Value {
             "post": {"operationId": "createUsers", "x-apple": true,
                 "summary": "Register users with Apple: {clientUserId, email?, managedAppleId?} or {users:[...]}",
                 "requestBody": body("UsersRequest"),
-                "responses": {"202": ok(json!({"type": "object"})), "404": err(&["not_found"])}}},
+                "responses": {"202": ok(json!({"type": "object", "description": "users Apple accepted (Creating, with their eventId); when a later batch failed, also failed: [{clientUserId, outcome: rejected|unknown}] and error",
+                    "properties": {"eventIds": {"type": "array", "items": {"type": "string"}}, "users": {"type": "array", "items": {"type": "object"}},
+                        "failed": {"type": "array", "items": {"type": "object", "properties": {"clientUserId": {"type": "string"}, "outcome": {"type": "string", "enum": ["rejected", "unknown"]}}}},
+                        "error": {"type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "details": {}}}}})), "404": err(&["not_found"])}}},
         "/api/accounts/{id}/users/{clientUserId}": {
             "parameters": [account_id_param("id"), path("clientUserId", json!({"type": "string", "pattern": "^[A-Za-z0-9._~@+-]{1,128}$"}), "the user's clientUserId (other characters are never found: 404)")],
-            "get": {"operationId": "getUser", "summary": "One managed user with its invitation link", "x-apple": true,
+            "get": {"operationId": "getUser", "summary": "One managed user with its invitation link (an admin's request re-reads a user still being created from Apple; a reader's stays local)", "x-apple": true,
                 "responses": {"200": ok(r("User")), "400": err(&["invalid_request"]), "404": err(&["not_found"])}}},
         "/api/accounts/{id}/users/{clientUserId}/retire": {
             "parameters": [account_id_param("id"), path("clientUserId", json!({"type": "string", "pattern": "^[A-Za-z0-9._~@+-]{1,128}$"}), "the user's clientUserId (other characters are never found: 404)")],
@@ -235,14 +238,16 @@ pub fn schemas() -> Value {
             "licenseRemovalNotification": s("boolean"),
             "lowLicenseThreshold": {"type": "integer", "minimum": 0, "maximum": 1_000_000},
             "noticeWebhookUrl": {"type": ["string", "null"], "format": "uri", "maxLength": 2048, "pattern": "^https?://",
-                "description": "an http(s) URL the licenses component may reach (notice_webhook_hosts); null or \"\" removes it"},
+                "description": "https:// to a public host (not loopback, private, link-local, *.internal, *.local); http:// and private hosts only where the operator lists them in notice_webhook_http_hosts; null or \"\" removes it"},
             "noticeWebhookSecret": {"type": "string", "minLength": 16, "maxLength": 256, "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$"}}},
         "Notice": {"type": "object", "required": ["id", "accountId", "adamId", "pricingParam", "reason", "at"], "properties": {
             "id": s("string"), "accountId": s("string"), "adamId": s("string"), "pricingParam": s("string"),
             "serialNumber": s("string"), "clientUserId": s("string"), "reason": s("string"), "at": date, "deliveredAt": date}},
         "NoticePage": {"type": "object", "required": ["notices", "undelivered"], "properties": {
             "notices": {"type": "array", "items": r("Notice")},
-            "nextPage": s("integer"), "undelivered": s("integer"), "lastDeliveryError": s("string"), "nextDeliveryAt": date}},
+            "nextPage": s("integer"), "undelivered": s("integer"), "lastDeliveryError": s("string"), "nextDeliveryAt": date,
+            "dropped": {"type": "integer", "description": "undelivered notices that left the kept pages (a ring) before delivery, in total"},
+            "lastDrop": {"type": "object", "properties": {"at": date, "count": s("integer"), "reason": s("string")}}}},
         "DeliveryReport": {"type": "object"},
         "DailyTick": {"type": "object", "required": ["status"], "properties": {
             "status": {"type": "string", "enum": ["idle", "busy", "started", "running", "finished"]},

@@ -35,6 +35,10 @@ pub struct Account {
     /// SHA-256 (hex) of the secret Apple sends with notifications for this account.
     #[serde(default)]
     pub notification_secret_sha256: Option<String>,
+    /// SHA-256 (hex) of the secret a reclaim is handing Apple: accepted as well while Apple may
+    /// already use it (its test notification arrives before Apple answers the reclaim).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_notification_secret_sha256: Option<String>,
     /// Apple's `versionId` of the assignments and users this copy reflects.
     #[serde(default)]
     pub assignments_version: Option<String>,

@@ -1,11 +1,14 @@
 //! License-removal notices: when the setting is on, every license taken from a device or user
 //! (reconcile, clean up, the API, or found gone at refresh) becomes a notice. Notices are listed
-//! by the API and POSTed to the configured webhook, signed, retried with backoff, and kept until
-//! delivered.
+//! by the API and POSTed to the configured webhook, signed, retried with backoff.
 //!
-//! Layout: pages of [`keys::NOTICE_PAGE`] notices (`notices/{page}`) with a head (`notices`), and
-//! an outbox (`notices/outbox`) of references to undelivered notices. Old pages are dropped only
-//! once everything on them is delivered.
+//! Layout: pages of [`keys::NOTICE_PAGE`] notices (`notices/{page}`) with a head (`notices`), a
+//! ring of [`keys::NOTICE_PAGES_KEPT`] pages; and an outbox (`notices/outbox`) of fixed size: the
+//! position of the first notice not yet delivered (notices are appended in order and delivered
+//! in order), the backoff, and what left the ring undelivered. Storage stays bounded whether or
+//! not a webhook is set or answering: when a page leaves the ring while it still holds
+//! undelivered notices, they are counted in the outbox as dropped with the reason (no webhook,
+//! or the webhook's last error), shown by `GET /api/notices`.
 //!
 //! Delivery: `POST {noticeWebhookUrl}` with body `{"notices": [Notice, ...]}` (at most
 //! [`DELIVERY_BATCH`]) and the header `X-VPP-Signature: t=<unix seconds>,v1=<hex>` where `v1` is
@@ -22,14 +25,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use vpp_store::{get_json, keys, update, Kv, StoreError};
 
-/// Notice pages kept while fully delivered (older ones are dropped).
-pub const RETAINED_PAGES: u64 = 100;
+/// Notice pages kept: the ring's size is written in the layout (`keys::NOTICE_PAGES_KEPT`).
+pub const RETAINED_PAGES: u64 = keys::NOTICE_PAGES_KEPT;
 /// Notices per webhook POST.
 pub const DELIVERY_BATCH: usize = 100;
 /// First retry delay; doubles per failed attempt up to [`MAX_BACKOFF_SECS`].
 pub const BASE_BACKOFF_SECS: i64 = 30;
 pub const MAX_BACKOFF_SECS: i64 = 3600;
 pub const SIGNATURE_HEADER: &str = "x-vpp-signature";
+/// Rounds of [`record_removals`] in a row that may make no progress (other writers filled every
+/// page we tried) before it reports contention. Rounds that store notices never count.
+const MAX_IDLE_ROUNDS: usize = vpp_store::MAX_SWAP_ATTEMPTS * 4;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -55,16 +61,39 @@ struct Head {
     page: u64,
 }
 
+/// A notice's place: page and index in the page (its id is `{page}-{index}`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+struct Position {
+    page: u64,
+    index: usize,
+}
+
+/// A reference to an undelivered notice, as the outbox kept them before the cursor (read once
+/// to find where delivery stands, never written).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct NoticeRef {
     page: u64,
     id: String,
 }
 
+/// Notices that left the ring before they were delivered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DroppedNotices {
+    pub at: DateTime<Utc>,
+    pub count: u64,
+    /// Why they were not delivered in time.
+    pub reason: String,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Outbox {
+    /// The first notice not yet delivered: everything before it was delivered or dropped.
     #[serde(default)]
+    next: Option<Position>,
+    /// The former layout's list of undelivered notices; only read (see [`cursor`]).
+    #[serde(default, skip_serializing)]
     pending: Vec<NoticeRef>,
     #[serde(default)]
     attempts: u32,
@@ -74,6 +103,54 @@ struct Outbox {
     last_error: Option<String>,
     #[serde(default)]
     last_delivered_at: Option<DateTime<Utc>>,
+    /// Undelivered notices that left the ring, in total.
+    #[serde(default)]
+    dropped: u64,
+    #[serde(default)]
+    last_drop: Option<DroppedNotices>,
+}
+
+fn position_of(id: &str) -> Option<Position> {
+    let (page, index) = id.split_once('-')?;
+    Some(Position {
+        page: page.parse().ok()?,
+        index: index.parse().ok()?,
+    })
+}
+
+/// Where delivery stands. An outbox written before the cursor existed has `pending` references
+/// (delivery stands at the oldest) or none (everything stored was delivered: the end).
+fn cursor(kv: &impl Kv, outbox: Option<&Outbox>) -> Result<Position, StoreError> {
+    let Some(o) = outbox else {
+        return Ok(Position::default());
+    };
+    if let Some(p) = o.next {
+        return Ok(p);
+    }
+    if let Some(p) = o.pending.iter().filter_map(|r| position_of(&r.id)).min() {
+        return Ok(p);
+    }
+    let head: Head = get_json(kv, &keys::notices_head())?.unwrap_or_default();
+    let len = page_len(kv, head.page)?;
+    Ok(Position {
+        page: head.page,
+        index: len,
+    })
+}
+
+fn page_len(kv: &impl Kv, page: u64) -> Result<usize, StoreError> {
+    Ok(get_json::<Vec<Notice>>(kv, &keys::notices_page(page))?
+        .map(|l| l.len())
+        .unwrap_or(0))
+}
+
+/// Notices from `from` to the end (pages below the head are full).
+fn undelivered(from: Position, head: u64, head_len: usize) -> u64 {
+    if from.page > head {
+        return 0;
+    }
+    let pages = (head - from.page) * keys::NOTICE_PAGE as u64;
+    (pages + head_len as u64).saturating_sub(from.index as u64)
 }
 
 fn subject_fields(s: &Subject) -> (Option<String>, Option<String>) {
@@ -84,7 +161,8 @@ fn subject_fields(s: &Subject) -> (Option<String>, Option<String>) {
 }
 
 /// Record a notice for every (asset key `adamId:pricingParam`, subject) taken away. Does nothing
-/// when the setting is off. Safe with concurrent writers.
+/// when the setting is off. Safe with concurrent writers; any number of removals at once (each
+/// round stores a page's worth; only rounds that store nothing count towards contention).
 pub fn record_removals(
     kv: &impl Kv,
     account_id: &str,
@@ -92,85 +170,126 @@ pub fn record_removals(
     reason: &str,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
+    record_keeping(kv, account_id, removed, reason, now, RETAINED_PAGES)
+}
+
+fn record_keeping(
+    kv: &impl Kv,
+    account_id: &str,
+    removed: &[(String, Subject)],
+    reason: &str,
+    now: DateTime<Utc>,
+    retained: u64,
+) -> Result<(), StoreError> {
     if removed.is_empty() || !settings::load(kv)?.license_removal_notification {
         return Ok(());
     }
-    let mut rest: Vec<(String, Subject)> = removed.to_vec();
-    let mut refs = Vec::new();
-    let mut attempts = 0;
+    let mut rest: &[(String, Subject)] = removed;
+    let mut idle_rounds = 0;
     while !rest.is_empty() {
-        attempts += 1;
-        if attempts > vpp_store::MAX_SWAP_ATTEMPTS * 4 {
-            return Err(StoreError::Contended {
-                key: keys::notices_head(),
-            });
-        }
         let head: Head = get_json(kv, &keys::notices_head())?.unwrap_or_default();
         let page = head.page;
-        let (taken, added) =
-            update::<Vec<Notice>, (usize, Vec<NoticeRef>)>(kv, &keys::notices_page(page), |cur| {
-                let mut list = cur.unwrap_or_default();
-                let room = keys::NOTICE_PAGE.saturating_sub(list.len());
-                if room == 0 {
-                    return Ok((None, (0, Vec::new())));
-                }
-                let mut added = Vec::new();
-                for (asset, subject) in rest.iter().take(room) {
-                    let (adam_id, pricing) = asset.split_once(':').unwrap_or((asset, "STDQ"));
-                    let (serial_number, client_user_id) = subject_fields(subject);
-                    let id = format!("{page}-{}", list.len());
-                    added.push(NoticeRef {
-                        page,
-                        id: id.clone(),
-                    });
-                    list.push(Notice {
-                        id,
-                        account_id: account_id.to_string(),
-                        adam_id: adam_id.to_string(),
-                        pricing_param: pricing.to_string(),
-                        serial_number,
-                        client_user_id,
-                        reason: reason.to_string(),
-                        at: now,
-                        delivered_at: None,
-                    });
-                }
-                let n = added.len();
-                Ok((Some(list), (n, added)))
-            })?;
-        rest.drain(..taken);
-        refs.extend(added);
-        if taken == 0 {
-            let moved = update::<Head, bool>(kv, &keys::notices_head(), |h| {
-                let h = h.unwrap_or_default();
-                if h.page != page {
-                    return Ok((None, false));
-                }
-                Ok((Some(Head { page: page + 1 }), true))
-            })?;
-            if moved {
-                drop_old_page(kv, page + 1)?;
+        let taken = update::<Vec<Notice>, usize>(kv, &keys::notices_page(page), |cur| {
+            let mut list = cur.unwrap_or_default();
+            let room = keys::NOTICE_PAGE.saturating_sub(list.len());
+            if room == 0 {
+                return Ok((None, 0));
+            }
+            let n = room.min(rest.len());
+            for (asset, subject) in &rest[..n] {
+                let (adam_id, pricing) = asset.split_once(':').unwrap_or((asset, "STDQ"));
+                let (serial_number, client_user_id) = subject_fields(subject);
+                list.push(Notice {
+                    id: format!("{page}-{}", list.len()),
+                    account_id: account_id.to_string(),
+                    adam_id: adam_id.to_string(),
+                    pricing_param: pricing.to_string(),
+                    serial_number,
+                    client_user_id,
+                    reason: reason.to_string(),
+                    at: now,
+                    delivered_at: None,
+                });
+            }
+            Ok((Some(list), n))
+        })?;
+        if taken > 0 {
+            rest = &rest[taken..];
+            idle_rounds = 0;
+            continue;
+        }
+        // The page is full: move the head on (once, whoever wins); the page that falls out of
+        // the ring goes.
+        let moved = update::<Head, bool>(kv, &keys::notices_head(), |h| {
+            let h = h.unwrap_or_default();
+            if h.page != page {
+                return Ok((None, false));
+            }
+            Ok((Some(Head { page: page + 1 }), true))
+        })?;
+        if moved {
+            idle_rounds = 0;
+            retire_pages(kv, page + 1, retained, now)?;
+        } else {
+            idle_rounds += 1;
+            if idle_rounds > MAX_IDLE_ROUNDS {
+                return Err(StoreError::Contended {
+                    key: keys::notices_head(),
+                });
             }
         }
     }
-    update::<Outbox, ()>(kv, &keys::notices_outbox(), |cur| {
-        let mut o = cur.unwrap_or_default();
-        o.pending.extend(refs.iter().cloned());
-        Ok((Some(o), ()))
-    })
+    Ok(())
 }
 
-/// Drop the page that fell out of retention, unless it still holds undelivered notices.
-fn drop_old_page(kv: &impl Kv, head: u64) -> Result<(), StoreError> {
-    if head < RETAINED_PAGES {
+/// The head moved to `head`: the page that fell out of the ring (and any older one a crash left
+/// behind) is deleted. Undelivered notices on it are counted as dropped, with why, first.
+fn retire_pages(
+    kv: &impl Kv,
+    head: u64,
+    retained: u64,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    if head < retained {
         return Ok(());
     }
-    let old = head - RETAINED_PAGES;
-    let outbox: Outbox = get_json(kv, &keys::notices_outbox())?.unwrap_or_default();
-    if outbox.pending.iter().any(|r| r.page == old) {
-        return Ok(());
+    let old = head - retained;
+    let first_kept = Position {
+        page: old + 1,
+        index: 0,
+    };
+    let raw: Option<Outbox> = get_json(kv, &keys::notices_outbox())?;
+    let at = cursor(kv, raw.as_ref())?;
+    if at < first_kept {
+        let cfg = settings::load(kv)?;
+        update::<Outbox, ()>(kv, &keys::notices_outbox(), |cur| {
+            let from = cursor(kv, cur.as_ref())?;
+            let mut o = cur.unwrap_or_default();
+            if from >= first_kept {
+                return Ok((None, ()));
+            }
+            let count = undelivered(from, old, keys::NOTICE_PAGE);
+            let reason = match (&cfg.notice_webhook_url, &o.last_error) {
+                (None, _) => "no notice webhook is configured".to_string(),
+                (Some(_), Some(e)) => format!("the webhook did not take them in time: {e}"),
+                (Some(_), None) => "the webhook was not reached in time".to_string(),
+            };
+            o.next = Some(first_kept);
+            o.dropped = o.dropped.saturating_add(count);
+            o.last_drop = Some(DroppedNotices {
+                at: now,
+                count,
+                reason,
+            });
+            Ok((Some(o), ()))
+        })?;
     }
     kv.delete(&keys::notices_page(old))?;
+    let mut older = old;
+    while older > 0 && kv.exists(&keys::notices_page(older - 1))? {
+        older -= 1;
+        kv.delete(&keys::notices_page(older))?;
+    }
     Ok(())
 }
 
@@ -182,11 +301,16 @@ pub struct NoticePage {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_page: Option<u64>,
     /// Notices not yet delivered to the webhook, in all pages.
-    pub undelivered: usize,
+    pub undelivered: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_delivery_error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_delivery_at: Option<DateTime<Utc>>,
+    /// Undelivered notices that left the kept pages (the ring) before delivery, in total.
+    pub dropped: u64,
+    /// The newest such loss: when, how many, and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_drop: Option<DroppedNotices>,
 }
 
 /// One page of notices, newest first (`page` defaults to the newest).
@@ -198,15 +322,24 @@ pub fn list(kv: &impl Kv, page: Option<u64>) -> Result<NoticePage, crate::ApiErr
             .with_details(serde_json::json!({"field": "page"})));
     }
     let mut notices: Vec<Notice> = get_json(kv, &keys::notices_page(page))?.unwrap_or_default();
+    let head_len = if page == head.page {
+        notices.len()
+    } else {
+        page_len(kv, head.page)?
+    };
     notices.reverse();
-    let outbox: Outbox = get_json(kv, &keys::notices_outbox())?.unwrap_or_default();
+    let outbox: Option<Outbox> = get_json(kv, &keys::notices_outbox())?;
+    let from = cursor(kv, outbox.as_ref())?;
+    let outbox = outbox.unwrap_or_default();
     let next_page = (page > 0 && kv.exists(&keys::notices_page(page - 1))?).then(|| page - 1);
     Ok(NoticePage {
         notices,
         next_page,
-        undelivered: outbox.pending.len(),
+        undelivered: undelivered(from, head.page, head_len),
         last_delivery_error: outbox.last_error,
         next_delivery_at: outbox.next_attempt_at,
+        dropped: outbox.dropped,
+        last_drop: outbox.last_drop,
     })
 }
 
@@ -218,6 +351,12 @@ pub trait WebhookSender {
         headers: &[(String, String)],
         body: &[u8],
     ) -> impl Future<Output = Result<u16, String>>;
+
+    /// What the operator allows beyond public `https://` hosts; the stored URL is checked again
+    /// against it before every delivery (the rules may have tightened since it was stored).
+    fn rules(&self) -> settings::WebhookRules {
+        settings::WebhookRules::default()
+    }
 }
 
 /// The signature header value for `body` sent at `t`.
@@ -245,7 +384,7 @@ fn unreachable_hmac() -> Hmac<Sha256> {
 #[serde(rename_all = "camelCase")]
 pub struct DeliveryReport {
     pub delivered: usize,
-    pub remaining: usize,
+    pub remaining: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Nothing was tried: no webhook, nothing pending, or backing off.
@@ -255,6 +394,45 @@ pub struct DeliveryReport {
 fn backoff(attempts: u32) -> Duration {
     let secs = BASE_BACKOFF_SECS.saturating_mul(1i64 << attempts.saturating_sub(1).min(20));
     Duration::seconds(secs.min(MAX_BACKOFF_SECS))
+}
+
+/// The next undelivered notices from `from` (at most [`DELIVERY_BATCH`]) and the position after
+/// the last one looked at. Notices already marked delivered are passed over; pages that left the
+/// ring are skipped.
+fn next_batch(
+    kv: &impl Kv,
+    from: Position,
+    head: &Head,
+) -> Result<(Vec<Notice>, Position), StoreError> {
+    let mut at = from;
+    let mut batch = Vec::new();
+    while batch.len() < DELIVERY_BATCH && at.page <= head.page {
+        let list: Vec<Notice> = get_json(kv, &keys::notices_page(at.page))?.unwrap_or_default();
+        while batch.len() < DELIVERY_BATCH && at.index < list.len() {
+            let n = &list[at.index];
+            if n.delivered_at.is_none() {
+                batch.push(n.clone());
+            }
+            at.index += 1;
+        }
+        if at.index < list.len() || at.page == head.page {
+            break;
+        }
+        at = Position {
+            page: at.page + 1,
+            index: 0,
+        };
+    }
+    Ok((batch, at))
+}
+
+/// Where delivery stands now, the head, and how many notices are left.
+fn standing(kv: &impl Kv) -> Result<(Outbox, Position, Head, u64), StoreError> {
+    let raw: Option<Outbox> = get_json(kv, &keys::notices_outbox())?;
+    let from = cursor(kv, raw.as_ref())?;
+    let head: Head = get_json(kv, &keys::notices_head())?.unwrap_or_default();
+    let left = undelivered(from, head.page, page_len(kv, head.page)?);
+    Ok((raw.unwrap_or_default(), from, head, left))
 }
 
 /// Deliver pending notices, at most `max_batches` POSTs. Honors the backoff unless `force`.
@@ -268,35 +446,41 @@ pub async fn deliver_due<S: WebhookSender>(
     let cfg = settings::load(kv)?;
     let mut report = DeliveryReport::default();
     let (Some(url), Some(secret)) = (cfg.notice_webhook_url, cfg.notice_webhook_secret) else {
-        let outbox: Outbox = get_json(kv, &keys::notices_outbox())?.unwrap_or_default();
-        report.remaining = outbox.pending.len();
+        report.remaining = standing(kv)?.3;
         report.skipped = true;
         return Ok(report);
     };
+    if let Err(e) = settings::validate_url(&url, &sender.rules()) {
+        let error = e.message;
+        update::<Outbox, ()>(kv, &keys::notices_outbox(), |cur| {
+            let from = cursor(kv, cur.as_ref())?;
+            let mut o = cur.unwrap_or_default();
+            o.next = Some(from);
+            o.last_error = Some(error.clone());
+            Ok((Some(o), ()))
+        })?;
+        report.remaining = standing(kv)?.3;
+        report.error = Some(error);
+        return Ok(report);
+    }
     for _ in 0..max_batches {
-        let outbox: Outbox = get_json(kv, &keys::notices_outbox())?.unwrap_or_default();
-        report.remaining = outbox.pending.len();
-        if outbox.pending.is_empty() {
+        let (outbox, from, head, left) = standing(kv)?;
+        report.remaining = left;
+        if left == 0 {
             break;
         }
         if !force && outbox.next_attempt_at.is_some_and(|t| t > now) {
             report.skipped = report.delivered == 0;
             break;
         }
-        let batch: Vec<NoticeRef> = outbox
-            .pending
-            .iter()
-            .take(DELIVERY_BATCH)
-            .cloned()
-            .collect();
-        let mut by_page: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
-        for r in &batch {
-            by_page.entry(r.page).or_default().insert(r.id.clone());
-        }
-        let mut notices = Vec::new();
-        for (page, ids) in &by_page {
-            let list: Vec<Notice> = get_json(kv, &keys::notices_page(*page))?.unwrap_or_default();
-            notices.extend(list.into_iter().filter(|n| ids.contains(&n.id)));
+        let (notices, upto) = next_batch(kv, from, &head)?;
+        if notices.is_empty() {
+            // Only notices delivered already (or none left in the ring): move past them.
+            advance(kv, upto, None)?;
+            if upto == from {
+                break;
+            }
+            continue;
         }
         let body = serde_json::to_vec(&serde_json::json!({ "notices": notices }))
             .unwrap_or_else(|_| b"{\"notices\":[]}".to_vec());
@@ -307,9 +491,14 @@ pub async fn deliver_due<S: WebhookSender>(
                 signature(&secret, now.timestamp(), &body),
             ),
         ];
-        let sent: BTreeSet<(u64, String)> = batch.iter().map(|r| (r.page, r.id.clone())).collect();
         match sender.post(&url, &headers, &body).await {
             Ok(status) if (200..300).contains(&status) => {
+                let mut by_page: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+                for n in &notices {
+                    if let Some(p) = position_of(&n.id) {
+                        by_page.entry(p.page).or_default().insert(n.id.clone());
+                    }
+                }
                 for (page, ids) in &by_page {
                     update::<Vec<Notice>, ()>(kv, &keys::notices_page(*page), |cur| {
                         let Some(mut list) = cur else {
@@ -321,19 +510,9 @@ pub async fn deliver_due<S: WebhookSender>(
                         Ok((Some(list), ()))
                     })?;
                 }
-                let left = update::<Outbox, usize>(kv, &keys::notices_outbox(), |cur| {
-                    let mut o = cur.unwrap_or_default();
-                    o.pending
-                        .retain(|r| !sent.contains(&(r.page, r.id.clone())));
-                    o.attempts = 0;
-                    o.next_attempt_at = None;
-                    o.last_error = None;
-                    o.last_delivered_at = Some(now);
-                    let n = o.pending.len();
-                    Ok((Some(o), n))
-                })?;
-                report.delivered += batch.len();
-                report.remaining = left;
+                advance(kv, upto, Some(now))?;
+                report.delivered += notices.len();
+                report.remaining = standing(kv)?.3;
             }
             other => {
                 let error = match other {
@@ -341,7 +520,10 @@ pub async fn deliver_due<S: WebhookSender>(
                     Err(e) => format!("webhook unreachable: {e}"),
                 };
                 update::<Outbox, ()>(kv, &keys::notices_outbox(), |cur| {
+                    // Keep the cursor explicit from now on (an old outbox gets one here).
+                    let from = cursor(kv, cur.as_ref())?;
                     let mut o = cur.unwrap_or_default();
+                    o.next = Some(from);
                     o.attempts = o.attempts.saturating_add(1);
                     o.next_attempt_at = Some(now + backoff(o.attempts));
                     o.last_error = Some(error.clone());
@@ -353,6 +535,28 @@ pub async fn deliver_due<S: WebhookSender>(
         }
     }
     Ok(report)
+}
+
+/// Move the cursor forward to `upto` (never back: a concurrent delivery or a retired page may
+/// have moved it further). `delivered_at`: a delivery succeeded, the backoff resets.
+fn advance(
+    kv: &impl Kv,
+    upto: Position,
+    delivered_at: Option<DateTime<Utc>>,
+) -> Result<(), StoreError> {
+    update::<Outbox, ()>(kv, &keys::notices_outbox(), |cur| {
+        let o = cur;
+        let from = cursor(kv, o.as_ref())?;
+        let mut o = o.unwrap_or_default();
+        o.next = Some(from.max(upto));
+        if let Some(t) = delivered_at {
+            o.attempts = 0;
+            o.next_attempt_at = None;
+            o.last_error = None;
+            o.last_delivered_at = Some(t);
+        }
+        Ok((Some(o), ()))
+    })
 }
 
 #[cfg(test)]
@@ -394,7 +598,7 @@ mod tests {
     fn on(kv: &MemoryKv) {
         settings::put(
             kv,
-            br#"{"licenseRemovalNotification": true, "noticeWebhookUrl": "http://hook.test/n", "noticeWebhookSecret": "0123456789abcdef"}"#,
+            br#"{"licenseRemovalNotification": true, "noticeWebhookUrl": "https://hook.test/n", "noticeWebhookSecret": "0123456789abcdef"}"#,
         )
         .unwrap();
     }
@@ -428,7 +632,7 @@ mod tests {
         let newest = list(&kv, None).unwrap();
         assert_eq!(newest.notices.len(), 3);
         assert_eq!(newest.next_page, Some(0));
-        assert_eq!(newest.undelivered, keys::NOTICE_PAGE + 3);
+        assert_eq!(newest.undelivered, keys::NOTICE_PAGE as u64 + 3);
         assert_eq!(newest.notices[0].serial_number.as_deref(), Some("S202"));
         assert_eq!(list(&kv, Some(0)).unwrap().notices.len(), keys::NOTICE_PAGE);
         assert!(list(&kv, Some(5)).is_err());
@@ -489,6 +693,91 @@ mod tests {
         assert_eq!(r.delivered, 0);
         assert_eq!(hook.got.lock().unwrap().len(), 2, "nothing more sent");
         assert!(list(&kv, None).unwrap().notices[0].delivered_at.is_some());
+    }
+
+    #[test]
+    fn ten_thousand_removals_at_once_all_get_notices() {
+        let kv = MemoryKv::default();
+        on(&kv);
+        record_removals(&kv, "a", &removed(10_000), "refresh", Utc::now()).unwrap();
+        let newest = list(&kv, None).unwrap();
+        assert_eq!(newest.undelivered, 10_000);
+        let mut ids = BTreeSet::new();
+        let mut page = Some(10_000 / keys::NOTICE_PAGE as u64 - 1);
+        while let Some(p) = page {
+            let l = list(&kv, Some(p)).unwrap();
+            for n in &l.notices {
+                assert!(ids.insert(n.serial_number.clone().unwrap()));
+            }
+            page = l.next_page;
+        }
+        assert_eq!(ids.len(), 10_000, "every removal has its notice");
+    }
+
+    #[test]
+    fn without_a_webhook_storage_stays_bounded_and_drops_are_recorded() {
+        let kv = MemoryKv::default();
+        settings::put(&kv, br#"{"licenseRemovalNotification": true}"#).unwrap();
+        // A ring of 8 pages here (the real one: `keys::NOTICE_PAGES_KEPT`).
+        let kept = 8;
+        let ring = kept as usize * keys::NOTICE_PAGE;
+        let extra = 5 * keys::NOTICE_PAGE;
+        let t = Utc::now();
+        for chunk in removed(ring + extra).chunks(700) {
+            record_keeping(&kv, "a", chunk, "reconcile", t, kept).unwrap();
+        }
+        let outbox = kv.get(&keys::notices_outbox()).unwrap().unwrap_or_default();
+        assert!(outbox.len() < 1024, "outbox is {} bytes", outbox.len());
+        let pages = kv
+            .keys()
+            .iter()
+            .filter(|k| k.starts_with("notices/"))
+            .count();
+        assert_eq!(pages, kept as usize + 1, "pages kept and the outbox");
+        let l = list(&kv, None).unwrap();
+        assert_eq!(l.undelivered, ring as u64);
+        assert_eq!(l.dropped, extra as u64);
+        let drop = l.last_drop.unwrap();
+        assert_eq!(drop.reason, "no notice webhook is configured");
+        // A webhook set later gets every notice still kept, oldest first, each once.
+        on(&kv);
+        let hook = Hook {
+            status: Mutex::new(204),
+            got: Mutex::new(Vec::new()),
+        };
+        let r = block_on(deliver_due(&kv, &hook, t, 1000, false)).unwrap();
+        assert_eq!((r.delivered, r.remaining), (ring, 0));
+        let got = hook.got.lock().unwrap();
+        let first: serde_json::Value = serde_json::from_slice(&got[0].1).unwrap();
+        assert_eq!(first["notices"][0]["serialNumber"], format!("S{extra}"));
+        assert_eq!(list(&kv, None).unwrap().undelivered, 0);
+    }
+
+    #[test]
+    fn an_outbox_of_the_former_layout_resumes_where_it_stood() {
+        let kv = MemoryKv::default();
+        on(&kv);
+        let t = Utc::now();
+        record_removals(&kv, "a", &removed(5), "api", t).unwrap();
+        kv.set(
+            &keys::notices_outbox(),
+            br#"{"pending":[{"page":0,"id":"0-3"},{"page":0,"id":"0-4"}],"attempts":0}"#,
+        )
+        .unwrap();
+        assert_eq!(list(&kv, None).unwrap().undelivered, 2);
+        let hook = Hook {
+            status: Mutex::new(200),
+            got: Mutex::new(Vec::new()),
+        };
+        let r = block_on(deliver_due(&kv, &hook, t, 10, false)).unwrap();
+        assert_eq!(r.delivered, 2);
+        let got = hook.got.lock().unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&got[0].1).unwrap();
+        assert_eq!(body["notices"][0]["id"], "0-3");
+        // Everything delivered: an old outbox with nothing pending means "at the end".
+        kv.set(&keys::notices_outbox(), br#"{"pending":[]}"#)
+            .unwrap();
+        assert_eq!(list(&kv, None).unwrap().undelivered, 0);
     }
 
     #[test]

@@ -18,8 +18,9 @@ use std::collections::VecDeque;
 use vpp_apple::{EventType, Notification, NotificationEnvelope, NotificationResult};
 use vpp_store::{get_json, keys, update, Kv, StoreError};
 
-/// Notification ids remembered per account (Apple retries within minutes).
-pub const REMEMBERED_IDS: usize = 2000;
+/// Notification ids remembered per account (Apple retries within minutes): a ring whose size is
+/// written in the layout (`keys::NOTIFIED_IDS`).
+pub const REMEMBERED_IDS: usize = keys::NOTIFIED_IDS;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Seen {
@@ -54,11 +55,18 @@ pub fn authenticate(
         .filter(|t| !t.is_empty())
         .ok_or_else(unauthorized)?;
     let account = get_json::<Account>(kv, &keys::account(account_id))?.ok_or_else(unauthorized)?;
-    let expected = account
-        .notification_secret_sha256
-        .as_deref()
-        .ok_or_else(unauthorized)?;
-    if !constant_time_eq(sha256_hex(presented).as_bytes(), expected.as_bytes()) {
+    // The current secret, or the one a reclaim is handing Apple right now.
+    let presented = sha256_hex(presented);
+    let matches = [
+        account.notification_secret_sha256.as_deref(),
+        account.next_notification_secret_sha256.as_deref(),
+    ]
+    .into_iter()
+    .flatten()
+    .fold(false, |ok, expected| {
+        constant_time_eq(presented.as_bytes(), expected.as_bytes()) | ok
+    });
+    if !matches {
         return Err(unauthorized());
     }
     Ok(account)

@@ -179,6 +179,7 @@ mod tests {
                 error: None,
             }),
             notification_secret_sha256: None,
+            next_notification_secret_sha256: None,
             assignments_version: None,
             users_version: None,
             claimed_at: Some(now),

@@ -240,12 +240,25 @@ pub async fn create<T: Transport, C: Clock>(
             managed_apple_id: u.managed_apple_id.clone(),
         })
         .collect();
-    let events = client
-        .create_users(&req)
-        .await
-        .map_err(|e| apple_error(&e.error))?;
-    let event_id = events.first().map(|e| e.event_id.clone());
-    for u in &users {
+    // Apple takes at most `maxUsers` a request: the client sends batches in order, one event
+    // each. When a later batch fails, the ones Apple accepted before it are still created there,
+    // so they are recorded here too and the answer says which users failed.
+    let (events, failure) = match client.create_users(&req).await {
+        Ok(events) => (events, None),
+        Err(e) if e.submitted.is_empty() => return Err(apple_error(&e.error)),
+        Err(e) => (e.submitted, Some(e.error)),
+    };
+    let limits = client.limits().await.unwrap_or_default();
+    let batches = vpp_apple::split_users(&req, &limits);
+    let mut accepted: Vec<(&NewUser, String)> = Vec::new();
+    for (batch, event) in batches.iter().zip(&events) {
+        for ru in &batch.users {
+            if let Some(u) = users.iter().find(|u| u.client_user_id == ru.client_user_id) {
+                accepted.push((u, event.event_id.clone()));
+            }
+        }
+    }
+    for (u, event_id) in &accepted {
         update::<UserShard, ()>(kv, &shard_key(account_id, &u.client_user_id), |cur| {
             let mut s = cur.unwrap_or_default();
             if s.get(&u.client_user_id)
@@ -262,7 +275,7 @@ pub async fn create<T: Transport, C: Clock>(
                     status: "Creating".into(),
                     invite_code: None,
                     id_hash: None,
-                    event_id: event_id.clone(),
+                    event_id: Some(event_id.clone()),
                     error: None,
                     updated_at: now,
                 },
@@ -270,31 +283,63 @@ pub async fn create<T: Transport, C: Clock>(
             Ok((Some(s), ()))
         })?;
     }
-    Ok(json!({
+    let mut out = json!({
         "eventIds": events.iter().map(|e| e.event_id.clone()).collect::<Vec<_>>(),
-        "users": users.iter().map(|u| json!({"clientUserId": u.client_user_id, "status": "Creating"})).collect::<Vec<_>>(),
-    }))
+        "users": accepted.iter().map(|(u, e)| json!({"clientUserId": u.client_user_id, "status": "Creating", "eventId": e})).collect::<Vec<_>>(),
+    });
+    if let Some(error) = failure {
+        let taken: std::collections::BTreeSet<&str> = accepted
+            .iter()
+            .map(|(u, _)| u.client_user_id.as_str())
+            .collect();
+        let e = apple_error(&error);
+        // Only an Apple error with its number is a definite "no"; without one, Apple may have
+        // created them: a refresh or Apple's USER_MANAGEMENT notification will show them.
+        let outcome = if error.number().is_some() {
+            "rejected"
+        } else {
+            "unknown"
+        };
+        out["failed"] = users
+            .iter()
+            .filter(|u| !taken.contains(u.client_user_id.as_str()))
+            .map(|u| json!({"clientUserId": u.client_user_id, "outcome": outcome}))
+            .collect();
+        out["error"] = json!({"code": e.code.as_str(), "message": e.message, "details": e.details});
+    }
+    Ok(out)
 }
 
-/// `GET /api/accounts/{id}/users/{clientUserId}`: our record, refreshed from Apple while it is
-/// still being created or lacks its invite code.
+/// The invitation link template from the service config the apple component keeps
+/// (`apple/service-config`), without calling Apple.
+fn stored_invitation_template(kv: &impl Kv) -> Option<String> {
+    let cached: Value = get_json(kv, &keys::service_config()).ok().flatten()?;
+    cached["config"]["urls"]["invitationEmail"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// `GET /api/accounts/{id}/users/{clientUserId}`: our record. With `may_call_apple` (an admin
+/// asking) a record still being created, retired, or without its invite code is read again from
+/// Apple first; a reader's request stays local. An id we do not have is 404 without asking Apple.
 pub async fn get<T: Transport, C: Clock>(
     kv: &impl Kv,
     client: &Client<T, C>,
     account_id: &str,
     cid: &str,
     template: Option<&str>,
+    may_call_apple: bool,
     now: DateTime<Utc>,
 ) -> Result<Value, ApiError> {
     load_account(kv, account_id)?;
     validate_cid(cid)?;
     let key = shard_key(account_id, cid);
     let mut current = get_json::<UserShard>(kv, &key)?.and_then(|s| s.get(cid).cloned());
-    let stale = current.as_ref().is_none_or(|u| {
+    let stale = current.as_ref().is_some_and(|u| {
         matches!(u.status.as_str(), "Creating" | "Retiring")
             || (u.status == "Registered" && u.invite_code.is_none())
     });
-    if stale {
+    if stale && may_call_apple {
         let filter = UserFilter {
             client_user_id: Some(cid.to_string()),
             ..UserFilter::default()
@@ -354,7 +399,8 @@ pub async fn retire<T: Transport, C: Clock>(
 
 /// The whole `/api/accounts/{id}/users...` surface for the accounts component. `rest` is the
 /// path after `users` (`[]`, `[clientUserId]` or `[clientUserId, "retire"]`). Returns the status
-/// and JSON body. The caller checks the API key's role (admin for POST).
+/// and JSON body. The caller checks the API key's role (admin for POST) and says whether the
+/// caller is an admin: only an admin's request may reach Apple; a reader's stays local.
 #[allow(clippy::too_many_arguments)]
 pub async fn handle<T: Transport, C: Clock>(
     kv: &impl Kv,
@@ -364,14 +410,19 @@ pub async fn handle<T: Transport, C: Clock>(
     rest: &[&str],
     page: Option<u64>,
     body: &[u8],
+    is_admin: bool,
     now: DateTime<Utc>,
 ) -> Result<(u16, Value), ApiError> {
     let template = || async {
-        client
-            .service_config()
-            .await
-            .ok()
-            .and_then(|c| c.urls.invitation_email)
+        match stored_invitation_template(kv) {
+            Some(t) => Some(t),
+            None if is_admin => client
+                .service_config()
+                .await
+                .ok()
+                .and_then(|c| c.urls.invitation_email),
+            None => None,
+        }
     };
     match (method, rest) {
         ("GET", []) => {
@@ -383,7 +434,7 @@ pub async fn handle<T: Transport, C: Clock>(
             let t = template().await;
             Ok((
                 200,
-                get(kv, client, account_id, cid, t.as_deref(), now).await?,
+                get(kv, client, account_id, cid, t.as_deref(), is_admin, now).await?,
             ))
         }
         ("POST", [cid, "retire"]) => Ok((202, retire(kv, client, account_id, cid, now).await?)),

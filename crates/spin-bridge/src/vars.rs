@@ -52,11 +52,23 @@ pub fn number(name: &str, default: i64) -> i64 {
         .unwrap_or(default)
 }
 
-/// What one invocation may spend on a job: `job_slice_seconds`, `job_slice_apple_calls`.
-pub fn job_budget(now: chrono::DateTime<chrono::Utc>) -> vpp_licensing::job::Budget {
-    vpp_licensing::job::Budget::new(
+/// What one invocation may spend on a job: `job_slice_seconds` (clamped to
+/// 1..=`job::MAX_SLICE_SECONDS`, so a slice ends well within the platform's 30 s and its lease),
+/// `job_slice_apple_calls`.
+pub fn job_budget(
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<vpp_licensing::job::Budget, ApiError> {
+    let raw = optional("job_slice_seconds");
+    let seconds = vpp_licensing::job::slice_seconds(raw.as_deref())
+        .map_err(|m| ApiError::new(ErrorCode::Misconfigured, m))?;
+    if let Some(r) = raw.as_deref() {
+        if r.parse::<i64>().ok() != Some(seconds) {
+            eprintln!("job_slice_seconds {r} is out of range; using {seconds}");
+        }
+    }
+    Ok(vpp_licensing::job::Budget::new(
         now,
-        number("job_slice_seconds", 20),
+        seconds,
         number("job_slice_apple_calls", 300).clamp(1, 100_000) as u32,
-    )
+    ))
 }

@@ -25,12 +25,12 @@
 //! | `reserved/{id}` | asset → licenses held by our pending associations (not yet in Apple's counts) | licenses, jobs (CAS) |
 //! | `policies`, `policy/{id}` | app policies: index of summaries, one value per policy (≤ 20,000 subjects) | licenses (CAS) |
 //! | `settings` | license settings (notification switch, low-license threshold, webhook URL + secret) | licenses (CAS) |
-//! | `notices/{page}`, `notices` | license-removal notices, pages of [`NOTICE_PAGE`] + head | licenses, jobs (CAS) |
-//! | `notices/outbox` | references to notices not yet delivered to the webhook, with the backoff | licenses, jobs (CAS) |
+//! | `notices/{page}`, `notices` | license-removal notices, pages of [`NOTICE_PAGE`] + head; ring of [`NOTICE_PAGES_KEPT`] pages | licenses, jobs (CAS) |
+//! | `notices/outbox` | delivery cursor (first notice not yet delivered), backoff, and notices dropped undelivered with why (fixed size) | licenses, jobs (CAS) |
 //! | `users/{id}/{shard}` | managed users of an account: clientUserId → user; shard = `shard_of(clientUserId, USER_SHARDS)` | accounts (users API, refresh), notifications (CAS) |
-//! | `jobs`, `job/{id}`, `lease/{id}` | job index, job state machines, per-account leases | accounts, licenses (CAS) |
-//! | `audit/{page}`, `audit` | audit records, pages of [`AUDIT_PAGE`] + head | every HTTP component (CAS) |
-//! | `notified/{id}` | recent Apple `notificationId`s of an account (dedupe ring) | licenses (CAS) |
+//! | `jobs`, `job/{id}`, `lease/{id}` | job index, job state machines, per-account leases; at most one running job per account and kind; [`KEPT_JOBS`] finished jobs kept (running ones never dropped) | accounts, licenses (CAS) |
+//! | `audit/{page}`, `audit` | audit records, pages of [`AUDIT_PAGE`] + head; ring of [`AUDIT_PAGES_KEPT`] pages | every HTTP component (CAS) |
+//! | `notified/{id}` | recent Apple `notificationId`s of an account (dedupe ring of [`NOTIFIED_IDS`]) | licenses (CAS) |
 //! | `daily/last` | the newest daily run: job id, started, finished, state (due-ness) | licenses, under `lease/daily` |
 
 /// Shards of an account's managed users (fixed: 100,000 users at ~200 B stay ~300 KiB a shard).
@@ -41,6 +41,18 @@ pub const SHARD_TARGET: usize = 2000;
 pub const AUDIT_PAGE: usize = 200;
 /// Notices per notice page.
 pub const NOTICE_PAGE: usize = 200;
+
+// Bounds of what accumulates: rings, so the key count and every value stay fixed.
+/// Audit pages kept ([`AUDIT_PAGE`] records each): 10,000 records.
+pub const AUDIT_PAGES_KEPT: u64 = 50;
+/// Notice pages kept ([`NOTICE_PAGE`] notices each): 20,000 notices. A page leaves the ring
+/// even when its notices were never delivered; the outbox then counts them as dropped, with why.
+pub const NOTICE_PAGES_KEPT: u64 = 100;
+/// Finished jobs kept in the job index (running jobs are never dropped).
+pub const KEPT_JOBS: usize = 200;
+/// Apple `notificationId`s remembered per account for deduplication (Apple retries within
+/// minutes; ~40 B each).
+pub const NOTIFIED_IDS: usize = 2000;
 
 pub fn instance() -> String {
     "instance".into()

@@ -109,6 +109,8 @@ pub struct HostSetup {
     pub platform: Platform,
     /// A runtime config file (e.g. `[key_value_store.default] type = "redis"`).
     pub runtime_config: Option<PathBuf>,
+    /// A manifest to load instead of the real `spin.toml` (self-hosted only).
+    pub manifest: Option<PathBuf>,
 }
 
 #[derive(Clone)]
@@ -147,7 +149,7 @@ async fn launch_app(launch: &Launch, listen: SocketAddr, sim: &Simulator) -> (Ap
     variables.retain(|(k, _)| k != "public_url");
     variables.push(("public_url".into(), public_url.clone()));
     let manifest = match launch.setup.platform {
-        Platform::SelfHosted => manifest(),
+        Platform::SelfHosted => launch.setup.manifest.clone().unwrap_or_else(manifest),
         Platform::ManagedCloud => {
             variables.retain(|(k, _)| k != "apple_gateway_url" && k != "internal_secret");
             variables.push((
@@ -297,6 +299,26 @@ impl Env {
     /// Start with extra or overriding Spin variables.
     pub async fn start_with(extra: Vec<(&str, String)>) -> Env {
         Env::start_on(extra, HostSetup::default()).await
+    }
+
+    /// Start from the real manifest changed by `edit` (e.g. a component given another route),
+    /// with extra or overriding Spin variables.
+    pub async fn start_edited(extra: Vec<(&str, String)>, edit: impl Fn(&str) -> String) -> Env {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let base = std::fs::read_to_string(manifest()).expect("manifest");
+        let edited = edit(&base);
+        assert_ne!(edited, base, "the edit changed nothing");
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let path = workspace_root().join(format!(
+            "target/e2e/spin-{}-edited-{n}.toml",
+            std::process::id()
+        ));
+        std::fs::write(&path, edited).expect("write manifest");
+        let setup = HostSetup {
+            manifest: Some(path),
+            ..HostSetup::default()
+        };
+        Env::start_on(extra, setup).await
     }
 
     /// Start on a platform and key-value store of choice.

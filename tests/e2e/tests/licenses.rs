@@ -13,6 +13,7 @@ async fn env_with_notifications() -> Env {
     Env::start_with(vec![
         ("apple_notifications", "on".into()),
         ("notice_webhook_hosts", "http://127.0.0.1:*".into()),
+        ("notice_webhook_http_hosts", "127.0.0.1".into()),
     ])
     .await
 }
