@@ -158,10 +158,7 @@ pub fn paths() -> Value {
             "post": {"operationId": "createUsers", "x-apple": true,
                 "summary": "Register users with Apple: {clientUserId, email?, managedAppleId?} or {users:[...]}",
                 "requestBody": body("UsersRequest"),
-                "responses": {"202": ok(json!({"type": "object", "description": "users Apple accepted (Creating, with their eventId); when a later batch failed, also failed: [{clientUserId, outcome: rejected|unknown}] and error",
-                    "properties": {"eventIds": {"type": "array", "items": {"type": "string"}}, "users": {"type": "array", "items": {"type": "object"}},
-                        "failed": {"type": "array", "items": {"type": "object", "properties": {"clientUserId": {"type": "string"}, "outcome": {"type": "string", "enum": ["rejected", "unknown"]}}}},
-                        "error": {"type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "details": {}}}}})), "404": err(&["not_found"])}}},
+                "responses": {"202": ok(r("UsersCreated")), "404": err(&["not_found"])}}},
         "/api/accounts/{id}/users/{clientUserId}": {
             "parameters": [account_id_param("id"), path("clientUserId", json!({"type": "string", "pattern": "^[A-Za-z0-9._~@+-]{1,128}$"}), "the user's clientUserId (other characters are never found: 404)")],
             "get": {"operationId": "getUser", "summary": "One managed user with its invitation link (an admin's request re-reads a user still being created from Apple; a reader's stays local)", "x-apple": true,
@@ -260,6 +257,10 @@ pub fn schemas() -> Value {
             r("NewUser")]},
         "User": {"type": "object", "required": ["clientUserId"], "properties": {
             "clientUserId": s("string"), "email": n("string"), "status": s("string"), "invitationUrl": s("string")}},
+        "UsersCreated": {"type": "object", "description": "users Apple accepted (Creating, with their eventId); when a later batch failed, also failed: [{clientUserId, outcome: rejected|unknown}] and error",
+            "properties": {"eventIds": {"type": "array", "items": s("string")}, "users": {"type": "array", "items": {"type": "object"}},
+                "failed": {"type": "array", "items": {"type": "object", "properties": {"clientUserId": s("string"), "outcome": {"type": "string", "enum": ["rejected", "unknown"]}}}},
+                "error": {"type": "object", "properties": {"code": s("string"), "message": s("string"), "details": {}}}}},
         "UserPage": {"type": "object", "required": ["users"], "properties": {"users": {"type": "array", "items": r("User")}, "nextPage": n("integer")}},
     })
 }
