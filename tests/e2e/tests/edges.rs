@@ -205,6 +205,7 @@ async fn reader_user_requests_stay_local() {
         .await;
     assert_eq!(r.status, 202, "{}", r.text());
     env.sim.clear_calls();
+    let env = &env;
     let reader = |path: String| async move { env.call("GET", &path, None, Some(READER_KEY)).await };
     let unknown = reader(format!("/api/accounts/{id}/users/nobody")).await;
     assert_eq!(unknown.status, 404, "{}", unknown.text());
