@@ -565,6 +565,7 @@ pub fn fail(
     let failed: Vec<Subject> = open_update(kv, account, asset_key, |open| {
         let idx = event_id.and_then(|id| open.events.iter().position(|e| e == id));
         let mut out = Vec::new();
+        let mut changed = false;
         for (s, _) in failures {
             let tag = s.tag();
             let Some(o) = open.entries.get_mut(&tag) else {
@@ -581,12 +582,13 @@ pub fn fail(
             if let Some(i) = idx {
                 o.events.retain(|e| *e != i as u32);
             }
+            changed = true;
             if o.events.is_empty() {
                 open.entries.remove(&tag);
                 out.push(s.clone());
             }
         }
-        (!out.is_empty(), out)
+        (changed, out)
     })?;
     let by_tag: BTreeMap<String, &Failure> = failures.iter().map(|(s, f)| (s.tag(), f)).collect();
     shard_write(kv, account, asset_key, &failed, now, |s, cur| match cur {
