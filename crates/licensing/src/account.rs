@@ -547,6 +547,11 @@ pub async fn delete<G: Gateway>(
         kv.delete(&keys::event(&e))?;
     }
     kv.delete(&keys::account_events(id))?;
+    let done: Vec<String> = get_json(kv, &keys::account_events_done(id))?.unwrap_or_default();
+    for e in done {
+        kv.delete(&keys::event(&e))?;
+    }
+    kv.delete(&keys::account_events_done(id))?;
     kv.delete(&keys::notified(id))?;
     for shard in 0..keys::USER_SHARDS {
         kv.delete(&keys::user_shard(id, shard))?;

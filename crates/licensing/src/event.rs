@@ -30,6 +30,8 @@ pub const POLL_INTERVAL_SECS: i64 = 30;
 pub const FIRST_POLL_AFTER_SECS: i64 = 5;
 /// Apple: still PENDING after 10 minutes → send the request again.
 pub const RESEND_AFTER_SECS: i64 = 600;
+/// Ended events whose records are kept per account (for `GET /api/events/{id}`).
+pub const KEPT_DONE_EVENTS: usize = 500;
 /// An event sent again is still polled (Apple may yet apply it) for this long.
 pub const GIVE_UP_AFTER_SECS: i64 = 86_400;
 
@@ -72,6 +74,8 @@ pub fn load(kv: &impl Kv, event_id: &str) -> Result<Option<EventRecord>, StoreEr
     get_json(kv, &keys::event(event_id))
 }
 
+/// Take an event off the pending index once it ended; its record stays readable among the
+/// account's last [`KEPT_DONE_EVENTS`] ended events, and older records are deleted (bounded).
 fn untrack(kv: &impl Kv, account_id: &str, event_id: &str) -> Result<(), StoreError> {
     update::<Vec<String>, ()>(kv, &keys::account_events(account_id), |cur| {
         let Some(mut ids) = cur else {
@@ -80,7 +84,25 @@ fn untrack(kv: &impl Kv, account_id: &str, event_id: &str) -> Result<(), StoreEr
         let before = ids.len();
         ids.retain(|i| i != event_id);
         Ok(((ids.len() != before).then_some(ids), ()))
-    })
+    })?;
+    let evicted =
+        update::<Vec<String>, Vec<String>>(kv, &keys::account_events_done(account_id), |cur| {
+            let mut ids = cur.unwrap_or_default();
+            if ids.iter().any(|i| i == event_id) {
+                return Ok((None, Vec::new()));
+            }
+            ids.push(event_id.to_string());
+            let excess = ids.len().saturating_sub(KEPT_DONE_EVENTS);
+            let evicted: Vec<String> = ids.drain(..excess).collect();
+            Ok((Some(ids), evicted))
+        })?;
+    for id in evicted {
+        // Only records that really ended go (a pending one is still in the index).
+        if load(kv, &id)?.is_some_and(|r| r.state != EventState::Pending) {
+            kv.delete(&keys::event(&id))?;
+        }
+    }
+    Ok(())
 }
 
 /// A new event record for what Apple just accepted.
@@ -187,7 +209,8 @@ pub fn apply_outcome(
             }
         } else {
             if !ok.is_empty() {
-                let states = ledger::gone(kv, account_id, ak, &ok_subjects, now)?;
+                let asked_at = record.as_ref().map(|r| r.created_at);
+                let states = ledger::gone(kv, account_id, ak, &ok_subjects, asked_at, now)?;
                 for (i, p) in ok.iter().zip(states) {
                     prev[*i] = p;
                 }

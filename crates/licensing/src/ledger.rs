@@ -506,7 +506,9 @@ pub fn confirm(
     let before = shard_write(kv, account, asset_key, subjects, now, |s, cur| {
         let in_open = open.entries.contains_key(&s.tag());
         match cur {
-            Some(e) if matches!(e.state, LedgerState::Confirmed | LedgerState::Revoking) => None,
+            Some(e) if e.state == LedgerState::Confirmed => None,
+            // Revoking, and no new request of ours since: the disassociate decides.
+            Some(e) if e.state == LedgerState::Revoking && !in_open => None,
             Some(e) => Some(Some(LedgerEntry {
                 state: LedgerState::Confirmed,
                 event_id: event_id.map(str::to_string).or(e.event_id.clone()),
@@ -672,16 +674,24 @@ pub fn revoke_refused(
     Ok(())
 }
 
-/// Apple no longer holds (asset, subject): the entries are gone. Returns each previous state.
+/// Apple took (asset, subject) away in an event we asked for at `asked_at` (`None`: an event we
+/// did not make, or whose answer we lost): `revoking` entries are gone. A `confirmed` entry goes
+/// only when it is older than our request: Apple applies events in an order we cannot see, so
+/// an assignment confirmed since may have come after the removal (the next full refresh, which
+/// sees what Apple holds, settles it). Returns each previous state.
 pub fn gone(
     kv: &impl Kv,
     account: &str,
     asset_key: &str,
     subjects: &[Subject],
+    asked_at: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
 ) -> Result<Vec<Option<LedgerState>>, StoreError> {
-    let before = shard_write(kv, account, asset_key, subjects, now, |_, cur| {
-        cur.map(|_| None)
+    let before = shard_write(kv, account, asset_key, subjects, now, |_, cur| match cur {
+        // Not asked by us (or confirmed since we asked): a refresh decides.
+        Some(e) if e.state == LedgerState::Confirmed && asked_at.is_none_or(|t| e.at > t) => None,
+        Some(_) => Some(None),
+        None => None,
     })?;
     Ok(subjects
         .iter()

@@ -34,6 +34,8 @@ const SECRET: &str = "model-notification-secret";
 const ASSETS: [(&str, u64); 2] = [("100", 6), ("200", 4)];
 const DEVICES: usize = 10;
 const FOREIGN: [&str; 3] = ["F0", "F1", "F2"];
+/// Apple applies an event it accepted within this long (it is resent after ten minutes).
+const APPLE_HORIZON: Duration = Duration::minutes(8);
 
 /// xorshift64*: small, seedable, reproducible.
 struct Rng(u64);
@@ -75,10 +77,16 @@ struct World {
     rng: Rng,
     /// Percent of requests that get a fault.
     fault_rate: u64,
-    /// Events Apple accepted, not yet applied.
+    /// Events Apple accepted, not yet applied (oldest first).
     scheduled: Vec<String>,
+    /// The test's time (Apple stamps the events it accepts with it).
+    now: DateTime<Utc>,
+    /// When each scheduled event was accepted.
+    accepted_at: BTreeMap<String, DateTime<Utc>>,
     /// Notifications Apple sent, not yet delivered.
     notes: Vec<Outgoing>,
+    /// Faults for the next write requests, before any random one.
+    forced: std::collections::VecDeque<Fault>,
     log: Vec<String>,
 }
 
@@ -110,7 +118,10 @@ fn transport(world: Shared) -> ScriptedTransport {
         };
         let write = sreq.method == "POST";
         let rate = w.fault_rate;
-        let fault = if w.rng.chance(rate) && sreq.path != "service/config" {
+        let forced = if write { w.forced.pop_front() } else { None };
+        let fault = if let Some(f) = forced {
+            f
+        } else if w.rng.chance(rate) && sreq.path != "service/config" {
             match w.rng.below(if write { 5 } else { 2 }) {
                 0 => Fault::RateLimited,
                 1 => Fault::Unavailable,
@@ -148,7 +159,11 @@ fn transport(world: Shared) -> ScriptedTransport {
         let out = w.model.handle_api(&sreq, Instant::now());
         for e in out.effects {
             match e {
-                Effect::Schedule { event_id, .. } => w.scheduled.push(event_id),
+                Effect::Schedule { event_id, .. } => {
+                    let at = w.now;
+                    w.accepted_at.insert(event_id.clone(), at);
+                    w.scheduled.push(event_id)
+                }
                 Effect::Notify(n) => w.notes.extend(n),
             }
         }
@@ -233,6 +248,7 @@ fn sha256(s: &str) -> String {
 impl Run {
     fn new(seed: u64) -> Run {
         let mut model = Model::new("http://127.0.0.1:1");
+        model.rng = apple_sim::model::Rng::from_seed(seed);
         // Time here is the test's: the simulator's own (wall-clock) rate limit stays out of it;
         // rate limits come as faults. Small pages make refreshes page.
         model.config.rate_limit_enabled = false;
@@ -274,7 +290,10 @@ impl Run {
             rng: Rng(seed ^ 0x9e37_79b9_7f4a_7c15),
             fault_rate: 0,
             scheduled: Vec::new(),
+            now: Utc::now(),
+            accepted_at: BTreeMap::new(),
             notes: Vec::new(),
+            forced: Default::default(),
             log: Vec::new(),
         }));
         let kv = KillableKv::default();
@@ -312,6 +331,11 @@ impl Run {
             self.clock.clone(),
         )
         .with_pacer(vpp_apple::Pacer::unlimited())
+    }
+
+    /// A client whose retries are spent (the proxy's retries exhausted): one attempt.
+    fn client_once(&self) -> Client<ScriptedTransport, FakeClock> {
+        self.client().with_policy(vpp_apple::RetryPolicy::none())
     }
 
     fn budget(&self) -> Budget {
@@ -369,7 +393,26 @@ impl Run {
         }
     }
 
+    /// Apple applies what it accepted within minutes: events older than [`APPLE_HORIZON`] are
+    /// applied now, oldest first.
+    fn apple_catches_up(&mut self) {
+        let now = self.now();
+        let mut w = self.world.lock().unwrap();
+        w.now = now;
+        while let Some(id) = w.scheduled.first().cloned() {
+            let at = w.accepted_at.get(&id).copied().unwrap_or(now);
+            if now - at < APPLE_HORIZON {
+                break;
+            }
+            w.scheduled.remove(0);
+            let notes = w.model.apply_event(&id);
+            w.notes.extend(notes);
+            w.log.push(format!("apple applies {id} (in time)"));
+        }
+    }
+
     fn step(&mut self) {
+        self.apple_catches_up();
         let now = self.now();
         let client = self.client();
         let mut b = self.budget();
@@ -460,12 +503,10 @@ impl Run {
                 ));
             }
             72..=83 => {
-                // Apple applies an event it accepted.
+                // Apple applies the oldest event it accepted (in the order it accepted them).
                 let mut w = self.world.lock().unwrap();
                 if !w.scheduled.is_empty() {
-                    let len = w.scheduled.len() as u64;
-                    let i = w.rng.below(len) as usize;
-                    let id = w.scheduled.remove(i);
+                    let id = w.scheduled.remove(0);
                     let notes = w.model.apply_event(&id);
                     w.notes.extend(notes);
                     w.log.push(format!("apple applies {id}"));
@@ -529,10 +570,14 @@ impl Run {
         for round in 0..12 {
             {
                 let mut w = self.world.lock().unwrap();
+                for id in std::mem::take(&mut w.scheduled) {
+                    let notes = w.model.apply_event(&id);
+                    w.notes.extend(notes);
+                }
                 let notes = w.model.flush_events();
                 w.notes.extend(notes);
-                w.scheduled.clear();
             }
+            self.world.lock().unwrap().now = self.now();
             let notes: Vec<Outgoing> = std::mem::take(&mut self.world.lock().unwrap().notes);
             for n in &notes {
                 deliver(&self.kv, n, self.now());
@@ -620,9 +665,26 @@ impl Run {
             }
             match ours.get(&(adam.clone(), s.clone())).map(String::as_str) {
                 Some("Confirmed") | Some("Revoking") => {}
-                other => problems.push(format!(
-                    "Apple holds {adam}/{s} (ours) but the ledger has {other:?}"
-                )),
+                other => {
+                    let evs: Vec<String> = w
+                        .model
+                        .events
+                        .iter()
+                        .filter(|(_, e)| format!("{e:?}").contains(&format!("\"{s}\"")))
+                        .map(|(id, e)| {
+                            let ours = event::load(&self.kv, id).ok().flatten().map(|r| {
+                                format!(
+                                    "{:?} {:?} applied={} resent_as={:?}",
+                                    r.kind, r.state, r.applied, r.resent_as
+                                )
+                            });
+                            format!("{id} {:?} {:?} ours={ours:?}", e.event_type, e.event_status)
+                        })
+                        .collect();
+                    problems.push(format!(
+                        "Apple holds {adam}/{s} (ours) but the ledger has {other:?}; events {evs:#?}"
+                    ))
+                }
             }
         }
         // 2. Nothing in our ledger as held that Apple does not hold.
@@ -717,6 +779,22 @@ fn run_seed(seed: u64, steps: usize) -> Result<(), String> {
             for (adam, _) in ASSETS {
                 let d = ledger::open_doc(&run.kv, ACCOUNT, &format!("{adam}:STDQ")).unwrap();
                 now.push_str(&format!("{adam}: {:?} {:?}; ", d.events, d.entries));
+            }
+            if let Ok(w) = std::env::var("LEDGER_MODEL_WATCH") {
+                if let Some((adam, serial)) = w.split_once(':') {
+                    let e = ledger::entry(&run.kv, ACCOUNT, &format!("{adam}:STDQ"), &d(serial))
+                        .unwrap();
+                    let held = {
+                        let w = run.world.lock().unwrap();
+                        let st = w.model.location_state(&w.token).unwrap();
+                        st.assignments.iter().any(|a| {
+                            a.adam_id == adam && a.serial_number.as_deref() == Some(serial)
+                        })
+                    };
+                    now.push_str(&format!(
+                        "WATCH {adam}/{serial}: ledger {e:?} apple holds {held}"
+                    ));
+                }
             }
             if now != last {
                 run.log(format!("open: {now}"));
@@ -820,4 +898,323 @@ fn resent_events_are_all_tracked_until_they_end() {
     .unwrap();
     assert_eq!(e.state, "failed", "{e:?}");
     assert_eq!(ledger::reserved(&run.kv, ACCOUNT, "200:STDQ").unwrap(), 0);
+}
+
+fn d(s: &str) -> Subject {
+    Subject::SerialNumber(s.into())
+}
+
+fn state_of(run: &Run, adam: &str, serial: &str) -> Option<&'static str> {
+    ledger::entry(&run.kv, ACCOUNT, &format!("{adam}:STDQ"), &d(serial))
+        .unwrap()
+        .map(|e| e.state)
+}
+
+fn copy_made_by(run: &Run, adam: &str, serial: &str) -> Option<MadeBy> {
+    let doc: AssetsDoc = get_json(&run.kv, &keys::assets(ACCOUNT)).unwrap().unwrap();
+    let a = doc.find(adam, "STDQ").unwrap();
+    let shard: AssignmentShard = get_json(
+        &run.kv,
+        &keys::assignment_shard(
+            ACCOUNT,
+            doc.generation,
+            &a.key(),
+            copy_shard_of(&d(serial), a.shards),
+        ),
+    )
+    .unwrap()
+    .unwrap_or_default();
+    shard.get(&d(serial).tag()).cloned()
+}
+
+/// Issue 9 item 3: Apple applied the associate but the answer was lost (a bare 500 from a
+/// timed-out proxy, or a dropped connection). The entry stays `unknown` (its license held), a
+/// refresh counts the license as ours, clean up leaves it, and settling confirms it from Apple's
+/// assignments. (Before: the entry was undone, the refresh marked the license foreign and clean
+/// up took it back.)
+#[test]
+fn lost_answer_stays_unknown_until_apple_says_what_happened() {
+    for fault in [Fault::AppliedThen500, Fault::AppliedThenDropped] {
+        let mut run = Run::new(11);
+        run.world.lock().unwrap().forced.push_back(fault);
+        let now = run.now();
+        let mut b = run.budget();
+        let out = block_on(assignment::assign(
+            &run.kv,
+            &run.client_once(),
+            &assign_body("100", &["D1".into()]),
+            now,
+            &mut b,
+        ))
+        .unwrap();
+        assert_eq!((out.events.len(), out.unknown.len()), (0, 1), "{fault:?}");
+        assert_eq!(state_of(&run, "100", "D1"), Some("unknown"));
+        assert_eq!(ledger::reserved(&run.kv, ACCOUNT, "100:STDQ").unwrap(), 1);
+        // Apple applies it; a refresh sees it and counts it as ours.
+        run.world.lock().unwrap().model.flush_events();
+        run.refresh(true);
+        assert!(
+            matches!(copy_made_by(&run, "100", "D1"), Some(MadeBy::Ours { .. })),
+            "{fault:?}: {:?}",
+            copy_made_by(&run, "100", "D1")
+        );
+        // Clean up takes only foreign licenses: D1 stays at Apple.
+        let st = cleanup::initial_state(&run.kv, ACCOUNT).unwrap();
+        let mut j = run.job("cleanup");
+        j.checkpoint = serde_json::to_value(&st).unwrap();
+        let mut b = run.budget();
+        block_on(cleanup::run_slice(&run.kv, &run.client(), &mut j, &mut b)).unwrap();
+        run.world.lock().unwrap().model.flush_events();
+        let w = run.world.lock().unwrap();
+        let held = w.model.location_state(&w.token).unwrap().assignments;
+        drop(w);
+        assert!(held
+            .iter()
+            .any(|a| a.serial_number.as_deref() == Some("D1")));
+        // Settling confirms it (the refresh saw it at Apple) and releases the reservation.
+        let now = run.now();
+        let mut b = run.budget();
+        let r = block_on(ledger::settle_all(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+        assert_eq!(r.confirmed, 1, "{r:?}");
+        assert_eq!(state_of(&run, "100", "D1"), Some("confirmed"));
+        assert_eq!(ledger::reserved(&run.kv, ACCOUNT, "100:STDQ").unwrap(), 0);
+    }
+}
+
+/// Item 3: an unknown outcome is looked up at Apple for that device; a request Apple never
+/// applied (the connection dropped before it) is released only after Apple's resend horizon.
+#[test]
+fn unknown_outcome_is_verified_at_apple_before_release() {
+    let run = Run::new(12);
+    run.world.lock().unwrap().forced.push_back(Fault::Dropped);
+    run.world
+        .lock()
+        .unwrap()
+        .forced
+        .push_back(Fault::AppliedThenDropped);
+    let now = run.now();
+    let mut b = run.budget();
+    for s in ["D1", "D2"] {
+        let out = block_on(assignment::assign(
+            &run.kv,
+            &run.client_once(),
+            &assign_body("100", &[s.into()]),
+            now,
+            &mut b,
+        ))
+        .unwrap();
+        assert_eq!(out.unknown.len(), 1);
+    }
+    run.world.lock().unwrap().model.flush_events();
+    // No refresh: settling asks Apple about each device.
+    run.clock.advance(std::time::Duration::from_secs(60));
+    let now = run.now();
+    let mut b = run.budget();
+    let r = block_on(ledger::settle_all(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    assert_eq!((r.verified, r.confirmed, r.released), (2, 1, 0), "{r:?}");
+    assert_eq!(state_of(&run, "100", "D2"), Some("confirmed"));
+    assert_eq!(
+        state_of(&run, "100", "D1"),
+        Some("unknown"),
+        "not yet given up"
+    );
+    run.clock.advance(std::time::Duration::from_secs(
+        ledger::UNKNOWN_GIVE_UP_SECS as u64,
+    ));
+    let now = run.now();
+    let mut b = run.budget();
+    let r = block_on(ledger::settle_all(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    assert_eq!(r.released, 1, "{r:?}");
+    assert_eq!(state_of(&run, "100", "D1"), None);
+    assert_eq!(ledger::reserved(&run.kv, ACCOUNT, "100:STDQ").unwrap(), 0);
+}
+
+/// Item 3: only an Apple error with an errorNumber is a definite "no": the license is free at
+/// once and the request is reported as refused.
+#[test]
+fn apple_error_number_releases_at_once() {
+    let run = Run::new(13);
+    run.world
+        .lock()
+        .unwrap()
+        .forced
+        .push_back(Fault::RateLimited);
+    let now = run.now();
+    let mut b = run.budget();
+    let e = block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &assign_body("100", &["D1".into()]),
+        now,
+        &mut b,
+    ));
+    // The client retries a 429 (Retry-After): the second attempt goes through.
+    let out = e.unwrap();
+    assert_eq!(out.events.len(), 1);
+    assert_eq!(ledger::reserved(&run.kv, ACCOUNT, "100:STDQ").unwrap(), 1);
+}
+
+/// Item 4: reservations are the open entries: admitting a subject already open sets nothing
+/// more aside, and an entry that ends releases its license. (Before: a second reservation for
+/// the same pending subject, and none released when a pending entry was removed.)
+#[test]
+fn reservations_are_derived_from_open_entries() {
+    let run = Run::new(14);
+    let now = run.now();
+    let subjects = [d("D1"), d("D2")];
+    for _ in 0..3 {
+        ledger::admit(&run.kv, ACCOUNT, "100:STDQ", &subjects, true, now).unwrap();
+    }
+    assert_eq!(ledger::reserved(&run.kv, ACCOUNT, "100:STDQ").unwrap(), 2);
+    let failure = Failure {
+        code: "9709".into(),
+        message: "none left".into(),
+    };
+    ledger::accepted(&run.kv, ACCOUNT, "100:STDQ", &subjects, "ev1").unwrap();
+    ledger::fail(
+        &run.kv,
+        ACCOUNT,
+        "100:STDQ",
+        &[(d("D1"), failure)],
+        Some("ev1"),
+        now,
+    )
+    .unwrap();
+    ledger::confirm(
+        &run.kv,
+        ACCOUNT,
+        "100:STDQ",
+        &[d("D2")],
+        Some("ev1"),
+        true,
+        now,
+    )
+    .unwrap();
+    assert_eq!(ledger::reserved(&run.kv, ACCOUNT, "100:STDQ").unwrap(), 0);
+    assert_eq!(state_of(&run, "100", "D1"), Some("failed"));
+    assert_eq!(state_of(&run, "100", "D2"), Some("confirmed"));
+    // Failed entries are pruned after a week (on the next write to their shard).
+    let later = now + Duration::seconds(ledger::FAILED_KEEP_SECS + 1);
+    ledger::fail(&run.kv, ACCOUNT, "100:STDQ", &[], None, later).unwrap();
+    ledger::begin_revoke(&run.kv, ACCOUNT, "100:STDQ", &[d("D1")], later).unwrap();
+    assert_eq!(state_of(&run, "100", "D1"), None);
+}
+
+/// Item 12: the availability check and the reservation are one compare-and-swap: 30 admissions
+/// at once with 10 licenses left admit exactly 10.
+#[test]
+fn concurrent_admissions_never_take_more_than_available() {
+    let kv = MemoryKv::default();
+    let mut a = AssetRecord {
+        adam_id: "100".into(),
+        pricing_param: "STDQ".into(),
+        product_type: "App".into(),
+        name: None,
+        icon_url: None,
+        total: 12,
+        available: 10,
+        in_use: 2,
+        retired: 0,
+        device_assignable: true,
+        revocable: true,
+        supported_platforms: Vec::new(),
+        shards: 1,
+    };
+    a.shards = 1;
+    set_json(
+        &kv,
+        &keys::assets(ACCOUNT),
+        &AssetsDoc {
+            generation: 1,
+            synced_at: None,
+            assets: vec![a],
+        },
+    )
+    .unwrap();
+    let now = Utc::now();
+    let admitted = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for i in 0..30 {
+            let kv = kv.clone();
+            let admitted = &admitted;
+            scope.spawn(move || {
+                match ledger::admit(&kv, ACCOUNT, "100:STDQ", &[d(&format!("C{i}"))], true, now) {
+                    Ok(ledger::Admission::Admitted { admitted: a, .. }) if a.len() == 1 => {
+                        admitted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("{e}"),
+                }
+            });
+        }
+    });
+    assert_eq!(admitted.load(std::sync::atomic::Ordering::SeqCst), 10);
+    assert_eq!(ledger::reserved(&kv, ACCOUNT, "100:STDQ").unwrap(), 10);
+}
+
+/// Item 2: work that needs more Apple calls than one request may make is not lost: what is not
+/// sent stays queued in the ledger (the resume point) and the account's ledger job sends it; an
+/// invocation killed between two key-value writes is resumed by the daily settling.
+#[test]
+fn cut_off_work_is_resumed() {
+    let mut run = Run::new(15);
+    run.world
+        .lock()
+        .unwrap()
+        .model
+        .config
+        .limits
+        .max_serial_numbers = 2;
+    let now = run.now();
+    // One Apple call in this request: 5 devices need 3.
+    let mut b = Budget::new(now, 20, 1);
+    let subjects: Vec<String> = (1..=5).map(|i| format!("D{i}")).collect();
+    let out = block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &assign_body("100", &subjects),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    assert_eq!((out.events.len(), out.queued), (1, 3), "{out:?}");
+    assert_eq!(ledger::reserved(&run.kv, ACCOUNT, "100:STDQ").unwrap(), 5);
+    let (mut j, created) = ledger::start_job(&run.kv, "lj1", ACCOUNT, "test", now).unwrap();
+    assert!(created);
+    let mut b = run.budget();
+    let end = block_on(ledger::run_slice(&run.kv, &run.client(), &mut j, &mut b)).unwrap();
+    assert_eq!(end, refresh::SliceEnd::Done);
+    for s in &subjects {
+        assert_eq!(state_of(&run, "100", s), Some("pending"), "{s}");
+    }
+    // Killed between two writes in the middle of a policy put.
+    run.kv.left.set(Some(3));
+    let body: policy::PolicyBody = serde_json::from_value(json!({
+        "name": "p", "accountId": ACCOUNT, "assets": [{"adamId": "200"}],
+        "serialNumbers": ["D6", "D7", "D8"],
+    }))
+    .unwrap();
+    let mut b = run.budget();
+    let r = block_on(policy::put(&run.kv, &run.client(), "p", &body, now, &mut b));
+    run.kv.left.set(None);
+    let _ = r;
+    // The daily run (events polled, the ledger settled) finishes it.
+    run.settle();
+    run.check(15).unwrap();
+    let w = run.world.lock().unwrap();
+    let held: BTreeSet<String> = w
+        .model
+        .location_state(&w.token)
+        .unwrap()
+        .assignments
+        .iter()
+        .filter_map(|a| a.serial_number.clone())
+        .collect();
+    for s in subjects
+        .iter()
+        .map(String::as_str)
+        .chain(["D6", "D7", "D8"])
+    {
+        assert!(held.contains(s), "{s} assigned at Apple: {held:?}");
+    }
 }

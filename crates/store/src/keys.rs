@@ -23,6 +23,7 @@
 //! | `ledger/{id}/open/{adamId}:{pricing}` | open ledger entries of one asset (queued, unknown, pending; ≤ 10,000, ~45 B each): their count is the asset's reservation, admitted with one CAS | licenses, jobs, notifications (CAS) |
 //! | `event/{eventId}` | an Apple event we track | licenses, jobs, notifications (CAS) |
 //! | `events/{id}` | index: ids of the account's pending events (polled by `event::poll_due`) | licenses, jobs (CAS) |
+//! | `events/{id}/done` | ring: ids of the account's last 500 ended events; an event evicted from it has its `event/{eventId}` record deleted | licenses, jobs, notifications (CAS) |
 //! | `policies`, `policy/{id}` | app policies: index of summaries, one value per policy (≤ 20,000 subjects) | licenses (CAS) |
 //! | `settings` | license settings (notification switch, low-license threshold, webhook URL + secret) | licenses (CAS) |
 //! | `notices/{page}`, `notices` | license-removal notices, pages of [`NOTICE_PAGE`] + head | licenses, jobs (CAS) |
@@ -81,6 +82,10 @@ pub fn event(event_id: &str) -> String {
 }
 pub fn account_events(account: &str) -> String {
     format!("events/{account}")
+}
+/// The account's most recently ended events (a bounded ring; older records are deleted).
+pub fn account_events_done(account: &str) -> String {
+    format!("events/{account}/done")
 }
 /// The open ledger entries of one asset (`asset` is `adamId:pricingParam`).
 pub fn ledger_open(account: &str, asset: &str) -> String {

@@ -529,6 +529,10 @@ impl Rng {
         );
         Rng(h.finish() | 1)
     }
+    /// A reproducible generator (model-based tests replay a run from its seed).
+    pub fn from_seed(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
     pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x << 13;
