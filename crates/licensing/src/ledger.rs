@@ -172,6 +172,24 @@ fn open_update<R>(
     })
 }
 
+/// Create the (empty) open value of every asset that has none, before the assets become
+/// assignable (a refresh commit, one writer per account). Admissions then always
+/// compare-and-swap against an existing value: where the platform's swap on an absent key is an
+/// upsert, two first admissions could otherwise both win.
+pub fn prepare(kv: &impl Kv, account: &str, doc: &AssetsDoc) -> Result<(), StoreError> {
+    let empty = serde_json::to_vec(&OpenDoc::default()).map_err(|e| StoreError::Corrupt {
+        key: keys::ledger_open(account, "-"),
+        reason: e.to_string(),
+    })?;
+    for a in &doc.assets {
+        let key = keys::ledger_open(account, &a.key());
+        if kv.get(&key)?.is_none() {
+            kv.swap(&key, None, &empty)?;
+        }
+    }
+    Ok(())
+}
+
 /// Licenses an asset's open entries hold (its reservation).
 pub fn reserved(kv: &impl Kv, account: &str, asset_key: &str) -> Result<i64, StoreError> {
     Ok(open_doc(kv, account, asset_key)?.entries.len() as i64)
@@ -357,6 +375,22 @@ pub fn admit(
     all_or_nothing: bool,
     now: DateTime<Utc>,
 ) -> Result<Admission, StoreError> {
+    // Normally made by the refresh that listed the asset (see `prepare`).
+    let key = keys::ledger_open(account, asset_key);
+    if kv.get(&key)?.is_none() {
+        if all_or_nothing {
+            // A refusal writes nothing at all.
+            let doc: AssetsDoc = get_json(kv, &keys::assets(account))?.unwrap_or_default();
+            let free = room(&doc, asset_key, &OpenDoc::default()).unwrap_or(i64::MAX);
+            if subjects.len() as i64 > free {
+                return Ok(Admission::NoRoom {
+                    needed: subjects.len(),
+                    available: free.max(0),
+                });
+            }
+        }
+        kv.swap(&key, None, br#"{"ev":[],"o":{}}"#)?;
+    }
     open_update(kv, account, asset_key, |open| {
         // Apple's counts as they are now (a completed event moves them).
         let doc: AssetsDoc = match get_json(kv, &keys::assets(account)) {

@@ -485,6 +485,7 @@ fn commit(kv: &impl Kv, account_id: &str, st: &RefreshState) -> Result<(), StepE
     } else {
         Vec::new()
     };
+    crate::ledger::prepare(kv, account_id, &doc)?;
     set_json(kv, &keys::assets(account_id), &doc)?;
     if !gone.is_empty() {
         forget_gone(kv, account_id, &gone)?;
