@@ -1198,9 +1198,8 @@ impl Cache {
     ) -> Result<crate::model::MadeBy, StoreError> {
         use crate::model::MadeBy;
         let n = ledger_shard_of(asset_key, subject);
-        if !self.shards.contains_key(&n) {
-            let s: LedgerShard = get_json(kv, &keys::ledger_shard(account, n))?.unwrap_or_default();
-            self.shards.insert(n, s);
+        if let std::collections::btree_map::Entry::Vacant(v) = self.shards.entry(n) {
+            v.insert(get_json(kv, &keys::ledger_shard(account, n))?.unwrap_or_default());
         }
         if let Some(e) = self
             .shards

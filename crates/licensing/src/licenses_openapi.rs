@@ -42,7 +42,7 @@ pub fn paths() -> Value {
                     "text/csv": {"schema": {"type": "string"}}}},
                 "400": err(&["invalid_request"]), "404": err(&["not_found"])}}},
         "/api/licenses/{accountId}/{adamId}/assignments": {"get": {
-            "summary": "A page of an asset's assignments, each with who made it",
+            "summary": "A page of an asset's assignments, each with who made it; page 0 also lists our ledger entries not yet settled (`pending`, with their state)",
             "parameters": [
                 param("accountId", "path", "string", ""), param("adamId", "path", "string", ""),
                 param("pricingParam", "query", "string", "STDQ (default) or PLUS"),
@@ -50,18 +50,18 @@ pub fn paths() -> Value {
             ],
             "responses": {"200": ok(r("AssignmentsPage")), "400": err(&["invalid_request"]), "404": err(&["not_found"])}}},
         "/api/assignments": {"post": {
-            "summary": "Assign an asset to devices or users (ledger first; all fit or nothing is asked)",
+            "summary": "Assign an asset to devices or users (ledger first; all fit or nothing is asked: the check and the reservation are one atomic step). 202 when anything went to Apple, is unknown (answer lost: verified later) or queued (sent by the linked ledger job)",
             "security": admin, "requestBody": body("AssignRequest"),
             "responses": {"202": ok(r("Submitted")), "200": ok(r("Submitted")),
                 "400": err(&["invalid_request", "invalid_json"]), "404": err(&["not_found"]),
                 "409": err(&["no_licenses_available"]), "422": err(&["unprocessable", "apple_rejected"]),
                 "429": err(&["apple_rate_limited"]), "502": err(&["apple_unavailable"])}}},
         "/api/assignments/revoke": {"post": {
-            "summary": "Take an asset from devices or users (Apple's disassociate; other assets stay)",
+            "summary": "Take an asset from devices or users (Apple's disassociate; other assets stay). What is not sent, or whose answer is lost, stays revoking and is sent again by reconcile",
             "security": admin, "requestBody": body("AssignRequest"),
-            "responses": {"202": ok(r("Submitted")), "400": err(&["invalid_request"]), "404": err(&["not_found"])}}},
+            "responses": {"202": ok(r("Submitted")), "200": ok(r("Submitted")), "400": err(&["invalid_request"]), "404": err(&["not_found"])}}},
         "/api/events/{id}": {"get": {
-            "summary": "Apple's outcome of an event, per device or user (polls Apple when due: >= 30 s apart)",
+            "summary": "Apple's outcome of an event, per device or user. With the admin key a pending event is polled at Apple when due (>= 30 s apart); it is never sent again from here, and the reader key never reaches Apple. Records of ended events are kept for the account's last 500",
             "parameters": [param("id", "path", "string", "Apple's eventId")],
             "responses": {"200": ok(r("Event")), "404": err(&["not_found"])}}},
         "/api/policies": {"get": {"summary": "All app policies",
@@ -69,7 +69,7 @@ pub fn paths() -> Value {
         "/api/policies/{id}": {
             "get": {"summary": "One app policy", "parameters": [param("id", "path", "string", "")],
                 "responses": {"200": ok(r("Policy")), "404": err(&["not_found"])}},
-            "put": {"summary": "Create or replace a policy (the desired state); assigns what is missing as far as licenses allow",
+            "put": {"summary": "Create or replace a policy (the desired state); assigns what is missing as far as licenses allow. What is not sent within the request stays queued in the ledger and goes on in the linked ledger job (`job`)",
                 "security": admin, "parameters": [param("id", "path", "string", "1-64 of [A-Za-z0-9._-]")],
                 "requestBody": body("PolicyRequest"),
                 "responses": {"200": ok(r("PolicyResult")), "201": ok(r("PolicyResult")),
@@ -78,7 +78,7 @@ pub fn paths() -> Value {
                 "parameters": [param("id", "path", "string", "")],
                 "responses": {"204": {"description": "deleted"}, "404": err(&["not_found"])}}},
         "/api/reconcile": {"post": {
-            "summary": "Start (or continue) the reconcile job over all accounts; see GET /api/jobs/{id}",
+            "summary": "Start (or continue) the reconcile job over all accounts; see GET /api/jobs/{id}. Each account is settled first (due events polled, entries a refresh saw at Apple confirmed, unknown outcomes looked up), then what no policy wants is taken back",
             "security": admin, "responses": {"202": ok(r("Job"))}}},
         "/api/settings": {
             "get": {"summary": "License settings", "responses": {"200": ok(r("Settings"))}},
@@ -127,17 +127,27 @@ pub fn schemas() -> Value {
             "page": s("integer"), "pages": s("integer"), "nextPage": s("integer"),
             "assignments": {"type": "array", "items": {"type": "object", "properties": {
                 "serialNumber": s("string"), "clientUserId": s("string"),
-                "madeBy": {"type": "string", "enum": ["thisInstance", "foreign"]}, "eventId": s("string"), "at": s("string")}}}}},
+                "madeBy": {"type": "string", "enum": ["thisInstance", "foreign"]}, "eventId": s("string"), "at": s("string")}}},
+            "pending": {"type": "array", "description": "our ledger entries of this asset not yet settled (page 0 only)", "items": {"type": "object", "properties": {
+                "serialNumber": s("string"), "clientUserId": s("string"),
+                "madeBy": {"type": "string", "enum": ["thisInstance"]},
+                "state": {"type": "string", "enum": ["queued", "unknown", "pending"]},
+                "eventIds": {"type": "array", "items": s("string")}, "since": s("string")}}}}},
         "AssignRequest": {"type": "object", "required": ["accountId", "adamId"], "properties": {
             "accountId": s("string"), "adamId": s("string"), "pricingParam": {"type": "string", "enum": ["STDQ", "PLUS"]},
             "serialNumbers": {"type": "array", "items": s("string")}, "clientUserIds": {"type": "array", "items": s("string")}}},
         "Submitted": {"type": "object", "properties": {
             "eventId": s("string"), "events": {"type": "array", "items": r("Event")},
-            "alreadyAssigned": {"type": "array", "items": subject}, "rejected": {"type": "array", "items": subject}}},
+            "alreadyAssigned": {"type": "array", "items": subject}, "rejected": {"type": "array", "items": subject},
+            "unknown": {"type": "array", "items": subject, "description": "sent, answer lost: held as unknown until Apple's assignments show what happened"},
+            "queued": {"type": "integer", "description": "admitted, not yet sent: the ledger job sends them"},
+            "job": r("JobLink"), "error": {"type": "object"}}},
+        "JobLink": {"type": "object", "properties": {"id": s("string"), "kind": s("string"), "state": s("string"), "href": s("string")}},
         "Event": {"type": "object", "properties": {
             "id": s("string"), "accountId": s("string"), "kind": {"type": "string", "enum": ["associate", "disassociate", "revoke"]},
             "source": s("string"), "state": {"type": "string", "enum": ["pending", "complete", "failed"]},
             "numRequested": s("integer"), "numCompleted": s("integer"),
+            "resentAs": {"type": "string", "description": "still pending after 10 minutes, sent again as this event (both stay tracked)"},
             "results": {"type": "array", "items": {"type": "object", "properties": {
                 "serialNumber": s("string"), "clientUserId": s("string"),
                 "state": {"type": "string", "enum": ["pending", "succeeded", "failed"]},
@@ -149,7 +159,9 @@ pub fn schemas() -> Value {
         "Policy": {"allOf": [r("PolicyRequest"), {"type": "object", "properties": {"id": s("string"), "createdAt": s("string"), "updatedAt": s("string")}}]},
         "PolicyResult": {"type": "object", "properties": {"policy": r("Policy"), "assignments": {"type": "array", "items": {"type": "object", "properties": {
             "adamId": s("string"), "wanted": s("integer"), "alreadyAssigned": s("integer"), "requested": s("integer"),
-            "shortfall": s("integer"), "shortfallSubjects": {"type": "array", "items": subject}, "eventIds": {"type": "array", "items": s("string")}}}}}},
+            "shortfall": s("integer"), "shortfallSubjects": {"type": "array", "items": subject}, "eventIds": {"type": "array", "items": s("string")},
+            "unknown": {"type": "array", "items": subject}, "queued": s("integer")}}},
+            "queued": s("integer"), "job": r("JobLink")}},
         "Settings": {"type": "object", "properties": {
             "licenseRemovalNotification": s("boolean"), "lowLicenseThreshold": s("integer"),
             "noticeWebhookUrl": s("string"), "noticeWebhookSecretSet": s("boolean")}},

@@ -383,7 +383,7 @@ fn polls_are_spaced_and_pending_events_are_resent_after_ten_minutes() {
     assert_eq!(pending.len(), 2);
     assert_eq!(pending[0], id);
     assert_eq!(old.resent_as.as_deref(), Some(pending[1].as_str()));
-    let pending = vec![pending[1].clone()];
+    let pending = [pending[1].clone()];
     let entry =
         vpp_licensing::ledger::entry(&kv, ACCOUNT, "100:STDQ", &Subject::SerialNumber("A".into()))
             .unwrap()
