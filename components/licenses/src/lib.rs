@@ -8,17 +8,12 @@ use spin_sdk::http_component;
 use vpp_apple::Client;
 use vpp_licensing::audit::{self, AuditRecord};
 use vpp_licensing::auth::{constant_time_eq, Role};
-use vpp_licensing::job::Budget;
 use vpp_licensing::{
     assignment, daily, event, instance, ledger, licenses, notice, notification, policy, reconcile,
     settings, ApiError,
 };
 use vpp_spin_bridge::apple_http::{random_id, GatewayTransport, SpinClock, SpinGateway};
 use vpp_spin_bridge::{http_api, vars, ApiRequest, ApiResponse, SpinKv};
-
-/// Time one request may spend on Apple work (the managed platforms stop us at 30 s).
-const SLICE_SECONDS: i64 = 20;
-const SLICE_APPLE_CALLS: u32 = 200;
 
 #[http_component]
 async fn handle(req: Request) -> Response {
@@ -63,7 +58,7 @@ async fn route(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
             let body: assignment::AssignBody = req.json()?;
             let client = client_for(&body.account_id);
             let now = Utc::now();
-            let mut budget = Budget::new(now, SLICE_SECONDS, SLICE_APPLE_CALLS);
+            let mut budget = vars::job_budget(now);
             let out = assignment::assign(kv, &client, &body, now, &mut budget).await?;
             let job = ledger_job(kv, req, &body.account_id, out.queued)?;
             Ok(submitted(out, job))
@@ -73,7 +68,7 @@ async fn route(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
             let body: assignment::AssignBody = req.json()?;
             let client = client_for(&body.account_id);
             let now = Utc::now();
-            let mut budget = Budget::new(now, SLICE_SECONDS, SLICE_APPLE_CALLS);
+            let mut budget = vars::job_budget(now);
             let out = assignment::revoke(kv, &client, &body, now, &mut budget).await?;
             Ok(submitted(out, None))
         }
@@ -92,7 +87,7 @@ async fn route(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
             let body: policy::PolicyBody = req.json()?;
             let client = client_for(&body.account_id);
             let now = Utc::now();
-            let mut budget = Budget::new(now, SLICE_SECONDS, SLICE_APPLE_CALLS);
+            let mut budget = vars::job_budget(now);
             let (created, mut out) = policy::put(kv, &client, id, &body, now, &mut budget).await?;
             let queued = out["queued"].as_u64().unwrap_or(0) as usize;
             if let Some(job) = ledger_job(kv, req, &body.account_id, queued)? {
@@ -269,7 +264,7 @@ async fn run_reconcile(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, Api
     let id = random_id().map_err(ApiError::internal)?;
     let requested_by = req.caller()?.name.clone();
     let (mut job, _created) = reconcile::start(kv, &id, &requested_by, now)?;
-    let mut budget = Budget::new(now, SLICE_SECONDS, SLICE_APPLE_CALLS);
+    let mut budget = vars::job_budget(now);
     reconcile::run_slice(kv, &mut job, client_for, now, &mut budget).await?;
     let location = req.url_for(&format!("/api/jobs/{}", job.id));
     Ok(ApiResponse::json(202, &job).with_header("location", &location))

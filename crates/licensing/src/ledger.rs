@@ -864,7 +864,8 @@ pub async fn send_associate<T: Transport, C: Clock>(
         match client.associate(req).await {
             Ok(events) => {
                 for ev in events {
-                    accepted(kv, account, asset_key, &part, &ev.event_id)?;
+                    // Tracked first: stopped in between, the entry is still `unknown` and the
+                    // event's outcome (ours: it is tracked) settles it.
                     let rec = event::new_record(
                         &ev.event_id,
                         account,
@@ -875,6 +876,7 @@ pub async fn send_associate<T: Transport, C: Clock>(
                         now,
                     );
                     event::track(kv, &rec)?;
+                    accepted(kv, account, asset_key, &part, &ev.event_id)?;
                     out.events.push(rec);
                 }
             }
@@ -952,6 +954,11 @@ async fn settle<T: Transport, C: Clock>(
 ) -> Result<SettleReport, StoreError> {
     let mut report = SettleReport::default();
     let doc: AssetsDoc = get_json(kv, &keys::assets(account))?.unwrap_or_default();
+    let polled: BTreeSet<String> = get_json::<Vec<String>>(kv, &keys::account_events(account))?
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    settle_revoking(kv, client, account, &doc, &polled, now, budget, &mut report).await?;
     for asset in &doc.assets {
         let ak = asset.key();
         let open = open_doc(kv, account, &ak)?;
@@ -991,6 +998,25 @@ async fn settle<T: Transport, C: Clock>(
             match o.state {
                 OpenState::Queued if now.timestamp() - o.since >= queued_after => to_send.push(s),
                 OpenState::Unknown if o.events.is_empty() => to_verify.push((s, o.clone())),
+                OpenState::Pending => {
+                    // Waiting on events nobody polls (stopped between two writes)?
+                    let ids = open.event_ids(o);
+                    if ids.iter().any(|id| polled.contains(id)) {
+                        continue;
+                    }
+                    let mut retracked = false;
+                    for id in &ids {
+                        if let Some(r) = event::load(kv, id)? {
+                            if r.state == crate::model::EventState::Pending {
+                                event::track(kv, &r)?;
+                                retracked = true;
+                            }
+                        }
+                    }
+                    if !retracked {
+                        to_verify.push((s, o.clone()));
+                    }
+                }
                 _ => {}
             }
         }
@@ -1098,6 +1124,78 @@ pub async fn run_slice<T: Transport, C: Clock>(
     Ok(SliceEnd::Paused)
 }
 
+/// `revoking` entries whose disassociate nobody waits for (never sent, its answer lost, or
+/// stopped between two writes): Apple's assignments decide. Not held: gone (with its notice);
+/// held: `confirmed` again (reconcile takes it back if no policy wants it).
+#[allow(clippy::too_many_arguments)]
+async fn settle_revoking<T: Transport, C: Clock>(
+    kv: &impl Kv,
+    client: &Client<T, C>,
+    account: &str,
+    doc: &AssetsDoc,
+    polled: &BTreeSet<String>,
+    now: DateTime<Utc>,
+    budget: &mut Budget,
+    report: &mut SettleReport,
+) -> Result<(), StoreError> {
+    let mut stale: Vec<(String, Subject)> = Vec::new();
+    for shard in 0..LEDGER_SHARDS {
+        let l: LedgerShard = get_json(kv, &keys::ledger_shard(account, shard))?.unwrap_or_default();
+        for (ak, m) in l {
+            for (tag, e) in m {
+                if e.state != LedgerState::Revoking
+                    || now - e.at < Duration::seconds(QUEUE_GRACE_SECS)
+                {
+                    continue;
+                }
+                let waited_on = match &e.event_id {
+                    Some(id) if polled.contains(id) => true,
+                    Some(id) => match event::load(kv, id)? {
+                        // Tracked, but off the polled index (stopped between two writes).
+                        Some(r) if r.state == crate::model::EventState::Pending => {
+                            event::track(kv, &r)?;
+                            true
+                        }
+                        _ => false,
+                    },
+                    None => false,
+                };
+                if !waited_on {
+                    if let Some(s) = Subject::from_tag(&tag) {
+                        stale.push((ak.clone(), s));
+                    }
+                }
+            }
+        }
+    }
+    for (ak, s) in stale {
+        let Some(asset) = doc.assets.iter().find(|a| a.key() == ak) else {
+            continue;
+        };
+        if !budget.take_call(now) {
+            break;
+        }
+        report.verified += 1;
+        match held_at_apple(client, asset, &s).await {
+            Ok(true) => revoke_refused(kv, account, &ak, std::slice::from_ref(&s), None, now)?,
+            Ok(false) => {
+                let prev = gone(kv, account, &ak, std::slice::from_ref(&s), None, now)?;
+                if prev.first().copied().flatten() == Some(LedgerState::Revoking) {
+                    crate::notice::record_removals(
+                        kv,
+                        account,
+                        &[(ak.clone(), s)],
+                        "reconcile",
+                        now,
+                    )?;
+                }
+            }
+            Err(e) => report.errors.push(format!("verify {ak} {}: {e}", s.tag())),
+        }
+    }
+    Ok(())
+}
+
 /// Drop an unknown entry Apple never applied (only while it is still unknown, no event).
 fn release_unknown(
     kv: &impl Kv,
@@ -1110,7 +1208,7 @@ fn release_unknown(
         let drop = open
             .entries
             .get(&tag)
-            .is_some_and(|o| o.state == OpenState::Unknown && o.events.is_empty());
+            .is_some_and(|o| o.state != OpenState::Queued);
         if drop {
             open.entries.remove(&tag);
         }

@@ -12,7 +12,7 @@
 
 use apple_sim::model::{
     ApiRequest as SimRequest, AssetSpec, AssignmentSpec, Effect, LocationSpec, MdmInfo, Model,
-    Outgoing,
+    Outgoing, TakeOver,
 };
 use chrono::{DateTime, Duration, Utc};
 use serde_json::json;
@@ -235,6 +235,8 @@ struct Run {
     /// Foreign (asset, subject) pairs another MDM made; `cleaned` once a clean up finished after.
     foreign: BTreeSet<(String, String)>,
     cleaned_since_foreign: bool,
+    /// Another MDM took the location over; settling takes it back (as reclaim does).
+    taken_over: bool,
 }
 
 fn sha256(s: &str) -> String {
@@ -267,23 +269,7 @@ impl Run {
                 ASSETS.iter().map(|(a, n)| AssetSpec::app(a, *n)).collect(),
             )
             .unwrap();
-        // Apple's notifications for asset management go to us.
-        let cfg = SimRequest {
-            method: "POST".into(),
-            path: "client/config".into(),
-            query: Vec::new(),
-            authorization: Some(format!("Bearer {token}")),
-            content_type: Some("application/json".into()),
-            body: json!({"notificationUrl": "http://127.0.0.1:1/api/apple/notifications/acc1",
-                         "notificationAuthToken": SECRET,
-                         "notificationTypes": ["ASSET_MANAGEMENT"]})
-            .to_string()
-            .into_bytes(),
-        };
-        let out = model.handle_api(&cfg, Instant::now());
-        if let Some(p) = &out.pending_config {
-            model.finish_client_config(p, true);
-        }
+        claim(&mut model, &token);
         let world = Arc::new(Mutex::new(World {
             model,
             token,
@@ -316,6 +302,7 @@ impl Run {
             next_job: 0,
             foreign: BTreeSet::new(),
             cleaned_since_foreign: false,
+            taken_over: false,
         };
         run.refresh(true);
         run
@@ -535,6 +522,29 @@ impl Run {
                     self.log(format!("notification {}: ok={r}", n.notification_id));
                 }
             }
+            94 if self.rng.chance(40) => {
+                // Another MDM takes the location over (and assigns a license).
+                let f = FOREIGN[self.rng.below(FOREIGN.len() as u64) as usize];
+                let adam = self.asset();
+                let mut w = self.world.lock().unwrap();
+                let token = w.token.clone();
+                let t = TakeOver {
+                    mdm_info: MdmInfo {
+                        id: "other-mdm".into(),
+                        name: "Other MDM".into(),
+                        metadata: "x".into(),
+                    },
+                    assignments: vec![AssignmentSpec::device(adam, f)],
+                    ..TakeOver::default()
+                };
+                if w.model.take_over(&token, t).is_ok() {
+                    self.foreign.insert((adam.to_string(), f.to_string()));
+                    self.cleaned_since_foreign = false;
+                    self.taken_over = true;
+                    w.log
+                        .push(format!("another MDM takes over (assigns {adam} to {f})"));
+                }
+            }
             94..=96 => {
                 // Another MDM assigns a license here.
                 let f = FOREIGN[self.rng.below(FOREIGN.len() as u64) as usize];
@@ -566,6 +576,14 @@ impl Run {
     /// run until nothing is open.
     fn settle(&mut self) {
         self.world.lock().unwrap().fault_rate = 0;
+        if self.taken_over {
+            // Reclaim: our mdmInfo and notification settings again.
+            let mut w = self.world.lock().unwrap();
+            let token = w.token.clone();
+            claim(&mut w.model, &token);
+            w.log.push("reclaimed".into());
+            self.taken_over = false;
+        }
         self.kv.left.set(None);
         for round in 0..12 {
             {
@@ -692,7 +710,25 @@ impl Run {
             if (state == "Confirmed" || state == "Revoking")
                 && !apple.contains(&(adam.clone(), s.clone()))
             {
-                problems.push(format!("ledger holds {adam}/{s} ({state}); Apple does not"));
+                let e = ledger::entry(&self.kv, ACCOUNT, &format!("{adam}:STDQ"), &d(s)).unwrap();
+                let evs: Vec<String> =
+                    e.iter()
+                        .flat_map(|e| e.event_ids.clone())
+                        .map(|id| {
+                            let ours = event::load(&self.kv, &id).ok().flatten().map(|r| {
+                                format!("{:?} {:?} applied={}", r.kind, r.state, r.applied)
+                            });
+                            let apple = w
+                                .model
+                                .events
+                                .get(&id)
+                                .map(|e| format!("{:?}", e.event_status));
+                            format!("{id}: ours {ours:?} apple {apple:?}")
+                        })
+                        .collect();
+                problems.push(format!(
+                    "ledger holds {adam}/{s} ({state}); Apple does not; {e:?} {evs:?}"
+                ));
             }
         }
         // 3. Reservations equal the open entries (none after settling), counts equal Apple's.
@@ -739,6 +775,27 @@ impl Run {
                 .collect::<Vec<_>>()
                 .join("\n  ")
         ))
+    }
+}
+
+/// Our mdmInfo on the location, and Apple's asset notifications sent to us.
+fn claim(model: &mut Model, token: &str) {
+    let cfg = SimRequest {
+        method: "POST".into(),
+        path: "client/config".into(),
+        query: Vec::new(),
+        authorization: Some(format!("Bearer {token}")),
+        content_type: Some("application/json".into()),
+        body: json!({"mdmInfo": {"id": OUR_ID, "name": "vpp-spin", "metadata": "model"},
+                     "notificationUrl": "http://127.0.0.1:1/api/apple/notifications/acc1",
+                     "notificationAuthToken": SECRET,
+                     "notificationTypes": ["ASSET_MANAGEMENT"]})
+        .to_string()
+        .into_bytes(),
+    };
+    let out = model.handle_api(&cfg, Instant::now());
+    if let Some(p) = &out.pending_config {
+        model.finish_client_config(p, true);
     }
 }
 
