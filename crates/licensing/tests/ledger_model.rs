@@ -88,6 +88,8 @@ struct World {
     /// Faults for the next write requests, before any random one.
     forced: std::collections::VecDeque<Fault>,
     log: Vec<String>,
+    /// Write requests Apple received (asked to change something).
+    posts: usize,
 }
 
 type Shared = Arc<Mutex<World>>;
@@ -155,6 +157,9 @@ fn transport(world: Shared) -> ScriptedTransport {
             }
             Fault::Dropped => return Err("connection reset before sending".into()),
             _ => {}
+        }
+        if write {
+            w.posts += 1;
         }
         let out = w.model.handle_api(&sreq, Instant::now());
         for e in out.effects {
@@ -281,6 +286,7 @@ impl Run {
             notes: Vec::new(),
             forced: Default::default(),
             log: Vec::new(),
+            posts: 0,
         }));
         let kv = KillableKv::default();
         let start = Utc::now() - Duration::days(30);
@@ -1274,4 +1280,45 @@ fn cut_off_work_is_resumed() {
     {
         assert!(held.contains(s), "{s} assigned at Apple: {held:?}");
     }
+}
+
+/// Item 10: a poll made for a person's read (`GET /api/events/{id}`) never sends a request to
+/// Apple again, however long the event has been pending; the jobs' polls do.
+#[test]
+fn reads_never_resend_events() {
+    let mut run = Run::new(16);
+    let now = run.now();
+    let mut b = run.budget();
+    let out = block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &assign_body("100", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    let rec = out.events[0].clone();
+    run.clock.advance(std::time::Duration::from_secs(20 * 60));
+    let posts = |run: &Run| run.world.lock().unwrap().posts;
+    let before = posts(&run);
+    let r = block_on(event::poll_event(
+        &run.kv,
+        &run.client(),
+        &rec,
+        run.now(),
+        false,
+    ))
+    .unwrap();
+    assert_eq!(r.id, rec.id);
+    assert_eq!(posts(&run), before, "a read sent nothing");
+    let r = block_on(event::poll_event(
+        &run.kv,
+        &run.client(),
+        &rec,
+        run.now(),
+        true,
+    ))
+    .unwrap();
+    assert_ne!(r.id, rec.id, "the daily poll sends it again");
+    assert_eq!(posts(&run), before + 1);
 }
