@@ -1286,7 +1286,7 @@ fn cut_off_work_is_resumed() {
 /// Apple again, however long the event has been pending; the jobs' polls do.
 #[test]
 fn reads_never_resend_events() {
-    let mut run = Run::new(16);
+    let run = Run::new(16);
     let now = run.now();
     let mut b = run.budget();
     let out = block_on(assignment::assign(
