@@ -156,7 +156,9 @@ async fn route(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
                 admin(req, "run jobs")?;
                 let j =
                     job::load(kv, id)?.ok_or_else(|| ApiError::not_found(format!("job {id}")))?;
-                if j.kind != "refresh" && j.kind != "cleanup" {
+                if !["refresh", "cleanup", vpp_licensing::ledger::JOB_KIND]
+                    .contains(&j.kind.as_str())
+                {
                     return Err(ApiError::invalid(format!(
                         "{} jobs continue through POST /api/daily",
                         j.kind

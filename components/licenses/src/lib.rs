@@ -8,17 +8,12 @@ use spin_sdk::http_component;
 use vpp_apple::Client;
 use vpp_licensing::audit::{self, AuditRecord};
 use vpp_licensing::auth::{constant_time_eq, Role};
-use vpp_licensing::job::Budget;
 use vpp_licensing::{
-    assignment, daily, event, instance, licenses, notice, notification, policy, reconcile,
+    assignment, daily, event, instance, ledger, licenses, notice, notification, policy, reconcile,
     settings, ApiError,
 };
 use vpp_spin_bridge::apple_http::{random_id, GatewayTransport, SpinClock, SpinGateway};
 use vpp_spin_bridge::{http_api, vars, ApiRequest, ApiResponse, SpinKv};
-
-/// Time one request may spend on Apple work (the managed platforms stop us at 30 s).
-const SLICE_SECONDS: i64 = 20;
-const SLICE_APPLE_CALLS: u32 = 200;
 
 #[http_component]
 async fn handle(req: Request) -> Response {
@@ -62,17 +57,22 @@ async fn route(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
             req.caller()?.require_admin("assign licenses")?;
             let body: assignment::AssignBody = req.json()?;
             let client = client_for(&body.account_id);
-            let out = assignment::assign(kv, &client, &body, Utc::now()).await?;
-            Ok(submitted(out))
+            let now = Utc::now();
+            let mut budget = vars::job_budget(now);
+            let out = assignment::assign(kv, &client, &body, now, &mut budget).await?;
+            let job = ledger_job(kv, req, &body.account_id, out.queued)?;
+            Ok(submitted(out, job))
         }
         ("POST", ["api", "assignments", "revoke"]) => {
             req.caller()?.require_admin("revoke licenses")?;
             let body: assignment::AssignBody = req.json()?;
             let client = client_for(&body.account_id);
-            let out = assignment::revoke(kv, &client, &body, Utc::now()).await?;
-            Ok(submitted(out))
+            let now = Utc::now();
+            let mut budget = vars::job_budget(now);
+            let out = assignment::revoke(kv, &client, &body, now, &mut budget).await?;
+            Ok(submitted(out, None))
         }
-        ("GET", ["api", "events", id]) => get_event(kv, id).await,
+        ("GET", ["api", "events", id]) => get_event(kv, req, id).await,
         ("GET", ["api", "policies"]) => Ok(ApiResponse::ok(&json!({
             "policies": policy::list(kv)?,
         }))),
@@ -86,7 +86,13 @@ async fn route(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
             req.caller()?.require_admin("change app policies")?;
             let body: policy::PolicyBody = req.json()?;
             let client = client_for(&body.account_id);
-            let (created, out) = policy::put(kv, &client, id, &body, Utc::now()).await?;
+            let now = Utc::now();
+            let mut budget = vars::job_budget(now);
+            let (created, mut out) = policy::put(kv, &client, id, &body, now, &mut budget).await?;
+            let queued = out["queued"].as_u64().unwrap_or(0) as usize;
+            if let Some(job) = ledger_job(kv, req, &body.account_id, queued)? {
+                out["job"] = job;
+            }
             Ok(ApiResponse::json(if created { 201 } else { 200 }, &out))
         }
         ("DELETE", ["api", "policies", id]) => {
@@ -155,12 +161,37 @@ async fn route(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
     }
 }
 
-fn submitted(out: assignment::Submitted) -> ApiResponse {
+/// What was left queued in a request goes on in the account's ledger job (its link).
+fn ledger_job(
+    kv: &SpinKv,
+    req: &ApiRequest,
+    account: &str,
+    queued: usize,
+) -> Result<Option<serde_json::Value>, ApiError> {
+    if queued == 0 {
+        return Ok(None);
+    }
+    let id = random_id().map_err(ApiError::internal)?;
+    let by = req.caller()?.name.clone();
+    let (job, _) = ledger::start_job(kv, &id, account, &by, Utc::now())?;
+    Ok(Some(json!({
+        "id": job.id,
+        "kind": job.kind,
+        "state": job.state,
+        "href": req.url_for(&format!("/api/jobs/{}", job.id)),
+    })))
+}
+
+fn submitted(out: assignment::Submitted, job: Option<serde_json::Value>) -> ApiResponse {
     let first = out.events.first().map(|e| e.id.clone());
     let mut v = serde_json::to_value(&out).unwrap_or_default();
     v["eventId"] = json!(first);
     v["events"] = json!(out.events.iter().map(event::view).collect::<Vec<_>>());
-    ApiResponse::json(if out.events.is_empty() { 200 } else { 202 }, &v)
+    let accepted = !out.events.is_empty() || !out.unknown.is_empty() || out.queued > 0;
+    if let Some(j) = job {
+        v["job"] = j;
+    }
+    ApiResponse::json(if accepted { 202 } else { 200 }, &v)
 }
 
 fn wants_csv(req: &ApiRequest) -> bool {
@@ -208,20 +239,23 @@ fn list_licenses(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError>
     Ok(ApiResponse::ok(&json!({ "licenses": rows })))
 }
 
-/// The event as we know it; polled at Apple first when it is pending and a poll is due (Apple's
-/// spacing rules hold whoever polls).
-async fn get_event(kv: &SpinKv, id: &str) -> Result<ApiResponse, ApiError> {
+/// The event as we know it. For the admin key, a pending event whose poll is due is polled at
+/// Apple first (a read; Apple's spacing rules hold whoever polls); it is never sent again from
+/// here. The reader key stays local: its requests never reach Apple.
+async fn get_event(kv: &SpinKv, req: &ApiRequest, id: &str) -> Result<ApiResponse, ApiError> {
     if id.is_empty() || id.len() > 128 {
         return Err(ApiError::invalid_field("id", "not an event id"));
     }
     let mut record =
         event::load(kv, id)?.ok_or_else(|| ApiError::not_found(format!("event {id}")))?;
     let now = Utc::now();
-    if record.state == vpp_licensing::model::EventState::Pending
+    let may_poll = req.caller()?.role == vpp_licensing::auth::Role::Admin;
+    if may_poll
+        && record.state == vpp_licensing::model::EventState::Pending
         && event::poll_due_at(&record) <= now
     {
         let client = client_for(&record.account_id);
-        match event::poll_event(kv, &client, &record, now).await {
+        match event::poll_event(kv, &client, &record, now, false).await {
             Ok(r) if r.id == record.id => record = r,
             Ok(_) | Err(event::PollError::Apple(_)) => {
                 record = event::load(kv, id)?.unwrap_or(record);
@@ -237,7 +271,7 @@ async fn run_reconcile(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, Api
     let id = random_id().map_err(ApiError::internal)?;
     let requested_by = req.caller()?.name.clone();
     let (mut job, _created) = reconcile::start(kv, &id, &requested_by, now)?;
-    let mut budget = Budget::new(now, SLICE_SECONDS, SLICE_APPLE_CALLS);
+    let mut budget = vars::job_budget(now);
     reconcile::run_slice(kv, &mut job, client_for, now, &mut budget).await?;
     let location = req.url_for(&format!("/api/jobs/{}", job.id));
     Ok(ApiResponse::json(202, &job).with_header("location", &location))

@@ -8,7 +8,7 @@ use crate::apple_state::{AppleState, Owner};
 use crate::error::{ApiError, ErrorCode};
 use crate::instance::{self, Instance};
 use crate::job;
-use crate::model::{asset_key, Account, AssetsDoc, Lifecycle, LEDGER_SHARDS};
+use crate::model::{asset_key, Account, AssetsDoc, Lifecycle};
 use crate::status::{self, Status};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -579,17 +579,19 @@ pub async fn delete<G: Gateway>(
         delete_copy(kv, id, &staging)?;
     }
     kv.delete(&crate::refresh::staging_key(id))?;
+    crate::ledger::delete_account(kv, id, &doc)?;
     kv.delete(&keys::assets(id))?;
-    for shard in 0..LEDGER_SHARDS {
-        kv.delete(&keys::ledger_shard(id, shard))?;
-    }
     let events: Vec<String> = get_json(kv, &keys::account_events(id))?.unwrap_or_default();
     for e in events {
         kv.delete(&keys::event(&e))?;
     }
     kv.delete(&keys::account_events(id))?;
+    let done: Vec<String> = get_json(kv, &keys::account_events_done(id))?.unwrap_or_default();
+    for e in done {
+        kv.delete(&keys::event(&e))?;
+    }
+    kv.delete(&keys::account_events_done(id))?;
     kv.delete(&keys::notified(id))?;
-    kv.delete(&keys::reservations(id))?;
     for shard in 0..keys::USER_SHARDS {
         kv.delete(&keys::user_shard(id, shard))?;
     }

@@ -1,21 +1,21 @@
 //! Assigning and revoking licenses, ledger first: every assignment we ask Apple for is in our
-//! ledger (state `Pending`, its license reserved) before the request leaves, so a crash after
-//! Apple accepted it never leaves an assignment we cannot account for.
+//! ledger (queued, its license set aside by [`ledger::admit`]) before the request leaves, so a
+//! crash after Apple accepted it never leaves an assignment we cannot account for. The states
+//! and their moves are [`crate::ledger`]'s; this module checks requests and reports.
 
 use crate::error::{apple_error, ApiError, ErrorCode};
-use crate::event;
+use crate::job::Budget;
 use crate::model::{
     copy_shard_of, ledger_shard_of, Account, AssetRecord, AssetsDoc, AssignmentShard, EventKind,
-    EventRecord, LedgerEntry, LedgerShard, LedgerState, Subject,
+    EventRecord, LedgerShard, LedgerState, Subject,
 };
+use crate::{event, ledger};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
-use vpp_apple::{
-    split_manage, AssetRef, Client, Clock, ManageAssetsRequest, PricingParam, Transport,
-};
-use vpp_store::{get_json, keys, update, Kv, StoreError};
+use vpp_apple::{split_manage, Client, Clock, ManageAssetsRequest, Transport};
+use vpp_store::{get_json, keys, Kv, StoreError};
 
 /// Subjects one API call may name.
 pub const MAX_SUBJECTS: usize = 10_000;
@@ -212,11 +212,17 @@ pub fn already_assigned(
             }
         }
     }
+    let open = ledger::open_subjects(kv, account_id, &ak)?;
+    for s in subjects {
+        if open.contains(&s.tag()) {
+            out.insert(s.tag());
+        }
+    }
     Ok(out)
 }
 
-/// Licenses that can be assigned now: Apple's available count less our pending reservations.
-/// `None`: unlimited.
+/// Licenses that can be assigned now: Apple's available count less the licenses our open
+/// ledger entries hold. `None`: unlimited. (A hint for reports: [`ledger::admit`] decides.)
 pub fn available_now(
     kv: &impl Kv,
     account_id: &str,
@@ -225,10 +231,7 @@ pub fn available_now(
     if asset.total == vpp_apple::Asset::UNLIMITED_TOTAL {
         return Ok(None);
     }
-    let reserved = event::reservations(kv, account_id)?
-        .get(&asset.key())
-        .copied()
-        .unwrap_or(0);
+    let reserved = ledger::reserved(kv, account_id, &asset.key())?;
     Ok(Some((asset.available - reserved).max(0)))
 }
 
@@ -242,126 +245,19 @@ pub struct Submitted {
     pub shortfall: Vec<serde_json::Value>,
     /// Subjects Apple refused at once (nothing happened for them).
     pub rejected: Vec<serde_json::Value>,
+    /// Sent, but Apple's answer was lost: the ledger holds them as `unknown` until Apple's
+    /// assignments show what happened (reconcile and the daily run look).
+    pub unknown: Vec<serde_json::Value>,
+    /// Admitted, not sent within this request: a job (or the daily run) sends them.
+    pub queued: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<serde_json::Value>,
 }
 
-fn partition(subjects: &[Subject]) -> (Vec<String>, Vec<String>) {
-    let mut serials = Vec::new();
-    let mut users = Vec::new();
-    for s in subjects {
-        match s {
-            Subject::SerialNumber(x) => serials.push(x.clone()),
-            Subject::ClientUserId(x) => users.push(x.clone()),
-        }
-    }
-    (serials, users)
-}
-
-fn subjects_of(req: &ManageAssetsRequest) -> Vec<Subject> {
-    req.serial_numbers
-        .iter()
-        .map(|s| Subject::SerialNumber(s.clone()))
-        .chain(
-            req.client_user_ids
-                .iter()
-                .map(|u| Subject::ClientUserId(u.clone())),
-        )
-        .collect()
-}
-
-/// Events Apple accepted for one request: tracked, and named on the ledger entries that wait
-/// for them (state `waiting`, no event yet).
-struct Accepted<'a> {
-    account_id: &'a str,
-    kind: EventKind,
-    source: &'a str,
-    asset_ref: &'a AssetRef,
-    asset_key: &'a str,
-    waiting: LedgerState,
-    now: DateTime<Utc>,
-}
-
-impl Accepted<'_> {
-    fn record(
-        &self,
-        kv: &impl Kv,
-        part: &[Subject],
-        events: Vec<vpp_apple::EventResponse>,
-    ) -> Result<Vec<EventRecord>, StoreError> {
-        let mut out = Vec::new();
-        for ev in events {
-            let rec = event::new_record(
-                &ev.event_id,
-                self.account_id,
-                self.kind,
-                self.source,
-                vec![self.asset_ref.clone()],
-                part.to_vec(),
-                self.now,
-            );
-            event::track(kv, &rec)?;
-            let eid = ev.event_id.clone();
-            ledger_write(kv, self.account_id, self.asset_key, part, |cur| match cur {
-                Some(e) if e.state == self.waiting && e.event_id.is_none() => {
-                    Some(Some(LedgerEntry {
-                        event_id: Some(eid.clone()),
-                        ..e.clone()
-                    }))
-                }
-                _ => None,
-            })?;
-            out.push(rec);
-        }
-        Ok(out)
-    }
-}
-
-/// Write ledger entries for (asset, subjects): `f` maps the current entry to the new one.
-pub fn ledger_write(
-    kv: &impl Kv,
-    account_id: &str,
-    asset_key: &str,
-    subjects: &[Subject],
-    f: impl Fn(Option<&LedgerEntry>) -> Option<Option<LedgerEntry>>,
-) -> Result<(), StoreError> {
-    let mut by_shard: BTreeMap<u32, Vec<&Subject>> = BTreeMap::new();
-    for s in subjects {
-        by_shard
-            .entry(ledger_shard_of(asset_key, s))
-            .or_default()
-            .push(s);
-    }
-    for (shard, list) in by_shard {
-        update::<LedgerShard, ()>(kv, &keys::ledger_shard(account_id, shard), |cur| {
-            let mut l = cur.unwrap_or_default();
-            let mut changed = false;
-            let m = l.entry(asset_key.to_string()).or_default();
-            for s in &list {
-                let tag = s.tag();
-                if let Some(next) = f(m.get(&tag)) {
-                    changed = true;
-                    match next {
-                        Some(e) => {
-                            m.insert(tag, e);
-                        }
-                        None => {
-                            m.remove(&tag);
-                        }
-                    }
-                }
-            }
-            if m.is_empty() {
-                l.remove(asset_key);
-            }
-            Ok((changed.then_some(l), ()))
-        })?;
-    }
-    Ok(())
-}
-
-/// Associate `asset` with `subjects` (already filtered to what is missing and fits), ledger
-/// first. One event per Apple request (split to Apple's limits).
+/// Associate `asset` with `subjects` (already filtered to what is missing), ledger first:
+/// [`ledger::admit`] sets the licenses aside (all of them or, unless `all_or_nothing`, as many
+/// as fit: the rest is the shortfall), then they are sent within `budget`.
+#[allow(clippy::too_many_arguments)]
 pub async fn associate<T: Transport, C: Clock>(
     kv: &impl Kv,
     client: &Client<T, C>,
@@ -369,109 +265,73 @@ pub async fn associate<T: Transport, C: Clock>(
     asset: &AssetRecord,
     subjects: &[Subject],
     source: &str,
+    all_or_nothing: bool,
     now: DateTime<Utc>,
+    budget: &mut Budget,
 ) -> Result<Submitted, ApiError> {
     let mut out = Submitted::default();
     if subjects.is_empty() {
         return Ok(out);
     }
     let ak = asset.key();
-    let asset_ref = AssetRef::new(
-        asset.adam_id.clone(),
-        PricingParam::from(asset.pricing_param.as_str()),
-    );
-    // 1. The ledger and the reservation, before Apple hears of it.
-    ledger_write(kv, account_id, &ak, subjects, |cur| match cur {
-        Some(e) if matches!(e.state, LedgerState::Pending | LedgerState::Confirmed) => None,
-        _ => Some(Some(LedgerEntry {
-            state: LedgerState::Pending,
-            event_id: None,
-            at: now,
-            error: None,
-        })),
-    })?;
-    event::reserve(
-        kv,
-        account_id,
-        &BTreeMap::from([(ak.clone(), subjects.len() as i64)]),
-    )?;
-    // 2. Apple, one request at a time so each event knows its subjects.
-    let limits = match client.limits().await {
-        Ok(l) => l,
-        Err(e) => {
-            undo_pending(kv, account_id, &ak, subjects)?;
-            return Err(apple_error(&e));
+    let admitted = match ledger::admit(kv, account_id, &ak, subjects, all_or_nothing, now)? {
+        ledger::Admission::NoRoom { needed, available } => {
+            return Err(no_licenses(account_id, asset, needed, available))
+        }
+        ledger::Admission::Admitted {
+            admitted,
+            already_open,
+            shortfall,
+        } => {
+            out.already_assigned = already_open.iter().map(event::subject_json).collect();
+            out.shortfall = shortfall.iter().map(event::subject_json).collect();
+            admitted
         }
     };
-    let (serials, users) = partition(subjects);
-    let requests = split_manage(
-        &ManageAssetsRequest {
-            assets: vec![asset_ref.clone()],
-            client_user_ids: users,
-            serial_numbers: serials,
-        },
-        &limits,
-    );
-    let mut failed_at: Option<(usize, vpp_apple::AppleError)> = None;
-    for (i, req) in requests.iter().enumerate() {
-        let part = subjects_of(req);
-        match client.associate(req).await {
-            Ok(events) => {
-                let ctx = Accepted {
-                    account_id,
-                    kind: EventKind::Associate,
-                    source,
-                    asset_ref: &asset_ref,
-                    asset_key: &ak,
-                    waiting: LedgerState::Pending,
-                    now,
-                };
-                out.events.extend(ctx.record(kv, &part, events)?);
-            }
-            Err(e) => {
-                failed_at = Some((i, e.error));
-                break;
-            }
-        }
-    }
-    if let Some((i, err)) = failed_at {
-        // A synchronous failure means Apple did nothing for these: take them back out.
-        let rest: Vec<Subject> = requests[i..].iter().flat_map(subjects_of).collect();
-        undo_pending(kv, account_id, &ak, &rest)?;
+    let sent = ledger::send_associate(
+        kv, client, account_id, &ak, &admitted, source, false, budget,
+    )
+    .await?;
+    out.events = sent.events;
+    out.unknown = sent.unknown.iter().map(event::subject_json).collect();
+    out.queued = sent.queued.len();
+    if let Some(err) = sent.error {
         let api = apple_error(&err);
-        if out.events.is_empty() {
+        if out.events.is_empty() && out.unknown.is_empty() {
             return Err(api);
         }
-        out.rejected = rest.iter().map(event::subject_json).collect();
+        out.rejected = sent.refused.iter().map(event::subject_json).collect();
         out.error = Some(api.body()["error"].clone());
     }
     Ok(out)
 }
 
-fn undo_pending(
-    kv: &impl Kv,
-    account_id: &str,
-    ak: &str,
-    subjects: &[Subject],
-) -> Result<(), StoreError> {
-    ledger_write(kv, account_id, ak, subjects, |cur| match cur {
-        Some(e) if e.state == LedgerState::Pending && e.event_id.is_none() => Some(None),
-        _ => None,
-    })?;
-    event::reserve(
-        kv,
-        account_id,
-        &BTreeMap::from([(ak.to_string(), -(subjects.len() as i64))]),
+fn no_licenses(account_id: &str, asset: &AssetRecord, needed: usize, available: i64) -> ApiError {
+    ApiError::new(
+        ErrorCode::NoLicensesAvailable,
+        format!(
+            "{needed} license(s) needed for asset {}, {available} available",
+            asset.adam_id
+        ),
     )
+    .with_details(json!({
+        "accountId": account_id,
+        "adamId": asset.adam_id,
+        "pricingParam": asset.pricing_param,
+        "needed": needed,
+        "available": available,
+    }))
 }
 
 /// `POST /api/assignments`: every named subject that lacks the license gets it, or nothing
-/// happens (409 `no_licenses_available` when they do not all fit).
+/// happens (409 `no_licenses_available` when they do not all fit; checked and set aside in one
+/// atomic step, so concurrent requests never take more than there is).
 pub async fn assign<T: Transport, C: Clock>(
     kv: &impl Kv,
     client: &Client<T, C>,
     body: &AssignBody,
     now: DateTime<Utc>,
+    budget: &mut Budget,
 ) -> Result<Submitted, ApiError> {
     let t = resolve(kv, body)?;
     let have = already_assigned(kv, &t.account.id, t.generation, &t.asset, &t.subjects)?;
@@ -481,50 +341,56 @@ pub async fn assign<T: Transport, C: Clock>(
         .filter(|s| !have.contains(&s.tag()))
         .cloned()
         .collect();
-    let already: Vec<serde_json::Value> = t
+    let mut already: Vec<serde_json::Value> = t
         .subjects
         .iter()
         .filter(|s| have.contains(&s.tag()))
         .map(event::subject_json)
         .collect();
-    if let Some(avail) = available_now(kv, &t.account.id, &t.asset)? {
-        if (missing.len() as i64) > avail {
-            return Err(ApiError::new(
-                ErrorCode::NoLicensesAvailable,
-                format!(
-                    "{} license(s) needed for asset {}, {} available",
-                    missing.len(),
-                    t.asset.adam_id,
-                    avail
-                ),
-            )
-            .with_details(json!({
-                "accountId": t.account.id,
-                "adamId": t.asset.adam_id,
-                "pricingParam": t.asset.pricing_param,
-                "needed": missing.len(),
-                "available": avail,
-            })));
-        }
-    }
-    let mut out = associate(kv, client, &t.account.id, &t.asset, &missing, "api", now).await?;
+    let mut out = associate(
+        kv,
+        client,
+        &t.account.id,
+        &t.asset,
+        &missing,
+        "api",
+        true,
+        now,
+        budget,
+    )
+    .await?;
+    already.append(&mut out.already_assigned);
     out.already_assigned = already;
     Ok(out)
 }
 
 /// `POST /api/assignments/revoke`: take `asset` from the named subjects (Apple's disassociate,
-/// so their other licenses stay). Ledger entries move to `Revoking` first.
+/// so their other licenses stay). Ledger entries move to `revoking` first.
 pub async fn revoke<T: Transport, C: Clock>(
     kv: &impl Kv,
     client: &Client<T, C>,
     body: &AssignBody,
     now: DateTime<Utc>,
+    budget: &mut Budget,
 ) -> Result<Submitted, ApiError> {
     let t = resolve(kv, body)?;
-    disassociate(kv, client, &t.account.id, &t.asset, &t.subjects, "api", now).await
+    disassociate(
+        kv,
+        client,
+        &t.account.id,
+        &t.asset,
+        &t.subjects,
+        "api",
+        now,
+        budget,
+    )
+    .await
 }
 
-/// Disassociate `asset` from `subjects`, one event per Apple request.
+/// Disassociate `asset` from `subjects`, one event per Apple request, within `budget`. What is
+/// not sent stays `revoking` without an event: reconcile sends it again. An unclear answer
+/// leaves it so as well (sending a disassociate twice does no harm).
+#[allow(clippy::too_many_arguments)]
 pub async fn disassociate<T: Transport, C: Clock>(
     kv: &impl Kv,
     client: &Client<T, C>,
@@ -533,70 +399,88 @@ pub async fn disassociate<T: Transport, C: Clock>(
     subjects: &[Subject],
     source: &str,
     now: DateTime<Utc>,
+    budget: &mut Budget,
 ) -> Result<Submitted, ApiError> {
     let mut out = Submitted::default();
     if subjects.is_empty() {
         return Ok(out);
     }
     let ak = asset.key();
-    let asset_ref = AssetRef::new(
-        asset.adam_id.clone(),
-        PricingParam::from(asset.pricing_param.as_str()),
-    );
-    ledger_write(kv, account_id, &ak, subjects, |cur| match cur {
-        Some(e)
-            if e.state == LedgerState::Confirmed
-                || (e.state == LedgerState::Revoking && e.event_id.is_none()) =>
-        {
-            Some(Some(LedgerEntry {
-                state: LedgerState::Revoking,
-                event_id: None,
-                at: now,
-                error: None,
-            }))
-        }
-        Some(e) if e.state == LedgerState::Failed => Some(None),
-        _ => None,
-    })?;
+    let aref = ledger::asset_ref(&ak);
+    ledger::begin_revoke(kv, account_id, &ak, subjects, now)?;
     let limits = match client.limits().await {
         Ok(l) => l,
         Err(e) => {
-            undo_revoking(kv, account_id, &ak, subjects)?;
+            ledger::revoke_refused(kv, account_id, &ak, subjects, None, now)?;
             return Err(apple_error(&e));
         }
     };
-    let (serials, users) = partition(subjects);
+    let (serials, users): (Vec<Subject>, Vec<Subject>) = subjects
+        .iter()
+        .cloned()
+        .partition(|s| matches!(s, Subject::SerialNumber(_)));
+    let plain = |v: Vec<Subject>| -> Vec<String> {
+        v.into_iter()
+            .map(|s| match s {
+                Subject::SerialNumber(x) | Subject::ClientUserId(x) => x,
+            })
+            .collect()
+    };
     let requests = split_manage(
         &ManageAssetsRequest {
-            assets: vec![asset_ref.clone()],
-            client_user_ids: users,
-            serial_numbers: serials,
+            assets: vec![aref.clone()],
+            client_user_ids: plain(users),
+            serial_numbers: plain(serials),
         },
         &limits,
     );
     for (i, req) in requests.iter().enumerate() {
-        let part = subjects_of(req);
+        let part = ledger::subjects_of(req);
+        let now = client.clock().now();
+        if !budget.take_call(now) {
+            out.queued += requests[i..]
+                .iter()
+                .map(|r| ledger::subjects_of(r).len())
+                .sum::<usize>();
+            break;
+        }
         match client.disassociate(req).await {
             Ok(events) => {
-                let ctx = Accepted {
-                    account_id,
-                    kind: EventKind::Disassociate,
-                    source,
-                    asset_ref: &asset_ref,
-                    asset_key: &ak,
-                    waiting: LedgerState::Revoking,
-                    now,
-                };
-                out.events.extend(ctx.record(kv, &part, events)?);
+                for ev in events {
+                    ledger::revoke_accepted(kv, account_id, &ak, &part, &ev.event_id, now)?;
+                    let rec = event::new_record(
+                        &ev.event_id,
+                        account_id,
+                        EventKind::Disassociate,
+                        source,
+                        vec![aref.clone()],
+                        part.clone(),
+                        now,
+                    );
+                    event::track(kv, &rec)?;
+                    out.events.push(rec);
+                }
             }
             Err(e) => {
-                let rest: Vec<Subject> = requests[i..].iter().flat_map(subjects_of).collect();
-                undo_revoking(kv, account_id, &ak, &rest)?;
+                let rest: Vec<Subject> =
+                    requests[i..].iter().flat_map(ledger::subjects_of).collect();
                 let api = apple_error(&e.error);
-                if out.events.is_empty() {
-                    return Err(api);
+                if ledger::definite_no(&e.error) {
+                    ledger::revoke_refused(kv, account_id, &ak, &rest, None, now)?;
+                    if out.events.is_empty() {
+                        return Err(api);
+                    }
+                    out.rejected = rest.iter().map(event::subject_json).collect();
+                } else {
+                    // Maybe applied: the first part is unknown, the rest was never sent.
+                    out.unknown = part.iter().map(event::subject_json).collect();
+                    let unsent: Vec<Subject> = requests[i + 1..]
+                        .iter()
+                        .flat_map(ledger::subjects_of)
+                        .collect();
+                    ledger::revoke_refused(kv, account_id, &ak, &unsent, None, now)?;
+                    out.rejected = unsent.iter().map(event::subject_json).collect();
                 }
-                out.rejected = rest.iter().map(event::subject_json).collect();
                 out.error = Some(api.body()["error"].clone());
                 break;
             }
@@ -605,19 +489,7 @@ pub async fn disassociate<T: Transport, C: Clock>(
     Ok(out)
 }
 
-fn undo_revoking(
-    kv: &impl Kv,
-    account_id: &str,
-    ak: &str,
-    subjects: &[Subject],
-) -> Result<(), StoreError> {
-    ledger_write(kv, account_id, ak, subjects, |cur| match cur {
-        Some(e) if e.state == LedgerState::Revoking && e.event_id.is_none() => {
-            Some(Some(LedgerEntry {
-                state: LedgerState::Confirmed,
-                ..e.clone()
-            }))
-        }
-        _ => None,
-    })
+/// The events of a submission.
+pub fn event_ids(events: &[EventRecord]) -> Vec<String> {
+    events.iter().map(|e| e.id.clone()).collect()
 }

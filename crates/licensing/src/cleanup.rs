@@ -210,6 +210,7 @@ pub async fn run_slice<T: Transport, C: Clock>(
                         num_completed: None,
                         failures: Vec::new(),
                         applied: false,
+                        resent_as: None,
                     },
                 )?;
                 st.events.push(ev.event_id);

@@ -2,19 +2,19 @@
 //! accepts them until their outcome is applied to the ledger, the assignment copy and the
 //! counts.
 //!
-//! Exactly once: every change is a state transition per (asset, subject) — ledger `Pending` →
-//! `Confirmed`/`Failed`, copy absent → present — and counts, reservations and notices move only
-//! with a transition. So an outcome that arrives twice (event status and notification, or a
+//! Exactly once: every change is a state transition per (asset, subject) — ledger open →
+//! `confirmed`/`failed` (moved by [`crate::ledger`]), copy absent → present — and counts and
+//! notices move only with a transition; reservations are the open entries themselves. So an outcome that arrives twice (event status and notification, or a
 //! notification delivered twice) changes nothing the second time.
 //!
 //! Polling follows Apple's rules: at least [`POLL_INTERVAL_SECS`] between polls of an event,
 //! and an event still `PENDING` after [`RESEND_AFTER_SECS`] is sent again.
 
 use crate::model::{
-    copy_shard_of, ledger_shard_of, AssetsDoc, AssignmentShard, EventFailure, EventKind,
-    EventRecord, EventState, Failure, LedgerEntry, LedgerShard, LedgerState, MadeBy, Subject,
+    copy_shard_of, AssetsDoc, AssignmentShard, EventFailure, EventKind, EventRecord, EventState,
+    Failure, LedgerState, MadeBy, Subject,
 };
-use crate::{job::Budget, notice};
+use crate::{job::Budget, ledger, notice};
 use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -30,6 +30,10 @@ pub const POLL_INTERVAL_SECS: i64 = 30;
 pub const FIRST_POLL_AFTER_SECS: i64 = 5;
 /// Apple: still PENDING after 10 minutes → send the request again.
 pub const RESEND_AFTER_SECS: i64 = 600;
+/// Ended events whose records are kept per account (for `GET /api/events/{id}`).
+pub const KEPT_DONE_EVENTS: usize = 500;
+/// An event sent again is still polled (Apple may yet apply it) for this long.
+pub const GIVE_UP_AFTER_SECS: i64 = 86_400;
 
 /// One (asset, subject) result of an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +74,8 @@ pub fn load(kv: &impl Kv, event_id: &str) -> Result<Option<EventRecord>, StoreEr
     get_json(kv, &keys::event(event_id))
 }
 
+/// Take an event off the pending index once it ended; its record stays readable among the
+/// account's last [`KEPT_DONE_EVENTS`] ended events, and older records are deleted (bounded).
 fn untrack(kv: &impl Kv, account_id: &str, event_id: &str) -> Result<(), StoreError> {
     update::<Vec<String>, ()>(kv, &keys::account_events(account_id), |cur| {
         let Some(mut ids) = cur else {
@@ -78,7 +84,25 @@ fn untrack(kv: &impl Kv, account_id: &str, event_id: &str) -> Result<(), StoreEr
         let before = ids.len();
         ids.retain(|i| i != event_id);
         Ok(((ids.len() != before).then_some(ids), ()))
-    })
+    })?;
+    let evicted =
+        update::<Vec<String>, Vec<String>>(kv, &keys::account_events_done(account_id), |cur| {
+            let mut ids = cur.unwrap_or_default();
+            if ids.iter().any(|i| i == event_id) {
+                return Ok((None, Vec::new()));
+            }
+            ids.push(event_id.to_string());
+            let excess = ids.len().saturating_sub(KEPT_DONE_EVENTS);
+            let evicted: Vec<String> = ids.drain(..excess).collect();
+            Ok((Some(ids), evicted))
+        })?;
+    for id in evicted {
+        // Only records that really ended go (a pending one is still in the index).
+        if load(kv, &id)?.is_some_and(|r| r.state != EventState::Pending) {
+            kv.delete(&keys::event(&id))?;
+        }
+    }
+    Ok(())
 }
 
 /// A new event record for what Apple just accepted.
@@ -106,38 +130,12 @@ pub fn new_record(
         num_completed: None,
         failures: Vec::new(),
         applied: false,
+        resent_as: None,
     }
 }
 
 pub fn asset_ref_key(a: &AssetRef) -> String {
     crate::model::asset_key(&a.adam_id, a.pricing_param.as_str())
-}
-
-/// Change the reservation of `asset_key` by `delta` (never below zero).
-pub fn reserve(
-    kv: &impl Kv,
-    account_id: &str,
-    deltas: &BTreeMap<String, i64>,
-) -> Result<(), StoreError> {
-    if deltas.values().all(|d| *d == 0) {
-        return Ok(());
-    }
-    update::<BTreeMap<String, i64>, ()>(kv, &keys::reservations(account_id), |cur| {
-        let mut m = cur.unwrap_or_default();
-        for (k, d) in deltas {
-            let v = m.get(k).copied().unwrap_or(0).saturating_add(*d).max(0);
-            if v == 0 {
-                m.remove(k);
-            } else {
-                m.insert(k.clone(), v);
-            }
-        }
-        Ok((Some(m), ()))
-    })
-}
-
-pub fn reservations(kv: &impl Kv, account_id: &str) -> Result<BTreeMap<String, i64>, StoreError> {
-    Ok(get_json(kv, &keys::reservations(account_id))?.unwrap_or_default())
 }
 
 /// Apply per-(asset, subject) results of an event (from a notification or a status poll) and,
@@ -165,50 +163,69 @@ pub fn apply_outcome(
     let doc: AssetsDoc = get_json(kv, &keys::assets(account_id))?.unwrap_or_default();
     let removing = kind != EventKind::Associate;
 
-    // 1. Ledger: one compare-and-swap per shard; remember each item's previous state.
-    let mut by_ledger: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    // 1. Ledger (its own moves): per asset, which items were ours before this outcome.
+    let mut by_asset: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, it) in items.iter().enumerate() {
-        by_ledger
-            .entry(ledger_shard_of(&it.asset_key, &it.subject))
-            .or_default()
-            .push(i);
+        by_asset.entry(it.asset_key.as_str()).or_default().push(i);
     }
+    // Associate: ours (the copy says "this instance"); removal: the previous ledger state.
+    let mut was_ours = vec![false; items.len()];
     let mut prev: Vec<Option<LedgerState>> = vec![None; items.len()];
-    for (shard, idx) in &by_ledger {
-        let seen = update::<LedgerShard, Vec<(usize, Option<LedgerState>)>>(
-            kv,
-            &keys::ledger_shard(account_id, *shard),
-            |cur| {
-                let mut s = cur.unwrap_or_default();
-                let mut seen = Vec::new();
-                let mut changed = false;
-                for &i in idx {
-                    let it = &items[i];
-                    let tag = it.subject.tag();
-                    let entries = s.entry(it.asset_key.clone()).or_default();
-                    let before = entries.get(&tag).cloned();
-                    seen.push((i, before.as_ref().map(|e| e.state)));
-                    let after = ledger_transition(before.clone(), kind, it, event_id, ours, now);
-                    if after != before {
-                        changed = true;
-                        match after {
-                            Some(e) => {
-                                entries.insert(tag, e);
-                            }
-                            None => {
-                                entries.remove(&tag);
-                            }
-                        }
-                    }
-                    if entries.is_empty() {
-                        s.remove(&it.asset_key);
-                    }
+    for (ak, idx) in &by_asset {
+        let ok: Vec<usize> = idx
+            .iter()
+            .copied()
+            .filter(|i| items[*i].failure.is_none())
+            .collect();
+        let bad: Vec<usize> = idx
+            .iter()
+            .copied()
+            .filter(|i| items[*i].failure.is_some())
+            .collect();
+        let ok_subjects: Vec<Subject> = ok.iter().map(|i| items[*i].subject.clone()).collect();
+        if !removing {
+            if !ok.is_empty() {
+                let flags = ledger::confirm(kv, account_id, ak, &ok_subjects, event_id, ours, now)?;
+                for (i, f) in ok.iter().zip(flags) {
+                    was_ours[*i] = f;
                 }
-                Ok((changed.then_some(s), seen))
-            },
-        )?;
-        for (i, p) in seen {
-            prev[i] = p;
+            }
+            if !bad.is_empty() {
+                let failures: Vec<(Subject, Failure)> = bad
+                    .iter()
+                    .filter_map(|i| {
+                        let it = &items[*i];
+                        it.failure.clone().map(|f| (it.subject.clone(), f))
+                    })
+                    .collect();
+                ledger::fail(
+                    kv,
+                    account_id,
+                    ak,
+                    &failures,
+                    event_id.filter(|_| ours),
+                    now,
+                )?;
+            }
+        } else {
+            if !ok.is_empty() {
+                let asked_at = record.as_ref().map(|r| r.created_at);
+                let states = ledger::gone(kv, account_id, ak, &ok_subjects, asked_at, now)?;
+                for (i, p) in ok.iter().zip(states) {
+                    prev[*i] = p;
+                }
+            }
+            for i in &bad {
+                let it = &items[*i];
+                ledger::revoke_refused(
+                    kv,
+                    account_id,
+                    ak,
+                    std::slice::from_ref(&it.subject),
+                    it.failure.clone(),
+                    now,
+                )?;
+            }
         }
     }
 
@@ -247,7 +264,7 @@ pub fn apply_outcome(
                         changed = true;
                     }
                 } else {
-                    let ledgered = ours || prev[i].is_some();
+                    let ledgered = was_ours[i];
                     let made_by = if ledgered {
                         MadeBy::Ours {
                             event_id: event_id.map(str::to_string),
@@ -292,17 +309,6 @@ pub fn apply_outcome(
         }
     }
     adjust_counts(kv, account_id, &count_delta)?;
-
-    // 3. Reservations held by pending associations are released by their resolution.
-    if kind == EventKind::Associate {
-        let mut release: BTreeMap<String, i64> = BTreeMap::new();
-        for (i, it) in items.iter().enumerate() {
-            if prev[i] == Some(LedgerState::Pending) {
-                *release.entry(it.asset_key.clone()).or_default() -= 1;
-            }
-        }
-        reserve(kv, account_id, &release)?;
-    }
 
     // 4. Notices for every license taken away.
     notice::record_removals(kv, account_id, &removed, &source, now)?;
@@ -369,50 +375,6 @@ pub fn apply_outcome(
         }
     }
     Ok(updated)
-}
-
-fn ledger_transition(
-    before: Option<LedgerEntry>,
-    kind: EventKind,
-    it: &Item,
-    event_id: Option<&str>,
-    ours: bool,
-    now: DateTime<Utc>,
-) -> Option<LedgerEntry> {
-    let eid = event_id.map(str::to_string);
-    match (kind, &it.failure, before) {
-        (EventKind::Associate, None, Some(e)) if e.state == LedgerState::Confirmed => Some(e),
-        (EventKind::Associate, None, Some(e)) if e.state == LedgerState::Revoking => Some(e),
-        (EventKind::Associate, None, Some(e)) => Some(LedgerEntry {
-            state: LedgerState::Confirmed,
-            event_id: eid.or(e.event_id),
-            at: now,
-            error: None,
-        }),
-        (EventKind::Associate, None, None) if ours => Some(LedgerEntry {
-            state: LedgerState::Confirmed,
-            event_id: eid,
-            at: now,
-            error: None,
-        }),
-        (EventKind::Associate, Some(f), Some(e)) if e.state == LedgerState::Pending => {
-            Some(LedgerEntry {
-                state: LedgerState::Failed,
-                event_id: e.event_id,
-                at: now,
-                error: Some(f.clone()),
-            })
-        }
-        (EventKind::Associate, _, before) => before,
-        (_, None, _) => None,
-        (_, Some(f), Some(e)) if e.state == LedgerState::Revoking => Some(LedgerEntry {
-            state: LedgerState::Confirmed,
-            event_id: e.event_id,
-            at: e.at,
-            error: Some(f.clone()),
-        }),
-        (_, Some(_), before) => before,
-    }
 }
 
 /// Add `delta` to in-use (and the opposite to available) per asset.
@@ -566,11 +528,14 @@ pub struct PollReport {
 }
 
 /// Poll one event now (the caller checked [`poll_due_at`]) and apply what Apple says.
+/// `may_resend`: an event still pending after [`RESEND_AFTER_SECS`] is sent again (jobs only:
+/// a request a person reads never writes at Apple).
 pub async fn poll_event<T: Transport, C: Clock>(
     kv: &impl Kv,
     client: &Client<T, C>,
     record: &EventRecord,
     now: DateTime<Utc>,
+    may_resend: bool,
 ) -> Result<EventRecord, PollError> {
     let status = client.event_status(&record.id).await;
     let status = match status {
@@ -582,8 +547,13 @@ pub async fn poll_event<T: Transport, C: Clock>(
     };
     if status.event_status == EventStatusKind::Pending {
         let r = mark_polled(kv, &record.id, Some(&status), now)?.unwrap_or(record.clone());
-        if now - record.created_at >= Duration::seconds(RESEND_AFTER_SECS) {
+        let age = now - record.created_at;
+        if may_resend && r.resent_as.is_none() && age >= Duration::seconds(RESEND_AFTER_SECS) {
             return resend(kv, client, &r, now).await;
+        }
+        if r.resent_as.is_some() && age >= Duration::seconds(GIVE_UP_AFTER_SECS) {
+            // Sent again long ago and still pending: stop polling it (the new one decides).
+            return Ok(give_up(kv, &r, now)?);
         }
         return Ok(r);
     }
@@ -642,8 +612,9 @@ fn mark_polled(
     })
 }
 
-/// Apple: an event still pending after 10 minutes is sent again. The old record ends (pointing
-/// at the new one); the ledger entries follow the new event.
+/// Apple: an event still pending after 10 minutes is sent again. Both events stay tracked
+/// (Apple may apply either): the old one names the new one and is not sent again; the ledger's
+/// open entries wait on both.
 async fn resend<T: Transport, C: Clock>(
     kv: &impl Kv,
     client: &Client<T, C>,
@@ -698,9 +669,35 @@ async fn resend<T: Transport, C: Clock>(
     fresh.updated_at = now;
     fresh.polled_at = None;
     fresh.num_completed = None;
+    fresh.resent_as = None;
     track(kv, &fresh)?;
-    relabel_ledger(kv, record, &fresh.id)?;
-    let ended = update::<EventRecord, EventRecord>(kv, &keys::event(&record.id), |cur| {
+    if record.kind == EventKind::Associate {
+        for a in &record.assets {
+            ledger::accepted(
+                kv,
+                &record.account_id,
+                &asset_ref_key(a),
+                &record.subjects,
+                &fresh.id,
+            )?;
+        }
+    }
+    update::<EventRecord, ()>(kv, &keys::event(&record.id), |cur| {
+        let mut r = cur.unwrap_or_else(|| record.clone());
+        r.resent_as = Some(fresh.id.clone());
+        r.updated_at = now;
+        Ok((Some(r), ()))
+    })?;
+    Ok(fresh)
+}
+
+/// Stop tracking an event that was sent again and never finished.
+fn give_up(
+    kv: &impl Kv,
+    record: &EventRecord,
+    now: DateTime<Utc>,
+) -> Result<EventRecord, StoreError> {
+    let r = update::<EventRecord, EventRecord>(kv, &keys::event(&record.id), |cur| {
         let mut r = cur.unwrap_or_else(|| record.clone());
         r.state = EventState::Failed;
         r.applied = true;
@@ -709,48 +706,15 @@ async fn resend<T: Transport, C: Clock>(
             subjects: Vec::new(),
             error_number: None,
             message: format!(
-                "still pending after {} minutes; sent again as event {}",
-                RESEND_AFTER_SECS / 60,
-                fresh.id
+                "still pending after {} hours; sent again as event {}",
+                GIVE_UP_AFTER_SECS / 3600,
+                r.resent_as.clone().unwrap_or_default()
             ),
         });
         Ok((Some(r.clone()), r))
     })?;
     untrack(kv, &record.account_id, &record.id)?;
-    let _ = ended;
-    Ok(fresh)
-}
-
-/// Point the in-flight ledger entries of an event at another event id.
-fn relabel_ledger(kv: &impl Kv, record: &EventRecord, new_id: &str) -> Result<(), StoreError> {
-    let mut by_shard: BTreeMap<u32, Vec<(String, String)>> = BTreeMap::new();
-    for a in &record.assets {
-        let ak = asset_ref_key(a);
-        for s in &record.subjects {
-            by_shard
-                .entry(ledger_shard_of(&ak, s))
-                .or_default()
-                .push((ak.clone(), s.tag()));
-        }
-    }
-    for (shard, pairs) in by_shard {
-        update::<LedgerShard, ()>(kv, &keys::ledger_shard(&record.account_id, shard), |cur| {
-            let Some(mut s) = cur else {
-                return Ok((None, ()));
-            };
-            let mut changed = false;
-            for (ak, tag) in &pairs {
-                if let Some(e) = s.get_mut(ak).and_then(|m| m.get_mut(tag)) {
-                    if e.event_id.as_deref() == Some(record.id.as_str()) {
-                        e.event_id = Some(new_id.to_string());
-                        changed = true;
-                    }
-                }
-            }
-            Ok((changed.then_some(s), ()))
-        })?;
-    }
-    Ok(())
+    Ok(r)
 }
 
 /// Poll every pending event that is due, across all accounts, within `budget`.
@@ -768,34 +732,48 @@ pub async fn poll_due<T: Transport, C: Clock>(
             continue;
         }
         let client = client_for_account(&account);
-        for id in ids {
-            let Some(record) = load(kv, &id)? else {
-                untrack(kv, &account, &id)?;
-                continue;
-            };
-            if record.state != EventState::Pending {
-                untrack(kv, &account, &id)?;
-                continue;
-            }
-            if poll_due_at(&record) > now {
-                report.waiting += 1;
-                continue;
-            }
-            if !budget.take_call(now) {
-                report.waiting += 1;
-                continue;
-            }
-            report.polled += 1;
-            match poll_event(kv, &client, &record, now).await {
-                Ok(r) if r.id != record.id => report.resent += 1,
-                Ok(r) if r.state != EventState::Pending => report.completed += 1,
-                Ok(_) => report.waiting += 1,
-                Err(PollError::Store(e)) => return Err(e),
-                Err(e) => report.errors.push(format!("event {id}: {e}")),
-            }
-        }
+        poll_account(kv, &client, &account, now, budget, &mut report).await?;
     }
     Ok(report)
+}
+
+/// Poll the due pending events of one account, within `budget`.
+pub async fn poll_account<T: Transport, C: Clock>(
+    kv: &impl Kv,
+    client: &Client<T, C>,
+    account: &str,
+    now: DateTime<Utc>,
+    budget: &mut Budget,
+    report: &mut PollReport,
+) -> Result<(), StoreError> {
+    let ids: Vec<String> = get_json(kv, &keys::account_events(account))?.unwrap_or_default();
+    for id in ids {
+        let Some(record) = load(kv, &id)? else {
+            untrack(kv, account, &id)?;
+            continue;
+        };
+        if record.state != EventState::Pending {
+            untrack(kv, account, &id)?;
+            continue;
+        }
+        if poll_due_at(&record) > now {
+            report.waiting += 1;
+            continue;
+        }
+        if !budget.take_call(now) {
+            report.waiting += 1;
+            continue;
+        }
+        report.polled += 1;
+        match poll_event(kv, client, &record, now, true).await {
+            Ok(r) if r.id != record.id => report.resent += 1,
+            Ok(r) if r.state != EventState::Pending => report.completed += 1,
+            Ok(_) => report.waiting += 1,
+            Err(PollError::Store(e)) => return Err(e),
+            Err(e) => report.errors.push(format!("event {id}: {e}")),
+        }
+    }
+    Ok(())
 }
 
 /// What `GET /api/events/{id}` shows: the record plus the outcome per device or user.

@@ -13,6 +13,7 @@ pub mod error;
 pub mod event;
 pub mod instance;
 pub mod job;
+pub mod ledger;
 pub mod licenses;
 pub mod licenses_openapi;
 pub mod metrics;

@@ -85,7 +85,7 @@ pub fn list(kv: &impl Kv, filter: &Filter) -> Result<Vec<LicenseRow>, ApiError> 
             continue;
         };
         let doc: AssetsDoc = get_json(kv, &keys::assets(&id))?.unwrap_or_default();
-        let reserved = event::reservations(kv, &id)?;
+        let reserved = crate::ledger::reservations(kv, &id, &doc)?;
         for a in &doc.assets {
             if let Some(n) = &needle {
                 let name = a.name.as_deref().unwrap_or("").to_lowercase();
@@ -212,8 +212,25 @@ pub fn assignments(
             Some(v)
         })
         .collect();
+    // Our open entries (not yet in Apple's copy): shown with their state, on the first page.
+    let mut pending = Vec::new();
+    if page == 0 {
+        let open = crate::ledger::open_doc(kv, &account.id, &asset.key())?;
+        for (tag, o) in &open.entries {
+            let Some(subject) = Subject::from_tag(tag) else {
+                continue;
+            };
+            let mut v = event::subject_json(&subject);
+            v["madeBy"] = "thisInstance".into();
+            v["state"] = o.state.name().into();
+            v["eventIds"] = json!(open.event_ids(o));
+            v["since"] = json!(chrono::DateTime::from_timestamp(o.since, 0));
+            pending.push(v);
+        }
+    }
     let next = page + 1;
     Ok(json!({
+        "pending": pending,
         "accountId": account.id,
         "adamId": asset.adam_id,
         "pricingParam": asset.pricing_param,

@@ -70,7 +70,7 @@ pub fn paths() -> Value {
                 "400": err(&["invalid_request"]), "404": err(&["not_found"])}}},
         "/api/licenses/{accountId}/{adamId}/assignments": {"get": {
             "operationId": "listAssignments",
-            "summary": "A page of an asset's assignments, each with who made it",
+            "summary": "A page of an asset's assignments, each with who made it; page 0 also lists our ledger entries not yet settled (`pending`, with their state)",
             "parameters": [
                 account_id_param("accountId"), path("adamId", r("AdamId"), "Apple's numeric product id"),
                 query("pricingParam", r("PricingParam"), "STDQ (default) or PLUS"),
@@ -79,20 +79,20 @@ pub fn paths() -> Value {
             "responses": {"200": ok(r("AssignmentsPage")), "400": err(&["invalid_request"]), "404": err(&["not_found"])}}},
         "/api/assignments": {"post": {
             "operationId": "assign", "x-apple": true,
-            "summary": "Assign an asset to devices or users (ledger first; all fit or nothing is asked)",
+            "summary": "Assign an asset to devices or users (ledger first; all fit or nothing is asked: the check and the reservation are one atomic step). 202 when anything went to Apple, is unknown (answer lost: verified later) or queued (sent by the linked ledger job)",
             "requestBody": body("AssignRequest"),
             "responses": {"202": submitted("Apple accepted; follow the event"), "200": submitted("nothing to ask Apple (every subject already held the license)"),
                 "404": err(&["not_found"]),
-                "409": err(&["no_licenses_available", "conflict"]), "422": err(&["unprocessable"])}}},
+                "409": err(&["no_licenses_available", "conflict"]), "422": err(&["unprocessable", "apple_rejected"]), "429": err(&["apple_rate_limited"]), "502": err(&["apple_unavailable"])}}},
         "/api/assignments/revoke": {"post": {
             "operationId": "revoke", "x-apple": true,
-            "summary": "Take an asset from devices or users (Apple's disassociate; other assets stay)",
+            "summary": "Take an asset from devices or users (Apple's disassociate; other assets stay). What is not sent, or whose answer is lost, stays revoking and is sent again by reconcile",
             "requestBody": body("AssignRequest"),
             "responses": {"202": submitted("Apple accepted; follow the event"), "200": submitted("nothing to ask Apple"),
                 "404": err(&["not_found"]), "409": err(&["conflict"]), "422": err(&["unprocessable"])}}},
         "/api/events/{id}": {"get": {
             "operationId": "getEvent",
-            "summary": "Apple's outcome of an event, per device or user (polls Apple when due: >= 30 s apart)",
+            "summary": "Apple's outcome of an event, per device or user. With the admin key a pending event is polled at Apple when due (>= 30 s apart); it is never sent again from here, and the reader key never reaches Apple. Records of ended events are kept for the account's last 500",
             "parameters": [path("id", json!({"type": "string", "pattern": "^[A-Za-z0-9._~-]{1,128}$"}), "Apple's eventId")],
             "responses": {"200": ok(r("Event")), "404": err(&["not_found"])}}},
         "/api/policies": {"get": {"operationId": "listPolicies", "summary": "All app policies",
@@ -102,7 +102,7 @@ pub fn paths() -> Value {
             "get": {"operationId": "getPolicy", "summary": "One app policy",
                 "responses": {"200": ok(r("Policy")), "400": err(&["invalid_request"]), "404": err(&["not_found"])}},
             "put": {"operationId": "putPolicy", "x-apple": true,
-                "summary": "Create or replace a policy (the desired state); assigns what is missing as far as licenses allow",
+                "summary": "Create or replace a policy (the desired state); assigns what is missing as far as licenses allow. What is not sent within the request stays queued in the ledger and goes on in the linked ledger job (`job`)",
                 "requestBody": body("PolicyRequest"),
                 "responses": {"200": ok(r("PolicyResult")), "201": ok(r("PolicyResult")),
                     "404": err(&["not_found"]), "409": err(&["conflict"]), "422": err(&["unprocessable"])}},
@@ -110,7 +110,7 @@ pub fn paths() -> Value {
                 "responses": {"204": {"description": "deleted"}, "400": err(&["invalid_request"]), "404": err(&["not_found"])}}},
         "/api/reconcile": {"post": {
             "operationId": "reconcile", "x-apple": true,
-            "summary": "Start (or continue) the reconcile job over all accounts; see GET /api/jobs/{id}",
+            "summary": "Start (or continue) the reconcile job over all accounts; see GET /api/jobs/{id}. Each account is settled first (due events polled, entries a refresh saw at Apple confirmed, unknown outcomes looked up), then what no policy wants is taken back",
             "responses": {"202": {"description": "the job", "content": {"application/json": {"schema": r("Job")}},
                 "headers": {"Location": {"description": "the job", "schema": {"type": "string"}}},
                 "links": job_links("$response.body#/id")}}}},
@@ -192,7 +192,12 @@ pub fn schemas() -> Value {
             "page": s("integer"), "pages": s("integer"), "nextPage": n("integer"),
             "assignments": {"type": "array", "items": {"type": "object", "required": ["madeBy"], "properties": {
                 "serialNumber": s("string"), "clientUserId": s("string"),
-                "madeBy": {"type": "string", "enum": ["thisInstance", "foreign"]}, "eventId": s("string"), "at": s("string")}}}}},
+                "madeBy": {"type": "string", "enum": ["thisInstance", "foreign"]}, "eventId": s("string"), "at": s("string")}}},
+            "pending": {"type": "array", "description": "our ledger entries of this asset not yet settled (page 0 only)", "items": {"type": "object", "properties": {
+                "serialNumber": s("string"), "clientUserId": s("string"),
+                "madeBy": {"type": "string", "enum": ["thisInstance"]},
+                "state": {"type": "string", "enum": ["queued", "unknown", "pending"]},
+                "eventIds": {"type": "array", "items": s("string")}, "since": s("string")}}}}},
         "AssignRequest": {"type": "object", "required": ["accountId", "adamId"], "additionalProperties": false,
             "description": "Name at least one device or user; at most 10000 in all.",
             "anyOf": [{"required": ["serialNumbers"], "properties": {"serialNumbers": {"minItems": 1}}},
@@ -203,11 +208,16 @@ pub fn schemas() -> Value {
         "Submitted": {"type": "object", "properties": {
             "eventId": n("string"), "events": {"type": "array", "items": r("Event")},
             "alreadyAssigned": {"type": "array", "items": subject}, "shortfall": {"type": "array", "items": subject},
-            "rejected": {"type": "array", "items": subject}, "error": {}}},
+            "rejected": {"type": "array", "items": subject},
+            "unknown": {"type": "array", "items": subject, "description": "sent, answer lost: held as unknown until Apple's assignments show what happened"},
+            "queued": {"type": "integer", "description": "admitted, not yet sent: the ledger job sends them"},
+            "job": r("JobLink"), "error": {}}},
+        "JobLink": {"type": "object", "properties": {"id": s("string"), "kind": s("string"), "state": s("string"), "href": s("string")}},
         "Event": {"type": "object", "required": ["id", "state"], "properties": {
             "id": s("string"), "accountId": s("string"), "kind": {"type": "string", "enum": ["associate", "disassociate", "revoke"]},
             "source": s("string"), "state": {"type": "string", "enum": ["pending", "complete", "failed"]},
             "numRequested": n("integer"), "numCompleted": n("integer"),
+            "resentAs": {"type": "string", "description": "still pending after 10 minutes, sent again as this event (both stay tracked)"},
             "results": {"type": "array", "items": {"type": "object", "properties": {
                 "serialNumber": s("string"), "clientUserId": s("string"),
                 "state": {"type": "string", "enum": ["pending", "succeeded", "failed"]},

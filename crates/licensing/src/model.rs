@@ -274,4 +274,8 @@ pub struct EventRecord {
     /// Its outcome has been applied to the ledger, copy and counts (exactly once).
     #[serde(default)]
     pub applied: bool,
+    /// Still pending after 10 minutes, it was sent again as this event (both stay tracked:
+    /// Apple may apply either).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resent_as: Option<String>,
 }

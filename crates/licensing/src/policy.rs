@@ -238,13 +238,16 @@ pub fn validate(
     ))
 }
 
-/// `PUT /api/policies/{id}`: store the policy, then assign what is missing.
+/// `PUT /api/policies/{id}`: store the policy, then assign what is missing, as far as licenses
+/// allow. Every missing license is admitted to the ledger first (the resume point); what is not
+/// sent within `budget` stays queued (`queued` > 0: a ledger job or the daily run sends it).
 pub async fn put<T: Transport, C: Clock>(
     kv: &impl Kv,
     client: &Client<T, C>,
     id: &str,
     body: &PolicyBody,
     now: DateTime<Utc>,
+    budget: &mut crate::job::Budget,
 ) -> Result<(bool, Value), ApiError> {
     let (mut policy, doc) = validate(kv, id, body)?;
     let existing = load(kv, id)?;
@@ -274,6 +277,7 @@ pub async fn put<T: Transport, C: Clock>(
     set_json(kv, &keys::policy(id), &policy)?;
     let subjects = policy.subjects();
     let mut report = Vec::new();
+    let mut queued = 0usize;
     for pa in &policy.assets {
         let Some(asset) = doc.find(&pa.adam_id, &pa.pricing_param).cloned() else {
             continue;
@@ -290,43 +294,52 @@ pub async fn put<T: Transport, C: Clock>(
             .filter(|s| !have.contains(&s.tag()))
             .cloned()
             .collect();
-        let room = assignment::available_now(kv, &policy.account_id, &asset)?
-            .map(|a| a.max(0) as usize)
-            .unwrap_or(usize::MAX);
-        let (now_list, short) = missing.split_at(missing.len().min(room));
         let mut entry = json!({
             "adamId": asset.adam_id,
             "pricingParam": asset.pricing_param,
             "wanted": subjects.len(),
             "alreadyAssigned": have.len(),
-            "requested": now_list.len(),
-            "shortfall": short.len(),
-            "shortfallSubjects": short.iter().map(crate::event::subject_json).collect::<Vec<_>>(),
         });
         match assignment::associate(
             kv,
             client,
             &policy.account_id,
             &asset,
-            now_list,
+            &missing,
             "policy",
+            false,
             now,
+            budget,
         )
         .await
         {
             Ok(sub) => {
-                entry["eventIds"] =
-                    json!(sub.events.iter().map(|e| e.id.clone()).collect::<Vec<_>>());
+                let shortfall = sub.shortfall.len();
+                entry["requested"] = json!(missing.len() - shortfall - sub.already_assigned.len());
+                entry["shortfall"] = json!(shortfall);
+                entry["shortfallSubjects"] = json!(sub.shortfall);
+                entry["alreadyAssigned"] = json!(have.len() + sub.already_assigned.len());
+                entry["eventIds"] = json!(assignment::event_ids(&sub.events));
+                entry["unknown"] = json!(sub.unknown);
+                entry["queued"] = json!(sub.queued);
+                queued += sub.queued;
                 if let Some(e) = sub.error {
                     entry["error"] = e;
                 }
             }
-            Err(e) => entry["error"] = e.body()["error"].clone(),
+            Err(e) => {
+                entry["requested"] = json!(0);
+                entry["shortfall"] = json!(0);
+                entry["error"] = e.body()["error"].clone();
+            }
         }
         report.push(entry);
     }
     let created = existing.is_none();
-    Ok((created, json!({"policy": policy, "assignments": report})))
+    Ok((
+        created,
+        json!({"policy": policy, "assignments": report, "queued": queued}),
+    ))
 }
 
 pub fn delete(kv: &impl Kv, id: &str) -> Result<(), ApiError> {

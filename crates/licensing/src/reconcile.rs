@@ -1,5 +1,6 @@
 //! Reconcile: take back every license this instance assigned that no app policy wants any more,
-//! across all accounts. A resumable job (kind `reconcile`): each slice continues at the account
+//! across all accounts. Each account is settled first (due events polled, open entries a
+//! refresh saw at Apple confirmed, unknown outcomes looked up), so fresh assignments count. A resumable job (kind `reconcile`): each slice continues at the account
 //! in its checkpoint; the ledger's `Revoking` state makes a repeated slice harmless.
 //!
 //! It reads only our ledger, so foreign assignments are never touched, and it uses Apple's
@@ -11,7 +12,7 @@ use crate::assignment;
 use crate::error::ApiError;
 use crate::job::{self, Budget, Job};
 use crate::model::{AssetRecord, AssetsDoc, LedgerShard, LedgerState, Subject, LEDGER_SHARDS};
-use crate::policy;
+use crate::{event, ledger, policy};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -28,6 +29,9 @@ pub struct State {
     pub accounts: Vec<String>,
     pub index: usize,
     pub revoked: u64,
+    /// Open ledger entries confirmed before deciding (a refresh saw them at Apple).
+    #[serde(default)]
+    pub settled: u64,
     pub events: Vec<String>,
     pub skipped: Vec<Value>,
     pub errors: Vec<Value>,
@@ -112,11 +116,16 @@ pub async fn run_slice<T: Transport, C: Clock>(
             st.index += 1;
             continue;
         }
+        let client = client_for_account(&account_id);
+        // Settle first: due events, entries a refresh saw at Apple, unknown outcomes.
+        let mut polled = event::PollReport::default();
+        event::poll_account(kv, &client, &account_id, now, budget, &mut polled).await?;
+        let settled = ledger::settle_account(kv, &client, &account_id, now, budget).await?;
+        st.settled += u64::from(settled.confirmed);
         let doc: AssetsDoc = get_json(kv, &keys::assets(&account_id))?.unwrap_or_default();
         let todo = unwanted(kv, &account_id)?;
-        let client = client_for_account(&account_id);
         for (ak, subjects) in todo {
-            if !budget.take_call(now) {
+            if budget.exhausted(now) {
                 paused = true;
                 break;
             }
@@ -151,6 +160,7 @@ pub async fn run_slice<T: Transport, C: Clock>(
                 &subjects,
                 "reconcile",
                 now,
+                budget,
             )
             .await
             {
@@ -194,6 +204,7 @@ pub async fn run_slice<T: Transport, C: Clock>(
         job.succeed(
             json!({
                 "revoked": st.revoked,
+                "settled": st.settled,
                 "events": st.events,
                 "skipped": st.skipped,
                 "errors": st.errors,

@@ -12,8 +12,8 @@ use crate::apple_state::{owner_from, Owner};
 use crate::error::{ApiError, ErrorCode};
 use crate::job::{Budget, Job, Progress};
 use crate::model::{
-    asset_key, copy_shard_of, ledger_shard_of, Account, AssetRecord, AssetsDoc, AssignmentShard,
-    Failure, LedgerShard, LedgerState, MadeBy, Subject, SyncOutcome,
+    asset_key, copy_shard_of, Account, AssetRecord, AssetsDoc, AssignmentShard, Failure,
+    LedgerShard, LedgerState, MadeBy, Subject, SyncOutcome,
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -485,6 +485,7 @@ fn commit(kv: &impl Kv, account_id: &str, st: &RefreshState) -> Result<(), StepE
     } else {
         Vec::new()
     };
+    crate::ledger::prepare(kv, account_id, &doc)?;
     set_json(kv, &keys::assets(account_id), &doc)?;
     if !gone.is_empty() {
         forget_gone(kv, account_id, &gone)?;
@@ -566,30 +567,7 @@ fn forget_gone(
     account_id: &str,
     gone: &[(String, Subject)],
 ) -> Result<(), vpp_store::StoreError> {
-    let mut by_shard: BTreeMap<u32, Vec<&(String, Subject)>> = BTreeMap::new();
-    for g in gone {
-        by_shard
-            .entry(ledger_shard_of(&g.0, &g.1))
-            .or_default()
-            .push(g);
-    }
-    for (n, items) in by_shard {
-        update::<LedgerShard, ()>(kv, &keys::ledger_shard(account_id, n), |cur| {
-            let mut shard = cur.unwrap_or_default();
-            for (ak, subject) in &items {
-                if let Some(m) = shard.get_mut(ak) {
-                    if m.get(&subject.tag())
-                        .is_some_and(|e| e.state == LedgerState::Confirmed)
-                    {
-                        m.remove(&subject.tag());
-                    }
-                }
-            }
-            shard.retain(|_, m| !m.is_empty());
-            Ok((Some(shard), ()))
-        })?;
-    }
-    Ok(())
+    crate::ledger::forget_confirmed(kv, account_id, gone, Utc::now())
 }
 
 /// Drop a half-built new generation (full refresh) so no orphan keys remain.
@@ -637,38 +615,5 @@ fn finish(
     Ok(())
 }
 
-/// Ledger shards read once per slice.
-#[derive(Default)]
-struct LedgerCache {
-    shards: HashMap<u32, LedgerShard>,
-}
-
-impl LedgerCache {
-    fn made_by(
-        &mut self,
-        kv: &impl Kv,
-        account: &str,
-        asset: &str,
-        subject: &Subject,
-    ) -> Result<MadeBy, vpp_store::StoreError> {
-        let shard = ledger_shard_of(asset, subject);
-        let ledger = match self.shards.entry(shard) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                let s: LedgerShard =
-                    get_json(kv, &keys::ledger_shard(account, shard))?.unwrap_or_default();
-                e.insert(s)
-            }
-        };
-        let entry = Some(&*ledger)
-            .and_then(|s| s.get(asset))
-            .and_then(|m| m.get(&subject.tag()));
-        Ok(match entry {
-            Some(e) if e.state != LedgerState::Failed => MadeBy::Ours {
-                event_id: e.event_id.clone(),
-                at: Some(e.at),
-            },
-            _ => MadeBy::Foreign,
-        })
-    }
-}
+/// Ledger values read once per slice ([`crate::ledger::Cache`]).
+type LedgerCache = crate::ledger::Cache;

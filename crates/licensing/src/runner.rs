@@ -63,6 +63,7 @@ async fn run_held<G: Gateway>(
     let _end: SliceEnd = match job.kind.as_str() {
         "refresh" => crate::refresh::run_slice(kv, &client, job, our_id, budget).await?,
         "cleanup" => crate::cleanup::run_slice(kv, &client, job, budget).await?,
+        crate::ledger::JOB_KIND => crate::ledger::run_slice(kv, &client, job, budget).await?,
         other => return Err(ApiError::internal(format!("unknown job kind {other}"))),
     };
     Ok(())

@@ -61,6 +61,14 @@ fn apple() -> (Apple, Client<ScriptedTransport, FakeClock>) {
     (Apple { statuses, posts }, client)
 }
 
+fn budget() -> job::Budget {
+    job::Budget::new(t0(), 20, 200)
+}
+
+fn reserved(kv: &MemoryKv, adam: &str) -> i64 {
+    vpp_licensing::ledger::reserved(kv, ACCOUNT, &format!("{adam}:STDQ")).unwrap()
+}
+
 fn t0() -> chrono::DateTime<Utc> {
     Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap()
 }
@@ -132,13 +140,22 @@ fn counts(kv: &MemoryKv, adam: &str) -> (i64, i64) {
     (a.in_use, a.available)
 }
 
+/// The ledger entry of (asset, device); open states (queued, unknown, pending) read as `Pending`.
 fn ledger(kv: &MemoryKv, adam: &str, serial: &str) -> Option<LedgerEntry> {
     let s = Subject::SerialNumber(serial.into());
     let ak = asset_key(adam, "STDQ");
-    let l: LedgerShard = get_json(kv, &keys::ledger_shard(ACCOUNT, ledger_shard_of(&ak, &s)))
-        .unwrap()
-        .unwrap_or_default();
-    l.get(&ak).and_then(|m| m.get(&s.tag())).cloned()
+    let v = vpp_licensing::ledger::entry(kv, ACCOUNT, &ak, &s).unwrap()?;
+    Some(LedgerEntry {
+        state: match v.state {
+            "confirmed" => LedgerState::Confirmed,
+            "failed" => LedgerState::Failed,
+            "revoking" => LedgerState::Revoking,
+            _ => LedgerState::Pending,
+        },
+        event_id: v.event_ids.last().cloned(),
+        at: v.at,
+        error: v.error,
+    })
 }
 
 fn copy(kv: &MemoryKv, adam: &str) -> AssignmentShard {
@@ -175,6 +192,7 @@ fn assign_is_ledgered_first_and_confirmed_once_by_status_and_notification() {
         &client,
         &body("100", &["S1", "S2", "S3"]),
         t0(),
+        &mut budget(),
     ))
     .unwrap();
     // maxSerialNumbers 2: two Apple requests, two events.
@@ -189,7 +207,7 @@ fn assign_is_ledgered_first_and_confirmed_once_by_status_and_notification() {
         ledger(&kv, "100", "S1").unwrap().event_id.as_deref(),
         Some(e1.as_str())
     );
-    assert_eq!(event::reservations(&kv, ACCOUNT).unwrap()["100:STDQ"], 3);
+    assert_eq!(reserved(&kv, "100"), 3);
 
     // Notification for the first event arrives twice.
     let payload = json!({"eventId": e1, "result": "SUCCESS", "type": "ASSOCIATE",
@@ -215,10 +233,11 @@ fn assign_is_ledgered_first_and_confirmed_once_by_status_and_notification() {
         &client,
         &rec,
         t0() + Duration::seconds(40),
+        true,
     ))
     .unwrap();
     assert_eq!(counts(&kv, "100"), (2, 8));
-    assert_eq!(event::reservations(&kv, ACCOUNT).unwrap()["100:STDQ"], 1);
+    assert_eq!(reserved(&kv, "100"), 1);
     assert!(matches!(
         copy(&kv, "100").get("s:S1"),
         Some(MadeBy::Ours { .. })
@@ -239,6 +258,7 @@ fn event_failure_for_one_device_out_of_many() {
         &client,
         &body("100", &["A", "B"]),
         t0(),
+        &mut budget(),
     ))
     .unwrap();
     let ev = out.events[0].clone();
@@ -273,7 +293,7 @@ fn event_failure_for_one_device_out_of_many() {
     assert_eq!(b.state, LedgerState::Failed);
     assert_eq!(b.error.unwrap().code, "9709");
     assert_eq!(counts(&kv, "100"), (1, 9));
-    assert!(event::reservations(&kv, ACCOUNT).unwrap().is_empty());
+    assert_eq!(reserved(&kv, "100"), 0);
     let view = event::view(&event::load(&kv, &ev.id).unwrap().unwrap());
     assert_eq!(view["results"][0]["state"], "succeeded");
     assert_eq!(view["results"][1]["state"], "failed");
@@ -312,7 +332,14 @@ fn apple_client(apple: &Apple) -> Client<ScriptedTransport, FakeClock> {
 fn polls_are_spaced_and_pending_events_are_resent_after_ten_minutes() {
     let kv = setup(vec![asset("100", 10, 0)]);
     let (apple, client) = apple();
-    let out = block_on(assignment::assign(&kv, &client, &body("100", &["A"]), t0())).unwrap();
+    let out = block_on(assignment::assign(
+        &kv,
+        &client,
+        &body("100", &["A"]),
+        t0(),
+        &mut budget(),
+    ))
+    .unwrap();
     let id = out.events[0].id.clone();
     let mut budget = job::Budget::new(t0(), 3600, 100);
     let r = block_on(event::poll_due(
@@ -347,17 +374,21 @@ fn polls_are_spaced_and_pending_events_are_resent_after_ten_minutes() {
     ))
     .unwrap();
     assert_eq!(r.resent, 1);
+    // Apple may still apply the first event: both stay tracked, the old one names the new one.
     let old = event::load(&kv, &id).unwrap().unwrap();
-    assert_eq!(old.state, EventState::Failed);
+    assert_eq!(old.state, EventState::Pending);
     let pending: Vec<String> = get_json(&kv, &keys::account_events(ACCOUNT))
         .unwrap()
         .unwrap();
-    assert_eq!(pending.len(), 1);
-    assert_ne!(pending[0], id);
-    assert_eq!(
-        ledger(&kv, "100", "A").unwrap().event_id.as_deref(),
-        Some(pending[0].as_str())
-    );
+    assert_eq!(pending.len(), 2);
+    assert_eq!(pending[0], id);
+    assert_eq!(old.resent_as.as_deref(), Some(pending[1].as_str()));
+    let pending = [pending[1].clone()];
+    let entry =
+        vpp_licensing::ledger::entry(&kv, ACCOUNT, "100:STDQ", &Subject::SerialNumber("A".into()))
+            .unwrap()
+            .unwrap();
+    assert_eq!(entry.event_ids, vec![id.clone(), pending[0].clone()]);
     // The resent event completes: the ledger follows it.
     apple
         .statuses
@@ -388,6 +419,7 @@ fn no_license_available_is_409_without_calling_apple_and_changes_nothing() {
         &client,
         &body("100", &["A", "B"]),
         t0(),
+        &mut budget(),
     ))
     .unwrap_err();
     assert_eq!(err.code, ErrorCode::NoLicensesAvailable);
@@ -395,11 +427,32 @@ fn no_license_available_is_409_without_calling_apple_and_changes_nothing() {
     assert_eq!(apple.posts.lock().unwrap().len(), 0);
     assert_eq!(kv.keys(), before);
     // One fits; then the reservation makes the next one 409 before Apple confirmed anything.
-    block_on(assignment::assign(&kv, &client, &body("100", &["A"]), t0())).unwrap();
-    let err = block_on(assignment::assign(&kv, &client, &body("100", &["B"]), t0())).unwrap_err();
+    block_on(assignment::assign(
+        &kv,
+        &client,
+        &body("100", &["A"]),
+        t0(),
+        &mut budget(),
+    ))
+    .unwrap();
+    let err = block_on(assignment::assign(
+        &kv,
+        &client,
+        &body("100", &["B"]),
+        t0(),
+        &mut budget(),
+    ))
+    .unwrap_err();
     assert_eq!(err.code, ErrorCode::NoLicensesAvailable);
     // Already assigned subjects are not asked again.
-    let out = block_on(assignment::assign(&kv, &client, &body("100", &["A"]), t0())).unwrap();
+    let out = block_on(assignment::assign(
+        &kv,
+        &client,
+        &body("100", &["A"]),
+        t0(),
+        &mut budget(),
+    ))
+    .unwrap();
     assert!(out.events.is_empty());
     assert_eq!(out.already_assigned.len(), 1);
 }
@@ -428,7 +481,7 @@ fn bad_input_is_rejected_clearly() {
             ErrorCode::InvalidRequest,
         ),
     ] {
-        let e = block_on(assignment::assign(&kv, &client, &b, t0())).unwrap_err();
+        let e = block_on(assignment::assign(&kv, &client, &b, t0(), &mut budget())).unwrap_err();
         assert_eq!(e.code, code, "{e}");
     }
     assert!(apple.posts.lock().unwrap().is_empty());
@@ -508,7 +561,9 @@ fn put_policy(
         "assets": [{"adamId": "100", "pricingParam": "STDQ"}], "serialNumbers": serials,
     }))
     .unwrap();
-    block_on(policy::put(kv, client, id, &b, t0())).unwrap().1
+    block_on(policy::put(kv, client, id, &b, t0(), &mut budget()))
+        .unwrap()
+        .1
 }
 
 fn confirm_all(kv: &MemoryKv) {
@@ -563,7 +618,7 @@ fn policy_assigns_what_fits_then_edit_and_reconcile_revokes_only_ours() {
     )
     .unwrap();
     assert_eq!(
-        block_on(policy::put(&kv, &client, "p2", &bad, t0()))
+        block_on(policy::put(&kv, &client, "p2", &bad, t0(), &mut budget()))
             .unwrap_err()
             .code,
         ErrorCode::Unprocessable
@@ -646,9 +701,23 @@ fn revoke_yields_notices_when_the_setting_is_on() {
     let kv = setup(vec![asset("100", 3, 0)]);
     let (_apple, client) = apple();
     settings::put(&kv, br#"{"licenseRemovalNotification": true}"#).unwrap();
-    block_on(assignment::assign(&kv, &client, &body("100", &["A"]), t0())).unwrap();
+    block_on(assignment::assign(
+        &kv,
+        &client,
+        &body("100", &["A"]),
+        t0(),
+        &mut budget(),
+    ))
+    .unwrap();
     confirm_all(&kv);
-    let out = block_on(assignment::revoke(&kv, &client, &body("100", &["A"]), t0())).unwrap();
+    let out = block_on(assignment::revoke(
+        &kv,
+        &client,
+        &body("100", &["A"]),
+        t0(),
+        &mut budget(),
+    ))
+    .unwrap();
     assert_eq!(out.events.len(), 1);
     assert_eq!(
         ledger(&kv, "100", "A").unwrap().state,

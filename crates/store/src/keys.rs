@@ -19,10 +19,11 @@
 //! | `apple/metadata/{adamId}` | name and icon of an asset | apple |
 //! | `assets/{id}` | the account's assets with counts (one value, ~150 B per asset) | refresh, notifications (CAS) |
 //! | `assignments/{id}/{gen}/{adamId}:{pricing}/{shard}` | one shard of an asset's assignment copy (subject → made by) | refresh; events and notifications (CAS) |
-//! | `ledger/{id}/{shard}` | assignments this instance made: asset → subject → entry; shard = `shard_of("{asset}|{subject}", LEDGER_SHARDS)` | licenses, jobs (CAS) |
+//! | `ledger/{id}/{shard}` | settled ledger entries (confirmed, revoking, failed): asset → subject → entry; shard = `shard_of("{asset}|{subject}", LEDGER_SHARDS)`; failed entries pruned after 7 days | licenses, jobs (CAS) |
+//! | `ledger/{id}/open/{adamId}:{pricing}` | open ledger entries of one asset (queued, unknown, pending; ≤ 10,000, ~45 B each): their count is the asset's reservation, admitted with one CAS | licenses, jobs, notifications (CAS) |
 //! | `event/{eventId}` | an Apple event we track | licenses, jobs, notifications (CAS) |
 //! | `events/{id}` | index: ids of the account's pending events (polled by `event::poll_due`) | licenses, jobs (CAS) |
-//! | `reserved/{id}` | asset → licenses held by our pending associations (not yet in Apple's counts) | licenses, jobs (CAS) |
+//! | `events/{id}/done` | ring: ids of the account's last 500 ended events; an event evicted from it has its `event/{eventId}` record deleted | licenses, jobs, notifications (CAS) |
 //! | `policies`, `policy/{id}` | app policies: index of summaries, one value per policy (≤ 20,000 subjects) | licenses (CAS) |
 //! | `settings` | license settings (notification switch, low-license threshold, webhook URL + secret) | licenses (CAS) |
 //! | `notices/{page}`, `notices` | license-removal notices, pages of [`NOTICE_PAGE`] + head; ring of [`NOTICE_PAGES_KEPT`] pages | licenses, jobs (CAS) |
@@ -94,9 +95,13 @@ pub fn event(event_id: &str) -> String {
 pub fn account_events(account: &str) -> String {
     format!("events/{account}")
 }
-/// Licenses held by pending associations of an account, per asset.
-pub fn reservations(account: &str) -> String {
-    format!("reserved/{account}")
+/// The account's most recently ended events (a bounded ring; older records are deleted).
+pub fn account_events_done(account: &str) -> String {
+    format!("events/{account}/done")
+}
+/// The open ledger entries of one asset (`asset` is `adamId:pricingParam`).
+pub fn ledger_open(account: &str, asset: &str) -> String {
+    format!("ledger/{account}/open/{asset}")
 }
 pub fn policies() -> String {
     "policies".into()

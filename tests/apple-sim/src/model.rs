@@ -375,6 +375,9 @@ pub enum FaultKind {
     Invalid200,
     /// No error: delays the answer by `latencyMs`.
     Latency,
+    /// The request is applied, then the answer is a bare 500 without an `errorNumber` (a
+    /// gateway that timed out after Apple accepted the request).
+    AppliedThenError,
 }
 
 /// A fault to inject, for the next `count` matching requests or until cleared.
@@ -489,6 +492,11 @@ fn fault_response(f: &FaultSpec) -> ApiResponse {
         FaultKind::Invalid => ApiResponse::error(401, 9601),
         FaultKind::Invalid200 => ApiResponse::error(200, 9622),
         FaultKind::Latency => ApiResponse::ok(json!({})),
+        FaultKind::AppliedThenError => ApiResponse {
+            status: 500,
+            headers: Vec::new(),
+            body: json!({}),
+        },
     }
 }
 
@@ -528,6 +536,10 @@ impl Rng {
                 .unwrap_or(0),
         );
         Rng(h.finish() | 1)
+    }
+    /// A reproducible generator (model-based tests replay a run from its seed).
+    pub fn from_seed(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
     }
     pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
@@ -1775,8 +1787,16 @@ impl Model {
         fault: Option<FaultSpec>,
         now: Instant,
     ) -> ApiOutcome {
-        if let Some(f) = fault {
+        let applied_then_error = fault
+            .as_ref()
+            .is_some_and(|f| f.kind == FaultKind::AppliedThenError);
+        if let Some(f) = fault.filter(|f| f.kind != FaultKind::AppliedThenError) {
             return ApiOutcome::reply(fault_response(&f));
+        }
+        if applied_then_error {
+            let mut out = self.route(idx, req, method, path, None, now);
+            out.response = fault_response(&FaultSpec::new(FaultKind::AppliedThenError));
+            return out;
         }
         if self.config.rate_limit_enabled {
             let max = self.config.limits.max_request_per_second.max(1);

@@ -1081,3 +1081,31 @@ fn version_ids_change_on_every_write() {
     m.change_asset_count(&t, "1", "STDQ", 5).unwrap();
     assert_ne!(b, v(&mut m));
 }
+
+#[test]
+fn applied_then_error_applies_the_request_and_answers_a_bare_500() {
+    let (mut m, t) = model();
+    m.add_assets(&t, vec![AssetSpec::app("100", 5)]).unwrap();
+    m.add_fault(
+        Some(&t),
+        FaultSpec::new(FaultKind::AppliedThenError)
+            .on("POST assets/associate")
+            .times(1),
+    )
+    .unwrap();
+    let out = post(
+        &mut m,
+        &t,
+        "assets/associate",
+        json!({"assets": [{"adamId": "100"}], "serialNumbers": ["S1"]}),
+    );
+    assert_eq!(out.response.status, 500);
+    assert_eq!(out.response.error_number(), None);
+    // Apple accepted it all the same: the event exists and assigns the license.
+    m.flush_events();
+    let st = m.location_state(&t).unwrap();
+    assert!(st
+        .assignments
+        .iter()
+        .any(|a| a.serial_number.as_deref() == Some("S1")));
+}

@@ -1,0 +1,1329 @@
+//! The ledger: every assignment this instance asked Apple for, per (asset, subject), and the
+//! only functions that move an entry from one state to another.
+//!
+//! | state | where | meaning | holds a license |
+//! |---|---|---|---|
+//! | `queued` | open | admitted (its license set aside), not yet sent: the resume point | yes |
+//! | `unknown` | open | sent, and Apple's answer is not known: it may have been applied | yes |
+//! | `pending` | open | Apple accepted it (one or more events), outcome not yet known | yes |
+//! | `confirmed` | shard | Apple holds it, and we made it | (counted by Apple) |
+//! | `revoking` | shard | asked Apple to take it back (event once accepted) | (counted by Apple) |
+//! | `failed` | shard | Apple refused it with an `errorNumber`; pruned after [`FAILED_KEEP_SECS`] | no |
+//! | gone | — | no entry: Apple no longer holds it | no |
+//!
+//! Open entries (`queued`, `unknown`, `pending`) of one asset live in one value,
+//! `ledger/{id}/open/{asset}`: the licenses they hold are the asset's reservation, so it is
+//! derived, never counted twice, and admitting new entries is one compare-and-swap that checks
+//! what is available and sets it aside together ([`admit`]). Settled entries live in the
+//! account's ledger shards (`ledger/{id}/{shard}`).
+//!
+//! A lost answer is never a "no": an entry whose request may have reached Apple stays `unknown`
+//! until Apple's assignments for that device or user say what happened ([`settle_account`]);
+//! only an Apple error with an `errorNumber` releases it at once.
+
+use crate::error::ApiError;
+use crate::event;
+use crate::job::{self, Budget, Job};
+use crate::model::{
+    copy_shard_of, ledger_shard_of, AssetRecord, AssetsDoc, AssignmentShard, EventKind,
+    EventRecord, Failure, LedgerEntry, LedgerShard, LedgerState, Subject, LEDGER_SHARDS,
+};
+use crate::refresh::SliceEnd;
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use vpp_apple::{
+    split_manage, AppleError, AssetRef, AssignmentFilter, Client, Clock, ManageAssetsRequest,
+    PricingParam, Transport,
+};
+use vpp_store::{get_json, keys, update, Kv, StoreError};
+
+/// Open entries one asset may have at once (~45 B each: ≤ ~450 KiB per value).
+pub const MAX_OPEN: usize = 10_000;
+/// A queued entry older than this lost the request that admitted it: settling sends it.
+pub const QUEUE_GRACE_SECS: i64 = 45;
+/// An unknown entry Apple still does not hold after this long is given up (Apple resends a
+/// request still pending after 10 minutes, so none is applied later than that).
+pub const UNKNOWN_GIVE_UP_SECS: i64 = 900;
+/// Failed entries are kept this long (to show why), then pruned.
+pub const FAILED_KEEP_SECS: i64 = 7 * 86_400;
+
+/// Where an open entry stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpenState {
+    #[serde(rename = "q")]
+    Queued,
+    #[serde(rename = "u")]
+    Unknown,
+    #[serde(rename = "p")]
+    Pending,
+}
+
+impl OpenState {
+    pub fn name(self) -> &'static str {
+        match self {
+            OpenState::Queued => "queued",
+            OpenState::Unknown => "unknown",
+            OpenState::Pending => "pending",
+        }
+    }
+}
+
+/// One open entry (short field names: an asset may hold [`MAX_OPEN`] of them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Open {
+    #[serde(rename = "s")]
+    pub state: OpenState,
+    /// Admitted at (unix seconds).
+    #[serde(rename = "t")]
+    pub since: i64,
+    /// Last sent to Apple (unix seconds).
+    #[serde(rename = "x", default, skip_serializing_if = "Option::is_none")]
+    pub sent: Option<i64>,
+    /// Every event Apple may have created for it (indexes into [`OpenDoc::events`]).
+    #[serde(rename = "e", default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<u32>,
+}
+
+/// The open entries of one asset: subject tag → entry, plus the event ids they refer to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenDoc {
+    #[serde(rename = "ev", default)]
+    pub events: Vec<String>,
+    #[serde(rename = "o", default)]
+    pub entries: BTreeMap<String, Open>,
+}
+
+impl OpenDoc {
+    fn event_index(&mut self, id: &str) -> u32 {
+        match self.events.iter().position(|e| e == id) {
+            Some(i) => i as u32,
+            None => {
+                self.events.push(id.to_string());
+                (self.events.len() - 1) as u32
+            }
+        }
+    }
+
+    pub fn event_ids(&self, o: &Open) -> Vec<String> {
+        o.events
+            .iter()
+            .filter_map(|i| self.events.get(*i as usize).cloned())
+            .collect()
+    }
+
+    /// Drop event ids no entry names any more.
+    fn compact(&mut self) {
+        let used: BTreeSet<u32> = self
+            .entries
+            .values()
+            .flat_map(|o| o.events.iter().copied())
+            .collect();
+        if used.len() == self.events.len() {
+            return;
+        }
+        let mut map = BTreeMap::new();
+        let mut events = Vec::new();
+        for i in used {
+            if let Some(id) = self.events.get(i as usize) {
+                map.insert(i, events.len() as u32);
+                events.push(id.clone());
+            }
+        }
+        for o in self.entries.values_mut() {
+            o.events = o
+                .events
+                .iter()
+                .filter_map(|i| map.get(i).copied())
+                .collect();
+        }
+        self.events = events;
+    }
+}
+
+fn secs(t: DateTime<Utc>) -> i64 {
+    t.timestamp()
+}
+
+fn at(s: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(s, 0).single().unwrap_or_default()
+}
+
+pub fn open_doc(kv: &impl Kv, account: &str, asset_key: &str) -> Result<OpenDoc, StoreError> {
+    Ok(get_json(kv, &keys::ledger_open(account, asset_key))?.unwrap_or_default())
+}
+
+/// Change the open entries of an asset; `f` returns whether it changed anything. (An asset
+/// whose entries all settled keeps a tiny empty value: keys grow with assets, not entries.)
+fn open_update<R>(
+    kv: &impl Kv,
+    account: &str,
+    asset_key: &str,
+    mut f: impl FnMut(&mut OpenDoc) -> (bool, R),
+) -> Result<R, StoreError> {
+    update::<OpenDoc, R>(kv, &keys::ledger_open(account, asset_key), |cur| {
+        let mut doc = cur.unwrap_or_default();
+        let (changed, out) = f(&mut doc);
+        if !changed {
+            return Ok((None, out));
+        }
+        doc.compact();
+        Ok((Some(doc), out))
+    })
+}
+
+/// Create the (empty) open value of every asset that has none, before the assets become
+/// assignable (a refresh commit, one writer per account). Admissions then always
+/// compare-and-swap against an existing value: where the platform's swap on an absent key is an
+/// upsert, two first admissions could otherwise both win.
+pub fn prepare(kv: &impl Kv, account: &str, doc: &AssetsDoc) -> Result<(), StoreError> {
+    let empty = serde_json::to_vec(&OpenDoc::default()).map_err(|e| StoreError::Corrupt {
+        key: keys::ledger_open(account, "-"),
+        reason: e.to_string(),
+    })?;
+    for a in &doc.assets {
+        let key = keys::ledger_open(account, &a.key());
+        if kv.get(&key)?.is_none() {
+            kv.swap(&key, None, &empty)?;
+        }
+    }
+    Ok(())
+}
+
+/// Licenses an asset's open entries hold (its reservation).
+pub fn reserved(kv: &impl Kv, account: &str, asset_key: &str) -> Result<i64, StoreError> {
+    Ok(open_doc(kv, account, asset_key)?.entries.len() as i64)
+}
+
+/// Reservations of every asset of an account.
+pub fn reservations(
+    kv: &impl Kv,
+    account: &str,
+    doc: &AssetsDoc,
+) -> Result<BTreeMap<String, i64>, StoreError> {
+    let mut out = BTreeMap::new();
+    for a in &doc.assets {
+        let n = reserved(kv, account, &a.key())?;
+        if n > 0 {
+            out.insert(a.key(), n);
+        }
+    }
+    Ok(out)
+}
+
+/// Change ledger entries of one shard group: `f` maps the current entry to the new one
+/// (`None`: unchanged; `Some(None)`: removed). Failed entries past [`FAILED_KEEP_SECS`] are
+/// pruned on the way. Returns each subject's entry as it was.
+fn shard_write(
+    kv: &impl Kv,
+    account: &str,
+    asset_key: &str,
+    subjects: &[Subject],
+    now: DateTime<Utc>,
+    f: impl Fn(&Subject, Option<&LedgerEntry>) -> Option<Option<LedgerEntry>>,
+) -> Result<BTreeMap<String, Option<LedgerEntry>>, StoreError> {
+    let mut by_shard: BTreeMap<u32, Vec<&Subject>> = BTreeMap::new();
+    for s in subjects {
+        by_shard
+            .entry(ledger_shard_of(asset_key, s))
+            .or_default()
+            .push(s);
+    }
+    let mut before = BTreeMap::new();
+    for (shard, list) in by_shard {
+        let seen = update::<LedgerShard, Vec<(String, Option<LedgerEntry>)>>(
+            kv,
+            &keys::ledger_shard(account, shard),
+            |cur| {
+                let mut l = cur.unwrap_or_default();
+                let mut changed = prune_failed(&mut l, now);
+                let mut seen = Vec::new();
+                let m = l.entry(asset_key.to_string()).or_default();
+                for s in &list {
+                    let tag = s.tag();
+                    let cur = m.get(&tag).cloned();
+                    if let Some(next) = f(s, cur.as_ref()) {
+                        changed = true;
+                        match next {
+                            Some(e) => {
+                                m.insert(tag.clone(), e);
+                            }
+                            None => {
+                                m.remove(&tag);
+                            }
+                        }
+                    }
+                    seen.push((tag, cur));
+                }
+                l.retain(|_, m| !m.is_empty());
+                Ok((changed.then_some(l), seen))
+            },
+        )?;
+        before.extend(seen);
+    }
+    Ok(before)
+}
+
+fn prune_failed(l: &mut LedgerShard, now: DateTime<Utc>) -> bool {
+    let mut changed = false;
+    for m in l.values_mut() {
+        let n = m.len();
+        m.retain(|_, e| {
+            !(e.state == LedgerState::Failed && now - e.at > Duration::seconds(FAILED_KEEP_SECS))
+        });
+        changed |= m.len() != n;
+    }
+    l.retain(|_, m| !m.is_empty());
+    changed
+}
+
+/// The settled entry of (asset, subject), if any.
+pub fn settled(
+    kv: &impl Kv,
+    account: &str,
+    asset_key: &str,
+    subject: &Subject,
+) -> Result<Option<LedgerEntry>, StoreError> {
+    let l: LedgerShard = get_json(
+        kv,
+        &keys::ledger_shard(account, ledger_shard_of(asset_key, subject)),
+    )?
+    .unwrap_or_default();
+    Ok(l.get(asset_key)
+        .and_then(|m| m.get(&subject.tag()))
+        .cloned())
+}
+
+/// One entry as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EntryView {
+    pub state: &'static str,
+    pub event_ids: Vec<String>,
+    pub at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<Failure>,
+}
+
+/// The entry of (asset, subject) in whatever state it is.
+pub fn entry(
+    kv: &impl Kv,
+    account: &str,
+    asset_key: &str,
+    subject: &Subject,
+) -> Result<Option<EntryView>, StoreError> {
+    let open = open_doc(kv, account, asset_key)?;
+    if let Some(o) = open.entries.get(&subject.tag()) {
+        return Ok(Some(EntryView {
+            state: o.state.name(),
+            event_ids: open.event_ids(o),
+            at: at(o.since),
+            error: None,
+        }));
+    }
+    Ok(
+        settled(kv, account, asset_key, subject)?.map(|e| EntryView {
+            state: match e.state {
+                LedgerState::Pending => "pending",
+                LedgerState::Confirmed => "confirmed",
+                LedgerState::Failed => "failed",
+                LedgerState::Revoking => "revoking",
+            },
+            event_ids: e.event_id.into_iter().collect(),
+            at: e.at,
+            error: e.error,
+        }),
+    )
+}
+
+// --- admission ------------------------------------------------------------------------------
+
+/// What [`admit`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    Admitted {
+        /// Now queued, their licenses set aside.
+        admitted: Vec<Subject>,
+        /// Already open (nothing new set aside for them).
+        already_open: Vec<Subject>,
+        /// Left out for lack of licenses (only when not all-or-nothing).
+        shortfall: Vec<Subject>,
+    },
+    /// All-or-nothing and they do not all fit: nothing changed.
+    NoRoom { needed: usize, available: i64 },
+}
+
+/// Licenses of `asset_key` free to admit: Apple's available count less the open entries.
+/// `None`: unlimited.
+fn room(doc: &AssetsDoc, asset_key: &str, open: &OpenDoc) -> Option<i64> {
+    let asset = doc.assets.iter().find(|a| a.key() == asset_key);
+    let cap = (MAX_OPEN - open.entries.len().min(MAX_OPEN)) as i64;
+    match asset {
+        Some(a) if a.total == vpp_apple::Asset::UNLIMITED_TOTAL => (cap < i64::MAX).then_some(cap),
+        Some(a) => Some((a.available - open.entries.len() as i64).max(0).min(cap)),
+        None => Some(0),
+    }
+}
+
+/// Set licenses aside for `subjects` and queue them, in one compare-and-swap that also checks
+/// what is available: two admissions at once never take the same license.
+pub fn admit(
+    kv: &impl Kv,
+    account: &str,
+    asset_key: &str,
+    subjects: &[Subject],
+    all_or_nothing: bool,
+    now: DateTime<Utc>,
+) -> Result<Admission, StoreError> {
+    // Normally made by the refresh that listed the asset (see `prepare`).
+    let key = keys::ledger_open(account, asset_key);
+    if kv.get(&key)?.is_none() {
+        if all_or_nothing {
+            // A refusal writes nothing at all.
+            let doc: AssetsDoc = get_json(kv, &keys::assets(account))?.unwrap_or_default();
+            let free = room(&doc, asset_key, &OpenDoc::default()).unwrap_or(i64::MAX);
+            if subjects.len() as i64 > free {
+                return Ok(Admission::NoRoom {
+                    needed: subjects.len(),
+                    available: free.max(0),
+                });
+            }
+        }
+        kv.swap(&key, None, br#"{"ev":[],"o":{}}"#)?;
+    }
+    open_update(kv, account, asset_key, |open| {
+        // Apple's counts as they are now (a completed event moves them).
+        let doc: AssetsDoc = match get_json(kv, &keys::assets(account)) {
+            Ok(d) => d.unwrap_or_default(),
+            Err(_) => AssetsDoc::default(),
+        };
+        let free = room(&doc, asset_key, open).unwrap_or(i64::MAX).max(0) as usize;
+        let (already, new): (Vec<Subject>, Vec<Subject>) = subjects
+            .iter()
+            .cloned()
+            .partition(|s| open.entries.contains_key(&s.tag()));
+        if all_or_nothing && new.len() > free {
+            return (
+                false,
+                Admission::NoRoom {
+                    needed: new.len(),
+                    available: free as i64,
+                },
+            );
+        }
+        let take = new.len().min(free);
+        for s in &new[..take] {
+            open.entries.insert(
+                s.tag(),
+                Open {
+                    state: OpenState::Queued,
+                    since: secs(now),
+                    sent: None,
+                    events: Vec::new(),
+                },
+            );
+        }
+        (
+            take > 0,
+            Admission::Admitted {
+                admitted: new[..take].to_vec(),
+                already_open: already,
+                shortfall: new[take..].to_vec(),
+            },
+        )
+    })
+}
+
+/// Which of `subjects` are open (any state) for the asset.
+pub fn open_subjects(
+    kv: &impl Kv,
+    account: &str,
+    asset_key: &str,
+) -> Result<BTreeSet<String>, StoreError> {
+    Ok(open_doc(kv, account, asset_key)?
+        .entries
+        .into_keys()
+        .collect())
+}
+
+// --- associate: sending and its outcomes -----------------------------------------------------
+
+/// Mark `subjects` as sent (outcome unknown until Apple answers).
+fn mark_sent(
+    kv: &impl Kv,
+    account: &str,
+    asset_key: &str,
+    subjects: &[Subject],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    open_update(kv, account, asset_key, |open| {
+        let mut changed = false;
+        for s in subjects {
+            if let Some(o) = open.entries.get_mut(&s.tag()) {
+                if o.state != OpenState::Pending {
+                    o.state = OpenState::Unknown;
+                }
+                o.sent = Some(secs(now));
+                changed = true;
+            }
+        }
+        (changed, ())
+    })
+}
+
+/// Apple accepted an associate for `subjects` as `event_id`.
+pub fn accepted(
+    kv: &impl Kv,
+    account: &str,
+    asset_key: &str,
+    subjects: &[Subject],
+    event_id: &str,
+) -> Result<(), StoreError> {
+    open_update(kv, account, asset_key, |open| {
+        let idx = open.event_index(event_id);
+        let mut changed = false;
+        for s in subjects {
+            if let Some(o) = open.entries.get_mut(&s.tag()) {
+                o.state = OpenState::Pending;
+                if !o.events.contains(&idx) {
+                    o.events.push(idx);
+                }
+                changed = true;
+            }
+        }
+        (changed, ())
+    })
+}
+
+/// Apple refused the request with an `errorNumber`: nothing happened for `subjects`, their
+/// licenses are free again (`requeue`: keep them queued to try again later).
+fn refused(
+    kv: &impl Kv,
+    account: &str,
+    asset_key: &str,
+    subjects: &[Subject],
+    requeue: bool,
+) -> Result<(), StoreError> {
+    open_update(kv, account, asset_key, |open| {
+        let mut changed = false;
+        for s in subjects {
+            let tag = s.tag();
+            let Some(o) = open.entries.get_mut(&tag) else {
+                continue;
+            };
+            if !o.events.is_empty() {
+                // An earlier request was accepted: that event decides.
+                o.state = OpenState::Pending;
+            } else if requeue {
+                o.state = OpenState::Queued;
+            } else {
+                open.entries.remove(&tag);
+            }
+            changed = true;
+        }
+        (changed, ())
+    })
+}
+
+/// Apple holds (asset, subject) and `ours` says whether we asked for it. Settles each into
+/// `confirmed`. Returns, per subject, whether the ledger had it (open or settled, not failed).
+pub fn confirm(
+    kv: &impl Kv,
+    account: &str,
+    asset_key: &str,
+    subjects: &[Subject],
+    event_id: Option<&str>,
+    ours: bool,
+    now: DateTime<Utc>,
+) -> Result<Vec<bool>, StoreError> {
+    let open = open_doc(kv, account, asset_key)?;
+    let before = shard_write(kv, account, asset_key, subjects, now, |s, cur| {
+        let in_open = open.entries.contains_key(&s.tag());
+        match cur {
+            Some(e) if e.state == LedgerState::Confirmed => None,
+            // Revoking, and no new request of ours since: the disassociate decides.
+            Some(e) if e.state == LedgerState::Revoking && !in_open => None,
+            Some(e) => Some(Some(LedgerEntry {
+                state: LedgerState::Confirmed,
+                event_id: event_id.map(str::to_string).or(e.event_id.clone()),
+                at: now,
+                error: None,
+            })),
+            None if in_open || ours => Some(Some(LedgerEntry {
+                state: LedgerState::Confirmed,
+                event_id: event_id.map(str::to_string),
+                at: now,
+                error: None,
+            })),
+            None => None,
+        }
+    })?;
+    close(kv, account, asset_key, subjects)?;
+    Ok(subjects
+        .iter()
+        .map(|s| {
+            ours || open.entries.contains_key(&s.tag())
+                || before
+                    .get(&s.tag())
+                    .and_then(|e| e.as_ref())
+                    .is_some_and(|e| e.state != LedgerState::Failed)
+        })
+        .collect())
+}
+
+/// Take `subjects` out of the open entries (they are settled now).
+fn close(
+    kv: &impl Kv,
+    account: &str,
+    asset_key: &str,
+    subjects: &[Subject],
+) -> Result<(), StoreError> {
+    open_update(kv, account, asset_key, |open| {
+        let n = open.entries.len();
+        for s in subjects {
+            open.entries.remove(&s.tag());
+        }
+        (open.entries.len() != n, ())
+    })
+}
+
+/// Apple refused (asset, subject) in `event_id` (`None`: an event we did not know). An entry
+/// still waiting on another event Apple may have created keeps waiting; otherwise it becomes
+/// `failed`. Returns the subjects that failed.
+pub fn fail(
+    kv: &impl Kv,
+    account: &str,
+    asset_key: &str,
+    failures: &[(Subject, Failure)],
+    event_id: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<Vec<Subject>, StoreError> {
+    let failed: Vec<Subject> = open_update(kv, account, asset_key, |open| {
+        let idx = event_id.and_then(|id| open.events.iter().position(|e| e == id));
+        let mut out = Vec::new();
+        let mut changed = false;
+        for (s, _) in failures {
+            let tag = s.tag();
+            let Some(o) = open.entries.get_mut(&tag) else {
+                continue;
+            };
+            let concerns = match idx {
+                Some(i) => o.events.contains(&(i as u32)),
+                // An event we did not learn of: it can only be the lost answer of an unknown.
+                None => o.events.is_empty() && o.state == OpenState::Unknown,
+            };
+            if !concerns {
+                continue;
+            }
+            if let Some(i) = idx {
+                o.events.retain(|e| *e != i as u32);
+            }
+            changed = true;
+            if o.events.is_empty() {
+                open.entries.remove(&tag);
+                out.push(s.clone());
+            }
+        }
+        (changed, out)
+    })?;
+    let by_tag: BTreeMap<String, &Failure> = failures.iter().map(|(s, f)| (s.tag(), f)).collect();
+    shard_write(kv, account, asset_key, &failed, now, |s, cur| match cur {
+        Some(e) if matches!(e.state, LedgerState::Confirmed | LedgerState::Revoking) => None,
+        _ => Some(Some(LedgerEntry {
+            state: LedgerState::Failed,
+            event_id: event_id.map(str::to_string),
+            at: now,
+            error: by_tag.get(&s.tag()).map(|f| (*f).clone()),
+        })),
+    })?;
+    Ok(failed)
+}
+
+// --- revoke ---------------------------------------------------------------------------------
+
+/// Mark confirmed entries `revoking` before Apple is asked; failed ones are dropped.
+pub fn begin_revoke(
+    kv: &impl Kv,
+    account: &str,
+    asset_key: &str,
+    subjects: &[Subject],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    shard_write(kv, account, asset_key, subjects, now, |_, cur| match cur {
+        Some(e)
+            if e.state == LedgerState::Confirmed
+                || (e.state == LedgerState::Revoking && e.event_id.is_none()) =>
+        {
+            Some(Some(LedgerEntry {
+                state: LedgerState::Revoking,
+                event_id: None,
+                at: now,
+                error: None,
+            }))
+        }
+        Some(e) if e.state == LedgerState::Failed => Some(None),
+        _ => None,
+    })?;
+    Ok(())
+}
+
+/// Apple accepted the disassociate of `subjects` as `event_id`.
+pub fn revoke_accepted(
+    kv: &impl Kv,
+    account: &str,
+    asset_key: &str,
+    subjects: &[Subject],
+    event_id: &str,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    shard_write(kv, account, asset_key, subjects, now, |_, cur| match cur {
+        Some(e) if e.state == LedgerState::Revoking && e.event_id.is_none() => {
+            Some(Some(LedgerEntry {
+                event_id: Some(event_id.to_string()),
+                ..e.clone()
+            }))
+        }
+        _ => None,
+    })?;
+    Ok(())
+}
+
+/// Apple refused the disassociate with an `errorNumber`: the licenses stay confirmed.
+pub fn revoke_refused(
+    kv: &impl Kv,
+    account: &str,
+    asset_key: &str,
+    subjects: &[Subject],
+    failure: Option<Failure>,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    shard_write(kv, account, asset_key, subjects, now, |_, cur| match cur {
+        Some(e) if e.state == LedgerState::Revoking => Some(Some(LedgerEntry {
+            state: LedgerState::Confirmed,
+            error: failure.clone(),
+            ..e.clone()
+        })),
+        _ => None,
+    })?;
+    Ok(())
+}
+
+/// Apple took (asset, subject) away in an event we asked for at `asked_at` (`None`: an event we
+/// did not make, or whose answer we lost): `revoking` entries are gone. A `confirmed` entry goes
+/// only when it is older than our request: Apple applies events in an order we cannot see, so
+/// an assignment confirmed since may have come after the removal (the next full refresh, which
+/// sees what Apple holds, settles it). Returns each previous state.
+pub fn gone(
+    kv: &impl Kv,
+    account: &str,
+    asset_key: &str,
+    subjects: &[Subject],
+    asked_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Result<Vec<Option<LedgerState>>, StoreError> {
+    let before = shard_write(kv, account, asset_key, subjects, now, |_, cur| match cur {
+        // Not asked by us (or confirmed since we asked): a refresh decides.
+        Some(e) if e.state == LedgerState::Confirmed && asked_at.is_none_or(|t| e.at > t) => None,
+        Some(_) => Some(None),
+        None => None,
+    })?;
+    Ok(subjects
+        .iter()
+        .map(|s| {
+            before
+                .get(&s.tag())
+                .and_then(|e| e.as_ref())
+                .map(|e| e.state)
+        })
+        .collect())
+}
+
+/// A refresh found these confirmed licenses missing at Apple: forget them, unless they changed
+/// since (only `confirmed` entries not newer than `before` go).
+pub fn forget_confirmed(
+    kv: &impl Kv,
+    account: &str,
+    gone: &[(String, Subject)],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let mut by_asset: BTreeMap<&str, Vec<Subject>> = BTreeMap::new();
+    for (ak, s) in gone {
+        by_asset.entry(ak.as_str()).or_default().push(s.clone());
+    }
+    for (ak, subjects) in by_asset {
+        shard_write(kv, account, ak, &subjects, now, |_, cur| match cur {
+            Some(e) if e.state == LedgerState::Confirmed => Some(None),
+            _ => None,
+        })?;
+    }
+    Ok(())
+}
+
+// --- sending --------------------------------------------------------------------------------
+
+/// Is this error Apple's definite "no" (nothing was applied)? Only an answer with an
+/// `errorNumber` is; a lost answer, a transport error or a bare 5xx may hide an applied request.
+pub fn definite_no(e: &AppleError) -> bool {
+    e.number().is_some()
+}
+
+/// What [`send_associate`] achieved.
+#[derive(Debug, Clone, Default)]
+pub struct Sent {
+    pub events: Vec<EventRecord>,
+    /// Apple refused these with an `errorNumber` (released).
+    pub refused: Vec<Subject>,
+    /// Sent without a clear answer: `unknown` until verified.
+    pub unknown: Vec<Subject>,
+    /// Not sent in this budget: still queued (a job or the daily run sends them).
+    pub queued: Vec<Subject>,
+    pub error: Option<AppleError>,
+}
+
+pub fn asset_ref(asset_key: &str) -> AssetRef {
+    let (adam, pricing) = asset_key.split_once(':').unwrap_or((asset_key, "STDQ"));
+    AssetRef::new(adam.to_string(), PricingParam::from(pricing))
+}
+
+fn partition(subjects: &[Subject]) -> (Vec<String>, Vec<String>) {
+    let mut serials = Vec::new();
+    let mut users = Vec::new();
+    for s in subjects {
+        match s {
+            Subject::SerialNumber(x) => serials.push(x.clone()),
+            Subject::ClientUserId(x) => users.push(x.clone()),
+        }
+    }
+    (serials, users)
+}
+
+pub fn subjects_of(req: &ManageAssetsRequest) -> Vec<Subject> {
+    req.serial_numbers
+        .iter()
+        .map(|s| Subject::SerialNumber(s.clone()))
+        .chain(
+            req.client_user_ids
+                .iter()
+                .map(|u| Subject::ClientUserId(u.clone())),
+        )
+        .collect()
+}
+
+/// Send queued `subjects` of an asset to Apple, one request per Apple limit, within `budget`.
+/// Each request's subjects are marked sent first; an accepted request names its event on them;
+/// a definite "no" releases them (`requeue`: queues them again, for jobs that retry later); an
+/// unclear outcome leaves them `unknown`.
+#[allow(clippy::too_many_arguments)]
+pub async fn send_associate<T: Transport, C: Clock>(
+    kv: &impl Kv,
+    client: &Client<T, C>,
+    account: &str,
+    asset_key: &str,
+    subjects: &[Subject],
+    source: &str,
+    requeue: bool,
+    budget: &mut Budget,
+) -> Result<Sent, StoreError> {
+    let mut out = Sent::default();
+    if subjects.is_empty() {
+        return Ok(out);
+    }
+    let aref = asset_ref(asset_key);
+    let limits = match client.limits().await {
+        Ok(l) => l,
+        Err(e) => {
+            // Nothing was sent: still queued (or released for a caller who reports the error).
+            refused(kv, account, asset_key, subjects, requeue)?;
+            if requeue {
+                out.queued = subjects.to_vec();
+            } else {
+                out.refused = subjects.to_vec();
+            }
+            out.error = Some(e);
+            return Ok(out);
+        }
+    };
+    let (serials, users) = partition(subjects);
+    let requests = split_manage(
+        &ManageAssetsRequest {
+            assets: vec![aref.clone()],
+            client_user_ids: users,
+            serial_numbers: serials,
+        },
+        &limits,
+    );
+    let mut stop = false;
+    for req in &requests {
+        let part = subjects_of(req);
+        if stop || !budget.take_call(client.clock().now()) {
+            out.queued.extend(part);
+            continue;
+        }
+        let now = client.clock().now();
+        mark_sent(kv, account, asset_key, &part, now)?;
+        match client.associate(req).await {
+            Ok(events) => {
+                for ev in events {
+                    // Tracked first: stopped in between, the entry is still `unknown` and the
+                    // event's outcome (ours: it is tracked) settles it.
+                    let rec = event::new_record(
+                        &ev.event_id,
+                        account,
+                        EventKind::Associate,
+                        source,
+                        vec![aref.clone()],
+                        part.clone(),
+                        now,
+                    );
+                    event::track(kv, &rec)?;
+                    accepted(kv, account, asset_key, &part, &ev.event_id)?;
+                    out.events.push(rec);
+                }
+            }
+            Err(be) => {
+                let e = be.error;
+                if definite_no(&e) {
+                    refused(kv, account, asset_key, &part, requeue)?;
+                    if requeue {
+                        out.queued.extend(part);
+                    } else {
+                        out.refused.extend(part);
+                    }
+                } else {
+                    out.unknown.extend(part);
+                }
+                if e.is_retryable() || !requeue {
+                    stop = true;
+                }
+                out.error = Some(e);
+            }
+        }
+    }
+    // Whatever was not sent: released for a caller who answers with the error, else queued.
+    if !requeue && !out.queued.is_empty() && out.error.is_some() {
+        let rest = std::mem::take(&mut out.queued);
+        refused(kv, account, asset_key, &rest, false)?;
+        out.refused.extend(rest);
+    }
+    Ok(out)
+}
+
+// --- settling -------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SettleReport {
+    /// Open entries a refresh saw at Apple (now confirmed).
+    pub confirmed: u32,
+    /// Unknown entries looked up at Apple.
+    pub verified: u32,
+    /// Unknown entries Apple never applied (released).
+    pub released: u32,
+    /// Queued entries sent.
+    pub sent: u32,
+    /// Still open after this pass.
+    pub open: u32,
+    /// Of those, still queued (not yet sent).
+    #[serde(default)]
+    pub queued: u32,
+    pub errors: Vec<String>,
+}
+
+/// Settle what can be settled for one account, within `budget`: entries the account's copy
+/// shows at Apple are confirmed; queued entries whose request ended are sent; unknown entries
+/// are looked up at Apple (held: confirmed; not held after [`UNKNOWN_GIVE_UP_SECS`]: released).
+pub async fn settle_account<T: Transport, C: Clock>(
+    kv: &impl Kv,
+    client: &Client<T, C>,
+    account: &str,
+    now: DateTime<Utc>,
+    budget: &mut Budget,
+) -> Result<SettleReport, StoreError> {
+    settle(kv, client, account, now, budget, QUEUE_GRACE_SECS).await
+}
+
+/// [`settle_account`], sending queued entries at least `queued_after` seconds old (a ledger
+/// job owns its account's queue and sends at once).
+async fn settle<T: Transport, C: Clock>(
+    kv: &impl Kv,
+    client: &Client<T, C>,
+    account: &str,
+    now: DateTime<Utc>,
+    budget: &mut Budget,
+    queued_after: i64,
+) -> Result<SettleReport, StoreError> {
+    let mut report = SettleReport::default();
+    let doc: AssetsDoc = get_json(kv, &keys::assets(account))?.unwrap_or_default();
+    let polled: BTreeSet<String> = get_json::<Vec<String>>(kv, &keys::account_events(account))?
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    settle_revoking(kv, client, account, &doc, &polled, now, budget, &mut report).await?;
+    for asset in &doc.assets {
+        let ak = asset.key();
+        let open = open_doc(kv, account, &ak)?;
+        if open.entries.is_empty() {
+            continue;
+        }
+        let mut seen = Vec::new();
+        let mut settled_leftover = Vec::new();
+        let mut to_send = Vec::new();
+        let mut to_verify = Vec::new();
+        let mut copies: BTreeMap<u32, AssignmentShard> = BTreeMap::new();
+        for (tag, o) in &open.entries {
+            let Some(s) = Subject::from_tag(tag) else {
+                continue;
+            };
+            let shard = copy_shard_of(&s, asset.shards);
+            if let std::collections::btree_map::Entry::Vacant(v) = copies.entry(shard) {
+                v.insert(
+                    get_json(
+                        kv,
+                        &keys::assignment_shard(account, doc.generation, &ak, shard),
+                    )?
+                    .unwrap_or_default(),
+                );
+            }
+            if copies.get(&shard).is_some_and(|c| c.contains_key(tag)) {
+                seen.push(s);
+                continue;
+            }
+            if let Some(e) = settled(kv, account, &ak, &s)? {
+                // Settled by a writer that stopped before closing the open entry.
+                if e.at.timestamp() >= o.since && e.state != LedgerState::Pending {
+                    settled_leftover.push(s);
+                    continue;
+                }
+            }
+            match o.state {
+                OpenState::Queued if now.timestamp() - o.since >= queued_after => to_send.push(s),
+                OpenState::Unknown if o.events.is_empty() => to_verify.push((s, o.clone())),
+                OpenState::Pending => {
+                    // Waiting on events nobody polls (stopped between two writes)?
+                    let ids = open.event_ids(o);
+                    if ids.iter().any(|id| polled.contains(id)) {
+                        continue;
+                    }
+                    let mut retracked = false;
+                    for id in &ids {
+                        if let Some(r) = event::load(kv, id)? {
+                            if r.state == crate::model::EventState::Pending {
+                                event::track(kv, &r)?;
+                                retracked = true;
+                            }
+                        }
+                    }
+                    if !retracked {
+                        to_verify.push((s, o.clone()));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !seen.is_empty() {
+            report.confirmed += seen.len() as u32;
+            confirm(kv, account, &ak, &seen, None, true, now)?;
+        }
+        if !settled_leftover.is_empty() {
+            close(kv, account, &ak, &settled_leftover)?;
+        }
+        for (s, o) in to_verify {
+            if !budget.take_call(now) {
+                break;
+            }
+            report.verified += 1;
+            match held_at_apple(client, asset, &s).await {
+                Ok(true) => {
+                    report.confirmed += 1;
+                    confirm(kv, account, &ak, std::slice::from_ref(&s), None, true, now)?;
+                }
+                Ok(false) => {
+                    let since = o.sent.unwrap_or(o.since);
+                    if now.timestamp() - since >= UNKNOWN_GIVE_UP_SECS {
+                        report.released += 1;
+                        release_unknown(kv, account, &ak, &s)?;
+                    }
+                }
+                Err(e) => report.errors.push(format!("verify {ak} {}: {e}", s.tag())),
+            }
+        }
+        if !to_send.is_empty() {
+            let sent =
+                send_associate(kv, client, account, &ak, &to_send, "ledger", true, budget).await?;
+            report.sent += (to_send.len() - sent.queued.len()) as u32;
+            if let Some(e) = sent.error {
+                report.errors.push(format!("associate {ak}: {e}"));
+            }
+        }
+        let open = open_doc(kv, account, &ak)?;
+        report.open += open.entries.len() as u32;
+        report.queued += open
+            .entries
+            .values()
+            .filter(|o| o.state == OpenState::Queued)
+            .count() as u32;
+    }
+    Ok(report)
+}
+
+// --- the ledger job ---------------------------------------------------------------------------
+
+/// Job kind that sends an account's queued entries (bulk assign, policy put) and settles it.
+pub const JOB_KIND: &str = "ledger";
+
+/// Start the account's ledger job, or return the one already running.
+pub fn start_job(
+    kv: &impl Kv,
+    job_id: &str,
+    account: &str,
+    requested_by: &str,
+    now: DateTime<Utc>,
+) -> Result<(Job, bool), StoreError> {
+    if let Some(j) = job::running(kv, JOB_KIND, Some(account))? {
+        return Ok((j, false));
+    }
+    let mut j = Job::new(job_id, JOB_KIND, Some(account), requested_by, now);
+    j.progress.phase = "send".into();
+    job::create(kv, &j)?;
+    Ok((j, true))
+}
+
+/// One slice of the ledger job: send queued entries, settle the rest. Done when nothing of
+/// the account is queued any more (pending events are the daily run's to poll).
+pub async fn run_slice<T: Transport, C: Clock>(
+    kv: &impl Kv,
+    client: &Client<T, C>,
+    job: &mut Job,
+    budget: &mut Budget,
+) -> Result<SliceEnd, ApiError> {
+    let account = job
+        .account_id
+        .clone()
+        .ok_or_else(|| ApiError::internal("ledger job without an account"))?;
+    let now = client.clock().now();
+    let r = settle(kv, client, &account, now, budget, 0).await?;
+    job.slices += 1;
+    job.updated_at = now;
+    let mut st: SettleReport = serde_json::from_value(job.checkpoint.clone()).unwrap_or_default();
+    st.confirmed += r.confirmed;
+    st.verified += r.verified;
+    st.released += r.released;
+    st.sent += r.sent;
+    st.open = r.open;
+    st.queued = r.queued;
+    st.errors.extend(r.errors);
+    let keep = st.errors.len().saturating_sub(20);
+    st.errors.drain(..keep);
+    job.progress.done = u64::from(st.sent);
+    job.progress.total = Some(u64::from(st.sent + st.queued));
+    job.checkpoint = serde_json::to_value(&st).map_err(ApiError::internal)?;
+    if st.queued == 0 {
+        job.succeed(job.checkpoint.clone(), now);
+        return Ok(SliceEnd::Done);
+    }
+    Ok(SliceEnd::Paused)
+}
+
+/// `revoking` entries whose disassociate nobody waits for (never sent, its answer lost, or
+/// stopped between two writes): Apple's assignments decide. Not held: gone (with its notice);
+/// held: `confirmed` again (reconcile takes it back if no policy wants it).
+#[allow(clippy::too_many_arguments)]
+async fn settle_revoking<T: Transport, C: Clock>(
+    kv: &impl Kv,
+    client: &Client<T, C>,
+    account: &str,
+    doc: &AssetsDoc,
+    polled: &BTreeSet<String>,
+    now: DateTime<Utc>,
+    budget: &mut Budget,
+    report: &mut SettleReport,
+) -> Result<(), StoreError> {
+    let mut stale: Vec<(String, Subject)> = Vec::new();
+    for shard in 0..LEDGER_SHARDS {
+        let l: LedgerShard = get_json(kv, &keys::ledger_shard(account, shard))?.unwrap_or_default();
+        for (ak, m) in l {
+            for (tag, e) in m {
+                if e.state != LedgerState::Revoking
+                    || now - e.at < Duration::seconds(QUEUE_GRACE_SECS)
+                {
+                    continue;
+                }
+                let waited_on = match &e.event_id {
+                    Some(id) if polled.contains(id) => true,
+                    Some(id) => match event::load(kv, id)? {
+                        // Tracked, but off the polled index (stopped between two writes).
+                        Some(r) if r.state == crate::model::EventState::Pending => {
+                            event::track(kv, &r)?;
+                            true
+                        }
+                        _ => false,
+                    },
+                    None => false,
+                };
+                if !waited_on {
+                    if let Some(s) = Subject::from_tag(&tag) {
+                        stale.push((ak.clone(), s));
+                    }
+                }
+            }
+        }
+    }
+    for (ak, s) in stale {
+        let Some(asset) = doc.assets.iter().find(|a| a.key() == ak) else {
+            continue;
+        };
+        if !budget.take_call(now) {
+            break;
+        }
+        report.verified += 1;
+        match held_at_apple(client, asset, &s).await {
+            Ok(true) => revoke_refused(kv, account, &ak, std::slice::from_ref(&s), None, now)?,
+            Ok(false) => {
+                let prev = gone(kv, account, &ak, std::slice::from_ref(&s), None, now)?;
+                if prev.first().copied().flatten() == Some(LedgerState::Revoking) {
+                    crate::notice::record_removals(
+                        kv,
+                        account,
+                        &[(ak.clone(), s)],
+                        "reconcile",
+                        now,
+                    )?;
+                }
+            }
+            Err(e) => report.errors.push(format!("verify {ak} {}: {e}", s.tag())),
+        }
+    }
+    Ok(())
+}
+
+/// Drop an unknown entry Apple never applied (only while it is still unknown, no event).
+fn release_unknown(
+    kv: &impl Kv,
+    account: &str,
+    asset_key: &str,
+    s: &Subject,
+) -> Result<(), StoreError> {
+    open_update(kv, account, asset_key, |open| {
+        let tag = s.tag();
+        let drop = open
+            .entries
+            .get(&tag)
+            .is_some_and(|o| o.state != OpenState::Queued);
+        if drop {
+            open.entries.remove(&tag);
+        }
+        (drop, ())
+    })
+}
+
+/// Does Apple hold `asset` for `subject` now? (`GET /assignments` for that device or user.)
+pub async fn held_at_apple<T: Transport, C: Clock>(
+    client: &Client<T, C>,
+    asset: &AssetRecord,
+    subject: &Subject,
+) -> Result<bool, AppleError> {
+    let mut filter = AssignmentFilter {
+        adam_id: Some(asset.adam_id.clone()),
+        ..AssignmentFilter::default()
+    };
+    match subject {
+        Subject::SerialNumber(s) => filter.serial_number = Some(s.clone()),
+        Subject::ClientUserId(u) => filter.client_user_id = Some(u.clone()),
+    }
+    let page = client.all_assignments(&filter, None).await?;
+    Ok(page.assignments.iter().any(|a| {
+        a.adam_id == asset.adam_id
+            && a.pricing_param.as_str() == asset.pricing_param
+            && match subject {
+                Subject::SerialNumber(s) => a.serial_number.as_deref() == Some(s.as_str()),
+                Subject::ClientUserId(u) => a.client_user_id.as_deref() == Some(u.as_str()),
+            }
+    }))
+}
+
+/// Every account's open entries and due events, within `budget` (the daily run, reconcile).
+pub async fn settle_all<T: Transport, C: Clock>(
+    kv: &impl Kv,
+    client_for_account: impl Fn(&str) -> Client<T, C>,
+    now: DateTime<Utc>,
+    budget: &mut Budget,
+) -> Result<SettleReport, StoreError> {
+    let mut total = SettleReport::default();
+    let accounts: Vec<String> = get_json(kv, &keys::accounts())?.unwrap_or_default();
+    for a in accounts {
+        if budget.exhausted(now) {
+            break;
+        }
+        let client = client_for_account(&a);
+        let r = settle_account(kv, &client, &a, now, budget).await?;
+        total.confirmed += r.confirmed;
+        total.verified += r.verified;
+        total.released += r.released;
+        total.sent += r.sent;
+        total.open += r.open;
+        total.queued += r.queued;
+        total.errors.extend(r.errors);
+    }
+    Ok(total)
+}
+
+/// Every ledger key of an account (for deleting the account).
+pub fn delete_account(kv: &impl Kv, account: &str, doc: &AssetsDoc) -> Result<(), StoreError> {
+    for shard in 0..LEDGER_SHARDS {
+        kv.delete(&keys::ledger_shard(account, shard))?;
+    }
+    for a in &doc.assets {
+        kv.delete(&keys::ledger_open(account, &a.key()))?;
+    }
+    Ok(())
+}
+
+/// Is (asset, subject) ours (open, or settled and not failed)? Reads each value once.
+#[derive(Default)]
+pub struct Cache {
+    shards: BTreeMap<u32, LedgerShard>,
+    open: BTreeMap<String, OpenDoc>,
+}
+
+impl Cache {
+    /// Who made an assignment Apple holds, as the copy records it.
+    pub fn made_by(
+        &mut self,
+        kv: &impl Kv,
+        account: &str,
+        asset_key: &str,
+        subject: &Subject,
+    ) -> Result<crate::model::MadeBy, StoreError> {
+        use crate::model::MadeBy;
+        let n = ledger_shard_of(asset_key, subject);
+        if let std::collections::btree_map::Entry::Vacant(v) = self.shards.entry(n) {
+            v.insert(get_json(kv, &keys::ledger_shard(account, n))?.unwrap_or_default());
+        }
+        if let Some(e) = self
+            .shards
+            .get(&n)
+            .and_then(|s| s.get(asset_key))
+            .and_then(|m| m.get(&subject.tag()))
+        {
+            if e.state != LedgerState::Failed {
+                return Ok(MadeBy::Ours {
+                    event_id: e.event_id.clone(),
+                    at: Some(e.at),
+                });
+            }
+        }
+        if !self.open.contains_key(asset_key) {
+            let d = open_doc(kv, account, asset_key)?;
+            self.open.insert(asset_key.to_string(), d);
+        }
+        if let Some(d) = self.open.get(asset_key) {
+            if let Some(o) = d.entries.get(&subject.tag()) {
+                return Ok(MadeBy::Ours {
+                    event_id: d.event_ids(o).pop(),
+                    at: Some(at(o.since)),
+                });
+            }
+        }
+        Ok(MadeBy::Foreign)
+    }
+}

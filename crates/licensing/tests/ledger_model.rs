@@ -1,0 +1,1324 @@
+//! Model-based test of the ledger (issue 9): random sequences of operations (assign, revoke,
+//! policy put and delete, refresh full and incremental, reconcile, clean up, the daily work,
+//! Apple's notifications late or twice, Apple applying events) against the Apple simulator's
+//! model, with random faults (429, 503 + Retry-After, 500 after Apple applied the request, a
+//! dropped connection before or after Apple applied it, an invocation killed between two
+//! key-value writes, another MDM assigning licenses). After each sequence settles, the books
+//! are checked against the simulator's state.
+//!
+//! Seeded and reproducible: every run prints its seed; `LEDGER_MODEL_SEED=<seed>` replays one,
+//! `LEDGER_MODEL_SEEDS=<n>` runs n seeds from it, `LEDGER_MODEL_STEPS=<n>` sets the length
+//! (`scripts/soak` runs it longer).
+
+use apple_sim::model::{
+    ApiRequest as SimRequest, AssetSpec, AssignmentSpec, Effect, LocationSpec, MdmInfo, Model,
+    Outgoing, TakeOver,
+};
+use chrono::{DateTime, Duration, Utc};
+use serde_json::json;
+use std::cell::Cell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use vpp_apple::testing::{block_on, FakeClock, ScriptedTransport};
+use vpp_apple::{AppleRequest, AppleResponse, Client, Method, Target};
+use vpp_licensing::assignment::{self, AssignBody};
+use vpp_licensing::job::{Budget, Job};
+use vpp_licensing::model::*;
+use vpp_licensing::{cleanup, event, ledger, notification, policy, reconcile, refresh};
+use vpp_store::{get_json, keys, set_json, Kv, KvError, MemoryKv};
+
+const ACCOUNT: &str = "acc1";
+const OUR_ID: &str = "inst-1";
+const SECRET: &str = "model-notification-secret";
+const ASSETS: [(&str, u64); 2] = [("100", 6), ("200", 4)];
+const DEVICES: usize = 10;
+const FOREIGN: [&str; 3] = ["F0", "F1", "F2"];
+/// Apple applies an event it accepted within this long (it is resent after ten minutes).
+const APPLE_HORIZON: Duration = Duration::minutes(8);
+
+/// xorshift64*: small, seedable, reproducible.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// What Apple (the simulator's model) does to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    None,
+    RateLimited,
+    Unavailable,
+    /// Applied, then the answer is a bare 500 (a timed-out proxy).
+    AppliedThen500,
+    /// Applied, then the connection dropped.
+    AppliedThenDropped,
+    /// Dropped before Apple saw it.
+    Dropped,
+}
+
+struct World {
+    model: Model,
+    token: String,
+    rng: Rng,
+    /// Percent of requests that get a fault.
+    fault_rate: u64,
+    /// Events Apple accepted, not yet applied (oldest first).
+    scheduled: Vec<String>,
+    /// The test's time (Apple stamps the events it accepts with it).
+    now: DateTime<Utc>,
+    /// When each scheduled event was accepted.
+    accepted_at: BTreeMap<String, DateTime<Utc>>,
+    /// Notifications Apple sent, not yet delivered.
+    notes: Vec<Outgoing>,
+    /// Faults for the next write requests, before any random one.
+    forced: std::collections::VecDeque<Fault>,
+    log: Vec<String>,
+    /// Write requests Apple received (asked to change something).
+    posts: usize,
+}
+
+type Shared = Arc<Mutex<World>>;
+
+fn sim_request(req: &AppleRequest, token: &str) -> Option<SimRequest> {
+    let Target::Api { path, query } = &req.target else {
+        return None;
+    };
+    Some(SimRequest {
+        method: match req.method {
+            Method::Get => "GET".into(),
+            _ => "POST".into(),
+        },
+        path: path.clone(),
+        query: query.clone(),
+        authorization: Some(format!("Bearer {token}")),
+        content_type: Some("application/json".into()),
+        body: req.body.clone().unwrap_or_default(),
+    })
+}
+
+fn transport(world: Shared) -> ScriptedTransport {
+    ScriptedTransport::new(move |req: &AppleRequest, _n| {
+        let mut w = world.lock().unwrap();
+        let Some(sreq) = sim_request(req, &w.token) else {
+            // The metadata lookup: nothing known.
+            return Ok(AppleResponse::new(200, json!({"results": {}}).to_string()));
+        };
+        let write = sreq.method == "POST";
+        let rate = w.fault_rate;
+        let forced = if write { w.forced.pop_front() } else { None };
+        let fault = if let Some(f) = forced {
+            f
+        } else if w.rng.chance(rate) && sreq.path != "service/config" {
+            match w.rng.below(if write { 5 } else { 2 }) {
+                0 => Fault::RateLimited,
+                1 => Fault::Unavailable,
+                2 => Fault::AppliedThen500,
+                3 => Fault::AppliedThenDropped,
+                _ => Fault::Dropped,
+            }
+        } else {
+            Fault::None
+        };
+        if fault != Fault::None {
+            w.log
+                .push(format!("fault {fault:?} on {} {}", sreq.method, sreq.path));
+        }
+        match fault {
+            Fault::RateLimited => {
+                let mut r = AppleResponse::new(
+                    429,
+                    json!({"errorNumber": 9646, "errorMessage": "Too many requests"}).to_string(),
+                );
+                r.retry_after = Some("1".into());
+                return Ok(r);
+            }
+            Fault::Unavailable => {
+                let mut r = AppleResponse::new(
+                    503,
+                    json!({"errorNumber": 9729, "errorMessage": "Unavailable"}).to_string(),
+                );
+                r.retry_after = Some("2".into());
+                return Ok(r);
+            }
+            Fault::Dropped => return Err("connection reset before sending".into()),
+            _ => {}
+        }
+        if write {
+            w.posts += 1;
+        }
+        let out = w.model.handle_api(&sreq, Instant::now());
+        for e in out.effects {
+            match e {
+                Effect::Schedule { event_id, .. } => {
+                    let at = w.now;
+                    w.accepted_at.insert(event_id.clone(), at);
+                    w.scheduled.push(event_id)
+                }
+                Effect::Notify(n) => w.notes.extend(n),
+            }
+        }
+        match fault {
+            Fault::AppliedThen500 => Ok(AppleResponse::new(500, "upstream timed out")),
+            Fault::AppliedThenDropped => Err("connection reset after sending".into()),
+            _ => {
+                let mut r = AppleResponse::new(
+                    out.response.status,
+                    serde_json::to_vec(&out.response.body).unwrap_or_default(),
+                );
+                r.retry_after = out
+                    .response
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case("retry-after"))
+                    .map(|(_, v)| v.clone());
+                Ok(r)
+            }
+        }
+    })
+}
+
+/// A store whose writes start failing after a countdown: the invocation was killed there.
+#[derive(Default)]
+struct KillableKv {
+    inner: MemoryKv,
+    /// Writes left before the kill (`None`: no kill planned).
+    left: Cell<Option<u32>>,
+}
+
+impl KillableKv {
+    fn write(&self) -> Result<(), KvError> {
+        match self.left.get() {
+            None => Ok(()),
+            Some(0) => Err(KvError("invocation killed".into())),
+            Some(n) => {
+                self.left.set(Some(n - 1));
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Kv for KillableKv {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        self.inner.get(key)
+    }
+    fn set(&self, key: &str, value: &[u8]) -> Result<(), KvError> {
+        self.write()?;
+        self.inner.set(key, value)
+    }
+    fn delete(&self, key: &str) -> Result<(), KvError> {
+        self.write()?;
+        self.inner.delete(key)
+    }
+    fn swap(&self, key: &str, expected: Option<&[u8]>, new: &[u8]) -> Result<bool, KvError> {
+        self.write()?;
+        self.inner.swap(key, expected, new)
+    }
+}
+
+struct Run {
+    world: Shared,
+    kv: KillableKv,
+    clock: FakeClock,
+    rng: Rng,
+    next_job: u32,
+    /// Foreign (asset, subject) pairs another MDM made; `cleaned` once a clean up finished after.
+    foreign: BTreeSet<(String, String)>,
+    cleaned_since_foreign: bool,
+    /// Another MDM took the location over; settling takes it back (as reclaim does).
+    taken_over: bool,
+}
+
+fn sha256(s: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Run {
+    fn new(seed: u64) -> Run {
+        let mut model = Model::new("http://127.0.0.1:1");
+        model.rng = apple_sim::model::Rng::from_seed(seed);
+        // Time here is the test's: the simulator's own (wall-clock) rate limit stays out of it;
+        // rate limits come as faults. Small pages make refreshes page.
+        model.config.rate_limit_enabled = false;
+        model.config.page_size = 4;
+        let token = model.add_location(LocationSpec {
+            mdm_info: Some(MdmInfo {
+                id: OUR_ID.into(),
+                name: "vpp-spin".into(),
+                metadata: "model".into(),
+            }),
+            ..LocationSpec::default()
+        });
+        model
+            .add_assets(
+                &token,
+                ASSETS.iter().map(|(a, n)| AssetSpec::app(a, *n)).collect(),
+            )
+            .unwrap();
+        claim(&mut model, &token);
+        let world = Arc::new(Mutex::new(World {
+            model,
+            token,
+            rng: Rng(seed ^ 0x9e37_79b9_7f4a_7c15),
+            fault_rate: 0,
+            scheduled: Vec::new(),
+            now: Utc::now(),
+            accepted_at: BTreeMap::new(),
+            notes: Vec::new(),
+            forced: Default::default(),
+            log: Vec::new(),
+            posts: 0,
+        }));
+        let kv = KillableKv::default();
+        let start = Utc::now() - Duration::days(30);
+        let account: Account = serde_json::from_value(json!({
+            "id": ACCOUNT, "name": "School", "organization": "Org", "location": "Main",
+            "locationId": null, "country": "US", "defaultPlatform": "volumestore",
+            "websiteUrl": null, "tokenExpiresAt": "2035-01-01T00:00:00Z",
+            "createdAt": start, "updatedAt": start,
+            "notificationSecretSha256": sha256(SECRET),
+        }))
+        .unwrap();
+        set_json(&kv, &keys::account(ACCOUNT), &account).unwrap();
+        set_json(&kv, &keys::accounts(), &vec![ACCOUNT.to_string()]).unwrap();
+        let mut run = Run {
+            world,
+            kv,
+            clock: FakeClock::at(start),
+            rng: Rng(seed.max(1)),
+            next_job: 0,
+            foreign: BTreeSet::new(),
+            cleaned_since_foreign: false,
+            taken_over: false,
+        };
+        run.refresh(true);
+        run
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        vpp_apple::Clock::now(&self.clock)
+    }
+
+    fn client(&self) -> Client<ScriptedTransport, FakeClock> {
+        Client::new(
+            transport(self.world.clone()).with_clock(self.clock.clone()),
+            self.clock.clone(),
+        )
+        .with_pacer(vpp_apple::Pacer::unlimited())
+    }
+
+    /// A client whose retries are spent (the proxy's retries exhausted): one attempt.
+    fn client_once(&self) -> Client<ScriptedTransport, FakeClock> {
+        self.client().with_policy(vpp_apple::RetryPolicy::none())
+    }
+
+    fn budget(&self) -> Budget {
+        Budget::new(self.now(), 20, 40)
+    }
+
+    fn log(&self, s: String) {
+        self.world.lock().unwrap().log.push(s);
+    }
+
+    fn subjects(&mut self) -> Vec<String> {
+        let n = 1 + self.rng.below(3) as usize;
+        let mut out = BTreeSet::new();
+        for _ in 0..n {
+            out.insert(format!("D{}", self.rng.below(DEVICES as u64)));
+        }
+        out.into_iter().collect()
+    }
+
+    fn asset(&mut self) -> &'static str {
+        ASSETS[self.rng.below(ASSETS.len() as u64) as usize].0
+    }
+
+    fn job(&mut self, kind: &str) -> Job {
+        self.next_job += 1;
+        Job::new(
+            &format!("job-{}", self.next_job),
+            kind,
+            Some(ACCOUNT),
+            "model",
+            self.now(),
+        )
+    }
+
+    fn refresh(&mut self, full: bool) {
+        let account: Account = get_json(&self.kv, &keys::account(ACCOUNT))
+            .unwrap()
+            .unwrap();
+        let Ok(st) = refresh::initial_state(&self.kv, &account, full) else {
+            return;
+        };
+        let mut j = self.job("refresh");
+        j.checkpoint = serde_json::to_value(&st).unwrap();
+        let client = self.client();
+        for _ in 0..30 {
+            let mut b = self.budget();
+            match block_on(refresh::run_slice(
+                &self.kv, &client, &mut j, OUR_ID, &mut b,
+            )) {
+                Ok(refresh::SliceEnd::Done) | Ok(refresh::SliceEnd::Failed(_)) | Err(_) => break,
+                Ok(refresh::SliceEnd::Paused) => {
+                    self.clock.advance(std::time::Duration::from_secs(2))
+                }
+            }
+        }
+    }
+
+    /// Apple applies what it accepted within minutes: events older than [`APPLE_HORIZON`] are
+    /// applied now, oldest first.
+    fn apple_catches_up(&mut self) {
+        let now = self.now();
+        let mut w = self.world.lock().unwrap();
+        w.now = now;
+        while let Some(id) = w.scheduled.first().cloned() {
+            let at = w.accepted_at.get(&id).copied().unwrap_or(now);
+            if now - at < APPLE_HORIZON {
+                break;
+            }
+            w.scheduled.remove(0);
+            let notes = w.model.apply_event(&id);
+            w.notes.extend(notes);
+            w.log.push(format!("apple applies {id} (in time)"));
+        }
+    }
+
+    fn step(&mut self) {
+        self.apple_catches_up();
+        let now = self.now();
+        let client = self.client();
+        let mut b = self.budget();
+        match self.rng.below(100) {
+            0..=24 => {
+                let adam = self.asset();
+                let subjects = self.subjects();
+                let body = assign_body(adam, &subjects);
+                let r = block_on(assignment::assign(&self.kv, &client, &body, now, &mut b));
+                self.log(format!("assign {adam} {subjects:?}: {}", summary(&r)));
+            }
+            25..=34 => {
+                let adam = self.asset();
+                let subjects = self.subjects();
+                let body = assign_body(adam, &subjects);
+                let r = block_on(assignment::revoke(&self.kv, &client, &body, now, &mut b));
+                self.log(format!("revoke {adam} {subjects:?}: {}", summary(&r)));
+            }
+            35..=44 => {
+                let adam = self.asset();
+                let subjects = self.subjects();
+                let id = format!("p{}", self.rng.below(2));
+                let body: policy::PolicyBody = serde_json::from_value(json!({
+                    "name": id, "accountId": ACCOUNT,
+                    "assets": [{"adamId": adam, "pricingParam": "STDQ"}],
+                    "serialNumbers": subjects,
+                }))
+                .unwrap();
+                let r = block_on(policy::put(&self.kv, &client, &id, &body, now, &mut b));
+                self.log(format!(
+                    "policy put {id} {adam} {subjects:?}: ok={}",
+                    r.is_ok()
+                ));
+            }
+            45..=48 => {
+                let id = format!("p{}", self.rng.below(2));
+                let r = policy::delete(&self.kv, &id);
+                self.log(format!("policy delete {id}: ok={}", r.is_ok()));
+            }
+            49..=56 => {
+                let full = self.rng.chance(50);
+                self.log(format!("refresh full={full}"));
+                self.refresh(full);
+            }
+            57..=62 => {
+                let id = format!("rec-{}", self.next_job);
+                self.next_job += 1;
+                if let Ok((mut j, _)) = reconcile::start(&self.kv, &id, "model", now) {
+                    let r = block_on(reconcile::run_slice(
+                        &self.kv,
+                        &mut j,
+                        |_| self.client(),
+                        now,
+                        &mut b,
+                    ));
+                    self.log(format!("reconcile: {:?}", r.map(|_| j.result.clone())));
+                }
+            }
+            63..=65 => {
+                if let Ok(st) = cleanup::initial_state(&self.kv, ACCOUNT) {
+                    let mut j = self.job("cleanup");
+                    j.checkpoint = serde_json::to_value(&st).unwrap();
+                    let mut done = false;
+                    for _ in 0..5 {
+                        let mut b = self.budget();
+                        match block_on(cleanup::run_slice(&self.kv, &client, &mut j, &mut b)) {
+                            Ok(refresh::SliceEnd::Done) => {
+                                done = true;
+                                break;
+                            }
+                            Ok(refresh::SliceEnd::Paused) => continue,
+                            _ => break,
+                        }
+                    }
+                    if done {
+                        self.cleaned_since_foreign = true;
+                    }
+                    self.log(format!("cleanup done={done}"));
+                }
+            }
+            66..=71 => {
+                let p = block_on(event::poll_due(&self.kv, |_| self.client(), now, &mut b));
+                let s = block_on(ledger::settle_all(&self.kv, |_| self.client(), now, &mut b));
+                self.log(format!(
+                    "daily: poll ok={} settle ok={}",
+                    p.is_ok(),
+                    s.is_ok()
+                ));
+            }
+            72..=83 => {
+                // Apple applies the oldest event it accepted (in the order it accepted them).
+                let mut w = self.world.lock().unwrap();
+                if !w.scheduled.is_empty() {
+                    let id = w.scheduled.remove(0);
+                    let notes = w.model.apply_event(&id);
+                    w.notes.extend(notes);
+                    w.log.push(format!("apple applies {id}"));
+                }
+            }
+            84..=93 => {
+                // A notification arrives (maybe late: any of them), sometimes twice.
+                let note = {
+                    let mut w = self.world.lock().unwrap();
+                    if w.notes.is_empty() {
+                        None
+                    } else {
+                        let len = w.notes.len() as u64;
+                        let i = w.rng.below(len) as usize;
+                        let twice = w.rng.chance(30);
+                        let n = if twice {
+                            w.notes[i].clone()
+                        } else {
+                            w.notes.remove(i)
+                        };
+                        Some(n)
+                    }
+                };
+                if let Some(n) = note {
+                    let r = deliver(&self.kv, &n, now);
+                    self.log(format!("notification {}: ok={r}", n.notification_id));
+                }
+            }
+            94 if self.rng.chance(40) => {
+                // Another MDM takes the location over (and assigns a license).
+                let f = FOREIGN[self.rng.below(FOREIGN.len() as u64) as usize];
+                let adam = self.asset();
+                let mut w = self.world.lock().unwrap();
+                let token = w.token.clone();
+                let t = TakeOver {
+                    mdm_info: MdmInfo {
+                        id: "other-mdm".into(),
+                        name: "Other MDM".into(),
+                        metadata: "x".into(),
+                    },
+                    assignments: vec![AssignmentSpec::device(adam, f)],
+                    ..TakeOver::default()
+                };
+                if w.model.take_over(&token, t).is_ok() {
+                    self.foreign.insert((adam.to_string(), f.to_string()));
+                    self.cleaned_since_foreign = false;
+                    self.taken_over = true;
+                    w.log
+                        .push(format!("another MDM takes over (assigns {adam} to {f})"));
+                }
+            }
+            94..=96 => {
+                // Another MDM assigns a license here.
+                let f = FOREIGN[self.rng.below(FOREIGN.len() as u64) as usize];
+                let adam = self.asset();
+                let mut w = self.world.lock().unwrap();
+                let token = w.token.clone();
+                if w.model
+                    .add_assignments(&token, vec![AssignmentSpec::device(adam, f)])
+                    .is_ok()
+                {
+                    self.foreign.insert((adam.to_string(), f.to_string()));
+                    self.cleaned_since_foreign = false;
+                    w.log.push(format!("foreign assigns {adam} to {f}"));
+                }
+            }
+            _ => {
+                let n = self.rng.below(12) as u32;
+                self.kv.left.set(Some(n));
+                self.log(format!("next invocation killed after {n} writes"));
+                return;
+            }
+        }
+        self.kv.left.set(None);
+        let secs = 1 + self.rng.below(90);
+        self.clock.advance(std::time::Duration::from_secs(secs));
+    }
+
+    /// Faults off; let Apple finish, every notification arrive, the daily work and refreshes
+    /// run until nothing is open.
+    fn settle(&mut self) {
+        self.world.lock().unwrap().fault_rate = 0;
+        if self.taken_over {
+            // Reclaim: our mdmInfo and notification settings again.
+            let mut w = self.world.lock().unwrap();
+            let token = w.token.clone();
+            claim(&mut w.model, &token);
+            w.log.push("reclaimed".into());
+            self.taken_over = false;
+        }
+        self.kv.left.set(None);
+        for round in 0..12 {
+            {
+                let mut w = self.world.lock().unwrap();
+                for id in std::mem::take(&mut w.scheduled) {
+                    let notes = w.model.apply_event(&id);
+                    w.notes.extend(notes);
+                }
+                let notes = w.model.flush_events();
+                w.notes.extend(notes);
+            }
+            self.world.lock().unwrap().now = self.now();
+            let notes: Vec<Outgoing> = std::mem::take(&mut self.world.lock().unwrap().notes);
+            for n in &notes {
+                deliver(&self.kv, n, self.now());
+            }
+            self.clock.advance(std::time::Duration::from_secs(16 * 60));
+            let now = self.now();
+            let mut b = Budget::new(now, 600, 1000);
+            block_on(event::poll_due(&self.kv, |_| self.client(), now, &mut b)).unwrap();
+            block_on(ledger::settle_all(&self.kv, |_| self.client(), now, &mut b)).unwrap();
+            // Resumable jobs left queued work: the daily run would send it.
+            self.refresh(round % 2 == 0);
+            let open: i64 = ASSETS
+                .iter()
+                .map(|(a, _)| ledger::reserved(&self.kv, ACCOUNT, &format!("{a}:STDQ")).unwrap())
+                .sum();
+            let w = self.world.lock().unwrap();
+            if open == 0 && w.model.pending_events().is_empty() && w.notes.is_empty() && round >= 1
+            {
+                break;
+            }
+        }
+        self.refresh(true);
+    }
+
+    fn check(&self, seed: u64) -> Result<(), String> {
+        let w = self.world.lock().unwrap();
+        let st = w
+            .model
+            .location_state(&w.token)
+            .map_err(|e| e.to_string())?;
+        let apple: BTreeSet<(String, String)> = st
+            .assignments
+            .iter()
+            .filter_map(|a| a.serial_number.clone().map(|s| (a.adam_id.clone(), s)))
+            .collect();
+        let doc: AssetsDoc = get_json(&self.kv, &keys::assets(ACCOUNT))
+            .unwrap()
+            .unwrap_or_default();
+        let mut problems = Vec::new();
+        // Our ledger: every settled and open entry.
+        let mut ours: BTreeMap<(String, String), String> = BTreeMap::new();
+        for shard in 0..LEDGER_SHARDS {
+            let l: LedgerShard = get_json(&self.kv, &keys::ledger_shard(ACCOUNT, shard))
+                .unwrap()
+                .unwrap_or_default();
+            for (ak, m) in l {
+                for (tag, e) in m {
+                    let adam = ak.split(':').next().unwrap_or("").to_string();
+                    let s = tag.trim_start_matches("s:").to_string();
+                    ours.insert((adam, s), format!("{:?}", e.state));
+                }
+            }
+        }
+        for (adam, _) in ASSETS {
+            let open = ledger::open_doc(&self.kv, ACCOUNT, &format!("{adam}:STDQ")).unwrap();
+            for (tag, o) in &open.entries {
+                let evs: Vec<String> = open
+                    .event_ids(o)
+                    .iter()
+                    .map(|id| {
+                        let ours = event::load(&self.kv, id).ok().flatten().map(|r| {
+                            format!(
+                                "{:?} applied={} resent_as={:?}",
+                                r.state, r.applied, r.resent_as
+                            )
+                        });
+                        let apple = w
+                            .model
+                            .events
+                            .get(id)
+                            .map(|e| format!("{:?}", e.event_status));
+                        format!("{id}: ours {ours:?} apple {apple:?}")
+                    })
+                    .collect();
+                problems.push(format!(
+                    "{adam} {tag} still open ({}) after settling; events {evs:?}",
+                    o.state.name()
+                ));
+            }
+        }
+        // 1. Every license Apple holds that we assigned is in our ledger as ours.
+        for (adam, s) in &apple {
+            if self.foreign.contains(&(adam.clone(), s.clone())) || s.starts_with('F') {
+                continue;
+            }
+            match ours.get(&(adam.clone(), s.clone())).map(String::as_str) {
+                Some("Confirmed") | Some("Revoking") => {}
+                other => {
+                    let evs: Vec<String> = w
+                        .model
+                        .events
+                        .iter()
+                        .filter(|(_, e)| format!("{e:?}").contains(&format!("\"{s}\"")))
+                        .map(|(id, e)| {
+                            let ours = event::load(&self.kv, id).ok().flatten().map(|r| {
+                                format!(
+                                    "{:?} {:?} applied={} resent_as={:?}",
+                                    r.kind, r.state, r.applied, r.resent_as
+                                )
+                            });
+                            format!("{id} {:?} {:?} ours={ours:?}", e.event_type, e.event_status)
+                        })
+                        .collect();
+                    problems.push(format!(
+                        "Apple holds {adam}/{s} (ours) but the ledger has {other:?}; events {evs:#?}"
+                    ))
+                }
+            }
+        }
+        // 2. Nothing in our ledger as held that Apple does not hold.
+        for ((adam, s), state) in &ours {
+            if (state == "Confirmed" || state == "Revoking")
+                && !apple.contains(&(adam.clone(), s.clone()))
+            {
+                let e = ledger::entry(&self.kv, ACCOUNT, &format!("{adam}:STDQ"), &d(s)).unwrap();
+                let evs: Vec<String> =
+                    e.iter()
+                        .flat_map(|e| e.event_ids.clone())
+                        .map(|id| {
+                            let ours = event::load(&self.kv, &id).ok().flatten().map(|r| {
+                                format!("{:?} {:?} applied={}", r.kind, r.state, r.applied)
+                            });
+                            let apple = w
+                                .model
+                                .events
+                                .get(&id)
+                                .map(|e| format!("{:?}", e.event_status));
+                            format!("{id}: ours {ours:?} apple {apple:?}")
+                        })
+                        .collect();
+                problems.push(format!(
+                    "ledger holds {adam}/{s} ({state}); Apple does not; {e:?} {evs:?}"
+                ));
+            }
+        }
+        // 3. Reservations equal the open entries (none after settling), counts equal Apple's.
+        for v in &st.assets {
+            let Some(a) = doc.find(&v.adam_id, &v.pricing_param) else {
+                problems.push(format!("asset {} missing from our copy", v.adam_id));
+                continue;
+            };
+            if a.in_use != v.assigned_count as i64 || a.available != v.available_count as i64 {
+                problems.push(format!(
+                    "counts of {}: ours in use {} available {}, Apple {} / {}",
+                    v.adam_id, a.in_use, a.available, v.assigned_count, v.available_count
+                ));
+            }
+            let r = ledger::reserved(&self.kv, ACCOUNT, &a.key()).unwrap();
+            if r != 0 {
+                problems.push(format!("{} reserves {r} after settling", v.adam_id));
+            }
+        }
+        // 4. No foreign assignment was touched except by clean up.
+        if !self.cleaned_since_foreign {
+            for (adam, f) in &self.foreign {
+                let cleaned_earlier = false;
+                if !apple.contains(&(adam.clone(), f.clone())) && !cleaned_earlier {
+                    // A clean up finished before this pair was added cannot have taken it; one
+                    // may have run after it and then another foreign pair came: be exact.
+                    if !w.log.iter().any(|l| l.starts_with("cleanup done=true")) {
+                        problems.push(format!("foreign {adam}/{f} is gone without a clean up"));
+                    }
+                }
+            }
+        }
+        if problems.is_empty() {
+            return Ok(());
+        }
+        let keep = env_u64("LEDGER_MODEL_LOG").unwrap_or(60) as usize;
+        let tail: Vec<&String> = w.log.iter().rev().take(keep).collect();
+        Err(format!(
+            "seed {seed}: {} problem(s):\n  {}\nlast steps (newest first):\n  {}",
+            problems.len(),
+            problems.join("\n  "),
+            tail.iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join("\n  ")
+        ))
+    }
+}
+
+/// Our mdmInfo on the location, and Apple's asset notifications sent to us.
+fn claim(model: &mut Model, token: &str) {
+    let cfg = SimRequest {
+        method: "POST".into(),
+        path: "client/config".into(),
+        query: Vec::new(),
+        authorization: Some(format!("Bearer {token}")),
+        content_type: Some("application/json".into()),
+        body: json!({"mdmInfo": {"id": OUR_ID, "name": "vpp-spin", "metadata": "model"},
+                     "notificationUrl": "http://127.0.0.1:1/api/apple/notifications/acc1",
+                     "notificationAuthToken": SECRET,
+                     "notificationTypes": ["ASSET_MANAGEMENT"]})
+        .to_string()
+        .into_bytes(),
+    };
+    let out = model.handle_api(&cfg, Instant::now());
+    if let Some(p) = &out.pending_config {
+        model.finish_client_config(p, true);
+    }
+}
+
+fn assign_body(adam: &str, subjects: &[String]) -> AssignBody {
+    serde_json::from_value(json!({
+        "accountId": ACCOUNT, "adamId": adam, "pricingParam": "STDQ", "serialNumbers": subjects,
+    }))
+    .unwrap()
+}
+
+fn summary(r: &Result<assignment::Submitted, vpp_licensing::ApiError>) -> String {
+    match r {
+        Ok(s) => format!(
+            "events {} unknown {} queued {} rejected {}",
+            s.events.len(),
+            s.unknown.len(),
+            s.queued,
+            s.rejected.len()
+        ),
+        Err(e) => format!("error {}", e.code.as_str()),
+    }
+}
+
+fn deliver(kv: &impl Kv, n: &Outgoing, now: DateTime<Utc>) -> bool {
+    let body = serde_json::to_vec(&n.envelope).unwrap_or_default();
+    notification::handle(kv, ACCOUNT, Some(&format!("Bearer {SECRET}")), &body, now).is_ok()
+}
+
+fn run_seed(seed: u64, steps: usize) -> Result<(), String> {
+    let mut run = Run::new(seed);
+    run.world.lock().unwrap().fault_rate = 15;
+    let trace = std::env::var("LEDGER_MODEL_TRACE").is_ok();
+    let mut last = String::new();
+    for _ in 0..steps {
+        run.step();
+        if trace {
+            let mut now = String::new();
+            for (adam, _) in ASSETS {
+                let d = ledger::open_doc(&run.kv, ACCOUNT, &format!("{adam}:STDQ")).unwrap();
+                now.push_str(&format!("{adam}: {:?} {:?}; ", d.events, d.entries));
+            }
+            if let Ok(w) = std::env::var("LEDGER_MODEL_WATCH") {
+                if let Some((adam, serial)) = w.split_once(':') {
+                    let e = ledger::entry(&run.kv, ACCOUNT, &format!("{adam}:STDQ"), &d(serial))
+                        .unwrap();
+                    let held = {
+                        let w = run.world.lock().unwrap();
+                        let st = w.model.location_state(&w.token).unwrap();
+                        st.assignments.iter().any(|a| {
+                            a.adam_id == adam && a.serial_number.as_deref() == Some(serial)
+                        })
+                    };
+                    now.push_str(&format!(
+                        "WATCH {adam}/{serial}: ledger {e:?} apple holds {held}"
+                    ));
+                }
+            }
+            if now != last {
+                run.log(format!("open: {now}"));
+                last = now;
+            }
+        }
+    }
+    run.settle();
+    run.check(seed)
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn ledger_matches_apple_after_random_operations_and_faults() {
+    let steps = env_u64("LEDGER_MODEL_STEPS").unwrap_or(150) as usize;
+    let seeds: Vec<u64> = match env_u64("LEDGER_MODEL_SEED") {
+        Some(s) => (0..env_u64("LEDGER_MODEL_SEEDS").unwrap_or(1))
+            .map(|i| s + i)
+            .collect(),
+        None => vec![1, 2, 3, 5, 8, 13, 21, 34, 55, 89],
+    };
+    let mut failures = Vec::new();
+    for seed in seeds {
+        println!("ledger model: seed {seed}, {steps} steps (replay: LEDGER_MODEL_SEED={seed})");
+        if let Err(e) = run_seed(seed, steps) {
+            failures.push(e);
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// An event Apple still holds after ten minutes is sent again; when both fail, the entry fails
+/// (and releases its license); neither event is forgotten on the way.
+#[test]
+fn resent_events_are_all_tracked_until_they_end() {
+    let mut run = Run::new(7);
+    // Apple has no license of 200 left for us.
+    {
+        let mut w = run.world.lock().unwrap();
+        let token = w.token.clone();
+        w.model
+            .add_assignments(
+                &token,
+                (0..4)
+                    .map(|i| AssignmentSpec::device("200", &format!("X{i}")))
+                    .collect(),
+            )
+            .unwrap();
+    }
+    run.refresh(true);
+    let doc: AssetsDoc = get_json(&run.kv, &keys::assets(ACCOUNT)).unwrap().unwrap();
+    assert_eq!(doc.find("200", "STDQ").unwrap().available, 0);
+    // Our copy still says one is free (Apple's counts moved behind our back).
+    vpp_store::update::<AssetsDoc, ()>(&run.kv, &keys::assets(ACCOUNT), |d| {
+        let mut d = d.unwrap();
+        d.assets.iter_mut().for_each(|a| a.available = 1);
+        Ok((Some(d), ()))
+    })
+    .unwrap();
+    let now = run.now();
+    let mut b = run.budget();
+    let out = block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    let first = out.events[0].id.clone();
+    run.clock.advance(std::time::Duration::from_secs(11 * 60));
+    let now = run.now();
+    let mut b = run.budget();
+    let r = block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    assert_eq!(r.resent, 1, "{r:?}");
+    let e = ledger::entry(
+        &run.kv,
+        ACCOUNT,
+        "200:STDQ",
+        &Subject::SerialNumber("D1".into()),
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(e.event_ids.len(), 2);
+    assert_eq!(e.event_ids[0], first);
+    run.world.lock().unwrap().model.flush_events();
+    run.clock.advance(std::time::Duration::from_secs(60));
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    let e = ledger::entry(
+        &run.kv,
+        ACCOUNT,
+        "200:STDQ",
+        &Subject::SerialNumber("D1".into()),
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(e.state, "failed", "{e:?}");
+    assert_eq!(ledger::reserved(&run.kv, ACCOUNT, "200:STDQ").unwrap(), 0);
+}
+
+fn d(s: &str) -> Subject {
+    Subject::SerialNumber(s.into())
+}
+
+fn state_of(run: &Run, adam: &str, serial: &str) -> Option<&'static str> {
+    ledger::entry(&run.kv, ACCOUNT, &format!("{adam}:STDQ"), &d(serial))
+        .unwrap()
+        .map(|e| e.state)
+}
+
+fn copy_made_by(run: &Run, adam: &str, serial: &str) -> Option<MadeBy> {
+    let doc: AssetsDoc = get_json(&run.kv, &keys::assets(ACCOUNT)).unwrap().unwrap();
+    let a = doc.find(adam, "STDQ").unwrap();
+    let shard: AssignmentShard = get_json(
+        &run.kv,
+        &keys::assignment_shard(
+            ACCOUNT,
+            doc.generation,
+            &a.key(),
+            copy_shard_of(&d(serial), a.shards),
+        ),
+    )
+    .unwrap()
+    .unwrap_or_default();
+    shard.get(&d(serial).tag()).cloned()
+}
+
+/// Issue 9 item 3: Apple applied the associate but the answer was lost (a bare 500 from a
+/// timed-out proxy, or a dropped connection). The entry stays `unknown` (its license held), a
+/// refresh counts the license as ours, clean up leaves it, and settling confirms it from Apple's
+/// assignments. (Before: the entry was undone, the refresh marked the license foreign and clean
+/// up took it back.)
+#[test]
+fn lost_answer_stays_unknown_until_apple_says_what_happened() {
+    for fault in [Fault::AppliedThen500, Fault::AppliedThenDropped] {
+        let mut run = Run::new(11);
+        run.world.lock().unwrap().forced.push_back(fault);
+        let now = run.now();
+        let mut b = run.budget();
+        let out = block_on(assignment::assign(
+            &run.kv,
+            &run.client_once(),
+            &assign_body("100", &["D1".into()]),
+            now,
+            &mut b,
+        ))
+        .unwrap();
+        assert_eq!((out.events.len(), out.unknown.len()), (0, 1), "{fault:?}");
+        assert_eq!(state_of(&run, "100", "D1"), Some("unknown"));
+        assert_eq!(ledger::reserved(&run.kv, ACCOUNT, "100:STDQ").unwrap(), 1);
+        // Apple applies it; a refresh sees it and counts it as ours.
+        run.world.lock().unwrap().model.flush_events();
+        run.refresh(true);
+        assert!(
+            matches!(copy_made_by(&run, "100", "D1"), Some(MadeBy::Ours { .. })),
+            "{fault:?}: {:?}",
+            copy_made_by(&run, "100", "D1")
+        );
+        // Clean up takes only foreign licenses: D1 stays at Apple.
+        let st = cleanup::initial_state(&run.kv, ACCOUNT).unwrap();
+        let mut j = run.job("cleanup");
+        j.checkpoint = serde_json::to_value(&st).unwrap();
+        let mut b = run.budget();
+        block_on(cleanup::run_slice(&run.kv, &run.client(), &mut j, &mut b)).unwrap();
+        run.world.lock().unwrap().model.flush_events();
+        let w = run.world.lock().unwrap();
+        let held = w.model.location_state(&w.token).unwrap().assignments;
+        drop(w);
+        assert!(held
+            .iter()
+            .any(|a| a.serial_number.as_deref() == Some("D1")));
+        // Settling confirms it (the refresh saw it at Apple) and releases the reservation.
+        let now = run.now();
+        let mut b = run.budget();
+        let r = block_on(ledger::settle_all(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+        assert_eq!(r.confirmed, 1, "{r:?}");
+        assert_eq!(state_of(&run, "100", "D1"), Some("confirmed"));
+        assert_eq!(ledger::reserved(&run.kv, ACCOUNT, "100:STDQ").unwrap(), 0);
+    }
+}
+
+/// Item 3: an unknown outcome is looked up at Apple for that device; a request Apple never
+/// applied (the connection dropped before it) is released only after Apple's resend horizon.
+#[test]
+fn unknown_outcome_is_verified_at_apple_before_release() {
+    let run = Run::new(12);
+    run.world.lock().unwrap().forced.push_back(Fault::Dropped);
+    run.world
+        .lock()
+        .unwrap()
+        .forced
+        .push_back(Fault::AppliedThenDropped);
+    let now = run.now();
+    let mut b = run.budget();
+    for s in ["D1", "D2"] {
+        let out = block_on(assignment::assign(
+            &run.kv,
+            &run.client_once(),
+            &assign_body("100", &[s.into()]),
+            now,
+            &mut b,
+        ))
+        .unwrap();
+        assert_eq!(out.unknown.len(), 1);
+    }
+    run.world.lock().unwrap().model.flush_events();
+    // No refresh: settling asks Apple about each device.
+    run.clock.advance(std::time::Duration::from_secs(60));
+    let now = run.now();
+    let mut b = run.budget();
+    let r = block_on(ledger::settle_all(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    assert_eq!((r.verified, r.confirmed, r.released), (2, 1, 0), "{r:?}");
+    assert_eq!(state_of(&run, "100", "D2"), Some("confirmed"));
+    assert_eq!(
+        state_of(&run, "100", "D1"),
+        Some("unknown"),
+        "not yet given up"
+    );
+    run.clock.advance(std::time::Duration::from_secs(
+        ledger::UNKNOWN_GIVE_UP_SECS as u64,
+    ));
+    let now = run.now();
+    let mut b = run.budget();
+    let r = block_on(ledger::settle_all(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    assert_eq!(r.released, 1, "{r:?}");
+    assert_eq!(state_of(&run, "100", "D1"), None);
+    assert_eq!(ledger::reserved(&run.kv, ACCOUNT, "100:STDQ").unwrap(), 0);
+}
+
+/// Item 3: only an Apple error with an errorNumber is a definite "no": the license is free at
+/// once and the request is reported as refused.
+#[test]
+fn apple_error_number_releases_at_once() {
+    let run = Run::new(13);
+    run.world
+        .lock()
+        .unwrap()
+        .forced
+        .push_back(Fault::RateLimited);
+    let now = run.now();
+    let mut b = run.budget();
+    let e = block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &assign_body("100", &["D1".into()]),
+        now,
+        &mut b,
+    ));
+    // The client retries a 429 (Retry-After): the second attempt goes through.
+    let out = e.unwrap();
+    assert_eq!(out.events.len(), 1);
+    assert_eq!(ledger::reserved(&run.kv, ACCOUNT, "100:STDQ").unwrap(), 1);
+}
+
+/// Item 4: reservations are the open entries: admitting a subject already open sets nothing
+/// more aside, and an entry that ends releases its license. (Before: a second reservation for
+/// the same pending subject, and none released when a pending entry was removed.)
+#[test]
+fn reservations_are_derived_from_open_entries() {
+    let run = Run::new(14);
+    let now = run.now();
+    let subjects = [d("D1"), d("D2")];
+    for _ in 0..3 {
+        ledger::admit(&run.kv, ACCOUNT, "100:STDQ", &subjects, true, now).unwrap();
+    }
+    assert_eq!(ledger::reserved(&run.kv, ACCOUNT, "100:STDQ").unwrap(), 2);
+    let failure = Failure {
+        code: "9709".into(),
+        message: "none left".into(),
+    };
+    ledger::accepted(&run.kv, ACCOUNT, "100:STDQ", &subjects, "ev1").unwrap();
+    ledger::fail(
+        &run.kv,
+        ACCOUNT,
+        "100:STDQ",
+        &[(d("D1"), failure)],
+        Some("ev1"),
+        now,
+    )
+    .unwrap();
+    ledger::confirm(
+        &run.kv,
+        ACCOUNT,
+        "100:STDQ",
+        &[d("D2")],
+        Some("ev1"),
+        true,
+        now,
+    )
+    .unwrap();
+    assert_eq!(ledger::reserved(&run.kv, ACCOUNT, "100:STDQ").unwrap(), 0);
+    assert_eq!(state_of(&run, "100", "D1"), Some("failed"));
+    assert_eq!(state_of(&run, "100", "D2"), Some("confirmed"));
+    // Failed entries are pruned after a week (on the next write to their shard).
+    let later = now + Duration::seconds(ledger::FAILED_KEEP_SECS + 1);
+    ledger::fail(&run.kv, ACCOUNT, "100:STDQ", &[], None, later).unwrap();
+    ledger::begin_revoke(&run.kv, ACCOUNT, "100:STDQ", &[d("D1")], later).unwrap();
+    assert_eq!(state_of(&run, "100", "D1"), None);
+}
+
+/// Item 12: the availability check and the reservation are one compare-and-swap: 30 admissions
+/// at once with 10 licenses left admit exactly 10.
+#[test]
+fn concurrent_admissions_never_take_more_than_available() {
+    let kv = MemoryKv::default();
+    let mut a = AssetRecord {
+        adam_id: "100".into(),
+        pricing_param: "STDQ".into(),
+        product_type: "App".into(),
+        name: None,
+        icon_url: None,
+        total: 12,
+        available: 10,
+        in_use: 2,
+        retired: 0,
+        device_assignable: true,
+        revocable: true,
+        supported_platforms: Vec::new(),
+        shards: 1,
+    };
+    a.shards = 1;
+    set_json(
+        &kv,
+        &keys::assets(ACCOUNT),
+        &AssetsDoc {
+            generation: 1,
+            synced_at: None,
+            assets: vec![a],
+        },
+    )
+    .unwrap();
+    let now = Utc::now();
+    let admitted = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for i in 0..30 {
+            let kv = kv.clone();
+            let admitted = &admitted;
+            scope.spawn(move || {
+                match ledger::admit(&kv, ACCOUNT, "100:STDQ", &[d(&format!("C{i}"))], true, now) {
+                    Ok(ledger::Admission::Admitted { admitted: a, .. }) if a.len() == 1 => {
+                        admitted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("{e}"),
+                }
+            });
+        }
+    });
+    assert_eq!(admitted.load(std::sync::atomic::Ordering::SeqCst), 10);
+    assert_eq!(ledger::reserved(&kv, ACCOUNT, "100:STDQ").unwrap(), 10);
+}
+
+/// Item 2: work that needs more Apple calls than one request may make is not lost: what is not
+/// sent stays queued in the ledger (the resume point) and the account's ledger job sends it; an
+/// invocation killed between two key-value writes is resumed by the daily settling.
+#[test]
+fn cut_off_work_is_resumed() {
+    let mut run = Run::new(15);
+    run.world
+        .lock()
+        .unwrap()
+        .model
+        .config
+        .limits
+        .max_serial_numbers = 2;
+    let now = run.now();
+    // One Apple call in this request: 5 devices need 3.
+    let mut b = Budget::new(now, 20, 1);
+    let subjects: Vec<String> = (1..=5).map(|i| format!("D{i}")).collect();
+    let out = block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &assign_body("100", &subjects),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    assert_eq!((out.events.len(), out.queued), (1, 3), "{out:?}");
+    assert_eq!(ledger::reserved(&run.kv, ACCOUNT, "100:STDQ").unwrap(), 5);
+    let (mut j, created) = ledger::start_job(&run.kv, "lj1", ACCOUNT, "test", now).unwrap();
+    assert!(created);
+    let mut b = run.budget();
+    let end = block_on(ledger::run_slice(&run.kv, &run.client(), &mut j, &mut b)).unwrap();
+    assert_eq!(end, refresh::SliceEnd::Done);
+    for s in &subjects {
+        assert_eq!(state_of(&run, "100", s), Some("pending"), "{s}");
+    }
+    // Killed between two writes in the middle of a policy put.
+    run.kv.left.set(Some(3));
+    let body: policy::PolicyBody = serde_json::from_value(json!({
+        "name": "p", "accountId": ACCOUNT, "assets": [{"adamId": "200"}],
+        "serialNumbers": ["D6", "D7", "D8"],
+    }))
+    .unwrap();
+    let mut b = run.budget();
+    let r = block_on(policy::put(&run.kv, &run.client(), "p", &body, now, &mut b));
+    run.kv.left.set(None);
+    let _ = r;
+    // The daily run (events polled, the ledger settled) finishes it.
+    run.settle();
+    run.check(15).unwrap();
+    let w = run.world.lock().unwrap();
+    let held: BTreeSet<String> = w
+        .model
+        .location_state(&w.token)
+        .unwrap()
+        .assignments
+        .iter()
+        .filter_map(|a| a.serial_number.clone())
+        .collect();
+    for s in subjects
+        .iter()
+        .map(String::as_str)
+        .chain(["D6", "D7", "D8"])
+    {
+        assert!(held.contains(s), "{s} assigned at Apple: {held:?}");
+    }
+}
+
+/// Item 10: a poll made for a person's read (`GET /api/events/{id}`) never sends a request to
+/// Apple again, however long the event has been pending; the jobs' polls do.
+#[test]
+fn reads_never_resend_events() {
+    let run = Run::new(16);
+    let now = run.now();
+    let mut b = run.budget();
+    let out = block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &assign_body("100", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    let rec = out.events[0].clone();
+    run.clock.advance(std::time::Duration::from_secs(20 * 60));
+    let posts = |run: &Run| run.world.lock().unwrap().posts;
+    let before = posts(&run);
+    let r = block_on(event::poll_event(
+        &run.kv,
+        &run.client(),
+        &rec,
+        run.now(),
+        false,
+    ))
+    .unwrap();
+    assert_eq!(r.id, rec.id);
+    assert_eq!(posts(&run), before, "a read sent nothing");
+    let r = block_on(event::poll_event(
+        &run.kv,
+        &run.client(),
+        &rec,
+        run.now(),
+        true,
+    ))
+    .unwrap();
+    assert_ne!(r.id, rec.id, "the daily poll sends it again");
+    assert_eq!(posts(&run), before + 1);
+}
