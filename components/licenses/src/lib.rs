@@ -58,7 +58,7 @@ async fn route(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
             let body: assignment::AssignBody = req.json()?;
             let client = client_for(&body.account_id);
             let now = Utc::now();
-            let mut budget = vars::job_budget(now);
+            let mut budget = vars::job_budget(now)?;
             let out = assignment::assign(kv, &client, &body, now, &mut budget).await?;
             let job = ledger_job(kv, req, &body.account_id, out.queued)?;
             Ok(submitted(out, job))
@@ -68,7 +68,7 @@ async fn route(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
             let body: assignment::AssignBody = req.json()?;
             let client = client_for(&body.account_id);
             let now = Utc::now();
-            let mut budget = vars::job_budget(now);
+            let mut budget = vars::job_budget(now)?;
             let out = assignment::revoke(kv, &client, &body, now, &mut budget).await?;
             Ok(submitted(out, None))
         }
@@ -87,7 +87,7 @@ async fn route(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
             let body: policy::PolicyBody = req.json()?;
             let client = client_for(&body.account_id);
             let now = Utc::now();
-            let mut budget = vars::job_budget(now);
+            let mut budget = vars::job_budget(now)?;
             let (created, mut out) = policy::put(kv, &client, id, &body, now, &mut budget).await?;
             let queued = out["queued"].as_u64().unwrap_or(0) as usize;
             if let Some(job) = ledger_job(kv, req, &body.account_id, queued)? {
@@ -271,7 +271,7 @@ async fn run_reconcile(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, Api
     let id = random_id().map_err(ApiError::internal)?;
     let requested_by = req.caller()?.name.clone();
     let (mut job, _created) = reconcile::start(kv, &id, &requested_by, now)?;
-    let mut budget = vars::job_budget(now);
+    let mut budget = vars::job_budget(now)?;
     reconcile::run_slice(kv, &mut job, client_for, now, &mut budget).await?;
     let location = req.url_for(&format!("/api/jobs/{}", job.id));
     Ok(ApiResponse::json(202, &job).with_header("location", &location))
