@@ -112,8 +112,9 @@ pub async fn run_slice<T: Transport, C: Clock>(
             st.index += 1;
             continue;
         }
-        let doc: AssetsDoc = get_json(kv, &keys::assets(&account_id))?.unwrap_or_default();
         let todo = unwanted(kv, &account_id)?;
+        let wanted: Vec<String> = todo.keys().cloned().collect();
+        let doc: AssetsDoc = crate::copy::assets_for(kv, &account_id, &wanted)?;
         let client = client_for_account(&account_id);
         for (ak, subjects) in todo {
             if !budget.take_call(now) {
