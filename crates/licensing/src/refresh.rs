@@ -98,9 +98,11 @@ pub struct RefreshState {
     /// Assets this refresh added to the copy (an incremental refresh looks up only their names).
     #[serde(default)]
     pub assets_added: u64,
-    /// Name lookups made.
+    /// Name lookups made, and the last asset key the names phase looked at.
     #[serde(default)]
     pub lookups: u64,
+    #[serde(default)]
+    pub names_after: String,
 }
 
 /// The checkpoint a new refresh job starts from.
@@ -150,6 +152,7 @@ pub fn initial_state(
         read_assets,
         assets_added: 0,
         lookups: 0,
+        names_after: String::new(),
     })
 }
 
@@ -618,49 +621,73 @@ async fn step<T: Transport, C: Clock>(
             Ok(false)
         }
         Phase::Names => {
-            // Names and icons from Apple's content lookup, one asset page per step; a failed
-            // lookup leaves names empty (the next refresh asks again).
+            // Names and icons from Apple's content lookup: each step looks up the next (up to)
+            // 100 unnamed assets in the copy's order, so the lookups are the fewest possible. A
+            // failed lookup leaves names empty (the next refresh asks again).
             let ix = target_index(kv, account_id, st)?;
-            if st.next_page >= ix.asset_pages {
+            let mut batch: Vec<(u32, String, String)> = Vec::new();
+            while st.next_page < ix.asset_pages
+                && batch.len() < vpp_apple::client::METADATA_IDS_PER_REQUEST
+            {
+                let records = copy::page(kv, account_id, &ix, st.next_page)?;
+                let mut exhausted = true;
+                for (k, a) in records.range::<String, _>((
+                    std::ops::Bound::Excluded(st.names_after.clone()),
+                    std::ops::Bound::Unbounded,
+                )) {
+                    if batch.len() >= vpp_apple::client::METADATA_IDS_PER_REQUEST {
+                        exhausted = false;
+                        break;
+                    }
+                    st.names_after = k.clone();
+                    if a.name.is_none() {
+                        batch.push((st.next_page, k.clone(), a.adam_id.clone()));
+                    }
+                }
+                if exhausted {
+                    st.next_page += 1;
+                    st.names_after.clear();
+                }
+            }
+            if batch.is_empty() {
                 st.phase = Phase::Commit;
                 st.next_page = 0;
                 return Ok(false);
             }
-            let records = copy::page(kv, account_id, &ix, st.next_page)?;
-            let missing: Vec<String> = records
-                .values()
-                .filter(|a| a.name.is_none())
-                .map(|a| a.adam_id.clone())
-                .collect();
-            if !missing.is_empty() {
-                st.lookups += missing
-                    .len()
-                    .div_ceil(vpp_apple::client::METADATA_IDS_PER_REQUEST)
-                    as u64;
-                if let Ok(found) = client.metadata(&missing).await {
-                    let names: HashMap<String, (Option<String>, Option<String>)> = found
-                        .into_iter()
-                        .map(|m| (m.adam_id.clone(), (m.name, m.icon_url)))
-                        .collect();
+            let ids: Vec<String> = batch.iter().map(|b| b.2.clone()).collect();
+            st.lookups += 1;
+            if let Ok(found) = client.metadata(&ids).await {
+                let names: HashMap<String, (Option<String>, Option<String>)> = found
+                    .into_iter()
+                    .map(|m| (m.adam_id.clone(), (m.name, m.icon_url)))
+                    .collect();
+                let mut by_page: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+                for (p, k, _) in batch {
+                    by_page.entry(p).or_default().push(k);
+                }
+                for (p, wanted) in by_page {
                     update::<copy::AssetPage, ()>(
                         kv,
-                        &keys::asset_page(account_id, ix.generation, st.next_page),
+                        &keys::asset_page(account_id, ix.generation, p),
                         |cur| {
                             let Some(mut page) = cur else {
                                 return Ok((None, ()));
                             };
-                            for a in page.values_mut() {
-                                if let Some((name, icon)) = names.get(&a.adam_id) {
-                                    a.name = name.clone();
-                                    a.icon_url = icon.clone();
+                            let mut changed = false;
+                            for k in &wanted {
+                                if let Some(a) = page.get_mut(k) {
+                                    if let Some((name, icon)) = names.get(&a.adam_id) {
+                                        a.name = name.clone();
+                                        a.icon_url = icon.clone();
+                                        changed = true;
+                                    }
                                 }
                             }
-                            Ok((Some(page), ()))
+                            Ok((changed.then_some(page), ()))
                         },
                     )?;
                 }
             }
-            st.next_page += 1;
             Ok(false)
         }
         Phase::Commit => {
