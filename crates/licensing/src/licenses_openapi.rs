@@ -30,15 +30,18 @@ pub fn paths() -> Value {
     json!({
         "/api/licenses": {"get": {
             "summary": "One row per asset with counts and a low-license flag (reader key allowed)",
+            "description": "Paged: a page holds at most `limit` rows (default 500) and reads a bounded part of the store whatever the number of assets; when more rows follow, `nextCursor` is set: send it back as `cursor` for the next page (a page may hold fewer rows than `limit`, even none, while `nextCursor` is set, when `search` or `low` filter rows out). A request without `cursor` returns the first page (for up to 500 assets: everything, as before paging). The CSV export (`format=csv`) is not paged: it holds every row.",
             "parameters": [
                 param("accountId", "query", "string", "only this account"),
                 param("search", "query", "string", "case-insensitive part of the name or adamId"),
                 param("low", "query", "boolean", "only assets at or below the low-license threshold"),
-                param("format", "query", "string", "csv for a CSV export (or send Accept: text/csv)"),
+                param("format", "query", "string", "csv for a CSV export of every row (or send Accept: text/csv)"),
+                param("cursor", "query", "string", "where this page starts: the previous page's nextCursor"),
+                param("limit", "query", "integer", "rows per page, 1 to 1000 (default 500)"),
             ],
             "responses": {
                 "200": {"description": "OK", "content": {
-                    "application/json": {"schema": {"type": "object", "properties": {"licenses": {"type": "array", "items": r("LicenseRow")}}}},
+                    "application/json": {"schema": {"type": "object", "properties": {"licenses": {"type": "array", "items": r("LicenseRow")}, "nextCursor": {"type": ["string", "null"], "description": "send as cursor for the next page; null on the last page"}}}},
                     "text/csv": {"schema": {"type": "string"}}}},
                 "400": err(&["invalid_request"]), "404": err(&["not_found"])}}},
         "/api/licenses/{accountId}/{adamId}/assignments": {"get": {

@@ -155,6 +155,7 @@ async fn execute_inner(
         &app.engine,
         HostState::new(app.clone(), loaded.env.clone(), TriggerKind::Http),
     );
+    HostState::meter(&mut store);
     let pre = ProxyPre::new(loaded.pre.clone()).map_err(anyhow::Error::from)?;
     let proxy = pre
         .instantiate_async(&mut store)
@@ -222,6 +223,7 @@ pub async fn run_cron(
         &app.engine,
         HostState::new(app.clone(), loaded.env.clone(), TriggerKind::Cron),
     );
+    HostState::meter(&mut store);
     let pre = SpinCronPre::new(loaded.pre.clone())
         .map_err(anyhow::Error::from)
         .with_context(|| format!("component {component_id:?} is not a cron component"))?;
