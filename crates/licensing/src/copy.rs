@@ -239,8 +239,8 @@ pub fn insert_assets(
             let mut records = cur.unwrap_or_default();
             let mut changed = false;
             for r in &list {
-                if !records.contains_key(&r.key()) {
-                    records.insert(r.key(), r.clone());
+                if let std::collections::btree_map::Entry::Vacant(e) = records.entry(r.key()) {
+                    e.insert(r.clone());
                     changed = true;
                 }
             }

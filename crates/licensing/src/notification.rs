@@ -191,13 +191,14 @@ fn apply(
         }
         Notification::AssetCount(n) => {
             let ak = crate::model::asset_key(&n.adam_id, n.pricing_param.as_str());
-            let found = !crate::copy::update_assets(kv, &account.id, &[ak.clone()], |a| {
-                if a.total != vpp_apple::Asset::UNLIMITED_TOTAL {
-                    a.total = (a.total + n.count_delta).max(0);
-                    a.available = (a.available + n.count_delta).max(0);
-                }
-            })?
-            .is_empty();
+            let found =
+                !crate::copy::update_assets(kv, &account.id, std::slice::from_ref(&ak), |a| {
+                    if a.total != vpp_apple::Asset::UNLIMITED_TOTAL {
+                        a.total = (a.total + n.count_delta).max(0);
+                        a.available = (a.available + n.count_delta).max(0);
+                    }
+                })?
+                .is_empty();
             Ok(json!({"asset": ak, "countDelta": n.count_delta, "known": found}))
         }
         Notification::UserManagement(n) => {

@@ -17,6 +17,9 @@ use vpp_store::{get_json, keys, set_json, Kv, KvError, MemoryKv};
 
 const ACCOUNT: &str = "acc1";
 
+/// A change to Apple's data made while a read is under way.
+type Change = Box<dyn FnOnce(&mut Location) + Send>;
+
 /// A location at Apple: assets (adamId → assigned count is derived), assignments with the
 /// version that last changed them.
 #[derive(Default)]
@@ -27,7 +30,7 @@ struct Location {
     version: u64,
     page_size: usize,
     /// Run once after the assignments page with this index was served (a change mid-read).
-    after_page: Option<(u32, Box<dyn FnOnce(&mut Location) + Send>)>,
+    after_page: Option<(u32, Change)>,
     calls: Vec<String>,
 }
 
