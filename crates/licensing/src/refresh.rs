@@ -103,6 +103,10 @@ pub struct RefreshState {
     pub lookups: u64,
     #[serde(default)]
     pub names_after: String,
+    /// Full refresh: the generation the new one replaces (deleted once switched), noted when
+    /// the new one is packed so a commit cut off after the switch still finds it.
+    #[serde(default)]
+    pub replaces: Option<CopyIndex>,
 }
 
 /// The checkpoint a new refresh job starts from.
@@ -153,6 +157,7 @@ pub fn initial_state(
         assets_added: 0,
         lookups: 0,
         names_after: String::new(),
+        replaces: None,
     })
 }
 
@@ -525,6 +530,10 @@ async fn step<T: Transport, C: Clock>(
             Ok(false)
         }
         Phase::Pack => {
+            let current = copy::index(kv, account_id)?;
+            if current.generation != st.generation {
+                st.replaces = Some(current);
+            }
             pack(kv, account_id, st)?;
             cache.target = None;
             st.phase = Phase::Assignments;
@@ -799,8 +808,14 @@ fn commit(kv: &impl Kv, account_id: &str, st: &RefreshState) -> Result<(), StepE
     let old = copy::index(kv, account_id)?;
     let gone = if st.full {
         let Some(mut ix) = copy::staging(kv, account_id)? else {
-            // Already switched (a commit cut off after its index write): nothing left to do
-            // but the clean-up below.
+            // Already switched (a commit cut off after its index write): finish the clean-up.
+            if let Some(old) = st
+                .replaces
+                .as_ref()
+                .filter(|o| o.generation != old.generation)
+            {
+                copy::delete_generation(kv, account_id, old)?;
+            }
             return finish_commit(kv, account_id, st);
         };
         ix.synced_at = Some(Utc::now());
@@ -812,8 +827,12 @@ fn commit(kv: &impl Kv, account_id: &str, st: &RefreshState) -> Result<(), StepE
             gone_from_copy(kv, account_id, &ix, st.started_at)?
         };
         set_json(kv, &keys::assets(account_id), &ix)?;
-        if old.generation != ix.generation && old.synced_at.is_some() {
-            copy::delete_generation(kv, account_id, &old)?;
+        if let Some(old) = st
+            .replaces
+            .as_ref()
+            .filter(|o| o.generation != ix.generation)
+        {
+            copy::delete_generation(kv, account_id, old)?;
         }
         kv.delete(&staging_key(account_id))?;
         gone
