@@ -2,8 +2,9 @@
 //! and the paged assignments of one asset.
 //!
 //! Reads are bounded whatever the size of the account: a page of the list reads the settings,
-//! the account index, per account its record, its copy index and its reservations, and at most
-//! [`PAGES_PER_REQUEST`] asset pages; it returns a cursor to continue. A page of an asset's
+//! the account index, per account (at most [`ACCOUNTS_PER_REQUEST`]) its record, its copy index
+//! and its reservations, and at most [`PAGES_PER_REQUEST`] asset pages; it returns a cursor to
+//! continue. A page of an asset's
 //! assignments is the copy index, one asset page and one copy shard.
 
 use crate::copy::{self, CopyIndex};
@@ -41,6 +42,8 @@ pub const DEFAULT_LIMIT: usize = 500;
 pub const MAX_LIMIT: usize = 1000;
 /// Asset pages one request reads at most (a search may return fewer rows and a cursor).
 pub const PAGES_PER_REQUEST: u32 = 3;
+/// Accounts one request visits at most (each costs its record, copy index and reservations).
+pub const ACCOUNTS_PER_REQUEST: u32 = 8;
 
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
@@ -160,7 +163,15 @@ pub fn list_page(
     let needle = filter.search.as_ref().map(|s| s.to_lowercase());
     let mut rows = Vec::new();
     let mut pages_read = 0;
+    let mut visits = 0;
     loop {
+        visits += 1;
+        if visits > ACCOUNTS_PER_REQUEST {
+            return Ok(ListPage {
+                rows,
+                next_cursor: Some(at.encode()),
+            });
+        }
         let id = &ids[account_index];
         let Some(account) = get_json::<Account>(kv, &keys::account(id))? else {
             account_index += 1;
