@@ -224,8 +224,19 @@ fn list_licenses(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError>
             ));
         }
     }
-    let rows = licenses::list(kv, &filter)?;
     if wants_csv(req) {
+        // Every row, one bounded page of the list at a time.
+        let mut body = String::from(licenses::CSV_HEADER);
+        body.push_str("\r\n");
+        let mut cursor: Option<String> = None;
+        loop {
+            let page = licenses::list_page(kv, &filter, cursor.as_deref(), licenses::MAX_LIMIT)?;
+            body.push_str(&licenses::csv_rows(&page.rows));
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
         return Ok(ApiResponse {
             status: 200,
             content_type: "text/csv; charset=utf-8",
@@ -233,10 +244,23 @@ fn list_licenses(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError>
                 "content-disposition".into(),
                 "attachment; filename=\"licenses.csv\"".into(),
             )],
-            body: licenses::to_csv(&rows).into_bytes(),
+            body: body.into_bytes(),
         });
     }
-    Ok(ApiResponse::ok(&json!({ "licenses": rows })))
+    let limit = match req.query_u64("limit")? {
+        None => licenses::DEFAULT_LIMIT,
+        Some(n) if n >= 1 && n <= licenses::MAX_LIMIT as u64 => n as usize,
+        Some(_) => {
+            return Err(ApiError::invalid_field(
+                "limit",
+                format!("limit must be 1 to {}", licenses::MAX_LIMIT),
+            ))
+        }
+    };
+    let page = licenses::list_page(kv, &filter, req.query("cursor"), limit)?;
+    Ok(ApiResponse::ok(
+        &json!({ "licenses": page.rows, "nextCursor": page.next_cursor }),
+    ))
 }
 
 /// The event as we know it. For the admin key, a pending event whose poll is due is polled at

@@ -8,7 +8,7 @@ use crate::apple_state::{AppleState, Owner};
 use crate::error::{ApiError, ErrorCode};
 use crate::instance::{self, Instance};
 use crate::job;
-use crate::model::{asset_key, Account, AssetsDoc, Lifecycle};
+use crate::model::{Account, Lifecycle};
 use crate::status::{self, Status};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -573,14 +573,10 @@ pub async fn delete<G: Gateway>(
         list.retain(|x| x != id);
         Ok((Some(list), ()))
     })?;
-    let doc: AssetsDoc = get_json(kv, &keys::assets(id))?.unwrap_or_default();
-    delete_copy(kv, id, &doc)?;
-    if let Some(staging) = get_json::<AssetsDoc>(kv, &crate::refresh::staging_key(id))? {
-        delete_copy(kv, id, &staging)?;
-    }
-    kv.delete(&crate::refresh::staging_key(id))?;
+    // The ledger's open values are per asset: list the assets before the copy goes.
+    let doc = crate::copy::all_assets(kv, id)?;
+    crate::copy::delete_all(kv, id)?;
     crate::ledger::delete_account(kv, id, &doc)?;
-    kv.delete(&keys::assets(id))?;
     let events: Vec<String> = get_json(kv, &keys::account_events(id))?.unwrap_or_default();
     for e in events {
         kv.delete(&keys::event(&e))?;
@@ -612,16 +608,5 @@ pub async fn delete<G: Gateway>(
     gw.forget(id).await?;
     kv.delete(&keys::token(id))?;
     kv.delete(&keys::account(id))?;
-    Ok(())
-}
-
-/// Delete the assignment shards a copy points at.
-pub fn delete_copy(kv: &impl Kv, id: &str, doc: &AssetsDoc) -> Result<(), ApiError> {
-    for a in &doc.assets {
-        let ak = asset_key(&a.adam_id, &a.pricing_param);
-        for shard in 0..a.shards.max(1) {
-            kv.delete(&keys::assignment_shard(id, doc.generation, &ak, shard))?;
-        }
-    }
     Ok(())
 }

@@ -6,8 +6,8 @@
 use crate::error::{apple_error, ApiError, ErrorCode};
 use crate::job::Budget;
 use crate::model::{
-    copy_shard_of, ledger_shard_of, Account, AssetRecord, AssetsDoc, AssignmentShard, EventKind,
-    EventRecord, LedgerShard, LedgerState, Subject,
+    asset_key, ledger_shard_of, Account, AssetRecord, AssetsDoc, EventKind, EventRecord,
+    LedgerShard, LedgerState, Subject,
 };
 use crate::{event, ledger};
 use chrono::{DateTime, Utc};
@@ -40,7 +40,8 @@ pub struct AssignBody {
 pub struct Target {
     pub account: Account,
     pub asset: AssetRecord,
-    pub generation: u64,
+    /// The copy the asset was read from (its generation and shard count).
+    pub copy: AssetsDoc,
     pub subjects: Vec<Subject>,
 }
 
@@ -141,7 +142,8 @@ pub fn resolve(kv: &impl Kv, body: &AssignBody) -> Result<Target, ApiError> {
         ));
     }
     let account = load_account(kv, &body.account_id)?;
-    let doc: AssetsDoc = get_json(kv, &keys::assets(&account.id))?.unwrap_or_default();
+    let doc: AssetsDoc =
+        crate::copy::assets_for(kv, &account.id, &[asset_key(&body.adam_id, &pricing)])?;
     let asset = find_asset(&doc, &account.id, &body.adam_id, &pricing)?;
     if !asset.device_assignable
         && subjects
@@ -159,7 +161,7 @@ pub fn resolve(kv: &impl Kv, body: &AssignBody) -> Result<Target, ApiError> {
     }
     Ok(Target {
         account,
-        generation: doc.generation,
+        copy: doc,
         asset,
         subjects,
     })
@@ -169,35 +171,20 @@ pub fn resolve(kv: &impl Kv, body: &AssignBody) -> Result<Target, ApiError> {
 pub fn already_assigned(
     kv: &impl Kv,
     account_id: &str,
-    generation: u64,
+    copy: &AssetsDoc,
     asset: &AssetRecord,
     subjects: &[Subject],
 ) -> Result<BTreeSet<String>, StoreError> {
     let ak = asset.key();
-    let mut out = BTreeSet::new();
-    let mut copy_shards: BTreeMap<u32, Vec<&Subject>> = BTreeMap::new();
+    let mut out: BTreeSet<String> = crate::copy::held(kv, account_id, copy, asset, subjects)?
+        .into_keys()
+        .collect();
     let mut ledger_shards: BTreeMap<u32, Vec<&Subject>> = BTreeMap::new();
     for s in subjects {
-        copy_shards
-            .entry(copy_shard_of(s, asset.shards))
-            .or_default()
-            .push(s);
         ledger_shards
             .entry(ledger_shard_of(&ak, s))
             .or_default()
             .push(s);
-    }
-    for (shard, list) in copy_shards {
-        let copy: AssignmentShard = get_json(
-            kv,
-            &keys::assignment_shard(account_id, generation, &ak, shard),
-        )?
-        .unwrap_or_default();
-        for s in list {
-            if copy.contains_key(&s.tag()) {
-                out.insert(s.tag());
-            }
-        }
     }
     for (shard, list) in ledger_shards {
         let ledger: LedgerShard =
@@ -334,7 +321,7 @@ pub async fn assign<T: Transport, C: Clock>(
     budget: &mut Budget,
 ) -> Result<Submitted, ApiError> {
     let t = resolve(kv, body)?;
-    let have = already_assigned(kv, &t.account.id, t.generation, &t.asset, &t.subjects)?;
+    let have = already_assigned(kv, &t.account.id, &t.copy, &t.asset, &t.subjects)?;
     let missing: Vec<Subject> = t
         .subjects
         .iter()

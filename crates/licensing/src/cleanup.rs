@@ -7,17 +7,14 @@
 use crate::apple_state::Owner;
 use crate::error::{ApiError, ErrorCode};
 use crate::job::{Budget, Job, Progress};
-use crate::model::{
-    asset_key, AssetsDoc, AssignmentShard, EventKind, EventRecord, EventState, Failure, MadeBy,
-    Subject,
-};
+use crate::model::{AssetsDoc, EventKind, EventRecord, EventState, Failure, MadeBy, Subject};
 use crate::refresh::SliceEnd;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use vpp_apple::{
     split_manage, AssetRef, Client, Clock, ManageAssetsRequest, PricingParam, Transport,
 };
-use vpp_store::{get_json, keys, Kv};
+use vpp_store::Kv;
 
 /// The checkpoint of a clean-up job.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,9 +45,9 @@ pub fn check_allowed(kv: &impl Kv, account_id: &str) -> Result<(), ApiError> {
 }
 
 pub fn initial_state(kv: &impl Kv, account_id: &str) -> Result<CleanupState, ApiError> {
-    let doc: AssetsDoc = get_json(kv, &keys::assets(account_id))?.unwrap_or_default();
+    let ix = crate::copy::index(kv, account_id)?;
     Ok(CleanupState {
-        generation: doc.generation,
+        generation: ix.generation,
         ..CleanupState::default()
     })
 }
@@ -76,7 +73,8 @@ pub async fn run_slice<T: Transport, C: Clock>(
         job.fail(f.clone(), client.clock().now());
         return Ok(SliceEnd::Failed(f));
     }
-    let doc: AssetsDoc = get_json(kv, &keys::assets(&account_id))?.unwrap_or_default();
+    // A job's slices read every asset page once (the list of what to clean).
+    let doc: AssetsDoc = crate::copy::all_assets(kv, &account_id)?;
     if doc.generation != st.generation {
         st = CleanupState {
             generation: doc.generation,
@@ -106,17 +104,12 @@ pub async fn run_slice<T: Transport, C: Clock>(
             st.shard = 0;
             continue;
         }
-        let ak = asset_key(&asset.adam_id, &asset.pricing_param);
-        let shard: AssignmentShard = get_json(
-            kv,
-            &keys::assignment_shard(&account_id, doc.generation, &ak, st.shard),
-        )?
-        .unwrap_or_default();
-        let foreign: Vec<Subject> = shard
-            .iter()
-            .filter(|(_, by)| **by == MadeBy::Foreign)
-            .filter_map(|(tag, _)| Subject::from_tag(tag))
-            .collect();
+        let foreign: Vec<Subject> =
+            crate::copy::asset_assignments(kv, &account_id, &doc, asset, st.shard)?
+                .into_iter()
+                .filter(|(_, by)| *by == MadeBy::Foreign)
+                .filter_map(|(tag, _)| Subject::from_tag(&tag))
+                .collect();
         if !asset.revocable && !foreign.is_empty() {
             // Apple cannot take these back (9706); say so rather than fail the rest.
             st.skipped_not_revocable += foreign.len() as u64;

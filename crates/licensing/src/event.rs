@@ -11,8 +11,8 @@
 //! and an event still `PENDING` after [`RESEND_AFTER_SECS`] is sent again.
 
 use crate::model::{
-    copy_shard_of, AssetsDoc, AssignmentShard, EventFailure, EventKind, EventRecord, EventState,
-    Failure, LedgerState, MadeBy, Subject,
+    AssetRecord, AssetsDoc, EventFailure, EventKind, EventRecord, EventState, Failure, LedgerState,
+    MadeBy, Subject,
 };
 use crate::{job::Budget, ledger, notice};
 use chrono::{DateTime, Duration, Utc};
@@ -160,7 +160,13 @@ pub fn apply_outcome(
         .as_ref()
         .map(|r| r.source.clone())
         .unwrap_or_else(|| "apple".to_string());
-    let doc: AssetsDoc = get_json(kv, &keys::assets(account_id))?.unwrap_or_default();
+    let wanted: Vec<String> = items
+        .iter()
+        .map(|i| i.asset_key.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let doc: AssetsDoc = crate::copy::assets_for(kv, account_id, &wanted)?;
     let removing = kind != EventKind::Associate;
 
     // 1. Ledger (its own moves): per asset, which items were ours before this outcome.
@@ -229,68 +235,50 @@ pub fn apply_outcome(
         }
     }
 
-    // 2. Copy: one compare-and-swap per (asset, copy shard); count what really changed.
-    let mut by_copy: BTreeMap<(String, u32), Vec<usize>> = BTreeMap::new();
+    // 2. Copy (through `crate::copy`): one compare-and-swap per copy shard; count what really
+    // changed.
+    let mut copy_items: Vec<(usize, AssetRecord)> = Vec::new();
     for (i, it) in items.iter().enumerate() {
         if it.failure.is_some() {
             continue;
         }
         if let Some(asset) = doc.assets.iter().find(|a| a.key() == it.asset_key) {
-            by_copy
-                .entry((
-                    it.asset_key.clone(),
-                    copy_shard_of(&it.subject, asset.shards),
-                ))
-                .or_default()
-                .push(i);
+            copy_items.push((i, asset.clone()));
         }
     }
+    let entries: Vec<(&AssetRecord, &Subject)> = copy_items
+        .iter()
+        .map(|(i, a)| (a, &items[*i].subject))
+        .collect();
+    let had = crate::copy::edit_assignments(kv, account_id, &doc, &entries, |j, cur| {
+        let i = copy_items[j].0;
+        if removing {
+            return if cur.is_some() {
+                crate::copy::Edit::Remove
+            } else {
+                crate::copy::Edit::Keep
+            };
+        }
+        let ledgered = was_ours[i];
+        let made_by = if ledgered {
+            MadeBy::Ours {
+                event_id: event_id.map(str::to_string),
+                at: Some(now),
+            }
+        } else {
+            MadeBy::Foreign
+        };
+        match cur {
+            None => crate::copy::Edit::Put(made_by),
+            Some(MadeBy::Foreign) if ledgered => crate::copy::Edit::Put(made_by),
+            Some(_) => crate::copy::Edit::Keep,
+        }
+    })?;
     let mut count_delta: BTreeMap<String, i64> = BTreeMap::new();
     let mut removed: Vec<(String, Subject)> = Vec::new();
     let mut was_present = vec![false; items.len()];
-    for ((asset_key, shard), idx) in &by_copy {
-        let key = keys::assignment_shard(account_id, doc.generation, asset_key, *shard);
-        let present = update::<AssignmentShard, Vec<(usize, bool)>>(kv, &key, |cur| {
-            let mut s = cur.unwrap_or_default();
-            let mut out = Vec::new();
-            let mut changed = false;
-            for &i in idx {
-                let tag = items[i].subject.tag();
-                let had = s.get(&tag).cloned();
-                out.push((i, had.is_some()));
-                if removing {
-                    if had.is_some() {
-                        s.remove(&tag);
-                        changed = true;
-                    }
-                } else {
-                    let ledgered = was_ours[i];
-                    let made_by = if ledgered {
-                        MadeBy::Ours {
-                            event_id: event_id.map(str::to_string),
-                            at: Some(now),
-                        }
-                    } else {
-                        MadeBy::Foreign
-                    };
-                    match had {
-                        None => {
-                            s.insert(tag, made_by);
-                            changed = true;
-                        }
-                        Some(MadeBy::Foreign) if ledgered => {
-                            s.insert(tag, made_by);
-                            changed = true;
-                        }
-                        Some(_) => {}
-                    }
-                }
-            }
-            Ok((changed.then_some(s), out))
-        })?;
-        for (i, had) in present {
-            was_present[i] = had;
-        }
+    for (j, (i, _)) in copy_items.iter().enumerate() {
+        was_present[*i] = had[j].is_some();
     }
     for (i, it) in items.iter().enumerate() {
         if it.failure.is_some() {
@@ -386,20 +374,7 @@ pub fn adjust_counts(
     if deltas.values().all(|d| *d == 0) {
         return Ok(());
     }
-    update::<AssetsDoc, ()>(kv, &keys::assets(account_id), |cur| {
-        let Some(mut doc) = cur else {
-            return Ok((None, ()));
-        };
-        for a in doc.assets.iter_mut() {
-            if let Some(d) = deltas.get(&a.key()) {
-                a.in_use = (a.in_use + d).max(0);
-                if a.total != vpp_apple::Asset::UNLIMITED_TOTAL {
-                    a.available = (a.available - d).max(0);
-                }
-            }
-        }
-        Ok((Some(doc), ()))
-    })
+    crate::copy::adjust_counts(kv, account_id, deltas)
 }
 
 /// The subjects an Apple `ErrorResponse` names (`errorInfo`).
@@ -557,7 +532,12 @@ pub async fn poll_event<T: Transport, C: Clock>(
         }
         return Ok(r);
     }
-    let doc: AssetsDoc = get_json(kv, &keys::assets(&record.account_id))?.unwrap_or_default();
+    let doc: AssetsDoc = if record.assets.is_empty() {
+        crate::copy::all_assets(kv, &record.account_id)?
+    } else {
+        let wanted: Vec<String> = record.assets.iter().map(asset_ref_key).collect();
+        crate::copy::assets_for(kv, &record.account_id, &wanted)?
+    };
     let (items, terminal) = items_from_status(record, &doc, &status);
     mark_polled(kv, &record.id, None, now)?;
     let r = apply_outcome(

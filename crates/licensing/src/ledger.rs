@@ -21,12 +21,13 @@
 //! until Apple's assignments for that device or user say what happened ([`settle_account`]);
 //! only an Apple error with an `errorNumber` releases it at once.
 
+use crate::copy;
 use crate::error::ApiError;
 use crate::event;
 use crate::job::{self, Budget, Job};
 use crate::model::{
-    copy_shard_of, ledger_shard_of, AssetRecord, AssetsDoc, AssignmentShard, EventKind,
-    EventRecord, Failure, LedgerEntry, LedgerShard, LedgerState, Subject, LEDGER_SHARDS,
+    ledger_shard_of, AssetRecord, AssetsDoc, EventKind, EventRecord, Failure, LedgerEntry,
+    LedgerShard, LedgerState, Subject, LEDGER_SHARDS,
 };
 use crate::refresh::SliceEnd;
 use chrono::{DateTime, Duration, TimeZone, Utc};
@@ -172,17 +173,17 @@ fn open_update<R>(
     })
 }
 
-/// Create the (empty) open value of every asset that has none, before the assets become
-/// assignable (a refresh commit, one writer per account). Admissions then always
-/// compare-and-swap against an existing value: where the platform's swap on an absent key is an
-/// upsert, two first admissions could otherwise both win.
-pub fn prepare(kv: &impl Kv, account: &str, doc: &AssetsDoc) -> Result<(), StoreError> {
+/// Create the (empty) open value of each of `asset_keys` that has none, before the assets
+/// become assignable (a refresh writing assets into the copy, one writer per account).
+/// Admissions then always compare-and-swap against an existing value: where the platform's swap
+/// on an absent key is an upsert, two first admissions could otherwise both win.
+pub fn prepare(kv: &impl Kv, account: &str, asset_keys: &[String]) -> Result<(), StoreError> {
     let empty = serde_json::to_vec(&OpenDoc::default()).map_err(|e| StoreError::Corrupt {
         key: keys::ledger_open(account, "-"),
         reason: e.to_string(),
     })?;
-    for a in &doc.assets {
-        let key = keys::ledger_open(account, &a.key());
+    for ak in asset_keys {
+        let key = keys::ledger_open(account, ak);
         if kv.get(&key)?.is_none() {
             kv.swap(&key, None, &empty)?;
         }
@@ -190,25 +191,58 @@ pub fn prepare(kv: &impl Kv, account: &str, doc: &AssetsDoc) -> Result<(), Store
     Ok(())
 }
 
-/// Licenses an asset's open entries hold (its reservation).
-pub fn reserved(kv: &impl Kv, account: &str, asset_key: &str) -> Result<i64, StoreError> {
-    Ok(open_doc(kv, account, asset_key)?.entries.len() as i64)
+/// Assets of the account that may have open entries (`keys::ledger_open_assets`): where reads
+/// of many assets (the licenses list) look for reservations instead of reading every asset's
+/// open value. A superset: an asset is added before and after entries are admitted for it,
+/// and removed only by settling once its open value is empty (re-checked after the removal;
+/// settling also re-adds any non-empty value it reads, so a writer stopped halfway is repaired).
+pub fn open_assets(kv: &impl Kv, account: &str) -> Result<BTreeSet<String>, StoreError> {
+    Ok(get_json(kv, &keys::ledger_open_assets(account))?.unwrap_or_default())
 }
 
-/// Reservations of every asset of an account.
-pub fn reservations(
-    kv: &impl Kv,
-    account: &str,
-    doc: &AssetsDoc,
-) -> Result<BTreeMap<String, i64>, StoreError> {
+fn mark_open(kv: &impl Kv, account: &str, asset_key: &str) -> Result<(), StoreError> {
+    if open_assets(kv, account)?.contains(asset_key) {
+        return Ok(());
+    }
+    update::<BTreeSet<String>, ()>(kv, &keys::ledger_open_assets(account), |cur| {
+        let mut set = cur.unwrap_or_default();
+        let added = set.insert(asset_key.to_string());
+        Ok((added.then_some(set), ()))
+    })
+}
+
+/// Take an asset whose open value is empty off [`open_assets`] (put back at once if entries
+/// were admitted meanwhile).
+fn unmark_open(kv: &impl Kv, account: &str, asset_key: &str) -> Result<(), StoreError> {
+    update::<BTreeSet<String>, ()>(kv, &keys::ledger_open_assets(account), |cur| {
+        let Some(mut set) = cur else {
+            return Ok((None, ()));
+        };
+        let removed = set.remove(asset_key);
+        Ok((removed.then_some(set), ()))
+    })?;
+    if !open_doc(kv, account, asset_key)?.entries.is_empty() {
+        mark_open(kv, account, asset_key)?;
+    }
+    Ok(())
+}
+
+/// Reservations of the account's assets that have open entries: one read for
+/// [`open_assets`] and one per asset on it (never one per asset of the account).
+pub fn open_reservations(kv: &impl Kv, account: &str) -> Result<BTreeMap<String, i64>, StoreError> {
     let mut out = BTreeMap::new();
-    for a in &doc.assets {
-        let n = reserved(kv, account, &a.key())?;
+    for ak in open_assets(kv, account)? {
+        let n = reserved(kv, account, &ak)?;
         if n > 0 {
-            out.insert(a.key(), n);
+            out.insert(ak, n);
         }
     }
     Ok(out)
+}
+
+/// Licenses an asset's open entries hold (its reservation).
+pub fn reserved(kv: &impl Kv, account: &str, asset_key: &str) -> Result<i64, StoreError> {
+    Ok(open_doc(kv, account, asset_key)?.entries.len() as i64)
 }
 
 /// Change ledger entries of one shard group: `f` maps the current entry to the new one
@@ -380,7 +414,7 @@ pub fn admit(
     if kv.get(&key)?.is_none() {
         if all_or_nothing {
             // A refusal writes nothing at all.
-            let doc: AssetsDoc = get_json(kv, &keys::assets(account))?.unwrap_or_default();
+            let doc = copy::assets_for(kv, account, &[asset_key.to_string()])?;
             let free = room(&doc, asset_key, &OpenDoc::default()).unwrap_or(i64::MAX);
             if subjects.len() as i64 > free {
                 return Ok(Admission::NoRoom {
@@ -391,12 +425,11 @@ pub fn admit(
         }
         kv.swap(&key, None, br#"{"ev":[],"o":{}}"#)?;
     }
-    open_update(kv, account, asset_key, |open| {
+    // Listed where reads look before the entries exist, and again after (see `open_assets`).
+    mark_open(kv, account, asset_key)?;
+    let admission = open_update(kv, account, asset_key, |open| {
         // Apple's counts as they are now (a completed event moves them).
-        let doc: AssetsDoc = match get_json(kv, &keys::assets(account)) {
-            Ok(d) => d.unwrap_or_default(),
-            Err(_) => AssetsDoc::default(),
-        };
+        let doc = copy::assets_for(kv, account, &[asset_key.to_string()]).unwrap_or_default();
         let free = room(&doc, asset_key, open).unwrap_or(i64::MAX).max(0) as usize;
         let (already, new): (Vec<Subject>, Vec<Subject>) = subjects
             .iter()
@@ -431,7 +464,11 @@ pub fn admit(
                 shortfall: new[take..].to_vec(),
             },
         )
-    })
+    })?;
+    if matches!(&admission, Admission::Admitted { admitted, .. } if !admitted.is_empty()) {
+        mark_open(kv, account, asset_key)?;
+    }
+    Ok(admission)
 }
 
 /// Which of `subjects` are open (any state) for the asset.
@@ -953,38 +990,43 @@ async fn settle<T: Transport, C: Clock>(
     queued_after: i64,
 ) -> Result<SettleReport, StoreError> {
     let mut report = SettleReport::default();
-    let doc: AssetsDoc = get_json(kv, &keys::assets(account))?.unwrap_or_default();
+    // Every asset of the copy (the ledger job and reconcile run this, never a request).
+    let doc = copy::all_assets(kv, account)?;
     let polled: BTreeSet<String> = get_json::<Vec<String>>(kv, &keys::account_events(account))?
         .unwrap_or_default()
         .into_iter()
         .collect();
     settle_revoking(kv, client, account, &doc, &polled, now, budget, &mut report).await?;
+    let listed = open_assets(kv, account)?;
     for asset in &doc.assets {
         let ak = asset.key();
         let open = open_doc(kv, account, &ak)?;
         if open.entries.is_empty() {
+            if listed.contains(&ak) {
+                unmark_open(kv, account, &ak)?;
+            }
             continue;
+        }
+        if !listed.contains(&ak) {
+            // A writer stopped between admitting and listing the asset.
+            mark_open(kv, account, &ak)?;
         }
         let mut seen = Vec::new();
         let mut settled_leftover = Vec::new();
         let mut to_send = Vec::new();
         let mut to_verify = Vec::new();
-        let mut copies: BTreeMap<u32, AssignmentShard> = BTreeMap::new();
+        // Which open subjects the copy shows at Apple: one read per copy shard they are on.
+        let open_subjects: Vec<Subject> = open
+            .entries
+            .keys()
+            .filter_map(|t| Subject::from_tag(t))
+            .collect();
+        let at_apple = copy::held(kv, account, &doc, asset, &open_subjects)?;
         for (tag, o) in &open.entries {
             let Some(s) = Subject::from_tag(tag) else {
                 continue;
             };
-            let shard = copy_shard_of(&s, asset.shards);
-            if let std::collections::btree_map::Entry::Vacant(v) = copies.entry(shard) {
-                v.insert(
-                    get_json(
-                        kv,
-                        &keys::assignment_shard(account, doc.generation, &ak, shard),
-                    )?
-                    .unwrap_or_default(),
-                );
-            }
-            if copies.get(&shard).is_some_and(|c| c.contains_key(tag)) {
+            if at_apple.contains_key(tag) {
                 seen.push(s);
                 continue;
             }
@@ -1275,6 +1317,10 @@ pub fn delete_account(kv: &impl Kv, account: &str, doc: &AssetsDoc) -> Result<()
     for a in &doc.assets {
         kv.delete(&keys::ledger_open(account, &a.key()))?;
     }
+    for ak in open_assets(kv, account)? {
+        kv.delete(&keys::ledger_open(account, &ak))?;
+    }
+    kv.delete(&keys::ledger_open_assets(account))?;
     Ok(())
 }
 

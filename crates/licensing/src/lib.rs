@@ -8,6 +8,7 @@ pub mod assignment;
 pub mod audit;
 pub mod auth;
 pub mod cleanup;
+pub mod copy;
 pub mod daily;
 pub mod error;
 pub mod event;

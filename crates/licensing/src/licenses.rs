@@ -1,9 +1,15 @@
 //! The licenses list (one row per asset, with counts and a low-license flag), its CSV export,
-//! and the paged assignments of one asset. Reads: the account index, then per account its record,
-//! its assets and its reservations; an assignments page is one copy shard.
+//! and the paged assignments of one asset.
+//!
+//! Reads are bounded whatever the size of the account: a page of the list reads the settings,
+//! the account index, per account (at most [`ACCOUNTS_PER_REQUEST`]) its record, its copy index
+//! and its reservations (`ledger::open_reservations`: the assets with open entries), and at most
+//! [`PAGES_PER_REQUEST`] asset pages; it returns a cursor to continue. A page of an asset's
+//! assignments is the copy index, one asset page and one copy shard.
 
+use crate::copy::{self, CopyIndex};
 use crate::error::ApiError;
-use crate::model::{Account, AssetRecord, AssetsDoc, AssignmentShard, MadeBy, Subject};
+use crate::model::{asset_key, Account, AssetRecord, MadeBy, Subject};
 use crate::{event, settings};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -31,6 +37,14 @@ pub struct LicenseRow {
     pub synced_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
+/// Rows per page of the list unless `limit` says otherwise, and the most `limit` may ask.
+pub const DEFAULT_LIMIT: usize = 500;
+pub const MAX_LIMIT: usize = 1000;
+/// Asset pages one request reads at most (a search may return fewer rows and a cursor).
+pub const PAGES_PER_REQUEST: u32 = 3;
+/// Accounts one request visits at most (each costs its record, copy index and reservations).
+pub const ACCOUNTS_PER_REQUEST: u32 = 8;
+
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
     pub account_id: Option<String>,
@@ -41,7 +55,7 @@ pub struct Filter {
 
 fn row(
     account: &Account,
-    doc: &AssetsDoc,
+    ix: &CopyIndex,
     a: &AssetRecord,
     pending: i64,
     threshold: i64,
@@ -63,11 +77,57 @@ fn row(
         low_licenses: !unlimited && a.available - pending <= threshold,
         device_assignable: a.device_assignable,
         revocable: a.revocable,
-        synced_at: doc.synced_at,
+        synced_at: ix.synced_at,
     }
 }
 
-pub fn list(kv: &impl Kv, filter: &Filter) -> Result<Vec<LicenseRow>, ApiError> {
+/// One page of the list and where the next one starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListPage {
+    pub rows: Vec<LicenseRow>,
+    pub next_cursor: Option<String>,
+}
+
+/// Where a page of the list starts: an account, its asset page, the last asset key returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Cursor {
+    account: String,
+    page: u32,
+    after: String,
+}
+
+impl Cursor {
+    fn encode(&self) -> String {
+        format!("{}~{}~{}", self.account, self.page, self.after)
+    }
+
+    fn parse(s: &str) -> Result<Cursor, ApiError> {
+        let bad = || ApiError::invalid_field("cursor", "not a cursor this API returned");
+        let mut parts = s.splitn(3, '~');
+        let account = parts.next().filter(|a| !a.is_empty()).ok_or_else(bad)?;
+        let page = parts
+            .next()
+            .and_then(|p| p.parse::<u32>().ok())
+            .ok_or_else(bad)?;
+        let after = parts.next().ok_or_else(bad)?;
+        Ok(Cursor {
+            account: account.to_string(),
+            page,
+            after: after.to_string(),
+        })
+    }
+}
+
+/// One page of the licenses list, at most `limit` rows, starting at `cursor` (from the
+/// previous page's `next_cursor`; `None`: the beginning). Rows come account by account, in the
+/// copy's order (stable between refreshes that do not change the assets).
+pub fn list_page(
+    kv: &impl Kv,
+    filter: &Filter,
+    cursor: Option<&str>,
+    limit: usize,
+) -> Result<ListPage, ApiError> {
+    let limit = limit.clamp(1, MAX_LIMIT);
     let threshold = settings::load(kv)?.low_license_threshold;
     let ids: Vec<String> = match &filter.account_id {
         Some(id) => {
@@ -78,35 +138,129 @@ pub fn list(kv: &impl Kv, filter: &Filter) -> Result<Vec<LicenseRow>, ApiError> 
         }
         None => get_json(kv, &keys::accounts())?.unwrap_or_default(),
     };
+    let mut at = match cursor.filter(|c| !c.is_empty()) {
+        None => match ids.first() {
+            None => {
+                return Ok(ListPage {
+                    rows: Vec::new(),
+                    next_cursor: None,
+                })
+            }
+            Some(first) => Cursor {
+                account: first.clone(),
+                page: 0,
+                after: String::new(),
+            },
+        },
+        Some(c) => Cursor::parse(c)?,
+    };
+    let Some(mut account_index) = ids.iter().position(|i| *i == at.account) else {
+        return Err(ApiError::invalid_field(
+            "cursor",
+            "the cursor's account is no longer listed; start again without a cursor",
+        ));
+    };
     let needle = filter.search.as_ref().map(|s| s.to_lowercase());
-    let mut out = Vec::new();
-    for id in ids {
-        let Some(account) = get_json::<Account>(kv, &keys::account(&id))? else {
-            continue;
-        };
-        let doc: AssetsDoc = get_json(kv, &keys::assets(&id))?.unwrap_or_default();
-        let reserved = crate::ledger::reservations(kv, &id, &doc)?;
-        for a in &doc.assets {
-            if let Some(n) = &needle {
-                let name = a.name.as_deref().unwrap_or("").to_lowercase();
-                if !name.contains(n.as_str()) && !a.adam_id.contains(n.as_str()) {
+    let mut rows = Vec::new();
+    let mut pages_read = 0;
+    let mut visits = 0;
+    loop {
+        visits += 1;
+        if visits > ACCOUNTS_PER_REQUEST {
+            return Ok(ListPage {
+                rows,
+                next_cursor: Some(at.encode()),
+            });
+        }
+        let id = &ids[account_index];
+        let Some(account) = get_json::<Account>(kv, &keys::account(id))? else {
+            account_index += 1;
+            match ids.get(account_index) {
+                Some(next) => {
+                    at = Cursor {
+                        account: next.clone(),
+                        page: 0,
+                        after: String::new(),
+                    };
                     continue;
                 }
+                None => break,
             }
-            let r = row(
-                &account,
-                &doc,
-                a,
-                reserved.get(&a.key()).copied().unwrap_or(0),
-                threshold,
-            );
-            if filter.low_only && !r.low_licenses {
-                continue;
+        };
+        let ix = copy::index(kv, id)?;
+        // Reservations: the open ledger values of the assets that may have open entries.
+        let reserved = crate::ledger::open_reservations(kv, id)?;
+        while at.page < ix.asset_pages {
+            if pages_read >= PAGES_PER_REQUEST {
+                return Ok(ListPage {
+                    rows,
+                    next_cursor: Some(at.encode()),
+                });
             }
-            out.push(r);
+            pages_read += 1;
+            let page = copy::page(kv, id, &ix, at.page)?;
+            for (k, a) in page.range::<String, _>((
+                std::ops::Bound::Excluded(at.after.clone()),
+                std::ops::Bound::Unbounded,
+            )) {
+                at.after = k.clone();
+                if let Some(n) = &needle {
+                    let name = a.name.as_deref().unwrap_or("").to_lowercase();
+                    if !name.contains(n.as_str()) && !a.adam_id.contains(n.as_str()) {
+                        continue;
+                    }
+                }
+                let r = row(
+                    &account,
+                    &ix,
+                    a,
+                    reserved.get(k).copied().unwrap_or(0),
+                    threshold,
+                );
+                if filter.low_only && !r.low_licenses {
+                    continue;
+                }
+                rows.push(r);
+                if rows.len() >= limit {
+                    return Ok(ListPage {
+                        rows,
+                        next_cursor: Some(at.encode()),
+                    });
+                }
+            }
+            at.page += 1;
+            at.after.clear();
+        }
+        account_index += 1;
+        match ids.get(account_index) {
+            Some(next) => {
+                at = Cursor {
+                    account: next.clone(),
+                    page: 0,
+                    after: String::new(),
+                };
+            }
+            None => break,
         }
     }
-    Ok(out)
+    Ok(ListPage {
+        rows,
+        next_cursor: None,
+    })
+}
+
+/// The whole list (every page; for small stores and tests).
+pub fn list(kv: &impl Kv, filter: &Filter) -> Result<Vec<LicenseRow>, ApiError> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = list_page(kv, filter, cursor.as_deref(), MAX_LIMIT)?;
+        out.extend(page.rows);
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => return Ok(out),
+        }
+    }
 }
 
 /// Characters that make a spreadsheet read a cell as a formula when they lead it (a leading tab
@@ -133,6 +287,13 @@ pub const CSV_HEADER: &str = "accountId,accountName,adamId,pricingParam,name,pro
 pub fn to_csv(rows: &[LicenseRow]) -> String {
     let mut out = String::from(CSV_HEADER);
     out.push_str("\r\n");
+    out.push_str(&csv_rows(rows));
+    out
+}
+
+/// Rows as CSV lines (no header): a streamed export writes one page at a time.
+pub fn csv_rows(rows: &[LicenseRow]) -> String {
+    let mut out = String::new();
     for r in rows {
         let fields = [
             csv_field(&r.account_id),
@@ -165,23 +326,30 @@ pub fn assignments(
 ) -> Result<Value, ApiError> {
     crate::assignment::validate_adam_id(adam_id)?;
     let account = crate::assignment::load_account(kv, account_id)?;
-    let doc: AssetsDoc = get_json(kv, &keys::assets(&account.id))?.unwrap_or_default();
-    let asset = match pricing {
+    let not_found = || ApiError::not_found(format!("asset {adam_id} in account {account_id}"));
+    let (doc, asset) = match pricing {
         Some(p) => {
             let p = crate::assignment::validate_pricing(Some(p))?;
-            crate::assignment::find_asset(&doc, account_id, adam_id, &p)?
+            let (doc, found) = copy::asset(kv, &account.id, &asset_key(adam_id, &p))?;
+            let asset = match found {
+                Some(a) => a,
+                None => crate::assignment::find_asset(&doc, account_id, adam_id, &p)?,
+            };
+            (doc, asset)
         }
-        None => match doc.find(adam_id, "STDQ") {
-            Some(a) => a.clone(),
-            None => doc
-                .assets
-                .iter()
-                .find(|a| a.adam_id == adam_id)
+        None => {
+            let doc = copy::assets_for(
+                kv,
+                &account.id,
+                &[asset_key(adam_id, "STDQ"), asset_key(adam_id, "PLUS")],
+            )?;
+            let asset = doc
+                .find(adam_id, "STDQ")
+                .or_else(|| doc.assets.first())
                 .cloned()
-                .ok_or_else(|| {
-                    ApiError::not_found(format!("asset {adam_id} in account {account_id}"))
-                })?,
-        },
+                .ok_or_else(not_found)?;
+            (doc, asset)
+        }
     };
     let page = page.unwrap_or(0);
     if page >= u64::from(asset.shards) {
@@ -191,12 +359,8 @@ pub fn assignments(
         ))
         .with_details(json!({"field": "page"})));
     }
-    let shard: AssignmentShard = get_json(
-        kv,
-        &keys::assignment_shard(&account.id, doc.generation, &asset.key(), page as u32),
-    )?
-    .unwrap_or_default();
-    let list: Vec<Value> = shard
+    let entries = copy::asset_assignments(kv, &account.id, &doc, &asset, page as u32)?;
+    let list: Vec<Value> = entries
         .iter()
         .filter_map(|(tag, by)| {
             let subject = Subject::from_tag(tag)?;

@@ -55,15 +55,20 @@ pub fn paths() -> Value {
         "/api/licenses": {"get": {
             "operationId": "listLicenses",
             "summary": "One row per asset with counts and a low-license flag (reader key allowed)",
+            "description": "Paged: a page holds at most `limit` rows (default 500) and reads a bounded part of the store whatever the number of assets; when more rows follow, `nextCursor` is set: send it back as `cursor` for the next page (a page may hold fewer rows than `limit`, even none, while `nextCursor` is set, when `search` or `low` filter rows out). A request without `cursor` returns the first page (for up to 500 assets: everything, as before paging). The CSV export (`format=csv`) is not paged: it holds every row.",
             "parameters": [
                 query("accountId", json!({"type": "string"}), "only this account (404 when there is none)"),
                 query("search", json!({"type": "string"}), "case-insensitive part of the name or adamId"),
                 query("low", json!({"type": "string", "enum": ["true", "false"]}), "only assets at or below the low-license threshold"),
-                query("format", json!({"type": "string", "enum": ["json", "csv"]}), "csv for a CSV export (or send Accept: text/csv)"),
+                query("format", json!({"type": "string", "enum": ["json", "csv"]}), "csv for a CSV export of every row (or send Accept: text/csv)"),
+                query("cursor", json!({"type": "string"}), "where this page starts: the previous page's nextCursor (a cursor that is not one is 400)"),
+                query("limit", json!({"type": "integer", "minimum": 1, "maximum": 1000}), "rows per page, 1 to 1000 (default 500)"),
             ],
             "responses": {
                 "200": {"description": "OK", "content": {
-                    "application/json": {"schema": {"type": "object", "required": ["licenses"], "properties": {"licenses": {"type": "array", "items": r("LicenseRow")}}}},
+                    "application/json": {"schema": {"type": "object", "required": ["licenses"], "properties": {
+                        "licenses": {"type": "array", "items": r("LicenseRow")},
+                        "nextCursor": {"type": ["string", "null"], "description": "send as cursor for the next page; null on the last page"}}}},
                     "text/csv": {"schema": {"type": "string"}}},
                     "links": {"ListAssignments": {"operationId": "listAssignments", "parameters": {
                         "accountId": "$response.body#/licenses/0/accountId", "adamId": "$response.body#/licenses/0/adamId"}}}},

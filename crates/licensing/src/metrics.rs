@@ -2,8 +2,8 @@
 //! (version 0.0.4).
 //!
 //! Reads a bounded number of keys: the account index; per account its record, its Apple state
-//! and its pending-events index; what the licenses list reads (per account: record, assets,
-//! reservations; the settings); the job index and the jobs it keeps (at most
+//! and its pending-events index; what the licenses list reads (per account: record, copy index,
+//! reservations, asset pages; the settings); the job index and the jobs it keeps (at most
 //! [`crate::job::KEPT_JOBS`]); the notice outbox. Never a per-assignment key.
 
 use crate::apple_state::{AppleState, Owner};
@@ -456,11 +456,9 @@ mod tests {
             let list: Vec<_> = (0..assets).map(|a| json!({
                 "adamId": format!("{}", 1000 + a), "pricingParam": "STDQ", "productType": "App",
                 "name": format!("App \"{a}\""), "total": 10, "available": 4, "inUse": 6, "retired": 0})).collect();
-            put(
-                &kv,
-                keys::assets(id),
-                json!({"generation": 1, "syncedAt": null, "assets": list}),
-            );
+            let records: Vec<crate::model::AssetRecord> =
+                serde_json::from_value(json!(list)).unwrap();
+            crate::copy::write_generation(&kv, id, 1, None, records).unwrap();
             let job = format!("{:032x}", 1000 + i);
             put(
                 &kv,
@@ -513,9 +511,10 @@ mod tests {
         };
         assert_eq!(reads(3, 1), reads(3, 500));
         let per_account = reads(4, 1) - reads(3, 1);
-        // record, Apple state, pending events, and the licenses list's record, assets,
-        // reservations; plus the account's one job.
-        assert!(per_account <= 7, "{per_account} reads per account");
+        // record, Apple state, pending events, and the licenses list's record, copy index,
+        // reservations (the open-assets list; no asset has open entries here) and one asset
+        // page (500 assets fit on one); plus the account's one job.
+        assert!(per_account <= 8, "{per_account} reads per account");
         assert!(
             reads(0, 0) <= 8,
             "{} reads with nothing stored",

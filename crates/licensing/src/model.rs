@@ -98,7 +98,7 @@ pub struct AssetRecord {
     pub revocable: bool,
     #[serde(default)]
     pub supported_platforms: Vec<String>,
-    /// Shards of this asset's assignment copy in the current generation.
+    /// Copy shards this asset's assignments are spread over (its pages of assignments).
     #[serde(default = "one")]
     pub shards: u32,
 }
@@ -118,13 +118,17 @@ pub fn asset_key(adam_id: &str, pricing_param: &str) -> String {
     format!("{adam_id}:{pricing_param}")
 }
 
-/// The account's copy of Apple's assets: one value, replaced whole when a refresh commits.
-/// `generation` names the assignment shards that go with it.
+/// Some or all of an account's assets as read from its copy (`crate::copy`), with what is
+/// needed to find their assignment shards. Not stored as one value: the copy keeps assets in
+/// pages (`vpp_store::keys`); `copy::assets_for` and `copy::all_assets` build this view.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct AssetsDoc {
     pub generation: u64,
     pub synced_at: Option<DateTime<Utc>>,
+    /// Copy shards of the generation (see `vpp_store::keys::copy_shard_of`).
+    #[serde(default = "one")]
+    pub copy_shards: u32,
     pub assets: Vec<AssetRecord>,
 }
 
@@ -178,10 +182,6 @@ pub enum MadeBy {
     Foreign,
 }
 
-/// One shard of an asset's assignment copy: subject tag → who made it. A map, so writing the
-/// same Apple page twice (a resumed refresh) changes nothing.
-pub type AssignmentShard = BTreeMap<String, MadeBy>;
-
 /// What this instance asked Apple to do for one (asset, subject), kept until revoked.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -214,11 +214,6 @@ pub const LEDGER_SHARDS: u32 = 32;
 /// The ledger shard that holds (asset, subject).
 pub fn ledger_shard_of(asset_key: &str, subject: &Subject) -> u32 {
     vpp_store::keys::shard_of(&format!("{asset_key}|{}", subject.tag()), LEDGER_SHARDS)
-}
-
-/// The copy shard of an asset that holds `subject`.
-pub fn copy_shard_of(subject: &Subject, shards: u32) -> u32 {
-    vpp_store::keys::shard_of(&subject.tag(), shards)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

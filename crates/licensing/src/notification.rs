@@ -8,7 +8,7 @@
 use crate::auth::constant_time_eq;
 use crate::error::{ApiError, ErrorCode};
 use crate::event::{self, Item};
-use crate::model::{Account, AssetsDoc, EventKind, Failure, Subject};
+use crate::model::{Account, EventKind, Failure, Subject};
 use crate::users;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -199,19 +199,14 @@ fn apply(
         }
         Notification::AssetCount(n) => {
             let ak = crate::model::asset_key(&n.adam_id, n.pricing_param.as_str());
-            let found = update::<AssetsDoc, bool>(kv, &keys::assets(&account.id), |cur| {
-                let Some(mut doc) = cur else {
-                    return Ok((None, false));
-                };
-                let Some(a) = doc.assets.iter_mut().find(|a| a.key() == ak) else {
-                    return Ok((None, false));
-                };
-                if a.total != vpp_apple::Asset::UNLIMITED_TOTAL {
-                    a.total = (a.total + n.count_delta).max(0);
-                    a.available = (a.available + n.count_delta).max(0);
-                }
-                Ok((Some(doc), true))
-            })?;
+            let found =
+                !crate::copy::update_assets(kv, &account.id, std::slice::from_ref(&ak), |a| {
+                    if a.total != vpp_apple::Asset::UNLIMITED_TOTAL {
+                        a.total = (a.total + n.count_delta).max(0);
+                        a.available = (a.available + n.count_delta).max(0);
+                    }
+                })?
+                .is_empty();
             Ok(json!({"asset": ak, "countDelta": n.count_delta, "known": found}))
         }
         Notification::UserManagement(n) => {

@@ -172,7 +172,12 @@ pub fn validate(
         &body.client_user_ids,
         MAX_POLICY_SUBJECTS,
     )?;
-    let doc: AssetsDoc = get_json(kv, &keys::assets(&account.id))?.unwrap_or_default();
+    let wanted: Vec<String> = body
+        .assets
+        .iter()
+        .map(|a| asset_key(&a.adam_id, &a.pricing_param))
+        .collect();
+    let doc: AssetsDoc = crate::copy::assets_for(kv, &account.id, &wanted)?;
     let mut assets = Vec::new();
     let mut seen = BTreeSet::new();
     let mut missing = Vec::new();
@@ -282,13 +287,7 @@ pub async fn put<T: Transport, C: Clock>(
         let Some(asset) = doc.find(&pa.adam_id, &pa.pricing_param).cloned() else {
             continue;
         };
-        let have = assignment::already_assigned(
-            kv,
-            &policy.account_id,
-            doc.generation,
-            &asset,
-            &subjects,
-        )?;
+        let have = assignment::already_assigned(kv, &policy.account_id, &doc, &asset, &subjects)?;
         let missing: Vec<Subject> = subjects
             .iter()
             .filter(|s| !have.contains(&s.tag()))

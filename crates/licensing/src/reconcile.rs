@@ -122,8 +122,9 @@ pub async fn run_slice<T: Transport, C: Clock>(
         event::poll_account(kv, &client, &account_id, now, budget, &mut polled).await?;
         let settled = ledger::settle_account(kv, &client, &account_id, now, budget).await?;
         st.settled += u64::from(settled.confirmed);
-        let doc: AssetsDoc = get_json(kv, &keys::assets(&account_id))?.unwrap_or_default();
         let todo = unwanted(kv, &account_id)?;
+        let wanted: Vec<String> = todo.keys().cloned().collect();
+        let doc: AssetsDoc = crate::copy::assets_for(kv, &account_id, &wanted)?;
         for (ak, subjects) in todo {
             if budget.exhausted(now) {
                 paused = true;

@@ -1,19 +1,34 @@
 //! Refresh: replace an account's local copy of Apple's state (assets with counts, every
-//! assignment marked ours or foreign) with what Apple has now.
+//! assignment marked ours or foreign) with what Apple has now. The copy's layout is
+//! `crate::copy`'s (size-bounded pages and shards, `vpp_store::keys`).
 //!
-//! A resumable job. Each slice reads some Apple pages and checkpoints after every page. A full
-//! refresh builds the new copy under a new generation beside the old one and switches to it with
-//! a single write of the assets document, so the previous complete copy stays readable until
-//! then and a failure anywhere leaves it untouched. An incremental refresh (`sinceVersionId`)
-//! merges the changes Apple reports into the current copy; copy shards are maps, so reading a
-//! page twice after a crash changes nothing.
+//! A resumable job. A full refresh reads one client config, every asset page (kept as read, then
+//! packed into the new generation's asset pages), every assignment page (buffered in memory and
+//! merged into the new generation's copy shards at most every [`FLUSH_ENTRIES`] entries, each
+//! shard written once per flush), every users page and the name lookups, and switches to the new
+//! generation with the single write of the copy's index: the previous complete copy stays
+//! readable until then and a failure anywhere leaves it untouched. The checkpoint only moves past
+//! pages whose entries are written, so a crash re-reads at most one buffer's pages; shards are
+//! maps, so reading a page twice changes nothing.
+//!
+//! An incremental refresh (`sinceVersionId`) makes at most three Apple calls for up to a page of
+//! changes: the assets (only for accounts of at most [`INCREMENTAL_ASSETS_MAX`] assets, one
+//! page; larger accounts' counts follow the changes and `ASSET_COUNT` notifications), the
+//! assignments and the users since the versions the copy reflects. It rewrites only the copy
+//! shards and asset pages those changes touch.
+//!
+//! When Apple's data changes while a full refresh pages through it (a page's `versionId` differs
+//! from the first page's), entries may have shifted between pages: the refresh then does not
+//! judge any license "gone" (the next full refresh will), so our own licenses are never dropped
+//! on a partial read.
 
 use crate::apple_state::{owner_from, Owner};
+use crate::copy::{self, CopyIndex, CopyShard, ReadEntry};
 use crate::error::{ApiError, ErrorCode};
 use crate::job::{Budget, Job, Progress};
 use crate::model::{
-    asset_key, copy_shard_of, Account, AssetRecord, AssetsDoc, AssignmentShard, Failure,
-    LedgerShard, LedgerState, MadeBy, Subject, SyncOutcome,
+    asset_key, Account, AssetRecord, Failure, LedgerShard, LedgerState, MadeBy, Subject,
+    SyncOutcome,
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -22,12 +37,14 @@ use std::collections::{BTreeMap, HashMap};
 use vpp_apple::{AppleError, AssetFilter, AssignmentFilter, Client, Clock, Transport, UserFilter};
 use vpp_store::{get_json, keys, set_json, update, Kv};
 
-/// Names looked up per refresh at most (the rest follow in later refreshes).
-const NAMES_PER_REFRESH: usize = 200;
+/// Assignments a full refresh buffers before merging them into the copy shards.
+pub const FLUSH_ENTRIES: usize = 100_000;
+/// Accounts with at most this many assets re-read them (one page) on an incremental refresh.
+pub const INCREMENTAL_ASSETS_MAX: u64 = 1_000;
 
-/// Where a refresh being built keeps its assets document.
+/// Where a refresh being built keeps its index.
 pub fn staging_key(account: &str) -> String {
-    format!("{}/staging", keys::assets(account))
+    keys::assets_staging(account)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +52,8 @@ pub fn staging_key(account: &str) -> String {
 pub enum Phase {
     ClientConfig,
     Assets,
+    /// Full refresh: pack the asset pages as read into the new generation (no Apple call).
+    Pack,
     Assignments,
     Users,
     Names,
@@ -67,6 +86,27 @@ pub struct RefreshState {
     pub users_since: Option<String>,
     #[serde(default)]
     pub new_users_version: Option<String>,
+    /// The first assets page's versionId (a full read compares every later page with it).
+    #[serde(default)]
+    pub assets_version: Option<String>,
+    /// Apple's data changed while this refresh paged through it: nothing is judged gone.
+    #[serde(default)]
+    pub data_changed: bool,
+    /// An incremental refresh that re-read the assets (their counts are Apple's).
+    #[serde(default)]
+    pub read_assets: bool,
+    /// Assets this refresh added to the copy (an incremental refresh looks up only their names).
+    #[serde(default)]
+    pub assets_added: u64,
+    /// Name lookups made, and the last asset key the names phase looked at.
+    #[serde(default)]
+    pub lookups: u64,
+    #[serde(default)]
+    pub names_after: String,
+    /// Full refresh: the generation the new one replaces (deleted once switched), noted when
+    /// the new one is packed so a commit cut off after the switch still finds it.
+    #[serde(default)]
+    pub replaces: Option<CopyIndex>,
 }
 
 /// The checkpoint a new refresh job starts from.
@@ -75,16 +115,23 @@ pub fn initial_state(
     account: &Account,
     full: bool,
 ) -> Result<RefreshState, ApiError> {
-    let doc: AssetsDoc = get_json(kv, &keys::assets(&account.id))?.unwrap_or_default();
+    let ix = copy::index(kv, &account.id)?;
     // Without a version marker (or copy) there is nothing to be incremental on.
-    let full = full || account.assignments_version.is_none() || doc.synced_at.is_none();
+    let full = full || account.assignments_version.is_none() || ix.synced_at.is_none();
+    let read_assets = !full && ix.assets <= INCREMENTAL_ASSETS_MAX;
     Ok(RefreshState {
         full,
-        phase: Phase::ClientConfig,
-        generation: if full {
-            doc.generation + 1
+        phase: if full {
+            Phase::ClientConfig
+        } else if read_assets {
+            Phase::Assets
         } else {
-            doc.generation
+            Phase::Assignments
+        },
+        generation: if full {
+            ix.generation + 1
+        } else {
+            ix.generation
         },
         next_page: 0,
         since_version: if full {
@@ -104,6 +151,13 @@ pub fn initial_state(
             account.users_version.clone()
         },
         new_users_version: None,
+        assets_version: None,
+        data_changed: false,
+        read_assets,
+        assets_added: 0,
+        lookups: 0,
+        names_after: String::new(),
+        replaces: None,
     })
 }
 
@@ -127,6 +181,15 @@ fn from_apple(e: &AppleError) -> Failure {
     failure(e.code(), e.to_string())
 }
 
+/// What one invocation keeps between pages: the target generation's index and asset shard
+/// counts (read once per slice), our ledger shards, and the assignments read but not yet merged.
+#[derive(Default)]
+struct SliceCache {
+    ledger: LedgerCache,
+    target: Option<(CopyIndex, HashMap<String, u32>)>,
+    buffer: Vec<ReadEntry>,
+}
+
 /// Run one slice of a refresh job; the caller saves `job` afterwards.
 pub async fn run_slice<T: Transport, C: Clock>(
     kv: &impl Kv,
@@ -141,20 +204,37 @@ pub async fn run_slice<T: Transport, C: Clock>(
         .ok_or_else(|| ApiError::internal("refresh job without an account"))?;
     let mut st: RefreshState = serde_json::from_value(job.checkpoint.clone())
         .map_err(|e| ApiError::internal(format!("refresh checkpoint: {e}")))?;
-    let mut ledger = LedgerCache::default();
+    let mut cache = SliceCache::default();
     let end = loop {
         let now = client.clock().now();
-        if st.phase != Phase::Commit && !budget.take_call(now) {
+        let free = matches!(st.phase, Phase::Commit | Phase::Pack);
+        if !free && !budget.take_call(now) {
             break SliceEnd::Paused;
         }
-        let step = step(kv, client, &account_id, our_id, &mut st, &mut ledger).await;
-        job.progress = progress(&st);
-        job.checkpoint = serde_json::to_value(&st).map_err(ApiError::internal)?;
+        let step = step(kv, client, &account_id, our_id, &mut st, &mut cache).await;
+        // Merge what was read when the buffer is full, the phase ended, or the slice stops.
+        let stopping = !matches!(step, Ok(false));
+        if !cache.buffer.is_empty()
+            && (stopping
+                || st.phase != Phase::Assignments
+                || cache.buffer.len() >= FLUSH_ENTRIES
+                || budget.exhausted(client.clock().now()))
+        {
+            let entries = std::mem::take(&mut cache.buffer);
+            copy::merge_entries(kv, &account_id, st.generation, entries)?;
+        }
+        if cache.buffer.is_empty() {
+            job.progress = progress(&st);
+            job.checkpoint = serde_json::to_value(&st).map_err(ApiError::internal)?;
+        }
         match step {
             Ok(true) => break SliceEnd::Done,
             Ok(false) => {
-                // A slice that may be cut off at any moment: checkpoint after every page.
-                crate::job::save(kv, job)?;
+                // A slice that may be cut off at any moment: checkpoint after every page whose
+                // entries are written (a crash re-reads the buffered pages).
+                if cache.buffer.is_empty() {
+                    crate::job::save(kv, job)?;
+                }
             }
             Err(StepError::Apple(e)) if e.is_retryable() => break SliceEnd::Paused,
             Err(StepError::Apple(e)) => break SliceEnd::Failed(from_apple(&e)),
@@ -167,7 +247,7 @@ pub async fn run_slice<T: Transport, C: Clock>(
         SliceEnd::Done => {
             finish(kv, &account_id, &st, None, now)?;
             job.succeed(
-                json!({"full": st.full, "assets": st.assets_read, "assignments": st.assignments_read, "pages": st.pages_read}),
+                json!({"full": st.full, "assets": st.assets_read, "assignments": st.assignments_read, "pages": st.pages_read, "lookups": st.lookups, "dataChangedDuringRead": st.data_changed}),
                 now,
             );
         }
@@ -188,6 +268,7 @@ fn progress(st: &RefreshState) -> Progress {
         phase: match st.phase {
             Phase::ClientConfig => "clientConfig",
             Phase::Assets => "assets",
+            Phase::Pack => "pack",
             Phase::Assignments => "assignments",
             Phase::Users => "users",
             Phase::Names => "names",
@@ -239,14 +320,105 @@ fn check_owner<T: Transport, C: Clock>(
     Ok(())
 }
 
-/// One Apple call (or the commit). `Ok(true)` when the refresh is complete.
+/// Apple's asset as our record (name and icon are filled in later).
+fn record_of(a: &vpp_apple::Asset) -> AssetRecord {
+    AssetRecord {
+        adam_id: a.adam_id.clone(),
+        pricing_param: a.pricing_param.as_str().to_string(),
+        product_type: a
+            .product_type
+            .as_ref()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "App".into()),
+        name: None,
+        icon_url: None,
+        total: a.total_count.unwrap_or(0),
+        available: a.available_count.unwrap_or(0),
+        in_use: a.assigned_count.unwrap_or(0),
+        retired: a.retired_count.unwrap_or(0),
+        device_assignable: a.device_assignable.unwrap_or(false),
+        revocable: a.revocable.unwrap_or(false),
+        supported_platforms: a.supported_platforms.clone(),
+        shards: 1,
+    }
+}
+
+/// An asset Apple assigned but did not list (it changed between pages): keep it findable.
+fn unlisted(adam_id: &str, pricing: &str) -> AssetRecord {
+    AssetRecord {
+        adam_id: adam_id.to_string(),
+        pricing_param: pricing.to_string(),
+        product_type: "App".into(),
+        name: None,
+        icon_url: None,
+        total: 0,
+        available: 0,
+        in_use: 0,
+        retired: 0,
+        device_assignable: false,
+        revocable: false,
+        supported_platforms: Vec::new(),
+        shards: 1,
+    }
+}
+
+/// The index of the generation this refresh writes.
+fn target_index(kv: &impl Kv, account_id: &str, st: &RefreshState) -> Result<CopyIndex, StepError> {
+    if st.full {
+        Ok(copy::staging(kv, account_id)?.unwrap_or(CopyIndex {
+            generation: st.generation,
+            packed: false,
+            ..CopyIndex::default()
+        }))
+    } else {
+        Ok(copy::index(kv, account_id)?)
+    }
+}
+
+/// The target generation's index and each asset's copy-shard count, read once per slice.
+fn target<'c>(
+    kv: &impl Kv,
+    account_id: &str,
+    st: &RefreshState,
+    cache: &'c mut SliceCache,
+) -> Result<&'c mut (CopyIndex, HashMap<String, u32>), StepError> {
+    if cache.target.is_none() {
+        let ix = target_index(kv, account_id, st)?;
+        let mut shards = HashMap::new();
+        for p in 0..ix.asset_pages {
+            for (k, r) in copy::page(kv, account_id, &ix, p)? {
+                shards.insert(k, r.shards);
+            }
+        }
+        cache.target = Some((ix, shards));
+    }
+    cache
+        .target
+        .as_mut()
+        .ok_or_else(|| StepError::Api(ApiError::internal("refresh target")))
+}
+
+/// Note Apple's data changing between the pages of one full read.
+fn compare_version(seen: &mut Option<String>, page: u32, now: Option<&String>, changed: &mut bool) {
+    if page == 0 || seen.is_none() {
+        if page == 0 {
+            *seen = now.cloned();
+        }
+        return;
+    }
+    if now.is_some() && now != seen.as_ref() {
+        *changed = true;
+    }
+}
+
+/// One Apple call (or the pack or commit). `Ok(true)` when the refresh is complete.
 async fn step<T: Transport, C: Clock>(
     kv: &impl Kv,
     client: &Client<T, C>,
     account_id: &str,
     our_id: &str,
     st: &mut RefreshState,
-    ledger: &mut LedgerCache,
+    cache: &mut SliceCache,
 ) -> Result<bool, StepError> {
     match st.phase {
         Phase::ClientConfig => {
@@ -265,7 +437,24 @@ async fn step<T: Transport, C: Clock>(
                 Ok((Some(a), ()))
             })?;
             if st.full {
-                kv.delete(&staging_key(account_id))?;
+                // A generation a failed run left behind is dropped before this one is built.
+                if let Some(old) = copy::staging(kv, account_id)? {
+                    if old.generation != copy::index(kv, account_id)?.generation {
+                        copy::delete_generation(kv, account_id, &old)?;
+                    }
+                }
+                set_json(
+                    kv,
+                    &staging_key(account_id),
+                    &CopyIndex {
+                        generation: st.generation,
+                        asset_pages: 0,
+                        copy_shards: 0,
+                        packed: false,
+                        ..CopyIndex::default()
+                    },
+                )?;
+                cache.target = None;
             }
             st.phase = Phase::Assets;
             st.next_page = 0;
@@ -280,50 +469,78 @@ async fn step<T: Transport, C: Clock>(
             check_owner(client, our_id)?;
             st.pages_read += 1;
             st.assets_read += page.assets.len() as u64;
-            let current: AssetsDoc = get_json(kv, &keys::assets(account_id))?.unwrap_or_default();
-            let staging_key = staging_key(account_id);
-            let mut staging: AssetsDoc = if st.next_page == 0 {
-                AssetsDoc {
-                    generation: st.generation,
-                    ..AssetsDoc::default()
-                }
+            compare_version(
+                &mut st.assets_version,
+                st.next_page,
+                page.version_id.as_ref(),
+                &mut st.data_changed,
+            );
+            let records: Vec<AssetRecord> = page.assets.iter().map(record_of).collect();
+            if st.full {
+                // Kept as read; packed into pages once every page is in.
+                set_json(
+                    kv,
+                    &keys::asset_raw_page(account_id, st.generation, st.next_page),
+                    &records,
+                )?;
+                let n = st.next_page;
+                update::<CopyIndex, ()>(kv, &staging_key(account_id), |cur| {
+                    let mut ix = cur.unwrap_or(CopyIndex {
+                        generation: st.generation,
+                        asset_pages: 0,
+                        copy_shards: 0,
+                        packed: false,
+                        ..CopyIndex::default()
+                    });
+                    if ix.raw_pages > n {
+                        return Ok((None, ()));
+                    }
+                    ix.raw_pages = n + 1;
+                    Ok((Some(ix), ()))
+                })?;
+                advance(st, page.next_page_index, Phase::Pack);
             } else {
-                get_json(kv, &staging_key)?.unwrap_or_default()
-            };
-            staging.generation = st.generation;
-            for a in &page.assets {
-                let pricing = a.pricing_param.as_str().to_string();
-                let in_use = a.assigned_count.unwrap_or(0);
-                let previous = current.find(&a.adam_id, &pricing);
-                let shards = match (st.full, previous) {
-                    // An incremental read writes into the current shards: keep their number.
-                    (false, Some(p)) => p.shards,
-                    _ => vpp_store::keys::shards_for(in_use.max(0) as usize),
-                };
-                let rec = AssetRecord {
-                    adam_id: a.adam_id.clone(),
-                    pricing_param: pricing.clone(),
-                    product_type: a
-                        .product_type
-                        .as_ref()
-                        .map(|p| p.as_str().to_string())
-                        .unwrap_or_else(|| "App".into()),
-                    name: previous.and_then(|p| p.name.clone()),
-                    icon_url: previous.and_then(|p| p.icon_url.clone()),
-                    total: a.total_count.unwrap_or(0),
-                    available: a.available_count.unwrap_or(0),
-                    in_use,
-                    retired: a.retired_count.unwrap_or(0),
-                    device_assignable: a.device_assignable.unwrap_or(false),
-                    revocable: a.revocable.unwrap_or(false),
-                    supported_platforms: a.supported_platforms.clone(),
-                    shards,
-                };
-                staging.assets.retain(|x| x.key() != rec.key());
-                staging.assets.push(rec);
+                // Incremental (small account): Apple's counts in place, new assets added.
+                let keys: Vec<String> = records.iter().map(AssetRecord::key).collect();
+                let by_key: HashMap<String, &AssetRecord> =
+                    records.iter().map(|r| (r.key(), r)).collect();
+                let found = copy::update_assets(kv, account_id, &keys, |cur| {
+                    if let Some(r) = by_key.get(&cur.key()) {
+                        let (name, icon, shards) =
+                            (cur.name.take(), cur.icon_url.take(), cur.shards);
+                        *cur = (*r).clone();
+                        cur.name = name;
+                        cur.icon_url = icon;
+                        cur.shards = shards;
+                    }
+                })?;
+                let new: Vec<AssetRecord> = records
+                    .iter()
+                    .filter(|r| !found.contains(&r.key()))
+                    .cloned()
+                    .collect();
+                if !new.is_empty() {
+                    st.assets_added += new.len() as u64;
+                    let ix = copy::index(kv, account_id)?;
+                    // Their ledger values exist before they become assignable.
+                    let new_keys: Vec<String> = new.iter().map(AssetRecord::key).collect();
+                    crate::ledger::prepare(kv, account_id, &new_keys)?;
+                    copy::insert_assets(kv, account_id, &ix, new)?;
+                    cache.target = None;
+                }
+                advance(st, page.next_page_index, Phase::Assignments);
             }
-            set_json(kv, &staging_key, &staging)?;
-            advance(st, page.next_page_index, Phase::Assignments);
+            Ok(false)
+        }
+        Phase::Pack => {
+            let current = copy::index(kv, account_id)?;
+            if current.generation != st.generation {
+                st.replaces = Some(current);
+            }
+            pack(kv, account_id, st)?;
+            cache.target = None;
+            st.phase = Phase::Assignments;
+            st.next_page = 0;
             Ok(false)
         }
         Phase::Assignments => {
@@ -339,65 +556,49 @@ async fn step<T: Transport, C: Clock>(
             st.pages_read += 1;
             if st.next_page == 0 {
                 st.new_version = page.version_id.clone();
+            } else if st.full && page.version_id.is_some() && page.version_id != st.new_version {
+                st.data_changed = true;
             }
             st.assignments_read += page.assignments.len() as u64;
-            let mut staging: AssetsDoc =
-                get_json(kv, &staging_key(account_id))?.unwrap_or_default();
-            // Group the page by (asset, shard) so each shard is written once per page.
-            let mut groups: BTreeMap<(String, u32), Vec<(String, MadeBy)>> = BTreeMap::new();
-            let mut staging_changed = false;
-            for a in &page.assignments {
-                let subject = match (&a.serial_number, &a.client_user_id) {
-                    (Some(s), _) => Subject::SerialNumber(s.clone()),
-                    (None, Some(u)) => Subject::ClientUserId(u.clone()),
-                    (None, None) => continue,
-                };
-                let pricing = a.pricing_param.as_str().to_string();
-                let ak = asset_key(&a.adam_id, &pricing);
-                if staging.find(&a.adam_id, &pricing).is_none() {
-                    // Assigned but not listed (Apple changed between pages): keep it findable.
-                    staging.assets.push(AssetRecord {
-                        adam_id: a.adam_id.clone(),
-                        pricing_param: pricing.clone(),
-                        product_type: "App".into(),
-                        name: None,
-                        icon_url: None,
-                        total: 0,
-                        available: 0,
-                        in_use: 0,
-                        retired: 0,
-                        device_assignable: false,
-                        revocable: false,
-                        supported_platforms: Vec::new(),
-                        shards: 1,
-                    });
-                    staging_changed = true;
+            let mut read: Vec<(AssetRecord, Subject, MadeBy)> = Vec::new();
+            let mut unknown: Vec<AssetRecord> = Vec::new();
+            {
+                let (_, shards) = target(kv, account_id, st, cache)?;
+                for a in &page.assignments {
+                    let subject = match (&a.serial_number, &a.client_user_id) {
+                        (Some(s), _) => Subject::SerialNumber(s.clone()),
+                        (None, Some(u)) => Subject::ClientUserId(u.clone()),
+                        (None, None) => continue,
+                    };
+                    let pricing = a.pricing_param.as_str().to_string();
+                    let ak = asset_key(&a.adam_id, &pricing);
+                    if !shards.contains_key(&ak) {
+                        shards.insert(ak.clone(), 1);
+                        unknown.push(unlisted(&a.adam_id, &pricing));
+                    }
+                    let mut rec = unlisted(&a.adam_id, &pricing);
+                    rec.shards = shards.get(&ak).copied().unwrap_or(1);
+                    read.push((rec, subject, MadeBy::Foreign));
                 }
-                let shards = staging
-                    .find(&a.adam_id, &pricing)
-                    .map(|r| r.shards)
-                    .unwrap_or(1);
-                let made_by = ledger.made_by(kv, account_id, &ak, &subject)?;
-                groups
-                    .entry((ak, copy_shard_of(&subject, shards)))
-                    .or_default()
-                    .push((subject.tag(), made_by));
             }
-            if staging_changed {
-                set_json(kv, &staging_key(account_id), &staging)?;
+            let ix = target(kv, account_id, st, cache)?.0.clone();
+            if !unknown.is_empty() {
+                st.assets_added += unknown.len() as u64;
+                let new_keys: Vec<String> = unknown.iter().map(AssetRecord::key).collect();
+                crate::ledger::prepare(kv, account_id, &new_keys)?;
+                copy::insert_assets(kv, account_id, &ix, unknown)?;
             }
-            for ((ak, shard), entries) in groups {
-                update::<AssignmentShard, ()>(
-                    kv,
-                    &keys::assignment_shard(account_id, st.generation, &ak, shard),
-                    |cur| {
-                        let mut map = cur.unwrap_or_default();
-                        for (tag, by) in &entries {
-                            map.insert(tag.clone(), by.clone());
-                        }
-                        Ok((Some(map), ()))
-                    },
-                )?;
+            for (rec, subject, by) in read.iter_mut() {
+                *by = cache.ledger.made_by(kv, account_id, &rec.key(), subject)?;
+            }
+            if st.full {
+                for (rec, subject, by) in read {
+                    let tag = subject.tag();
+                    let n = keys::copy_shard_of(&rec.key(), &tag, rec.shards, ix.copy_shards);
+                    cache.buffer.push((n, rec.key(), tag, by));
+                }
+            } else {
+                apply_changes(kv, account_id, st, &ix, read)?;
             }
             advance(st, page.next_page_index, Phase::Users);
             Ok(false)
@@ -427,31 +628,80 @@ async fn step<T: Transport, C: Clock>(
                 client.clock().now(),
             )?;
             advance(st, page.next_page_index, Phase::Names);
+            if st.phase == Phase::Names && !st.full && st.assets_added == 0 {
+                // Nothing new to name.
+                st.phase = Phase::Commit;
+            }
             Ok(false)
         }
         Phase::Names => {
-            // Names and icons from Apple's content lookup; a failed lookup leaves names empty.
-            let mut staging: AssetsDoc =
-                get_json(kv, &staging_key(account_id))?.unwrap_or_default();
-            let missing: Vec<String> = staging
-                .assets
-                .iter()
-                .filter(|a| a.name.is_none())
-                .map(|a| a.adam_id.clone())
-                .take(NAMES_PER_REFRESH)
-                .collect();
-            if !missing.is_empty() {
-                if let Ok(found) = client.metadata(&missing).await {
-                    for m in found {
-                        for a in staging.assets.iter_mut().filter(|a| a.adam_id == m.adam_id) {
-                            a.name = m.name.clone();
-                            a.icon_url = m.icon_url.clone();
-                        }
+            // Names and icons from Apple's content lookup: each step looks up the next (up to)
+            // 100 unnamed assets in the copy's order, so the lookups are the fewest possible. A
+            // failed lookup leaves names empty (the next refresh asks again).
+            let ix = target_index(kv, account_id, st)?;
+            let mut batch: Vec<(u32, String, String)> = Vec::new();
+            while st.next_page < ix.asset_pages
+                && batch.len() < vpp_apple::client::METADATA_IDS_PER_REQUEST
+            {
+                let records = copy::page(kv, account_id, &ix, st.next_page)?;
+                let mut exhausted = true;
+                for (k, a) in records.range::<String, _>((
+                    std::ops::Bound::Excluded(st.names_after.clone()),
+                    std::ops::Bound::Unbounded,
+                )) {
+                    if batch.len() >= vpp_apple::client::METADATA_IDS_PER_REQUEST {
+                        exhausted = false;
+                        break;
                     }
-                    set_json(kv, &staging_key(account_id), &staging)?;
+                    st.names_after = k.clone();
+                    if a.name.is_none() {
+                        batch.push((st.next_page, k.clone(), a.adam_id.clone()));
+                    }
+                }
+                if exhausted {
+                    st.next_page += 1;
+                    st.names_after.clear();
                 }
             }
-            st.phase = Phase::Commit;
+            if batch.is_empty() {
+                st.phase = Phase::Commit;
+                st.next_page = 0;
+                return Ok(false);
+            }
+            let ids: Vec<String> = batch.iter().map(|b| b.2.clone()).collect();
+            st.lookups += 1;
+            if let Ok(found) = client.metadata(&ids).await {
+                let names: HashMap<String, (Option<String>, Option<String>)> = found
+                    .into_iter()
+                    .map(|m| (m.adam_id.clone(), (m.name, m.icon_url)))
+                    .collect();
+                let mut by_page: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+                for (p, k, _) in batch {
+                    by_page.entry(p).or_default().push(k);
+                }
+                for (p, wanted) in by_page {
+                    update::<copy::AssetPage, ()>(
+                        kv,
+                        &keys::asset_page(account_id, ix.generation, p),
+                        |cur| {
+                            let Some(mut page) = cur else {
+                                return Ok((None, ()));
+                            };
+                            let mut changed = false;
+                            for k in &wanted {
+                                if let Some(a) = page.get_mut(k) {
+                                    if let Some((name, icon)) = names.get(&a.adam_id) {
+                                        a.name = name.clone();
+                                        a.icon_url = icon.clone();
+                                        changed = true;
+                                    }
+                                }
+                            }
+                            Ok((changed.then_some(page), ()))
+                        },
+                    )?;
+                }
+            }
             Ok(false)
         }
         Phase::Commit => {
@@ -459,6 +709,95 @@ async fn step<T: Transport, C: Clock>(
             Ok(true)
         }
     }
+}
+
+/// Full refresh: turn the asset pages as read into the new generation's pages, sized for what
+/// Apple reported (names and icons carried over from the current copy), then drop them.
+fn pack(kv: &impl Kv, account_id: &str, st: &RefreshState) -> Result<(), StepError> {
+    let Some(mut ix) = copy::staging(kv, account_id)? else {
+        return Err(StepError::Api(ApiError::internal(
+            "refresh: the new generation's index is missing",
+        )));
+    };
+    if ix.packed {
+        for n in 0..ix.raw_pages {
+            kv.delete(&keys::asset_raw_page(account_id, ix.generation, n))?;
+        }
+        return Ok(());
+    }
+    let mut records: BTreeMap<String, AssetRecord> = BTreeMap::new();
+    for n in 0..ix.raw_pages {
+        let page: Vec<AssetRecord> =
+            get_json(kv, &keys::asset_raw_page(account_id, ix.generation, n))?.unwrap_or_default();
+        for r in page {
+            records.insert(r.key(), r);
+        }
+    }
+    let current = copy::index(kv, account_id)?;
+    if current.generation != ix.generation {
+        for p in 0..current.asset_pages {
+            for (k, old) in copy::page(kv, account_id, &current, p)? {
+                if let Some(r) = records.get_mut(&k) {
+                    r.name = old.name;
+                    r.icon_url = old.icon_url;
+                }
+            }
+        }
+    }
+    let assignments: u64 = records.values().map(|r| r.in_use.max(0) as u64).sum();
+    ix.generation = st.generation;
+    ix.assets = records.len() as u64;
+    ix.assignments = assignments;
+    ix.asset_pages = keys::asset_pages_for(records.len());
+    ix.copy_shards = keys::copy_shards_for(assignments as usize);
+    for r in records.values_mut() {
+        r.shards = keys::asset_copy_pages_for(r.in_use.max(0) as usize, ix.copy_shards);
+    }
+    // The ledger's value of every asset exists before the commit makes the assets assignable.
+    let asset_keys: Vec<String> = records.keys().cloned().collect();
+    crate::ledger::prepare(kv, account_id, &asset_keys)?;
+    copy::write_pages(kv, account_id, &ix, records.into_values().collect())?;
+    ix.packed = true;
+    set_json(kv, &staging_key(account_id), &ix)?;
+    for n in 0..ix.raw_pages {
+        kv.delete(&keys::asset_raw_page(account_id, ix.generation, n))?;
+    }
+    Ok(())
+}
+
+/// Incremental: write what Apple reported changed into the current copy (only the shards it
+/// touches) and, where the assets were not re-read, count new assignments into in-use.
+fn apply_changes(
+    kv: &impl Kv,
+    account_id: &str,
+    st: &RefreshState,
+    ix: &CopyIndex,
+    read: Vec<(AssetRecord, Subject, MadeBy)>,
+) -> Result<(), StepError> {
+    let doc = crate::model::AssetsDoc {
+        generation: ix.generation,
+        synced_at: ix.synced_at,
+        copy_shards: ix.copy_shards,
+        assets: Vec::new(),
+    };
+    let entries: Vec<(&AssetRecord, &Subject)> = read.iter().map(|(r, s, _)| (r, s)).collect();
+    let before = copy::edit_assignments(kv, account_id, &doc, &entries, |i, cur| {
+        let by = &read[i].2;
+        match cur {
+            Some(c) if c == by => copy::Edit::Keep,
+            _ => copy::Edit::Put(by.clone()),
+        }
+    })?;
+    if !st.read_assets {
+        let mut deltas: BTreeMap<String, i64> = BTreeMap::new();
+        for (i, (rec, _, _)) in read.iter().enumerate() {
+            if before[i].is_none() {
+                *deltas.entry(rec.key()).or_default() += 1;
+            }
+        }
+        copy::adjust_counts(kv, account_id, &deltas)?;
+    }
+    Ok(())
 }
 
 /// Follow Apple's `nextPageIndex` (only forward), or move on to `then` after the last page.
@@ -474,27 +813,53 @@ fn advance(st: &mut RefreshState, next: Option<u32>, then: Phase) {
 
 /// Switch to the new copy with one write, then drop what the old one used.
 fn commit(kv: &impl Kv, account_id: &str, st: &RefreshState) -> Result<(), StepError> {
-    let staging: AssetsDoc = get_json(kv, &staging_key(account_id))?.unwrap_or_default();
-    let old: AssetsDoc = get_json(kv, &keys::assets(account_id))?.unwrap_or_default();
-    let mut doc = staging;
-    doc.generation = st.generation;
-    doc.synced_at = Some(Utc::now());
-    // Our licenses Apple no longer lists (only a full read can tell), judged before switching.
+    let old = copy::index(kv, account_id)?;
     let gone = if st.full {
-        gone_from_copy(kv, account_id, &doc, st.started_at)?
+        let Some(mut ix) = copy::staging(kv, account_id)? else {
+            // Already switched (a commit cut off after its index write): finish the clean-up.
+            if let Some(old) = st
+                .replaces
+                .as_ref()
+                .filter(|o| o.generation != old.generation)
+            {
+                copy::delete_generation(kv, account_id, old)?;
+            }
+            return finish_commit(kv, account_id, st);
+        };
+        ix.synced_at = Some(Utc::now());
+        // Our licenses Apple no longer lists (only a complete, unchanged full read can tell),
+        // judged before switching.
+        let gone = if st.data_changed {
+            Vec::new()
+        } else {
+            gone_from_copy(kv, account_id, &ix, st.started_at)?
+        };
+        set_json(kv, &keys::assets(account_id), &ix)?;
+        if let Some(old) = st
+            .replaces
+            .as_ref()
+            .filter(|o| o.generation != ix.generation)
+        {
+            copy::delete_generation(kv, account_id, old)?;
+        }
+        kv.delete(&staging_key(account_id))?;
+        gone
     } else {
+        update::<CopyIndex, ()>(kv, &keys::assets(account_id), |cur| {
+            let mut ix = cur.unwrap_or_default();
+            ix.synced_at = Some(Utc::now());
+            Ok((Some(ix), ()))
+        })?;
         Vec::new()
     };
-    crate::ledger::prepare(kv, account_id, &doc)?;
-    set_json(kv, &keys::assets(account_id), &doc)?;
     if !gone.is_empty() {
         forget_gone(kv, account_id, &gone)?;
         crate::notice::record_removals(kv, account_id, &gone, "refresh", Utc::now())?;
     }
-    if st.full && old.generation != st.generation {
-        crate::account::delete_copy(kv, account_id, &old)?;
-    }
-    kv.delete(&staging_key(account_id))?;
+    finish_commit(kv, account_id, st)
+}
+
+fn finish_commit(kv: &impl Kv, account_id: &str, st: &RefreshState) -> Result<(), StepError> {
     update::<Account, ()>(kv, &keys::account(account_id), |cur| {
         let Some(mut a) = cur else {
             return Ok((None, ()));
@@ -510,50 +875,54 @@ fn commit(kv: &impl Kv, account_id: &str, st: &RefreshState) -> Result<(), StepE
     Ok(())
 }
 
-/// Confirmed ledger entries (older than the refresh) whose license is not in the new copy.
+/// Confirmed ledger entries (older than the refresh) whose license is not in the new copy:
+/// the candidates are grouped by copy shard so each shard is read once.
 fn gone_from_copy(
     kv: &impl Kv,
     account_id: &str,
-    doc: &AssetsDoc,
+    ix: &CopyIndex,
     started_at: Option<DateTime<Utc>>,
 ) -> Result<Vec<(String, Subject)>, vpp_store::StoreError> {
+    let mut shards_of: HashMap<String, u32> = HashMap::new();
+    for p in 0..ix.asset_pages {
+        for (k, r) in copy::page(kv, account_id, ix, p)? {
+            shards_of.insert(k, r.shards);
+        }
+    }
     let mut gone = Vec::new();
-    let mut shards: HashMap<String, AssignmentShard> = HashMap::new();
+    let mut by_shard: BTreeMap<u32, Vec<(String, String)>> = BTreeMap::new();
     for n in 0..crate::model::LEDGER_SHARDS {
         let ledger: LedgerShard =
             get_json(kv, &keys::ledger_shard(account_id, n))?.unwrap_or_default();
-        for (ak, subjects) in &ledger {
-            let shard_count = doc.assets.iter().find(|a| &a.key() == ak).map(|a| a.shards);
+        for (ak, subjects) in ledger {
+            let asset_shards = shards_of.get(&ak).copied();
             for (tag, entry) in subjects {
                 if entry.state != LedgerState::Confirmed
                     || started_at.is_some_and(|t| entry.at >= t)
                 {
                     continue;
                 }
-                let Some(subject) = Subject::from_tag(tag) else {
-                    continue;
-                };
-                let present = match shard_count {
-                    None => false,
-                    Some(count) => {
-                        let key = keys::assignment_shard(
-                            account_id,
-                            doc.generation,
-                            ak,
-                            copy_shard_of(&subject, count),
-                        );
-                        let shard = match shards.entry(key) {
-                            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                            std::collections::hash_map::Entry::Vacant(e) => {
-                                let s: AssignmentShard = get_json(kv, e.key())?.unwrap_or_default();
-                                e.insert(s)
-                            }
-                        };
-                        shard.contains_key(tag)
+                match asset_shards {
+                    None => {
+                        if let Some(s) = Subject::from_tag(&tag) {
+                            gone.push((ak.clone(), s));
+                        }
                     }
-                };
-                if !present {
-                    gone.push((ak.clone(), subject));
+                    Some(n) => {
+                        let shard = keys::copy_shard_of(&ak, &tag, n, ix.copy_shards);
+                        by_shard.entry(shard).or_default().push((ak.clone(), tag));
+                    }
+                }
+            }
+        }
+    }
+    for (n, candidates) in by_shard {
+        let shard: CopyShard =
+            get_json(kv, &keys::copy_shard(account_id, ix.generation, n))?.unwrap_or_default();
+        for (ak, tag) in candidates {
+            if !shard.get(&ak).is_some_and(|m| m.contains_key(&tag)) {
+                if let Some(s) = Subject::from_tag(&tag) {
+                    gone.push((ak, s));
                 }
             }
         }
@@ -575,10 +944,10 @@ fn abandon(kv: &impl Kv, account_id: &str, st: &RefreshState) -> Result<(), ApiE
     if !st.full {
         return Ok(());
     }
-    let current: AssetsDoc = get_json(kv, &keys::assets(account_id))?.unwrap_or_default();
-    if let Some(staging) = get_json::<AssetsDoc>(kv, &staging_key(account_id))? {
+    let current = copy::index(kv, account_id)?;
+    if let Some(staging) = copy::staging(kv, account_id)? {
         if staging.generation != current.generation {
-            crate::account::delete_copy(kv, account_id, &staging)?;
+            copy::delete_generation(kv, account_id, &staging)?;
         }
     }
     kv.delete(&staging_key(account_id))?;

@@ -25,7 +25,7 @@ use vpp_apple::{AppleRequest, AppleResponse, Client, Method, Target};
 use vpp_licensing::assignment::{self, AssignBody};
 use vpp_licensing::job::{Budget, Job};
 use vpp_licensing::model::*;
-use vpp_licensing::{cleanup, event, ledger, notification, policy, reconcile, refresh};
+use vpp_licensing::{cleanup, copy, event, ledger, notification, policy, reconcile, refresh};
 use vpp_store::{get_json, keys, set_json, Kv, KvError, MemoryKv};
 
 const ACCOUNT: &str = "acc1";
@@ -637,9 +637,7 @@ impl Run {
             .iter()
             .filter_map(|a| a.serial_number.clone().map(|s| (a.adam_id.clone(), s)))
             .collect();
-        let doc: AssetsDoc = get_json(&self.kv, &keys::assets(ACCOUNT))
-            .unwrap()
-            .unwrap_or_default();
+        let doc: AssetsDoc = copy::all_assets(&self.kv, ACCOUNT).unwrap();
         let mut problems = Vec::new();
         // Our ledger: every settled and open entry.
         let mut ours: BTreeMap<(String, String), String> = BTreeMap::new();
@@ -911,15 +909,11 @@ fn resent_events_are_all_tracked_until_they_end() {
             .unwrap();
     }
     run.refresh(true);
-    let doc: AssetsDoc = get_json(&run.kv, &keys::assets(ACCOUNT)).unwrap().unwrap();
+    let doc: AssetsDoc = copy::all_assets(&run.kv, ACCOUNT).unwrap();
     assert_eq!(doc.find("200", "STDQ").unwrap().available, 0);
     // Our copy still says one is free (Apple's counts moved behind our back).
-    vpp_store::update::<AssetsDoc, ()>(&run.kv, &keys::assets(ACCOUNT), |d| {
-        let mut d = d.unwrap();
-        d.assets.iter_mut().for_each(|a| a.available = 1);
-        Ok((Some(d), ()))
-    })
-    .unwrap();
+    let all: Vec<String> = doc.assets.iter().map(AssetRecord::key).collect();
+    copy::update_assets(&run.kv, ACCOUNT, &all, |a| a.available = 1).unwrap();
     let now = run.now();
     let mut b = run.budget();
     let out = block_on(assignment::assign(
@@ -974,20 +968,11 @@ fn state_of(run: &Run, adam: &str, serial: &str) -> Option<&'static str> {
 }
 
 fn copy_made_by(run: &Run, adam: &str, serial: &str) -> Option<MadeBy> {
-    let doc: AssetsDoc = get_json(&run.kv, &keys::assets(ACCOUNT)).unwrap().unwrap();
-    let a = doc.find(adam, "STDQ").unwrap();
-    let shard: AssignmentShard = get_json(
-        &run.kv,
-        &keys::assignment_shard(
-            ACCOUNT,
-            doc.generation,
-            &a.key(),
-            copy_shard_of(&d(serial), a.shards),
-        ),
-    )
-    .unwrap()
-    .unwrap_or_default();
-    shard.get(&d(serial).tag()).cloned()
+    let (doc, a) = copy::asset(&run.kv, ACCOUNT, &format!("{adam}:STDQ")).unwrap();
+    let a = a.unwrap();
+    copy::held(&run.kv, ACCOUNT, &doc, &a, &[d(serial)])
+        .unwrap()
+        .remove(&d(serial).tag())
 }
 
 /// Issue 9 item 3: Apple applied the associate but the answer was lost (a bare 500 from a
@@ -1184,16 +1169,7 @@ fn concurrent_admissions_never_take_more_than_available() {
         shards: 1,
     };
     a.shards = 1;
-    set_json(
-        &kv,
-        &keys::assets(ACCOUNT),
-        &AssetsDoc {
-            generation: 1,
-            synced_at: None,
-            assets: vec![a],
-        },
-    )
-    .unwrap();
+    copy::write_generation(&kv, ACCOUNT, 1, None, vec![a]).unwrap();
     let now = Utc::now();
     let admitted = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|scope| {

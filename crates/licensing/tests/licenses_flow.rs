@@ -9,7 +9,9 @@ use vpp_apple::testing::{block_on, json as apple_json, FakeClock, ScriptedTransp
 use vpp_apple::{AppleRequest, Client, Method, Target};
 use vpp_licensing::assignment::{self, AssignBody};
 use vpp_licensing::model::*;
-use vpp_licensing::{event, job, notice, notification, policy, reconcile, settings, ErrorCode};
+use vpp_licensing::{
+    copy, event, job, notice, notification, policy, reconcile, settings, ErrorCode,
+};
 use vpp_store::{get_json, keys, set_json, MemoryKv};
 
 const ACCOUNT: &str = "acc1";
@@ -103,16 +105,7 @@ fn setup(assets: Vec<AssetRecord>) -> MemoryKv {
     let account: Account = serde_json::from_value(account).unwrap();
     set_json(&kv, &keys::account(ACCOUNT), &account).unwrap();
     set_json(&kv, &keys::accounts(), &vec![ACCOUNT.to_string()]).unwrap();
-    set_json(
-        &kv,
-        &keys::assets(ACCOUNT),
-        &AssetsDoc {
-            generation: 1,
-            synced_at: Some(t0()),
-            assets,
-        },
-    )
-    .unwrap();
+    copy::write_generation(&kv, ACCOUNT, 1, Some(t0()), assets).unwrap();
     kv
 }
 
@@ -135,8 +128,10 @@ fn body(adam: &str, serials: &[&str]) -> AssignBody {
 }
 
 fn counts(kv: &MemoryKv, adam: &str) -> (i64, i64) {
-    let doc: AssetsDoc = get_json(kv, &keys::assets(ACCOUNT)).unwrap().unwrap();
-    let a = doc.find(adam, "STDQ").unwrap();
+    let a = copy::asset(kv, ACCOUNT, &asset_key(adam, "STDQ"))
+        .unwrap()
+        .1
+        .unwrap();
     (a.in_use, a.available)
 }
 
@@ -158,13 +153,8 @@ fn ledger(kv: &MemoryKv, adam: &str, serial: &str) -> Option<LedgerEntry> {
     })
 }
 
-fn copy(kv: &MemoryKv, adam: &str) -> AssignmentShard {
-    get_json(
-        kv,
-        &keys::assignment_shard(ACCOUNT, 1, &asset_key(adam, "STDQ"), 0),
-    )
-    .unwrap()
-    .unwrap_or_default()
+fn copy(kv: &MemoryKv, adam: &str) -> BTreeMap<String, MadeBy> {
+    copy::all_of_asset(kv, ACCOUNT, &asset_key(adam, "STDQ")).unwrap()
 }
 
 fn notify(
@@ -572,7 +562,7 @@ fn confirm_all(kv: &MemoryKv) {
         .unwrap_or_default();
     for id in pending {
         let rec = event::load(kv, &id).unwrap().unwrap();
-        let doc: AssetsDoc = get_json(kv, &keys::assets(ACCOUNT)).unwrap().unwrap();
+        let doc: AssetsDoc = copy::all_assets(kv, ACCOUNT).unwrap();
         let status: vpp_apple::EventStatus =
             serde_json::from_value(json!({"eventStatus": "COMPLETE"})).unwrap();
         let (items, terminal) = event::items_from_status(&rec, &doc, &status);
@@ -593,11 +583,12 @@ fn confirm_all(kv: &MemoryKv) {
 fn policy_assigns_what_fits_then_edit_and_reconcile_revokes_only_ours() {
     let kv = setup(vec![asset("100", 3, 1)]);
     // A foreign assignment already at Apple.
-    set_json(
-        &kv,
-        &keys::assignment_shard(ACCOUNT, 1, "100:STDQ", 0),
-        &AssignmentShard::from([("s:FOREIGN".to_string(), MadeBy::Foreign)]),
-    )
+    let doc = copy::all_assets(&kv, ACCOUNT).unwrap();
+    let a = doc.assets[0].clone();
+    let foreign = Subject::SerialNumber("FOREIGN".into());
+    copy::edit_assignments(&kv, ACCOUNT, &doc, &[(&a, &foreign)], |_, _| {
+        copy::Edit::Put(MadeBy::Foreign)
+    })
     .unwrap();
     let (apple, client) = apple();
     let r = put_policy(&kv, &client, "p1", &["A", "B", "C"]);

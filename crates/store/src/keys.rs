@@ -1,9 +1,12 @@
 //! The key-value layout: every key vpp-spin writes, who writes it, and how big it gets.
 //!
 //! Rules the layout keeps (PRODUCT.md section 4):
-//! - the number of keys grows with accounts, assets and shards, never with assignments;
-//! - every value stays well under 1 MiB (assignments are packed into shards of at most
-//!   [`SHARD_TARGET`] entries);
+//! - the number of keys grows with the bytes stored (≈ bytes / a shard of ~100-400 KiB), never
+//!   with the number of assignments; every value stays under [`VALUE_LIMIT`] (Fermyon Cloud
+//!   refuses values over 1 MB). One exception grows with assets: the ledger's open value per
+//!   asset (`ledger/{id}/open/{asset}`, ~20 B while empty; it is the asset's reservation, so
+//!   admission is one compare-and-swap);
+//! - an account's copy of Apple's assets and assignments is packed (see "The copy" below);
 //! - no request path lists keys: every collection has an index key;
 //! - a key written by several writers is only changed with `vpp_store::update` (compare-and-swap).
 //!
@@ -17,10 +20,14 @@
 //! | `apple/{id}/pace` | request timestamps of the last second for pacing | apple (CAS) |
 //! | `apple/service-config` | Apple's service config and when it was read | apple |
 //! | `apple/metadata/{adamId}` | name and icon of an asset | apple |
-//! | `assets/{id}` | the account's assets with counts (one value, ~150 B per asset) | refresh, notifications (CAS) |
-//! | `assignments/{id}/{gen}/{adamId}:{pricing}/{shard}` | one shard of an asset's assignment copy (subject → made by) | refresh; events and notifications (CAS) |
+//! | `assets/{id}` | the copy's index: generation, sync time, page and shard counts (~200 B) | refresh (one write switches generations) |
+//! | `assets/{id}/staging` | the index of the generation a full refresh is building | refresh |
+//! | `assets/{id}/{gen}/{page}` | a page of the account's assets with counts: asset key → record | refresh, events, notifications (CAS) |
+//! | `assets/{id}/{gen}/raw/{n}` | Apple's asset page `n` as read, while a full refresh reads them (deleted when packed) | refresh |
+//! | `assignments/{id}/{gen}/{shard}` | a shard of the assignment copy: asset key → subject → made by | refresh; events and notifications (CAS) |
 //! | `ledger/{id}/{shard}` | settled ledger entries (confirmed, revoking, failed): asset → subject → entry; shard = `shard_of("{asset}|{subject}", LEDGER_SHARDS)`; failed entries pruned after 7 days | licenses, jobs (CAS) |
 //! | `ledger/{id}/open/{adamId}:{pricing}` | open ledger entries of one asset (queued, unknown, pending; ≤ 10,000, ~45 B each): their count is the asset's reservation, admitted with one CAS | licenses, jobs, notifications (CAS) |
+//! | `ledger/{id}/open-assets` | asset keys that may have open ledger entries (a superset: added around each admission, removed by settling when empty; ≤ one per asset, ~20 B each) | licenses, jobs (CAS) |
 //! | `event/{eventId}` | an Apple event we track | licenses, jobs, notifications (CAS) |
 //! | `events/{id}` | index: ids of the account's pending events (polled by `event::poll_due`) | licenses, jobs (CAS) |
 //! | `events/{id}/done` | ring: ids of the account's last 500 ended events; an event evicted from it has its `event/{eventId}` record deleted | licenses, jobs, notifications (CAS) |
@@ -34,10 +41,36 @@
 //! | `notified/{id}` | recent Apple `notificationId`s of an account (dedupe ring of [`NOTIFIED_IDS`]) | licenses (CAS) |
 //! | `daily/last` | the newest daily run: job id, started, finished, state (due-ness) | licenses, under `lease/daily` |
 
+// ## The copy (assets and assignments as Apple has them), size-bounded
+//
+// One account's copy lives under a generation `gen`; a full refresh builds `gen + 1` beside it and
+// switches with the single write of `assets/{id}` (the index), then deletes the old generation.
+// - Assets: `P = asset_pages_for(assets)` pages; asset `k` (`adamId:pricingParam`) lives on page
+//   `shard_of(k, P)`. A page holds ~[`ASSET_PAGE_ENTRIES`] records (~300 B each: ~150 KiB).
+// - Assignments: `C = copy_shards_for(assignments)` shards for the whole account. Asset `k` with
+//   `n = asset_copy_pages_for(inUse)` (capped at `C`) owns the consecutive shards
+//   `shard_of(k, C) + i mod C`, `i < n`; subject `t` of it lives on shard
+//   `copy_shard_of(k, t, n, C)`. Small assets share shards; a big one is spread over `n` of
+//   them, ~[`ASSET_COPY_PAGE`] of its entries on each, so page `i` of an asset's assignments is
+//   one read. Entries are compact (foreign `0`, ours `[eventId, unixSeconds]`: ~20-60 B), a
+//   shard holds ~[`COPY_SHARD_ENTRIES`] of them (~80-250 KiB).
+// - Bounds: 10,000 assets and 1,000,000 assignments make 20 asset pages and 245 copy shards
+//   (plus as many again while a full refresh builds the next generation): < 600 copy keys at
+//   the peak (the ledger's open values, one per asset, come on top), the largest value
+//   ~250 KiB. Nothing in the copy grows with the number of assets or assignments except
+//   through their bytes.
+
+/// The largest value any writer may store (Fermyon Cloud: 1 MB per value).
+pub const VALUE_LIMIT: usize = 1_000_000;
+/// Asset records per asset page (target).
+pub const ASSET_PAGE_ENTRIES: usize = 500;
+/// Assignment entries per copy shard (target).
+pub const COPY_SHARD_ENTRIES: usize = 4096;
+/// An asset's entries per copy shard it owns (and per page of its assignments).
+pub const ASSET_COPY_PAGE: usize = 1000;
+
 /// Shards of an account's managed users (fixed: 100,000 users at ~200 B stay ~300 KiB a shard).
 pub const USER_SHARDS: u32 = 64;
-/// How many assignments a shard holds at most (~60 B each: ~120 KiB per value).
-pub const SHARD_TARGET: usize = 2000;
 /// Audit records per audit page.
 pub const AUDIT_PAGE: usize = 200;
 /// Notices per notice page.
@@ -79,12 +112,25 @@ pub fn service_config() -> String {
 pub fn metadata(adam_id: &str) -> String {
     format!("apple/metadata/{adam_id}")
 }
+/// The index of an account's copy (generation, page and shard counts).
 pub fn assets(account: &str) -> String {
     format!("assets/{account}")
 }
-/// One shard of one asset's assignment copy (`asset` is `adamId:pricingParam`).
-pub fn assignment_shard(account: &str, generation: u64, asset: &str, shard: u32) -> String {
-    format!("assignments/{account}/{generation}/{asset}/{shard}")
+/// The index of the generation a full refresh is building.
+pub fn assets_staging(account: &str) -> String {
+    format!("assets/{account}/staging")
+}
+/// One page of an account's assets in a generation.
+pub fn asset_page(account: &str, generation: u64, page: u32) -> String {
+    format!("assets/{account}/{generation}/{page}")
+}
+/// Apple's asset page `n` as a full refresh read it (until it packs the pages).
+pub fn asset_raw_page(account: &str, generation: u64, n: u32) -> String {
+    format!("assets/{account}/{generation}/raw/{n}")
+}
+/// One shard of an account's assignment copy in a generation.
+pub fn copy_shard(account: &str, generation: u64, shard: u32) -> String {
+    format!("assignments/{account}/{generation}/{shard}")
 }
 pub fn ledger_shard(account: &str, shard: u32) -> String {
     format!("ledger/{account}/{shard}")
@@ -98,6 +144,10 @@ pub fn account_events(account: &str) -> String {
 /// The account's most recently ended events (a bounded ring; older records are deleted).
 pub fn account_events_done(account: &str) -> String {
     format!("events/{account}/done")
+}
+/// Assets of an account that may have open ledger entries (a superset; where reads look).
+pub fn ledger_open_assets(account: &str) -> String {
+    format!("ledger/{account}/open-assets")
 }
 /// The open ledger entries of one asset (`asset` is `adamId:pricingParam`).
 pub fn ledger_open(account: &str, asset: &str) -> String {
@@ -158,9 +208,35 @@ pub fn shard_of(subject: &str, shards: u32) -> u32 {
     (h % u64::from(shards.max(1))) as u32
 }
 
-/// How many shards hold `count` entries at [`SHARD_TARGET`] per shard (at least one).
-pub fn shards_for(count: usize) -> u32 {
-    count.div_ceil(SHARD_TARGET).max(1) as u32
+/// Asset pages for `count` assets (at least one).
+pub fn asset_pages_for(count: usize) -> u32 {
+    count.div_ceil(ASSET_PAGE_ENTRIES).max(1) as u32
+}
+
+/// Copy shards for `count` assignments (at least one).
+pub fn copy_shards_for(count: usize) -> u32 {
+    count.div_ceil(COPY_SHARD_ENTRIES).max(1) as u32
+}
+
+/// Copy shards (and assignment pages) of an asset with `in_use` assignments, of `copy_shards`.
+pub fn asset_copy_pages_for(in_use: usize, copy_shards: u32) -> u32 {
+    (in_use.div_ceil(ASSET_COPY_PAGE).max(1) as u32).min(copy_shards.max(1))
+}
+
+/// The page of the asset `asset_key` among `pages` asset pages.
+pub fn asset_page_of(asset_key: &str, pages: u32) -> u32 {
+    shard_of(asset_key, pages)
+}
+
+/// The `i`-th copy shard of an asset (its `i`-th page of assignments).
+pub fn asset_copy_shard(asset_key: &str, i: u32, copy_shards: u32) -> u32 {
+    let c = copy_shards.max(1);
+    ((u64::from(shard_of(asset_key, c)) + u64::from(i)) % u64::from(c)) as u32
+}
+
+/// The copy shard of subject `tag` of an asset spread over `asset_pages` of `copy_shards`.
+pub fn copy_shard_of(asset_key: &str, tag: &str, asset_pages: u32, copy_shards: u32) -> u32 {
+    asset_copy_shard(asset_key, shard_of(tag, asset_pages.max(1)), copy_shards)
 }
 
 #[cfg(test)]
@@ -174,17 +250,37 @@ mod tests {
             assert!(shard_of(s, 7) < 7);
         }
         assert_eq!(shard_of("x", 0), 0);
-        assert_eq!(shards_for(0), 1);
-        assert_eq!(shards_for(SHARD_TARGET), 1);
-        assert_eq!(shards_for(SHARD_TARGET + 1), 2);
-        assert_eq!(shards_for(100_000), 50);
+        assert_eq!(copy_shards_for(0), 1);
+        assert_eq!(copy_shards_for(COPY_SHARD_ENTRIES), 1);
+        assert_eq!(copy_shards_for(COPY_SHARD_ENTRIES + 1), 2);
+        assert_eq!(copy_shards_for(1_000_000), 245);
+        assert_eq!(asset_pages_for(10_000), 20);
+        assert_eq!(asset_copy_pages_for(0, 245), 1);
+        assert_eq!(asset_copy_pages_for(100_000, 245), 100);
+        assert_eq!(asset_copy_pages_for(100_000, 7), 7);
+    }
+
+    #[test]
+    fn an_asset_owns_consecutive_shards_and_its_subjects_stay_in_them() {
+        let c = 245;
+        let owned: Vec<u32> = (0..5).map(|i| asset_copy_shard("1:STDQ", i, c)).collect();
+        for n in 0..1000 {
+            let s = copy_shard_of("1:STDQ", &format!("s:SER{n}"), 5, c);
+            assert!(owned.contains(&s));
+        }
+        for w in owned.windows(2) {
+            assert_eq!(w[1], (w[0] + 1) % c);
+        }
     }
 
     #[test]
     fn keys_stay_short() {
         // Fermyon Cloud caps keys at 255 bytes.
         let id = "a".repeat(36);
-        assert!(assignment_shard(&id, u64::MAX, "1234567890:STDQ", u32::MAX).len() < 255);
+        assert!(copy_shard(&id, u64::MAX, u32::MAX).len() < 255);
+        assert!(asset_raw_page(&id, u64::MAX, u32::MAX).len() < 255);
         assert!(ledger_shard(&id, u32::MAX).len() < 255);
+        assert!(ledger_open(&id, "1234567890:STDQ").len() < 255);
+        assert!(ledger_open_assets(&id).len() < 255);
     }
 }

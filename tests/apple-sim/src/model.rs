@@ -714,35 +714,6 @@ impl Location {
             .position(|a| a.adam_id == adam_id && a.pricing_param == pricing)
     }
 
-    fn assigned_count(&self, adam_id: &str, pricing: &str) -> u64 {
-        self.assignments
-            .iter()
-            .filter(|a| a.adam_id == adam_id && a.pricing_param == pricing)
-            .count() as u64
-    }
-
-    fn available(&self, asset: &Asset) -> u64 {
-        if asset.unlimited {
-            return u64::MAX;
-        }
-        asset
-            .total_count
-            .saturating_sub(self.assigned_count(&asset.adam_id, &asset.pricing_param))
-            .saturating_sub(asset.retired_count)
-    }
-
-    fn has_assignment(
-        &self,
-        adam_id: &str,
-        pricing: &str,
-        serial: Option<&str>,
-        user: Option<&str>,
-    ) -> bool {
-        self.assignments.iter().any(|a| {
-            a.adam_id == adam_id && a.pricing_param == pricing && a.target_is(serial, user)
-        })
-    }
-
     fn user(&self, id: &str) -> Option<&User> {
         self.users.iter().find(|u| u.client_user_id == id)
     }
@@ -755,8 +726,19 @@ impl Location {
                 .any(|t| t == notification_type)
     }
 
-    fn asset_view(&self, a: &Asset) -> AssetView {
-        let assigned = self.assigned_count(&a.adam_id, &a.pricing_param);
+    /// Assignments per (adamId, pricingParam), counted in one pass (a million assignments and
+    /// ten thousand assets stay fast).
+    fn assigned_counts(&self) -> HashMap<(&str, &str), u64> {
+        let mut counts: HashMap<(&str, &str), u64> = HashMap::new();
+        for a in &self.assignments {
+            *counts
+                .entry((a.adam_id.as_str(), a.pricing_param.as_str()))
+                .or_default() += 1;
+        }
+        counts
+    }
+
+    fn asset_view_counted(&self, a: &Asset, assigned: u64) -> AssetView {
         let total = if a.unlimited {
             i32::MAX as u64
         } else {
@@ -1416,10 +1398,28 @@ impl Model {
         let loc = &mut self.locations[idx];
         let next = loc.seq + 1;
         let mut new_users = false;
+        // Indexes built once per call: seeding a million assignments stays linear.
+        let known_assets: HashSet<(String, String)> = loc
+            .assets
+            .iter()
+            .map(|a| (a.adam_id.clone(), a.pricing_param.clone()))
+            .collect();
+        let mut existing: HashSet<(String, String, Option<String>, Option<String>)> = loc
+            .assignments
+            .iter()
+            .map(|a| {
+                (
+                    a.adam_id.clone(),
+                    a.pricing_param.clone(),
+                    a.serial_number.clone(),
+                    a.client_user_id.clone(),
+                )
+            })
+            .collect();
         for s in specs {
             let pricing = s.pricing_param.clone().unwrap_or_else(|| "STDQ".into());
             anyhow::ensure!(
-                loc.asset_index(&s.adam_id, &pricing).is_some(),
+                known_assets.contains(&(s.adam_id.clone(), pricing.clone())),
                 "unknown asset {} {}",
                 s.adam_id,
                 pricing
@@ -1442,12 +1442,12 @@ impl Model {
                     });
                 }
             }
-            if !loc.has_assignment(
-                &s.adam_id,
-                &pricing,
-                s.serial_number.as_deref(),
-                s.client_user_id.as_deref(),
-            ) {
+            if existing.insert((
+                s.adam_id.clone(),
+                pricing.clone(),
+                s.serial_number.clone(),
+                s.client_user_id.clone(),
+            )) {
                 loc.assignments.push(Assignment {
                     adam_id: s.adam_id,
                     pricing_param: pricing,
@@ -1643,7 +1643,19 @@ impl Model {
             revoked: loc.revoked,
             mdm_info: loc.mdm_info.clone(),
             client_config: loc.client_config(),
-            assets: loc.assets.iter().map(|a| loc.asset_view(a)).collect(),
+            assets: {
+                let counts = loc.assigned_counts();
+                loc.assets
+                    .iter()
+                    .map(|a| {
+                        let n = counts
+                            .get(&(a.adam_id.as_str(), a.pricing_param.as_str()))
+                            .copied()
+                            .unwrap_or(0);
+                        loc.asset_view_counted(a, n)
+                    })
+                    .collect()
+            },
             assignments: loc.assignments.clone(),
             users: loc.users.clone(),
             assets_version_id: loc.assets_version.clone(),
@@ -2023,10 +2035,17 @@ impl Model {
             }
         }
         let loc = &self.locations[idx];
+        let counts = loc.assigned_counts();
         let views: Vec<AssetView> = loc
             .assets
             .iter()
-            .map(|a| loc.asset_view(a))
+            .map(|a| {
+                let n = counts
+                    .get(&(a.adam_id.as_str(), a.pricing_param.as_str()))
+                    .copied()
+                    .unwrap_or(0);
+                loc.asset_view_counted(a, n)
+            })
             .filter(|a| product_type.is_none_or(|p| a.product_type == p))
             .filter(|a| pricing.is_none_or(|p| a.pricing_param == p))
             .filter(|a| adam_id.is_none_or(|p| a.adam_id == p))
@@ -2454,6 +2473,15 @@ impl Model {
             .chain(users.iter().map(|u| (None, Some(u.as_str()))))
             .collect();
         for (adam, pricing) in assets {
+            // This asset's holders and count, read once (a million assignments stay fast).
+            let mut holders: HashSet<(Option<String>, Option<String>)> = loc
+                .assignments
+                .iter()
+                .filter(|a| a.adam_id == *adam && a.pricing_param == *pricing)
+                .map(|a| (a.serial_number.clone(), a.client_user_id.clone()))
+                .collect();
+            let mut assigned = holders.len() as u64;
+            let mut removing: HashSet<(Option<String>, Option<String>)> = HashSet::new();
             for (serial, user) in &targets {
                 let mut fail = |n: u32| {
                     let e = failed
@@ -2477,11 +2505,23 @@ impl Model {
                             continue;
                         }
                     }
-                    if !loc.has_assignment(adam, pricing, *serial, *user) {
-                        if loc.available(&loc.assets[ai]) == 0 {
+                    let key = (serial.map(str::to_string), user.map(str::to_string));
+                    if !holders.contains(&key) {
+                        let asset = &loc.assets[ai];
+                        let available = if asset.unlimited {
+                            u64::MAX
+                        } else {
+                            asset
+                                .total_count
+                                .saturating_sub(assigned)
+                                .saturating_sub(asset.retired_count)
+                        };
+                        if available == 0 {
                             fail(9709);
                             continue;
                         }
+                        holders.insert(key);
+                        assigned += 1;
                         loc.assignments.push(Assignment {
                             adam_id: adam.clone(),
                             pricing_param: pricing.clone(),
@@ -2492,13 +2532,10 @@ impl Model {
                         changed = true;
                     }
                 } else {
-                    let before = loc.assignments.len();
-                    loc.assignments.retain(|a| {
-                        !(a.adam_id == *adam
-                            && a.pricing_param == *pricing
-                            && a.target_is(*serial, *user))
-                    });
-                    changed |= loc.assignments.len() != before;
+                    let key = (serial.map(str::to_string), user.map(str::to_string));
+                    if holders.remove(&key) {
+                        removing.insert(key);
+                    }
                 }
                 completed += 1;
                 let mut item = json!({"adamId": adam, "pricingParam": pricing});
@@ -2511,6 +2548,14 @@ impl Model {
                     }
                 }
                 done.push(item);
+            }
+            if !removing.is_empty() {
+                loc.assignments.retain(|a| {
+                    !(a.adam_id == *adam
+                        && a.pricing_param == *pricing
+                        && removing.contains(&(a.serial_number.clone(), a.client_user_id.clone())))
+                });
+                changed = true;
             }
         }
         if changed {

@@ -4,7 +4,7 @@
 
 use apple_sim::Simulator;
 use base64::Engine;
-use serde_json::Value;
+use serde_json::{json, Value};
 use spin_host::{App, HostOptions, Platform, ServerHandle};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -493,8 +493,10 @@ impl Env {
     }
 }
 
-/// An account's stored copy, comparable across runs: the assets document (without sync time,
-/// generation and simulator icon URLs), its generation, and every assignment shard of it.
+/// An account's stored copy, comparable across runs, read through the layout of
+/// `crates/store/src/keys.rs` ("The copy"): the assets of every asset page in key order
+/// (without simulator icon URLs), the generation, and every assignment per asset from the copy
+/// shards (`(asset key, subject → made by)`).
 pub struct StoredCopy {
     pub assets: Value,
     pub generation: u64,
@@ -506,32 +508,49 @@ impl Env {
         let raw = self
             .app
             .kv_get("default", &format!("assets/{id}"))
-            .expect("assets document");
-        let mut doc: Value = serde_json::from_slice(&raw).expect("assets json");
-        doc["syncedAt"] = Value::Null;
-        // Icons point at the simulator, whose port differs between runs.
-        if let Some(assets) = doc["assets"].as_array_mut() {
-            for a in assets {
-                a["iconUrl"] = Value::Null;
+            .expect("copy index");
+        let index: Value = serde_json::from_slice(&raw).expect("index json");
+        let generation = index["generation"].as_u64().expect("generation");
+        let pages = index["assetPages"].as_u64().expect("assetPages");
+        let shards = index["copyShards"].as_u64().expect("copyShards");
+        let read = |key: String| -> Value {
+            self.app
+                .kv_get("default", &key)
+                .and_then(|v| serde_json::from_slice(&v).ok())
+                .unwrap_or(Value::Null)
+        };
+        let mut assets = serde_json::Map::new();
+        for p in 0..pages {
+            if let Value::Object(page) = read(format!("assets/{id}/{generation}/{p}")) {
+                for (k, mut rec) in page {
+                    // Icons point at the simulator, whose port differs between runs.
+                    rec["iconUrl"] = Value::Null;
+                    assets.insert(k, rec);
+                }
             }
         }
-        let generation = doc["generation"].as_u64().expect("generation");
-        doc["generation"] = Value::Null;
-        let prefix = format!("assignments/{id}/{generation}/");
-        let mut shards: Vec<(String, Value)> = self
-            .keys()
-            .into_iter()
-            .filter(|k| k.starts_with(&prefix))
-            .filter_map(|k| {
-                let v = serde_json::from_slice(&self.app.kv_get("default", &k)?).ok()?;
-                Some((k[prefix.len()..].to_string(), v))
-            })
-            .collect();
-        shards.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut by_asset: std::collections::BTreeMap<String, serde_json::Map<String, Value>> =
+            std::collections::BTreeMap::new();
+        for n in 0..shards {
+            if let Value::Object(shard) = read(format!("assignments/{id}/{generation}/{n}")) {
+                for (asset, subjects) in shard {
+                    if let Value::Object(subjects) = subjects {
+                        by_asset.entry(asset).or_default().extend(subjects);
+                    }
+                }
+            }
+        }
         StoredCopy {
-            assets: doc,
+            assets: json!({
+                "assets": assets.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
+                "assetCount": index["assets"],
+                "assignmentCount": index["assignments"],
+            }),
             generation,
-            shards,
+            shards: by_asset
+                .into_iter()
+                .map(|(k, v)| (k, Value::Object(v)))
+                .collect(),
         }
     }
 }

@@ -74,6 +74,8 @@ pub struct HostState {
     table: ResourceTable,
     hooks: OutboundHooks,
     open_stores: usize,
+    /// Records the invocation's peak linear memory (installed with [`HostState::meter`]).
+    pub meter: crate::memory::MemoryMeter,
 }
 
 impl HostState {
@@ -82,6 +84,7 @@ impl HostState {
         // Component logs should show where the host runs, as under `spin up`.
         wasi.inherit_stdout().inherit_stderr();
         wasi.envs(&component.environment);
+        let meter = crate::memory::MemoryMeter::new(&component.id, app.memory.clone());
         Self {
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
@@ -92,7 +95,13 @@ impl HostState {
                 trigger,
             },
             open_stores: 0,
+            meter,
         }
+    }
+
+    /// Measure the peak memory of the invocation this store runs.
+    pub fn meter(store: &mut wasmtime::Store<HostState>) {
+        store.limiter(|s| &mut s.meter);
     }
 
     fn component(&self) -> &ComponentEnv {

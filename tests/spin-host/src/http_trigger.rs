@@ -156,6 +156,7 @@ async fn execute_inner(
         HostState::new(app.clone(), loaded.env.clone(), TriggerKind::Http),
     );
     set_deadline(&app, &mut store);
+    HostState::meter(&mut store);
     let pre = ProxyPre::new(loaded.pre.clone()).map_err(anyhow::Error::from)?;
     let proxy = pre
         .instantiate_async(&mut store)
@@ -227,6 +228,7 @@ pub async fn run_cron(
         HostState::new(app.clone(), loaded.env.clone(), TriggerKind::Cron),
     );
     set_deadline(&app, &mut store);
+    HostState::meter(&mut store);
     let pre = SpinCronPre::new(loaded.pre.clone())
         .map_err(anyhow::Error::from)
         .with_context(|| format!("component {component_id:?} is not a cron component"))?;

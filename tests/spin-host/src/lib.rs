@@ -19,6 +19,7 @@ pub mod host;
 pub mod http_trigger;
 pub mod key_value;
 pub mod manifest;
+pub mod memory;
 pub mod outbound;
 pub mod redis_store;
 pub mod routes;
@@ -125,6 +126,8 @@ pub struct AppInner {
     /// Components that have an HTTP trigger (public or private): service chaining targets.
     pub(crate) http_components: Vec<String>,
     pub(crate) kv: KvManager,
+    /// Peak linear memory per invocation (see `memory`).
+    pub(crate) memory: Arc<memory::MemoryStats>,
     /// Set while serving: the address self-requests appear to come in on.
     pub(crate) self_origin: Mutex<Option<SocketAddr>>,
     pub(crate) platform: Platform,
@@ -258,6 +261,7 @@ impl App {
                 router,
                 http_components,
                 kv,
+                memory: Arc::default(),
                 self_origin: Mutex::new(None),
                 platform: options.platform,
                 invocation_limit,
@@ -299,6 +303,15 @@ impl App {
     /// when the handle is dropped.
     pub async fn serve(&self, listen: SocketAddr) -> anyhow::Result<ServerHandle> {
         server::serve(self.inner.clone(), listen).await
+    }
+
+    /// Peak linear memory per component since the last reset: (component, bytes, invocations).
+    pub fn peak_memory(&self) -> Vec<(String, usize, u64)> {
+        self.inner.memory.peaks()
+    }
+
+    pub fn reset_peak_memory(&self) {
+        self.inner.memory.reset()
     }
 
     /// All keys of a store (sorted); empty for an unknown label.

@@ -1,0 +1,629 @@
+//! The account's copy of Apple's state: its assets with counts and every assignment (marked ours
+//! or foreign), in the size-bounded layout of `vpp_store::keys` ("The copy"). This module is the
+//! only code that knows how the copy is packed; everything else reads and writes it through the
+//! functions here:
+//!
+//! - [`assets_for`] / [`all_assets`]: asset records as an [`AssetsDoc`] view (a few reads /
+//!   every page, for jobs);
+//! - [`update_assets`], [`adjust_counts`]: change records (one compare-and-swap per page);
+//! - [`held`], [`edit_assignments`]: look up and change assignments (one read or
+//!   compare-and-swap per copy shard);
+//! - [`asset_assignments`]: page `i` of an asset's assignments (one read);
+//! - [`delete_generation`]: drop a generation (refresh, account removal).
+//!
+//! Refresh (`crate::refresh`) builds a new generation with [`write_pages`] and [`merge_entries`].
+
+use crate::model::{AssetRecord, AssetsDoc, MadeBy, Subject};
+use chrono::{DateTime, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use vpp_store::{get_json, keys, set_json, update, Kv, StoreError};
+
+/// The index of one generation of an account's copy (`keys::assets`, `keys::assets_staging`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CopyIndex {
+    pub generation: u64,
+    pub synced_at: Option<DateTime<Utc>>,
+    pub asset_pages: u32,
+    pub copy_shards: u32,
+    /// Assets and assignments (Apple's `assignedCount` sum) when the generation was planned.
+    #[serde(default)]
+    pub assets: u64,
+    #[serde(default)]
+    pub assignments: u64,
+    /// Raw Apple asset pages a full refresh stored for this generation (deleted once packed).
+    #[serde(default)]
+    pub raw_pages: u32,
+    /// The raw pages have been packed into asset pages.
+    #[serde(default)]
+    pub packed: bool,
+}
+
+impl Default for CopyIndex {
+    fn default() -> Self {
+        CopyIndex {
+            generation: 0,
+            synced_at: None,
+            asset_pages: 1,
+            copy_shards: 1,
+            assets: 0,
+            assignments: 0,
+            raw_pages: 0,
+            packed: true,
+        }
+    }
+}
+
+impl CopyIndex {
+    pub fn page_of(&self, asset_key: &str) -> u32 {
+        keys::asset_page_of(asset_key, self.asset_pages)
+    }
+
+    fn view(&self, assets: Vec<AssetRecord>) -> AssetsDoc {
+        AssetsDoc {
+            generation: self.generation,
+            synced_at: self.synced_at,
+            copy_shards: self.copy_shards,
+            assets,
+        }
+    }
+}
+
+/// One page of assets: asset key → record.
+pub type AssetPage = BTreeMap<String, AssetRecord>;
+
+/// How an assignment is stored: foreign `0`, ours `[eventId, unixMillis]` (compact: a million
+/// assignments must fit in a few hundred values).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Held {
+    Foreign(u8),
+    Ours(Option<String>, Option<i64>),
+}
+
+impl From<&MadeBy> for Held {
+    fn from(m: &MadeBy) -> Held {
+        match m {
+            MadeBy::Foreign => Held::Foreign(0),
+            MadeBy::Ours { event_id, at } => {
+                Held::Ours(event_id.clone(), at.map(|t| t.timestamp_millis()))
+            }
+        }
+    }
+}
+
+impl From<&Held> for MadeBy {
+    fn from(h: &Held) -> MadeBy {
+        match h {
+            Held::Foreign(_) => MadeBy::Foreign,
+            Held::Ours(event_id, at) => MadeBy::Ours {
+                event_id: event_id.clone(),
+                at: at.and_then(|ms| Utc.timestamp_millis_opt(ms).single()),
+            },
+        }
+    }
+}
+
+/// One copy shard: asset key → subject tag → who made it. Maps, so writing the same Apple page
+/// twice (a resumed refresh) changes nothing.
+pub type CopyShard = BTreeMap<String, BTreeMap<String, Held>>;
+
+/// The current generation's index (an empty copy when the account was never refreshed).
+pub fn index(kv: &impl Kv, account: &str) -> Result<CopyIndex, StoreError> {
+    Ok(get_json(kv, &keys::assets(account))?.unwrap_or_default())
+}
+
+/// The index of the generation a full refresh is building, if any.
+pub fn staging(kv: &impl Kv, account: &str) -> Result<Option<CopyIndex>, StoreError> {
+    get_json(kv, &keys::assets_staging(account))
+}
+
+/// One asset page of a generation.
+pub fn page(
+    kv: &impl Kv,
+    account: &str,
+    ix: &CopyIndex,
+    page: u32,
+) -> Result<AssetPage, StoreError> {
+    Ok(get_json(kv, &keys::asset_page(account, ix.generation, page))?.unwrap_or_default())
+}
+
+/// The records of `asset_keys` (those the copy has) in the current generation: one read for
+/// the index and one per asset page they are on.
+pub fn assets_for(
+    kv: &impl Kv,
+    account: &str,
+    asset_keys: &[String],
+) -> Result<AssetsDoc, StoreError> {
+    let ix = index(kv, account)?;
+    assets_in(kv, account, &ix, asset_keys)
+}
+
+/// [`assets_for`] in a given generation.
+pub fn assets_in(
+    kv: &impl Kv,
+    account: &str,
+    ix: &CopyIndex,
+    asset_keys: &[String],
+) -> Result<AssetsDoc, StoreError> {
+    let mut by_page: BTreeMap<u32, Vec<&String>> = BTreeMap::new();
+    for k in asset_keys {
+        by_page.entry(ix.page_of(k)).or_default().push(k);
+    }
+    let mut out = Vec::new();
+    for (p, wanted) in by_page {
+        let mut records = page(kv, account, ix, p)?;
+        for k in wanted {
+            if let Some(r) = records.remove(k.as_str()) {
+                out.push(r);
+            }
+        }
+    }
+    Ok(ix.view(out))
+}
+
+/// One asset of the current generation, with the view it came from.
+pub fn asset(
+    kv: &impl Kv,
+    account: &str,
+    asset_key: &str,
+) -> Result<(AssetsDoc, Option<AssetRecord>), StoreError> {
+    let mut doc = assets_for(kv, account, &[asset_key.to_string()])?;
+    let found = doc.assets.pop();
+    Ok((doc, found))
+}
+
+/// Every asset of the current generation, page by page in the copy's order (jobs only: this
+/// reads every asset page).
+pub fn all_assets(kv: &impl Kv, account: &str) -> Result<AssetsDoc, StoreError> {
+    let ix = index(kv, account)?;
+    let mut out = Vec::new();
+    for p in 0..ix.asset_pages {
+        out.extend(page(kv, account, &ix, p)?.into_values());
+    }
+    Ok(ix.view(out))
+}
+
+/// Change the records of `asset_keys` in the current generation, one compare-and-swap per page;
+/// `f` may run more than once per record (a lost race re-reads). Returns the keys found.
+pub fn update_assets(
+    kv: &impl Kv,
+    account: &str,
+    asset_keys: &[String],
+    mut f: impl FnMut(&mut AssetRecord),
+) -> Result<BTreeSet<String>, StoreError> {
+    let ix = index(kv, account)?;
+    let mut by_page: BTreeMap<u32, Vec<&String>> = BTreeMap::new();
+    for k in asset_keys {
+        by_page.entry(ix.page_of(k)).or_default().push(k);
+    }
+    let mut found = BTreeSet::new();
+    for (p, wanted) in by_page {
+        let hit = update::<AssetPage, Vec<String>>(
+            kv,
+            &keys::asset_page(account, ix.generation, p),
+            |cur| {
+                let Some(mut records) = cur else {
+                    return Ok((None, Vec::new()));
+                };
+                let mut hit = Vec::new();
+                for k in &wanted {
+                    if let Some(r) = records.get_mut(k.as_str()) {
+                        f(r);
+                        hit.push(k.to_string());
+                    }
+                }
+                Ok(((!hit.is_empty()).then_some(records), hit))
+            },
+        )?;
+        found.extend(hit);
+    }
+    Ok(found)
+}
+
+/// Add records the copy does not have yet (an asset Apple listed after the copy was built)
+/// to generation `ix`; existing records are left alone.
+pub fn insert_assets(
+    kv: &impl Kv,
+    account: &str,
+    ix: &CopyIndex,
+    records: Vec<AssetRecord>,
+) -> Result<(), StoreError> {
+    let mut by_page: BTreeMap<u32, Vec<AssetRecord>> = BTreeMap::new();
+    for r in records {
+        by_page.entry(ix.page_of(&r.key())).or_default().push(r);
+    }
+    for (p, list) in by_page {
+        update::<AssetPage, ()>(kv, &keys::asset_page(account, ix.generation, p), |cur| {
+            let mut records = cur.unwrap_or_default();
+            let mut changed = false;
+            for r in &list {
+                if let std::collections::btree_map::Entry::Vacant(e) = records.entry(r.key()) {
+                    e.insert(r.clone());
+                    changed = true;
+                }
+            }
+            Ok((changed.then_some(records), ()))
+        })?;
+    }
+    Ok(())
+}
+
+/// Add `delta` to in-use (and the opposite to available) per asset.
+pub fn adjust_counts(
+    kv: &impl Kv,
+    account: &str,
+    deltas: &BTreeMap<String, i64>,
+) -> Result<(), StoreError> {
+    let keys: Vec<String> = deltas
+        .iter()
+        .filter(|(_, d)| **d != 0)
+        .map(|(k, _)| k.clone())
+        .collect();
+    if keys.is_empty() {
+        return Ok(());
+    }
+    update_assets(kv, account, &keys, |a| {
+        if let Some(d) = deltas.get(&a.key()) {
+            a.in_use = (a.in_use + d).max(0);
+            if a.total != vpp_apple::Asset::UNLIMITED_TOTAL {
+                a.available = (a.available - d).max(0);
+            }
+        }
+    })?;
+    Ok(())
+}
+
+/// The copy shard that holds `subject` of `asset` in the generation `doc` was read from.
+pub fn shard_of(doc: &AssetsDoc, asset: &AssetRecord, subject: &Subject) -> u32 {
+    keys::copy_shard_of(&asset.key(), &subject.tag(), asset.shards, doc.copy_shards)
+}
+
+/// Which of `subjects` hold `asset` in the copy, and who made each: one read per copy shard.
+pub fn held(
+    kv: &impl Kv,
+    account: &str,
+    doc: &AssetsDoc,
+    asset: &AssetRecord,
+    subjects: &[Subject],
+) -> Result<BTreeMap<String, MadeBy>, StoreError> {
+    let ak = asset.key();
+    let mut by_shard: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for s in subjects {
+        by_shard
+            .entry(shard_of(doc, asset, s))
+            .or_default()
+            .push(s.tag());
+    }
+    let mut out = BTreeMap::new();
+    for (n, tags) in by_shard {
+        let shard: CopyShard =
+            get_json(kv, &keys::copy_shard(account, doc.generation, n))?.unwrap_or_default();
+        if let Some(m) = shard.get(&ak) {
+            for t in tags {
+                if let Some(h) = m.get(&t) {
+                    out.insert(t, MadeBy::from(h));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// What [`edit_assignments`] does to one entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Edit {
+    Keep,
+    Put(MadeBy),
+    Remove,
+}
+
+/// Change assignments of the copy (generation of `doc`): `entries[i]` is (asset, subject), and
+/// `f(i, current)` says what to do with it. One compare-and-swap per copy shard; `f` may run
+/// again after a lost race. Returns each entry's value before the change.
+pub fn edit_assignments(
+    kv: &impl Kv,
+    account: &str,
+    doc: &AssetsDoc,
+    entries: &[(&AssetRecord, &Subject)],
+    mut f: impl FnMut(usize, Option<&MadeBy>) -> Edit,
+) -> Result<Vec<Option<MadeBy>>, StoreError> {
+    let mut by_shard: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for (i, (asset, subject)) in entries.iter().enumerate() {
+        by_shard
+            .entry(shard_of(doc, asset, subject))
+            .or_default()
+            .push(i);
+    }
+    let mut before: Vec<Option<MadeBy>> = vec![None; entries.len()];
+    for (n, idx) in by_shard {
+        let seen = update::<CopyShard, Vec<(usize, Option<MadeBy>)>>(
+            kv,
+            &keys::copy_shard(account, doc.generation, n),
+            |cur| {
+                let mut shard = cur.unwrap_or_default();
+                let mut seen = Vec::new();
+                let mut changed = false;
+                for &i in &idx {
+                    let (asset, subject) = entries[i];
+                    let ak = asset.key();
+                    let tag = subject.tag();
+                    let had = shard.get(&ak).and_then(|m| m.get(&tag)).map(MadeBy::from);
+                    match f(i, had.as_ref()) {
+                        Edit::Keep => {}
+                        Edit::Put(by) => {
+                            let h = Held::from(&by);
+                            let m = shard.entry(ak).or_default();
+                            if m.get(&tag) != Some(&h) {
+                                m.insert(tag, h);
+                                changed = true;
+                            }
+                        }
+                        Edit::Remove => {
+                            if let Some(m) = shard.get_mut(&ak) {
+                                changed |= m.remove(&tag).is_some();
+                                if m.is_empty() {
+                                    shard.remove(&ak);
+                                }
+                            }
+                        }
+                    }
+                    seen.push((i, had));
+                }
+                Ok((changed.then_some(shard), seen))
+            },
+        )?;
+        for (i, had) in seen {
+            before[i] = had;
+        }
+    }
+    Ok(before)
+}
+
+/// Page `page` (below `asset.shards`) of an asset's assignments: one read.
+pub fn asset_assignments(
+    kv: &impl Kv,
+    account: &str,
+    doc: &AssetsDoc,
+    asset: &AssetRecord,
+    page: u32,
+) -> Result<Vec<(String, MadeBy)>, StoreError> {
+    let n = keys::asset_copy_shard(&asset.key(), page, doc.copy_shards);
+    let mut shard: CopyShard =
+        get_json(kv, &keys::copy_shard(account, doc.generation, n))?.unwrap_or_default();
+    let ak = asset.key();
+    let pages = asset.shards.max(1);
+    Ok(shard
+        .remove(&ak)
+        .unwrap_or_default()
+        .into_iter()
+        // A shard an asset owns twice (more pages than shards cannot happen: capped) or shares:
+        // keep only this page's subjects.
+        .filter(|(tag, _)| keys::shard_of(tag, pages) == page)
+        .map(|(tag, h)| {
+            let by = MadeBy::from(&h);
+            (tag, by)
+        })
+        .collect())
+}
+
+/// Write a new generation's asset pages whole (full refresh): records grouped by page.
+pub fn write_pages(
+    kv: &impl Kv,
+    account: &str,
+    ix: &CopyIndex,
+    records: Vec<AssetRecord>,
+) -> Result<(), StoreError> {
+    let mut pages: Vec<AssetPage> = vec![AssetPage::new(); ix.asset_pages.max(1) as usize];
+    for r in records {
+        let p = ix.page_of(&r.key()) as usize;
+        pages[p].insert(r.key(), r);
+    }
+    for (p, records) in pages.into_iter().enumerate() {
+        set_json(
+            kv,
+            &keys::asset_page(account, ix.generation, p as u32),
+            &records,
+        )?;
+    }
+    Ok(())
+}
+
+/// One assignment a refresh read: its copy shard, asset key, subject tag and maker.
+pub type ReadEntry = (u32, String, String, MadeBy);
+
+/// Merge entries into the copy shards of generation `generation` (one compare-and-swap per
+/// shard touched); an entry already there is overwritten. Refuses to let a shard pass
+/// [`keys::VALUE_LIMIT`].
+pub fn merge_entries(
+    kv: &impl Kv,
+    account: &str,
+    generation: u64,
+    mut entries: Vec<ReadEntry>,
+) -> Result<usize, StoreError> {
+    entries.sort_by_key(|e| e.0);
+    let mut written = 0;
+    let mut start = 0;
+    while start < entries.len() {
+        let n = entries[start].0;
+        let end = start + entries[start..].partition_point(|e| e.0 == n);
+        let group = &entries[start..end];
+        let key = keys::copy_shard(account, generation, n);
+        update::<CopyShard, ()>(kv, &key, |cur| {
+            let mut shard = cur.unwrap_or_default();
+            for (_, ak, tag, by) in group {
+                shard
+                    .entry(ak.clone())
+                    .or_default()
+                    .insert(tag.clone(), Held::from(by));
+            }
+            let entries: usize = shard.values().map(BTreeMap::len).sum();
+            if entries > keys::COPY_SHARD_ENTRIES * 3 {
+                let size = serde_json::to_vec(&shard).map(|v| v.len()).unwrap_or(0);
+                if size > keys::VALUE_LIMIT {
+                    return Err(StoreError::Corrupt {
+                        key: key.clone(),
+                        reason: format!(
+                            "copy shard would hold {size} bytes, over the {} byte limit; run a full refresh",
+                            keys::VALUE_LIMIT
+                        ),
+                    });
+                }
+            }
+            Ok((Some(shard), ()))
+        })?;
+        written += 1;
+        start = end;
+    }
+    Ok(written)
+}
+
+/// Write a complete generation of the copy from records (sized for their `in_use`) and make it
+/// current: what a full refresh's pack and commit produce, for seeding stores in tests and tools.
+pub fn write_generation(
+    kv: &impl Kv,
+    account: &str,
+    generation: u64,
+    synced_at: Option<DateTime<Utc>>,
+    mut records: Vec<AssetRecord>,
+) -> Result<CopyIndex, StoreError> {
+    let assignments: u64 = records.iter().map(|r| r.in_use.max(0) as u64).sum();
+    let ix = CopyIndex {
+        generation,
+        synced_at,
+        asset_pages: keys::asset_pages_for(records.len()),
+        copy_shards: keys::copy_shards_for(assignments as usize),
+        assets: records.len() as u64,
+        assignments,
+        raw_pages: 0,
+        packed: true,
+    };
+    for r in records.iter_mut() {
+        r.shards = keys::asset_copy_pages_for(r.in_use.max(0) as usize, ix.copy_shards);
+    }
+    write_pages(kv, account, &ix, records)?;
+    set_json(kv, &keys::assets(account), &ix)?;
+    Ok(ix)
+}
+
+/// Every assignment of an asset in the current generation (every page of it).
+pub fn all_of_asset(
+    kv: &impl Kv,
+    account: &str,
+    asset_key: &str,
+) -> Result<BTreeMap<String, MadeBy>, StoreError> {
+    let (doc, found) = asset(kv, account, asset_key)?;
+    let mut out = BTreeMap::new();
+    if let Some(a) = found {
+        for p in 0..a.shards.max(1) {
+            out.extend(asset_assignments(kv, account, &doc, &a, p)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Delete every value of a generation (its pages, raw pages and copy shards).
+pub fn delete_generation(kv: &impl Kv, account: &str, ix: &CopyIndex) -> Result<(), StoreError> {
+    for p in 0..ix.asset_pages {
+        kv.delete(&keys::asset_page(account, ix.generation, p))?;
+    }
+    for n in 0..ix.raw_pages {
+        kv.delete(&keys::asset_raw_page(account, ix.generation, n))?;
+    }
+    for n in 0..ix.copy_shards {
+        kv.delete(&keys::copy_shard(account, ix.generation, n))?;
+    }
+    Ok(())
+}
+
+/// Delete an account's whole copy: the current generation, one being built, both indexes.
+pub fn delete_all(kv: &impl Kv, account: &str) -> Result<(), StoreError> {
+    if let Some(ix) = get_json::<CopyIndex>(kv, &keys::assets(account))? {
+        delete_generation(kv, account, &ix)?;
+    }
+    if let Some(ix) = staging(kv, account)? {
+        delete_generation(kv, account, &ix)?;
+    }
+    kv.delete(&keys::assets_staging(account))?;
+    kv.delete(&keys::assets(account))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vpp_store::MemoryKv;
+
+    fn rec(adam: &str, in_use: i64, shards: u32) -> AssetRecord {
+        AssetRecord {
+            adam_id: adam.into(),
+            pricing_param: "STDQ".into(),
+            product_type: "App".into(),
+            name: None,
+            icon_url: None,
+            total: 100,
+            available: 100 - in_use,
+            in_use,
+            retired: 0,
+            device_assignable: true,
+            revocable: true,
+            supported_platforms: Vec::new(),
+            shards,
+        }
+    }
+
+    #[test]
+    fn held_entries_round_trip_compactly() {
+        let ours = MadeBy::Ours {
+            event_id: Some("e1".into()),
+            at: Utc.timestamp_millis_opt(1_700_000_000_123).single(),
+        };
+        for m in [MadeBy::Foreign, ours.clone()] {
+            let h = Held::from(&m);
+            let text = serde_json::to_string(&h).unwrap();
+            let back: Held = serde_json::from_str(&text).unwrap();
+            assert_eq!(MadeBy::from(&back), m);
+        }
+        assert_eq!(
+            serde_json::to_string(&Held::from(&MadeBy::Foreign)).unwrap(),
+            "0"
+        );
+    }
+
+    #[test]
+    fn pages_lookups_edits_and_asset_pages() {
+        let kv = MemoryKv::default();
+        let ix = CopyIndex {
+            generation: 3,
+            asset_pages: 4,
+            copy_shards: 9,
+            ..CopyIndex::default()
+        };
+        set_json(&kv, &keys::assets("a"), &ix).unwrap();
+        let records: Vec<AssetRecord> = (0..40).map(|i| rec(&format!("{i}"), 0, 3)).collect();
+        write_pages(&kv, "a", &ix, records).unwrap();
+        let doc = all_assets(&kv, "a").unwrap();
+        assert_eq!(doc.assets.len(), 40);
+        let (doc, a) = asset(&kv, "a", "7:STDQ").unwrap();
+        let a = a.unwrap();
+        let subjects: Vec<Subject> = (0..50)
+            .map(|i| Subject::SerialNumber(format!("S{i}")))
+            .collect();
+        let entries: Vec<(&AssetRecord, &Subject)> = subjects.iter().map(|s| (&a, s)).collect();
+        let before =
+            edit_assignments(&kv, "a", &doc, &entries, |_, _| Edit::Put(MadeBy::Foreign)).unwrap();
+        assert!(before.iter().all(Option::is_none));
+        let found = held(&kv, "a", &doc, &a, &subjects[..5]).unwrap();
+        assert_eq!(found.len(), 5);
+        let mut all = Vec::new();
+        for p in 0..a.shards {
+            all.extend(asset_assignments(&kv, "a", &doc, &a, p).unwrap());
+        }
+        assert_eq!(all.len(), 50);
+        update_assets(&kv, "a", &["7:STDQ".to_string()], |r| r.in_use = 50).unwrap();
+        assert_eq!(asset(&kv, "a", "7:STDQ").unwrap().1.unwrap().in_use, 50);
+        delete_all(&kv, "a").unwrap();
+        assert!(kv.keys().is_empty());
+    }
+}

@@ -1,0 +1,427 @@
+//! Refresh into the size-bounded copy against a scripted Apple: structural bounds that do not
+//! grow with the number of assets, the fewest Apple calls for a full and an incremental read,
+//! an incremental refresh rewriting only what changed, and a full read during which Apple's
+//! data changes never dropping our own licenses.
+
+use chrono::{TimeZone, Utc};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use vpp_apple::testing::{block_on, json as apple_json, FakeClock, ScriptedTransport};
+use vpp_apple::{AppleRequest, Client, Clock, Method, Target};
+use vpp_licensing::job::{Budget, Job};
+use vpp_licensing::model::*;
+use vpp_licensing::refresh::{self, SliceEnd};
+use vpp_licensing::{copy, licenses};
+use vpp_store::{get_json, keys, set_json, Kv, KvError, MemoryKv};
+
+const ACCOUNT: &str = "acc1";
+
+/// A change to Apple's data made while a read is under way.
+type Change = Box<dyn FnOnce(&mut Location) + Send>;
+
+/// A location at Apple: assets (adamId → assigned count is derived), assignments with the
+/// version that last changed them.
+#[derive(Default)]
+struct Location {
+    assets: Vec<String>,
+    /// (adamId, serial, modified at version).
+    assignments: Vec<(String, String, u64)>,
+    version: u64,
+    page_size: usize,
+    /// Run once after the assignments page with this index was served (a change mid-read).
+    after_page: Option<(u32, Change)>,
+    calls: Vec<String>,
+}
+
+impl Location {
+    fn assigned(&self, adam: &str) -> usize {
+        self.assignments.iter().filter(|a| a.0 == adam).count()
+    }
+}
+
+type Apple = Arc<Mutex<Location>>;
+
+fn query<'a>(q: &'a [(String, String)], k: &str) -> Option<&'a str> {
+    q.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
+}
+
+fn page_of<T: Clone>(items: &[T], size: usize, index: usize) -> (Vec<T>, Option<usize>) {
+    let start = index * size;
+    let page = items.iter().skip(start).take(size).cloned().collect();
+    let next = (start + size < items.len()).then_some(index + 1);
+    (page, next)
+}
+
+fn client(apple: &Apple) -> Client<ScriptedTransport, FakeClock> {
+    let a = apple.clone();
+    let t = ScriptedTransport::new(move |req: &AppleRequest, _n| {
+        let mut loc = a.lock().unwrap();
+        let (path, q) = match &req.target {
+            Target::Api { path, query } => (path.clone(), query.clone()),
+            Target::Absolute(url) => {
+                loc.calls.push("lookup".into());
+                let ids = url
+                    .split("id=")
+                    .nth(1)
+                    .unwrap_or("")
+                    .split('&')
+                    .next()
+                    .unwrap_or("");
+                let results: serde_json::Map<String, Value> = ids
+                    .split(',')
+                    .filter(|i| !i.is_empty())
+                    .map(|i| (i.to_string(), json!({"name": format!("App {i}")})))
+                    .collect();
+                return Ok(apple_json(200, json!({ "results": results })));
+            }
+        };
+        loc.calls.push(path.clone());
+        let index: usize = query(&q, "pageIndex")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        let version = format!("v{}", loc.version);
+        match (req.method, path.as_str()) {
+            (Method::Get, "service/config") => Ok(apple_json(
+                200,
+                json!({"limits": {"maxSerialNumbers": 1000}, "urls": {}}),
+            )),
+            (Method::Get, "client/config") => Ok(apple_json(
+                200,
+                json!({"locationName": "Main", "countryISO2ACode": "US"}),
+            )),
+            (Method::Get, "assets") => {
+                let (page, next) = page_of(&loc.assets, loc.page_size, index);
+                let assets: Vec<Value> = page
+                    .iter()
+                    .map(|id| {
+                        let used = loc.assigned(id) as i64;
+                        json!({"adamId": id, "pricingParam": "STDQ", "productType": "App",
+                            "assignedCount": used, "availableCount": 1_000_000 - used,
+                            "totalCount": 1_000_000, "retiredCount": 0,
+                            "deviceAssignable": true, "revocable": true})
+                    })
+                    .collect();
+                let mut body = json!({"assets": assets, "versionId": version});
+                if let Some(n) = next {
+                    body["nextPageIndex"] = json!(n);
+                }
+                Ok(apple_json(200, body))
+            }
+            (Method::Get, "assignments") => {
+                let since: Option<u64> = query(&q, "sinceVersionId")
+                    .and_then(|v| v.trim_start_matches('v').parse().ok());
+                let items: Vec<(String, String, u64)> = loc
+                    .assignments
+                    .iter()
+                    .filter(|a| since.is_none_or(|s| a.2 > s))
+                    .cloned()
+                    .collect();
+                let (page, next) = page_of(&items, loc.page_size, index);
+                let list: Vec<Value> = page
+                    .iter()
+                    .map(|(adam, serial, _)| {
+                        json!({"adamId": adam, "pricingParam": "STDQ", "serialNumber": serial})
+                    })
+                    .collect();
+                let mut body = json!({"assignments": list, "versionId": version});
+                if let Some(n) = next {
+                    body["nextPageIndex"] = json!(n);
+                }
+                if loc
+                    .after_page
+                    .as_ref()
+                    .is_some_and(|(p, _)| *p as usize == index)
+                {
+                    if let Some((_, f)) = loc.after_page.take() {
+                        f(&mut loc);
+                    }
+                }
+                Ok(apple_json(200, body))
+            }
+            (Method::Get, "users") => Ok(apple_json(
+                200,
+                json!({"users": [], "versionId": format!("u{}", loc.version)}),
+            )),
+            _ => Ok(apple_json(
+                400,
+                json!({"errorNumber": 9602, "errorMessage": "unexpected"}),
+            )),
+        }
+    });
+    Client::new(t, FakeClock::default())
+        .with_policy(vpp_apple::RetryPolicy::none())
+        .with_pacer(vpp_apple::Pacer::unlimited())
+}
+
+fn location(assets: usize, assignments: usize, page_size: usize) -> Apple {
+    let mut loc = Location {
+        page_size,
+        version: 1,
+        ..Location::default()
+    };
+    loc.assets = (0..assets).map(|i| format!("{}", 100_000 + i)).collect();
+    loc.assignments = (0..assignments)
+        .map(|i| (format!("{}", 100_000 + i % assets), format!("SER{i:07}"), 1))
+        .collect();
+    Arc::new(Mutex::new(loc))
+}
+
+fn account(kv: &impl Kv) {
+    let account = json!({
+        "id": ACCOUNT, "name": "School", "organization": "Org", "location": "Main",
+        "locationId": "uid1", "country": "US", "defaultPlatform": "volumestore",
+        "websiteUrl": null, "tokenExpiresAt": "2030-01-01T00:00:00Z",
+        "createdAt": "2025-01-01T00:00:00Z", "updatedAt": "2025-01-01T00:00:00Z",
+    });
+    let account: Account = serde_json::from_value(account).unwrap();
+    set_json(kv, &keys::account(ACCOUNT), &account).unwrap();
+    set_json(kv, &keys::accounts(), &vec![ACCOUNT.to_string()]).unwrap();
+}
+
+/// Run a refresh job to its end in slices of `calls` Apple calls; returns the job.
+fn run_refresh(kv: &impl Kv, apple: &Apple, full: bool, calls: u32) -> Job {
+    let acc: Account = get_json(kv, &keys::account(ACCOUNT)).unwrap().unwrap();
+    let now = Utc.with_ymd_and_hms(2025, 6, 1, 0, 0, 0).unwrap();
+    let mut job = Job::new("job1", "refresh", Some(ACCOUNT), "test", now);
+    job.checkpoint = serde_json::to_value(refresh::initial_state(kv, &acc, full).unwrap()).unwrap();
+    for _ in 0..10_000 {
+        // A new invocation each slice: a fresh client, as the components make.
+        let c = client(apple);
+        let mut budget = Budget::new(c.clock().now(), 3600, calls);
+        match block_on(refresh::run_slice(kv, &c, &mut job, "our-mdm", &mut budget)).unwrap() {
+            SliceEnd::Paused => continue,
+            SliceEnd::Done => return job,
+            SliceEnd::Failed(f) => panic!("refresh failed: {f:?}"),
+        }
+    }
+    panic!("refresh did not finish");
+}
+
+fn largest_value(kv: &MemoryKv) -> usize {
+    kv.keys()
+        .iter()
+        .filter_map(|k| kv.get(k).unwrap().map(|v| v.len()))
+        .max()
+        .unwrap_or(0)
+}
+
+fn total_bytes(kv: &MemoryKv) -> usize {
+    kv.keys()
+        .iter()
+        .filter_map(|k| kv.get(k).unwrap().map(|v| v.len()))
+        .sum()
+}
+
+/// Structural bounds after a full refresh: few keys, each well filled and under the limit.
+fn scenario(assets: usize, assignments: usize) -> (usize, usize, usize, Vec<String>) {
+    let kv = MemoryKv::default();
+    account(&kv);
+    let apple = location(assets, assignments, 1000);
+    let job = run_refresh(&kv, &apple, true, 200);
+    assert_eq!(
+        job.result.as_ref().unwrap()["assignments"],
+        assignments as u64
+    );
+    let calls = apple.lock().unwrap().calls.clone();
+    (kv.keys().len(), largest_value(&kv), total_bytes(&kv), calls)
+}
+
+#[test]
+fn the_copy_grows_with_bytes_not_with_assets_and_a_full_read_makes_the_fewest_calls() {
+    let (keys_a, big_a, bytes_a, calls_a) = scenario(1_000, 40_000);
+    let (keys_b, big_b, bytes_b, calls_b) = scenario(4_000, 40_000);
+    for (keys, big, bytes) in [(keys_a, big_a, bytes_a), (keys_b, big_b, bytes_b)] {
+        assert!(big < keys::VALUE_LIMIT / 2, "largest value {big}");
+        // Keys ≈ bytes / shard size: on average every key holds at least 16 KiB.
+        assert!(
+            keys <= bytes / (16 * 1024) + 8,
+            "{keys} keys for {bytes} bytes"
+        );
+    }
+    // Four times the assets, the same assignments: a handful more keys, not thousands.
+    assert!(keys_b <= keys_a + 8, "{keys_a} -> {keys_b} keys");
+    // The fewest Apple calls: one client config, the asset and assignment pages, one users
+    // page, the service config (for the lookup URL) and one lookup per 100 unnamed assets.
+    let count = |calls: &[String], what: &str| calls.iter().filter(|c| *c == what).count();
+    for (calls, assets) in [(&calls_a, 1_000usize), (&calls_b, 4_000)] {
+        assert_eq!(count(calls, "client/config"), 1, "{calls:?}");
+        assert_eq!(count(calls, "assets"), assets.div_ceil(1000));
+        assert_eq!(count(calls, "assignments"), 40);
+        assert_eq!(count(calls, "users"), 1);
+        assert_eq!(count(calls, "lookup"), assets.div_ceil(100));
+        assert!(count(calls, "service/config") <= 1);
+    }
+}
+
+/// A store that records which keys were written.
+#[derive(Default)]
+struct Recording {
+    inner: MemoryKv,
+    written: Mutex<BTreeSet<String>>,
+}
+
+impl Kv for Recording {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        self.inner.get(key)
+    }
+    fn set(&self, key: &str, value: &[u8]) -> Result<(), KvError> {
+        self.written.lock().unwrap().insert(key.to_string());
+        self.inner.set(key, value)
+    }
+    fn delete(&self, key: &str) -> Result<(), KvError> {
+        self.written.lock().unwrap().insert(key.to_string());
+        self.inner.delete(key)
+    }
+    fn swap(&self, key: &str, expected: Option<&[u8]>, new: &[u8]) -> Result<bool, KvError> {
+        self.written.lock().unwrap().insert(key.to_string());
+        self.inner.swap(key, expected, new)
+    }
+}
+
+#[test]
+fn an_incremental_refresh_of_100_changes_makes_three_calls_and_rewrites_only_their_shards() {
+    let kv = Recording::default();
+    account(&kv);
+    let apple = location(2_000, 60_000, 1000);
+    run_refresh(&kv, &apple, true, 500);
+    let before = copy::index(&kv, ACCOUNT).unwrap();
+    assert!(before.copy_shards > 10);
+    // 100 new assignments at Apple, on 5 assets.
+    {
+        let mut loc = apple.lock().unwrap();
+        loc.version = 2;
+        for i in 0..100 {
+            let adam = format!("{}", 100_000 + i % 5);
+            loc.assignments.push((adam, format!("NEW{i:03}"), 2));
+        }
+        loc.calls.clear();
+    }
+    kv.written.lock().unwrap().clear();
+    let job = run_refresh(&kv, &apple, false, 500);
+    assert_eq!(job.result.as_ref().unwrap()["full"], false);
+    let calls = apple.lock().unwrap().calls.clone();
+    assert!(calls.len() <= 3, "{calls:?}");
+    assert!(!calls.contains(&"lookup".to_string()));
+    let written = kv.written.lock().unwrap().clone();
+    let shards: BTreeSet<&String> = written
+        .iter()
+        .filter(|k| k.starts_with("assignments/"))
+        .collect();
+    let pages: BTreeSet<&String> = written
+        .iter()
+        .filter(|k| k.starts_with(&format!("assets/{ACCOUNT}/")))
+        .collect();
+    // 5 assets: at most 5 copy shards (each asset's new subjects fall on its own shards) and
+    // the pages of those 5 assets.
+    assert!(shards.len() <= 5, "{shards:?}");
+    assert!(pages.len() <= 5, "{pages:?}");
+    // The new assignments are in the copy and in the counts.
+    let (_, a) = copy::asset(&kv, ACCOUNT, "100000:STDQ").unwrap();
+    assert_eq!(a.unwrap().in_use, 30 + 20);
+    let all = copy::all_of_asset(&kv, ACCOUNT, "100000:STDQ").unwrap();
+    assert_eq!(all.len(), 50);
+    assert!(all.contains_key("s:NEW000"));
+}
+
+#[test]
+fn apple_changing_between_pages_never_drops_our_licenses() {
+    // Issue 9, item 6. Our confirmed license sits at index 1000 of Apple's list: after page 0
+    // is served, a foreign assignment before it goes away, everything shifts down by one, and
+    // page 1 starts past ours. A refresh that trusts this read would find ours gone, take it
+    // out of the ledger and send a false removal notice.
+    let kv = MemoryKv::default();
+    account(&kv);
+    let apple = location(10, 2_000, 1000);
+    run_refresh(&kv, &apple, true, 500);
+    let ours = Subject::SerialNumber("SER0001000".into());
+    let ak = asset_key("100000", "STDQ");
+    let mut shard = LedgerShard::new();
+    shard.entry(ak.clone()).or_default().insert(
+        ours.tag(),
+        LedgerEntry {
+            state: LedgerState::Confirmed,
+            event_id: Some("ev1".into()),
+            at: Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap(),
+            error: None,
+        },
+    );
+    set_json(
+        &kv,
+        &keys::ledger_shard(ACCOUNT, ledger_shard_of(&ak, &ours)),
+        &shard,
+    )
+    .unwrap();
+    {
+        let mut loc = apple.lock().unwrap();
+        loc.after_page = Some((
+            0,
+            Box::new(|loc: &mut Location| {
+                loc.assignments.remove(5);
+                loc.version += 1;
+            }),
+        ));
+    }
+    let job = run_refresh(&kv, &apple, true, 500);
+    assert_eq!(job.result.as_ref().unwrap()["dataChangedDuringRead"], true);
+    let l: LedgerShard = get_json(
+        &kv,
+        &keys::ledger_shard(ACCOUNT, ledger_shard_of(&ak, &ours)),
+    )
+    .unwrap()
+    .unwrap_or_default();
+    assert!(
+        l.get(&ak).is_some_and(|m| m.contains_key(&ours.tag())),
+        "our license was dropped from the ledger"
+    );
+    let notices: Option<Value> = get_json(&kv, &keys::notices_page(0)).unwrap();
+    assert!(
+        notices
+            .as_ref()
+            .is_none_or(|n| !n.to_string().contains("SER0001000")),
+        "a false removal notice: {notices:?}"
+    );
+    // The next full read, on unchanged data, does judge what is really gone.
+    apple
+        .lock()
+        .unwrap()
+        .assignments
+        .retain(|a| a.1 != "SER0001000");
+    let job = run_refresh(&kv, &apple, true, 500);
+    assert_eq!(job.result.as_ref().unwrap()["dataChangedDuringRead"], false);
+    let l: LedgerShard = get_json(
+        &kv,
+        &keys::ledger_shard(ACCOUNT, ledger_shard_of(&ak, &ours)),
+    )
+    .unwrap()
+    .unwrap_or_default();
+    assert!(!l.get(&ak).is_some_and(|m| m.contains_key(&ours.tag())));
+}
+
+#[test]
+fn the_licenses_list_pages_with_a_cursor_through_every_asset() {
+    let kv = MemoryKv::default();
+    account(&kv);
+    let apple = location(1_200, 3_000, 1000);
+    run_refresh(&kv, &apple, true, 500);
+    let filter = licenses::Filter::default();
+    let mut seen = BTreeMap::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let page = licenses::list_page(&kv, &filter, cursor.as_deref(), 250).unwrap();
+        assert!(page.rows.len() <= 250);
+        for r in page.rows {
+            assert!(seen.insert(r.adam_id.clone(), r.in_use).is_none(), "twice");
+        }
+        pages += 1;
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 1_200);
+    assert!(pages >= 5);
+    assert_eq!(seen["100000"], 3);
+    assert!(licenses::list_page(&kv, &filter, Some("nonsense"), 10).is_err());
+}
