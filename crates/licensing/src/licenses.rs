@@ -127,7 +127,26 @@ pub fn list_page(
     cursor: Option<&str>,
     limit: usize,
 ) -> Result<ListPage, ApiError> {
-    let limit = limit.clamp(1, MAX_LIMIT);
+    walk(
+        kv,
+        filter,
+        cursor,
+        limit.clamp(1, MAX_LIMIT),
+        PAGES_PER_REQUEST,
+        ACCOUNTS_PER_REQUEST,
+    )
+}
+
+/// Rows from `cursor` on, stopping after `limit` rows, `max_pages` asset pages or `max_accounts`
+/// accounts visited (whichever comes first) with a cursor to continue.
+fn walk(
+    kv: &impl Kv,
+    filter: &Filter,
+    cursor: Option<&str>,
+    limit: usize,
+    max_pages: u32,
+    max_accounts: u32,
+) -> Result<ListPage, ApiError> {
     let threshold = settings::load(kv)?.low_license_threshold;
     let ids: Vec<String> = match &filter.account_id {
         Some(id) => {
@@ -166,7 +185,7 @@ pub fn list_page(
     let mut visits = 0;
     loop {
         visits += 1;
-        if visits > ACCOUNTS_PER_REQUEST {
+        if visits > max_accounts {
             return Ok(ListPage {
                 rows,
                 next_cursor: Some(at.encode()),
@@ -191,7 +210,7 @@ pub fn list_page(
         // Reservations: the open ledger values of the assets that may have open entries.
         let reserved = crate::ledger::open_reservations(kv, id)?;
         while at.page < ix.asset_pages {
-            if pages_read >= PAGES_PER_REQUEST {
+            if pages_read >= max_pages {
                 return Ok(ListPage {
                     rows,
                     next_cursor: Some(at.encode()),
@@ -249,18 +268,10 @@ pub fn list_page(
     })
 }
 
-/// The whole list (every page; for small stores and tests).
+/// The whole list in one walk (every asset page of every account, each read once; for the
+/// metrics, small stores and tests).
 pub fn list(kv: &impl Kv, filter: &Filter) -> Result<Vec<LicenseRow>, ApiError> {
-    let mut out = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let page = list_page(kv, filter, cursor.as_deref(), MAX_LIMIT)?;
-        out.extend(page.rows);
-        match page.next_cursor {
-            Some(c) => cursor = Some(c),
-            None => return Ok(out),
-        }
-    }
+    Ok(walk(kv, filter, None, usize::MAX, u32::MAX, u32::MAX)?.rows)
 }
 
 /// Characters that make a spreadsheet read a cell as a formula when they lead it (a leading tab
