@@ -573,10 +573,8 @@ pub async fn delete<G: Gateway>(
         list.retain(|x| x != id);
         Ok((Some(list), ()))
     })?;
-    // The ledger's open values are per asset: list the assets before the copy goes.
-    let doc = crate::copy::all_assets(kv, id)?;
     crate::copy::delete_all(kv, id)?;
-    crate::ledger::delete_account(kv, id, &doc)?;
+    crate::ledger::delete_account(kv, id)?;
     let events: Vec<String> = get_json(kv, &keys::account_events(id))?.unwrap_or_default();
     for e in events {
         kv.delete(&keys::event(&e))?;

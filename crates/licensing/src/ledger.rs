@@ -11,8 +11,8 @@
 //! | `failed` | shard | Apple refused it with an `errorNumber`; pruned after [`FAILED_KEEP_SECS`] | no |
 //! | gone | — | no entry: Apple no longer holds it | no |
 //!
-//! Open entries (`queued`, `unknown`, `pending`) of one asset live in one value,
-//! `ledger/{id}/open/{asset}`: the licenses they hold are the asset's reservation, so it is
+//! Open entries (`queued`, `unknown`, `pending`) of one asset live together in one of the
+//! account's [`OPEN_SHARDS`] open values, `ledger/{id}/open/{n}`: the licenses they hold are the asset's reservation, so it is
 //! derived, never counted twice, and admitting new entries is one compare-and-swap that checks
 //! what is available and sets it aside together ([`admit`]). Settled entries live in the
 //! account's ledger shards (`ledger/{id}/{shard}`).
@@ -150,40 +150,65 @@ fn at(s: i64) -> DateTime<Utc> {
     Utc.timestamp_opt(s, 0).single().unwrap_or_default()
 }
 
-pub fn open_doc(kv: &impl Kv, account: &str, asset_key: &str) -> Result<OpenDoc, StoreError> {
-    Ok(get_json(kv, &keys::ledger_open(account, asset_key))?.unwrap_or_default())
+/// The open values of an account: assets are hashed over this many (a fixed number of keys,
+/// created before any asset is assignable; see [`prepare`]).
+pub const OPEN_SHARDS: u32 = 16;
+/// Open entries one open value holds at most, over all its assets (~45 B each: ≤ ~540 KiB).
+pub const MAX_OPEN_PER_SHARD: usize = 12_000;
+
+/// One open value: asset key → its open entries (assets with none are left out).
+pub type OpenShard = BTreeMap<String, OpenDoc>;
+
+/// The open value that holds an asset's open entries.
+pub fn open_shard_of(asset_key: &str) -> u32 {
+    keys::shard_of(asset_key, OPEN_SHARDS)
 }
 
-/// Change the open entries of an asset; `f` returns whether it changed anything. (An asset
-/// whose entries all settled keeps a tiny empty value: keys grow with assets, not entries.)
+fn open_key(account: &str, asset_key: &str) -> String {
+    keys::ledger_open(account, open_shard_of(asset_key))
+}
+
+pub fn open_doc(kv: &impl Kv, account: &str, asset_key: &str) -> Result<OpenDoc, StoreError> {
+    let mut shard: OpenShard = get_json(kv, &open_key(account, asset_key))?.unwrap_or_default();
+    Ok(shard.remove(asset_key).unwrap_or_default())
+}
+
+/// Change the open entries of an asset; `f` gets them and the number of open entries of the
+/// other assets in the same value, and returns whether it changed anything.
 fn open_update<R>(
     kv: &impl Kv,
     account: &str,
     asset_key: &str,
-    mut f: impl FnMut(&mut OpenDoc) -> (bool, R),
+    mut f: impl FnMut(&mut OpenDoc, usize) -> (bool, R),
 ) -> Result<R, StoreError> {
-    update::<OpenDoc, R>(kv, &keys::ledger_open(account, asset_key), |cur| {
-        let mut doc = cur.unwrap_or_default();
-        let (changed, out) = f(&mut doc);
+    update::<OpenShard, R>(kv, &open_key(account, asset_key), |cur| {
+        let mut shard = cur.unwrap_or_default();
+        let mut doc = shard.remove(asset_key).unwrap_or_default();
+        let others: usize = shard.values().map(|d| d.entries.len()).sum();
+        let (changed, out) = f(&mut doc, others);
         if !changed {
             return Ok((None, out));
         }
         doc.compact();
-        Ok((Some(doc), out))
+        if !doc.entries.is_empty() {
+            shard.insert(asset_key.to_string(), doc);
+        }
+        Ok((Some(shard), out))
     })
 }
 
-/// Create the (empty) open value of each of `asset_keys` that has none, before the assets
-/// become assignable (a refresh writing assets into the copy, one writer per account).
-/// Admissions then always compare-and-swap against an existing value: where the platform's swap
-/// on an absent key is an upsert, two first admissions could otherwise both win.
-pub fn prepare(kv: &impl Kv, account: &str, asset_keys: &[String]) -> Result<(), StoreError> {
-    let empty = serde_json::to_vec(&OpenDoc::default()).map_err(|e| StoreError::Corrupt {
-        key: keys::ledger_open(account, "-"),
+/// Create the account's (empty) open values that do not exist yet, before any asset becomes
+/// assignable (a refresh writing assets into the copy, one writer per account). Admissions
+/// then always compare-and-swap against an existing value: where the platform's swap on an
+/// absent key is an upsert, two first admissions could otherwise both win. A fixed number of
+/// keys ([`OPEN_SHARDS`]), whatever the number of assets.
+pub fn prepare(kv: &impl Kv, account: &str) -> Result<(), StoreError> {
+    let empty = serde_json::to_vec(&OpenShard::default()).map_err(|e| StoreError::Corrupt {
+        key: keys::ledger_open(account, 0),
         reason: e.to_string(),
     })?;
-    for ak in asset_keys {
-        let key = keys::ledger_open(account, ak);
+    for n in 0..OPEN_SHARDS {
+        let key = keys::ledger_open(account, n);
         if kv.get(&key)?.is_none() {
             kv.swap(&key, None, &empty)?;
         }
@@ -193,9 +218,10 @@ pub fn prepare(kv: &impl Kv, account: &str, asset_keys: &[String]) -> Result<(),
 
 /// Assets of the account that may have open entries (`keys::ledger_open_assets`): where reads
 /// of many assets (the licenses list) look for reservations instead of reading every asset's
-/// open value. A superset: an asset is added before and after entries are admitted for it,
-/// and removed only by settling once its open value is empty (re-checked after the removal;
-/// settling also re-adds any non-empty value it reads, so a writer stopped halfway is repaired).
+/// open value. An asset is added right after entries are admitted for it and removed only by
+/// settling once its open value is empty (re-checked after the removal, so a concurrent
+/// admission keeps it listed); settling also lists any non-empty value it reads, so a writer
+/// stopped between the two writes is repaired by the next settling.
 pub fn open_assets(kv: &impl Kv, account: &str) -> Result<BTreeSet<String>, StoreError> {
     Ok(get_json(kv, &keys::ledger_open_assets(account))?.unwrap_or_default())
 }
@@ -228,13 +254,17 @@ fn unmark_open(kv: &impl Kv, account: &str, asset_key: &str) -> Result<(), Store
 }
 
 /// Reservations of the account's assets that have open entries: one read for
-/// [`open_assets`] and one per asset on it (never one per asset of the account).
+/// [`open_assets`] and one per open value those assets are in (never one per asset).
 pub fn open_reservations(kv: &impl Kv, account: &str) -> Result<BTreeMap<String, i64>, StoreError> {
+    let listed = open_assets(kv, account)?;
+    let shards: BTreeSet<u32> = listed.iter().map(|ak| open_shard_of(ak)).collect();
     let mut out = BTreeMap::new();
-    for ak in open_assets(kv, account)? {
-        let n = reserved(kv, account, &ak)?;
-        if n > 0 {
-            out.insert(ak, n);
+    for n in shards {
+        let shard: OpenShard = get_json(kv, &keys::ledger_open(account, n))?.unwrap_or_default();
+        for (ak, doc) in shard {
+            if !doc.entries.is_empty() {
+                out.insert(ak, doc.entries.len() as i64);
+            }
         }
     }
     Ok(out)
@@ -387,11 +417,14 @@ pub enum Admission {
     NoRoom { needed: usize, available: i64 },
 }
 
-/// Licenses of `asset_key` free to admit: Apple's available count less the open entries.
-/// `None`: unlimited.
-fn room(doc: &AssetsDoc, asset_key: &str, open: &OpenDoc) -> Option<i64> {
+/// Licenses of `asset_key` free to admit: Apple's available count less the open entries,
+/// within [`MAX_OPEN`] per asset and [`MAX_OPEN_PER_SHARD`] per open value (`others`: the open
+/// entries of the other assets in it). `None`: unlimited.
+fn room(doc: &AssetsDoc, asset_key: &str, open: &OpenDoc, others: usize) -> Option<i64> {
     let asset = doc.assets.iter().find(|a| a.key() == asset_key);
-    let cap = (MAX_OPEN - open.entries.len().min(MAX_OPEN)) as i64;
+    let held = open.entries.len();
+    let cap = (MAX_OPEN - held.min(MAX_OPEN))
+        .min(MAX_OPEN_PER_SHARD - (held + others).min(MAX_OPEN_PER_SHARD)) as i64;
     match asset {
         Some(a) if a.total == vpp_apple::Asset::UNLIMITED_TOTAL => (cap < i64::MAX).then_some(cap),
         Some(a) => Some((a.available - open.entries.len() as i64).max(0).min(cap)),
@@ -410,12 +443,12 @@ pub fn admit(
     now: DateTime<Utc>,
 ) -> Result<Admission, StoreError> {
     // Normally made by the refresh that listed the asset (see `prepare`).
-    let key = keys::ledger_open(account, asset_key);
+    let key = open_key(account, asset_key);
     if kv.get(&key)?.is_none() {
         if all_or_nothing {
             // A refusal writes nothing at all.
             let doc = copy::assets_for(kv, account, &[asset_key.to_string()])?;
-            let free = room(&doc, asset_key, &OpenDoc::default()).unwrap_or(i64::MAX);
+            let free = room(&doc, asset_key, &OpenDoc::default(), 0).unwrap_or(i64::MAX);
             if subjects.len() as i64 > free {
                 return Ok(Admission::NoRoom {
                     needed: subjects.len(),
@@ -423,14 +456,14 @@ pub fn admit(
                 });
             }
         }
-        kv.swap(&key, None, br#"{"ev":[],"o":{}}"#)?;
+        kv.swap(&key, None, b"{}")?;
     }
-    // Listed where reads look before the entries exist, and again after (see `open_assets`).
-    mark_open(kv, account, asset_key)?;
-    let admission = open_update(kv, account, asset_key, |open| {
+    let admission = open_update(kv, account, asset_key, |open, others| {
         // Apple's counts as they are now (a completed event moves them).
         let doc = copy::assets_for(kv, account, &[asset_key.to_string()]).unwrap_or_default();
-        let free = room(&doc, asset_key, open).unwrap_or(i64::MAX).max(0) as usize;
+        let free = room(&doc, asset_key, open, others)
+            .unwrap_or(i64::MAX)
+            .max(0) as usize;
         let (already, new): (Vec<Subject>, Vec<Subject>) = subjects
             .iter()
             .cloned()
@@ -465,6 +498,7 @@ pub fn admit(
             },
         )
     })?;
+    // Listed where reads look once the entries exist (see `open_assets`).
     if matches!(&admission, Admission::Admitted { admitted, .. } if !admitted.is_empty()) {
         mark_open(kv, account, asset_key)?;
     }
@@ -493,7 +527,7 @@ fn mark_sent(
     subjects: &[Subject],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    open_update(kv, account, asset_key, |open| {
+    open_update(kv, account, asset_key, |open, _| {
         let mut changed = false;
         for s in subjects {
             if let Some(o) = open.entries.get_mut(&s.tag()) {
@@ -516,7 +550,7 @@ pub fn accepted(
     subjects: &[Subject],
     event_id: &str,
 ) -> Result<(), StoreError> {
-    open_update(kv, account, asset_key, |open| {
+    open_update(kv, account, asset_key, |open, _| {
         let idx = open.event_index(event_id);
         let mut changed = false;
         for s in subjects {
@@ -541,7 +575,7 @@ fn refused(
     subjects: &[Subject],
     requeue: bool,
 ) -> Result<(), StoreError> {
-    open_update(kv, account, asset_key, |open| {
+    open_update(kv, account, asset_key, |open, _| {
         let mut changed = false;
         for s in subjects {
             let tag = s.tag();
@@ -615,7 +649,7 @@ fn close(
     asset_key: &str,
     subjects: &[Subject],
 ) -> Result<(), StoreError> {
-    open_update(kv, account, asset_key, |open| {
+    open_update(kv, account, asset_key, |open, _| {
         let n = open.entries.len();
         for s in subjects {
             open.entries.remove(&s.tag());
@@ -635,7 +669,7 @@ pub fn fail(
     event_id: Option<&str>,
     now: DateTime<Utc>,
 ) -> Result<Vec<Subject>, StoreError> {
-    let failed: Vec<Subject> = open_update(kv, account, asset_key, |open| {
+    let failed: Vec<Subject> = open_update(kv, account, asset_key, |open, _| {
         let idx = event_id.and_then(|id| open.events.iter().position(|e| e == id));
         let mut out = Vec::new();
         let mut changed = false;
@@ -1245,7 +1279,7 @@ fn release_unknown(
     asset_key: &str,
     s: &Subject,
 ) -> Result<(), StoreError> {
-    open_update(kv, account, asset_key, |open| {
+    open_update(kv, account, asset_key, |open, _| {
         let tag = s.tag();
         let drop = open
             .entries
@@ -1310,15 +1344,12 @@ pub async fn settle_all<T: Transport, C: Clock>(
 }
 
 /// Every ledger key of an account (for deleting the account).
-pub fn delete_account(kv: &impl Kv, account: &str, doc: &AssetsDoc) -> Result<(), StoreError> {
+pub fn delete_account(kv: &impl Kv, account: &str) -> Result<(), StoreError> {
     for shard in 0..LEDGER_SHARDS {
         kv.delete(&keys::ledger_shard(account, shard))?;
     }
-    for a in &doc.assets {
-        kv.delete(&keys::ledger_open(account, &a.key()))?;
-    }
-    for ak in open_assets(kv, account)? {
-        kv.delete(&keys::ledger_open(account, &ak))?;
+    for n in 0..OPEN_SHARDS {
+        kv.delete(&keys::ledger_open(account, n))?;
     }
     kv.delete(&keys::ledger_open_assets(account))?;
     Ok(())

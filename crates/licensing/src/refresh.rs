@@ -522,9 +522,8 @@ async fn step<T: Transport, C: Clock>(
                 if !new.is_empty() {
                     st.assets_added += new.len() as u64;
                     let ix = copy::index(kv, account_id)?;
-                    // Their ledger values exist before they become assignable.
-                    let new_keys: Vec<String> = new.iter().map(AssetRecord::key).collect();
-                    crate::ledger::prepare(kv, account_id, &new_keys)?;
+                    // The ledger's open values exist before they become assignable.
+                    crate::ledger::prepare(kv, account_id)?;
                     copy::insert_assets(kv, account_id, &ix, new)?;
                     cache.target = None;
                 }
@@ -584,8 +583,7 @@ async fn step<T: Transport, C: Clock>(
             let ix = target(kv, account_id, st, cache)?.0.clone();
             if !unknown.is_empty() {
                 st.assets_added += unknown.len() as u64;
-                let new_keys: Vec<String> = unknown.iter().map(AssetRecord::key).collect();
-                crate::ledger::prepare(kv, account_id, &new_keys)?;
+                crate::ledger::prepare(kv, account_id)?;
                 copy::insert_assets(kv, account_id, &ix, unknown)?;
             }
             for (rec, subject, by) in read.iter_mut() {
@@ -753,9 +751,8 @@ fn pack(kv: &impl Kv, account_id: &str, st: &RefreshState) -> Result<(), StepErr
     for r in records.values_mut() {
         r.shards = keys::asset_copy_pages_for(r.in_use.max(0) as usize, ix.copy_shards);
     }
-    // The ledger's value of every asset exists before the commit makes the assets assignable.
-    let asset_keys: Vec<String> = records.keys().cloned().collect();
-    crate::ledger::prepare(kv, account_id, &asset_keys)?;
+    // The ledger's open values exist before the commit makes the assets assignable.
+    crate::ledger::prepare(kv, account_id)?;
     copy::write_pages(kv, account_id, &ix, records.into_values().collect())?;
     ix.packed = true;
     set_json(kv, &staging_key(account_id), &ix)?;

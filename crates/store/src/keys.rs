@@ -2,10 +2,8 @@
 //!
 //! Rules the layout keeps (PRODUCT.md section 4):
 //! - the number of keys grows with the bytes stored (≈ bytes / a shard of ~100-400 KiB), never
-//!   with the number of assignments; every value stays under [`VALUE_LIMIT`] (Fermyon Cloud
-//!   refuses values over 1 MB). One exception grows with assets: the ledger's open value per
-//!   asset (`ledger/{id}/open/{asset}`, ~20 B while empty; it is the asset's reservation, so
-//!   admission is one compare-and-swap);
+//!   with the number of assets, assignments or accounts as such; every value stays under
+//!   [`VALUE_LIMIT`] (Fermyon Cloud refuses values over 1 MB);
 //! - an account's copy of Apple's assets and assignments is packed (see "The copy" below);
 //! - no request path lists keys: every collection has an index key;
 //! - a key written by several writers is only changed with `vpp_store::update` (compare-and-swap).
@@ -26,8 +24,8 @@
 //! | `assets/{id}/{gen}/raw/{n}` | Apple's asset page `n` as read, while a full refresh reads them (deleted when packed) | refresh |
 //! | `assignments/{id}/{gen}/{shard}` | a shard of the assignment copy: asset key → subject → made by | refresh; events and notifications (CAS) |
 //! | `ledger/{id}/{shard}` | settled ledger entries (confirmed, revoking, failed): asset → subject → entry; shard = `shard_of("{asset}|{subject}", LEDGER_SHARDS)`; failed entries pruned after 7 days | licenses, jobs (CAS) |
-//! | `ledger/{id}/open/{adamId}:{pricing}` | open ledger entries of one asset (queued, unknown, pending; ≤ 10,000, ~45 B each): their count is the asset's reservation, admitted with one CAS | licenses, jobs, notifications (CAS) |
-//! | `ledger/{id}/open-assets` | asset keys that may have open ledger entries (a superset: added around each admission, removed by settling when empty; ≤ one per asset, ~20 B each) | licenses, jobs (CAS) |
+//! | `ledger/{id}/open/{n}` | open ledger entries (queued, unknown, pending) of the assets hashed to `n = shard_of(asset, 16)`: asset → subject → entry; ≤ 10,000 per asset and 12,000 per value (~45 B each: ≤ ~540 KiB); an asset's count is its reservation, admitted with one CAS; all 16 created by the refresh before assets are assignable | licenses, jobs, notifications (CAS) |
+//! | `ledger/{id}/open-assets` | asset keys that may have open ledger entries (added after each admission, removed by settling when empty, repaired by settling; ≤ one per asset with entries in flight, ~20 B each) | licenses, jobs (CAS) |
 //! | `event/{eventId}` | an Apple event we track | licenses, jobs, notifications (CAS) |
 //! | `events/{id}` | index: ids of the account's pending events (polled by `event::poll_due`) | licenses, jobs (CAS) |
 //! | `events/{id}/done` | ring: ids of the account's last 500 ended events; an event evicted from it has its `event/{eventId}` record deleted | licenses, jobs, notifications (CAS) |
@@ -55,9 +53,8 @@
 //   one read. Entries are compact (foreign `0`, ours `[eventId, unixSeconds]`: ~20-60 B), a
 //   shard holds ~[`COPY_SHARD_ENTRIES`] of them (~80-250 KiB).
 // - Bounds: 10,000 assets and 1,000,000 assignments make 20 asset pages and 245 copy shards
-//   (plus as many again while a full refresh builds the next generation): < 600 copy keys at
-//   the peak (the ledger's open values, one per asset, come on top), the largest value
-//   ~250 KiB. Nothing in the copy grows with the number of assets or assignments except
+//   (plus as many again while a full refresh builds the next generation): < 600 keys at
+//   the peak, the largest value ~250 KiB. Nothing in the copy grows with the number of assets or assignments except
 //   through their bytes.
 
 /// The largest value any writer may store (Fermyon Cloud: 1 MB per value).
@@ -145,13 +142,13 @@ pub fn account_events(account: &str) -> String {
 pub fn account_events_done(account: &str) -> String {
     format!("events/{account}/done")
 }
-/// Assets of an account that may have open ledger entries (a superset; where reads look).
+/// Assets of an account with open ledger entries (where reads of many assets look).
 pub fn ledger_open_assets(account: &str) -> String {
     format!("ledger/{account}/open-assets")
 }
-/// The open ledger entries of one asset (`asset` is `adamId:pricingParam`).
-pub fn ledger_open(account: &str, asset: &str) -> String {
-    format!("ledger/{account}/open/{asset}")
+/// Open value `n` of an account's ledger: the open entries of the assets hashed to it.
+pub fn ledger_open(account: &str, n: u32) -> String {
+    format!("ledger/{account}/open/{n}")
 }
 pub fn policies() -> String {
     "policies".into()
@@ -280,7 +277,7 @@ mod tests {
         assert!(copy_shard(&id, u64::MAX, u32::MAX).len() < 255);
         assert!(asset_raw_page(&id, u64::MAX, u32::MAX).len() < 255);
         assert!(ledger_shard(&id, u32::MAX).len() < 255);
-        assert!(ledger_open(&id, "1234567890:STDQ").len() < 255);
+        assert!(ledger_open(&id, u32::MAX).len() < 255);
         assert!(ledger_open_assets(&id).len() < 255);
     }
 }
