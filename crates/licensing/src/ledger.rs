@@ -1404,3 +1404,87 @@ impl Cache {
         Ok(MadeBy::Foreign)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vpp_store::MemoryKv;
+
+    fn unlimited(adam: &str) -> AssetRecord {
+        AssetRecord {
+            adam_id: adam.into(),
+            pricing_param: "STDQ".into(),
+            product_type: "App".into(),
+            name: None,
+            icon_url: None,
+            total: vpp_apple::Asset::UNLIMITED_TOTAL,
+            available: 0,
+            in_use: 0,
+            retired: 0,
+            device_assignable: true,
+            revocable: true,
+            supported_platforms: Vec::new(),
+            shards: 1,
+        }
+    }
+
+    fn devices(prefix: &str, n: usize) -> Vec<Subject> {
+        (0..n)
+            .map(|i| Subject::SerialNumber(format!("{prefix}{i:06}")))
+            .collect()
+    }
+
+    #[test]
+    fn open_values_are_a_fixed_few_and_each_stays_under_the_value_limit() {
+        let kv = MemoryKv::default();
+        // Many assets: still OPEN_SHARDS open values.
+        let assets: Vec<AssetRecord> = (0..200).map(|i| unlimited(&format!("{i}"))).collect();
+        copy::write_generation(&kv, "a", 1, None, assets.clone()).unwrap();
+        prepare(&kv, "a").unwrap();
+        let open_keys = kv
+            .keys()
+            .into_iter()
+            .filter(|k| k.starts_with("ledger/a/open/"))
+            .count();
+        assert_eq!(open_keys, OPEN_SHARDS as usize);
+        // Two assets that share an open value: together they never pass MAX_OPEN_PER_SHARD.
+        let first = assets[0].key();
+        let other = assets[1..]
+            .iter()
+            .map(AssetRecord::key)
+            .find(|k| open_shard_of(k) == open_shard_of(&first))
+            .unwrap();
+        let now = Utc::now();
+        match admit(&kv, "a", &first, &devices("A", MAX_OPEN), true, now).unwrap() {
+            Admission::Admitted { admitted, .. } => assert_eq!(admitted.len(), MAX_OPEN),
+            other => panic!("{other:?}"),
+        }
+        let room_left = MAX_OPEN_PER_SHARD - MAX_OPEN;
+        match admit(&kv, "a", &other, &devices("B", room_left + 5), true, now).unwrap() {
+            Admission::NoRoom { needed, available } => {
+                assert_eq!((needed, available), (room_left + 5, room_left as i64))
+            }
+            other => panic!("{other:?}"),
+        }
+        match admit(&kv, "a", &other, &devices("B", room_left + 5), false, now).unwrap() {
+            Admission::Admitted {
+                admitted,
+                shortfall,
+                ..
+            } => assert_eq!((admitted.len(), shortfall.len()), (room_left, 5)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(reserved(&kv, "a", &first).unwrap(), MAX_OPEN as i64);
+        assert_eq!(reserved(&kv, "a", &other).unwrap(), room_left as i64);
+        let size = kv
+            .get(&keys::ledger_open("a", open_shard_of(&first)))
+            .unwrap()
+            .unwrap()
+            .len();
+        assert!(size < keys::VALUE_LIMIT, "{size} bytes");
+        // The licenses list finds both through the open-assets list.
+        let r = open_reservations(&kv, "a").unwrap();
+        assert_eq!(r.get(&first), Some(&(MAX_OPEN as i64)));
+        assert_eq!(r.get(&other), Some(&(room_left as i64)));
+    }
+}
