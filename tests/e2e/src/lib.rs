@@ -542,7 +542,7 @@ impl Env {
         }
         StoredCopy {
             assets: json!({
-                "assets": assets.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
+                "assets": assets.into_iter().map(|(_, v)| v).collect::<Vec<Value>>(),
                 "assetCount": index["assets"],
                 "assignmentCount": index["assignments"],
             }),
