@@ -211,7 +211,7 @@ fn list_licenses(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError>
             .filter(|s| !s.is_empty())
             .map(str::to_string),
         low_only: match req.query("low") {
-            None | Some("") | Some("false") => false,
+            None | Some("false") => false,
             Some("true") => true,
             Some(_) => return Err(ApiError::invalid_field("low", "low must be true or false")),
         },
