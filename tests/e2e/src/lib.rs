@@ -244,9 +244,7 @@ fn managed_cloud_manifest(
             .map(|h| match h {
                 "http://apple.spin.internal" => public_url.to_string(),
                 "{{ apple_base_url }}" => apple_origin.to_string(),
-                h if h.starts_with("{{") => {
-                    value_of(h.trim_matches(|c| c == '{' || c == '}' || c == ' '))
-                }
+                h if h.starts_with("{{") => value_of(h.trim_matches(['{', '}', ' '])),
                 h => h.to_string(),
             })
             .map(toml::Value::String)
