@@ -173,12 +173,6 @@ async fn assign(app: &App, path: &str, account: &str, adam: &str, serials: Vec<S
     r.json()
 }
 
-// Fails today at the concurrent reconcile: two `POST /api/reconcile` at once create two jobs
-// (check-then-create in `reconcile::start`), and the one whose slice did not run stays
-// `running`. Depends on ledger-edges' "one job per account+kind under a lease"; run with
-// `--ignored` once that is merged (the steps before it pass: adds, refreshes, assigns,
-// revokes and policy puts on two instances sharing Redis).
-#[ignore = "needs one job per kind under a lease (ledger-edges); see comment"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_on_one_redis_lose_nothing_and_do_nothing_twice() {
     let redis = RedisServer::start().expect("redis-server (install: bash scripts/setup-redis)");
