@@ -120,7 +120,7 @@ pub fn schemas() -> Value {
     json!({
         "LicenseRow": {"type": "object", "properties": {
             "accountId": s("string"), "accountName": s("string"), "adamId": s("string"), "pricingParam": s("string"),
-            "name": s("string"), "productType": s("string"), "total": s("integer"), "available": s("integer"),
+            "name": s("string"), "iconUrl": s("string"), "productType": s("string"), "total": s("integer"), "available": s("integer"),
             "inUse": s("integer"), "retired": s("integer"), "pending": s("integer"), "unlimited": s("boolean"),
             "lowLicenses": s("boolean"), "deviceAssignable": s("boolean"), "revocable": s("boolean")}},
         "AssignmentsPage": {"type": "object", "properties": {

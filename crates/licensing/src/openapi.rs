@@ -26,6 +26,8 @@ fn account_paths() -> Value {
     json!({
         "/api/health": {"get": {"summary": "Health: version, key-value store, variables, apple component", "security": [],
             "responses": {"200": ok("healthy", json!({"type": "object"})), "503": ok("degraded", json!({"type": "object"}))}}},
+        "/api/session": {"get": {"summary": "Who the presented key is: its role (admin or reader) and the name the audit log records",
+            "responses": {"200": ok("the caller", json!({"type": "object", "properties": {"role": {"type": "string", "enum": ["admin", "reader"]}, "caller": {"type": "string"}}})), "401": err(&["unauthorized"])}}},
         "/api/audit": {"get": {"summary": "Audit log, newest first, a page per call (admin)",
             "parameters": [{"name": "page", "in": "query", "schema": {"type": "integer"}}],
             "responses": {"200": ok("records", json!({"type": "object", "properties": {"records": {"type": "array", "items": r("AuditRecord")}, "nextPage": {"type": "integer"}}})), "403": err(&["forbidden"])}}},
@@ -74,7 +76,10 @@ fn account_schemas() -> Value {
             "id": {"type": "string"}, "name": {"type": "string"}, "status": r("Status"),
             "organization": {"type": "string"}, "location": {"type": ["string", "null"]}, "locationId": {"type": ["string", "null"]},
             "lastSynchronized": {"type": ["string", "null"], "format": "date-time"}, "expiryDate": {"type": "string", "format": "date-time"},
-            "owner": {"type": "object"}, "policies": {"type": "array", "items": {"type": "string"}}, "notifications": {"type": "boolean"}}},
+            "owner": {"type": "object"},
+            "lastAppleError": {"type": ["object", "null"], "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "number": {"type": "integer"}, "at": {"type": "string", "format": "date-time"}}},
+            "lastAppleOkAt": {"type": ["string", "null"], "format": "date-time"},
+            "policies": {"type": "array", "items": {"type": "string"}}, "notifications": {"type": "boolean"}}},
         "AddAccount": {"type": "object", "required": ["name", "token"], "additionalProperties": false,
             "properties": {"name": {"type": "string", "maxLength": 100}, "token": {"type": "string", "description": "the .vpptoken file content"}}},
         "EditAccount": {"type": "object", "additionalProperties": false, "properties": {"name": {"type": "string"}, "token": {"type": "string"}}},
@@ -124,6 +129,7 @@ mod tests {
             "/api/settings",
             "/api/notices",
             "/api/jobs/{id}",
+            "/api/session",
         ] {
             assert!(d["paths"].get(p).is_some(), "{p} missing");
         }
