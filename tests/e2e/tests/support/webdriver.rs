@@ -13,7 +13,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 /// The W3C key under which an element reference travels.
-const ELEMENT: &str = "element-6066-11e4-a07e-4f8e-a6a9-4f8e5d8c2e9b";
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 #[derive(Debug)]
 pub struct WdError {
@@ -49,27 +49,53 @@ fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> WdResult<(
     req.push_str(&format!("Content-Length: {}\r\n\r\n", payload.len()));
     s.write_all(req.as_bytes()).map_err(io)?;
     s.write_all(payload.as_bytes()).map_err(io)?;
+    // chromedriver keeps the connection open: read the head, then Content-Length bytes (or the
+    // chunks, or to the end when it says neither).
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(io)?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| WdError {
-            status: 0,
-            error: "http".into(),
-            message: "no header end".into(),
-        })?;
+    let mut buf = [0u8; 16384];
+    let split = loop {
+        if let Some(p) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p;
+        }
+        let n = s.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            return Err(WdError {
+                status: 0,
+                error: "http".into(),
+                message: "connection closed before the response head".into(),
+            });
+        }
+        raw.extend_from_slice(&buf[..n]);
+    };
     let head = String::from_utf8_lossy(&raw[..split]).to_string();
     let mut body = raw[split + 4..].to_vec();
+    let lower = head.to_ascii_lowercase();
+    let length = lower
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    let chunked = lower.contains("transfer-encoding: chunked");
+    loop {
+        let complete = match length {
+            Some(len) => body.len() >= len,
+            None if chunked => body.windows(5).any(|w| w == b"0\r\n\r\n"),
+            None => false,
+        };
+        if complete {
+            break;
+        }
+        let n = s.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&buf[..n]);
+    }
     let status: u16 = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
+    if chunked {
         body = dechunk(&body);
     }
     let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
@@ -188,6 +214,16 @@ impl Session {
         .map(|_| ())
     }
 
+    /// A Chrome DevTools command through chromedriver (e.g. `Emulation.*`).
+    pub async fn cdp(&self, cmd: &str, params: Value) -> WdResult<Value> {
+        self.cmd(
+            "POST",
+            "/goog/cdp/execute",
+            Some(json!({"cmd": cmd, "params": params})),
+        )
+        .await
+    }
+
     /// A PNG of the viewport.
     pub async fn screenshot(&self) -> WdResult<Vec<u8>> {
         let v = self.cmd("GET", "/screenshot", None).await?;
@@ -198,6 +234,11 @@ impl Session {
                 error: "base64".into(),
                 message: e.to_string(),
             })
+    }
+
+    /// End the session (chromedriver quits the browser) without a runtime: for `Drop`.
+    pub fn close_blocking(&self) {
+        let _ = http(self.port, "DELETE", &format!("/session/{}", self.id), None);
     }
 
     pub async fn close(&self) -> WdResult<()> {
