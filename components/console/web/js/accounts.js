@@ -110,7 +110,7 @@ function accountsTable(accounts) {
       { label: "Reclaim ownership", run: () => reclaim(a) },
       { label: "Delete", run: () => remove(a), reason },
     ]);
-    const delBtn = action("🗑", () => remove(a), { class: "icon danger", "aria-label": "Delete " + a.name + (reason ? " (" + reason + ")" : ""), title: reason || "Delete " + a.name, reason });
+    const delBtn = action("Delete", () => remove(a), { class: "icon danger", "aria-label": "Delete " + a.name + (reason ? " (" + reason + ")" : ""), title: reason || "Delete " + a.name, reason });
     return el("tr", { "data-account": a.id },
       el("td", {}, menu),
       el("td", {}, statusIcon(a.status)),

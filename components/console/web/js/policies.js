@@ -45,7 +45,15 @@ function slug(s) {
 }
 
 async function edit(p) {
-  const accounts = host.accounts || [];
+  let accounts = host.accounts;
+  if (!accounts) {
+    try {
+      accounts = (await get("/api/accounts")).accounts;
+    } catch (e) {
+      resultHost.replaceChildren(errorBox(e));
+      return;
+    }
+  }
   const out = await modal(p ? "Edit policy " + p.name : "New app policy", (d, close, h) => {
     const name = el("input", { type: "text", id: "policy-name", required: true, autocomplete: "off", "aria-describedby": "policy-name-error" });
     const id = el("input", { type: "text", id: "policy-id", required: true, autocomplete: "off", pattern: "[A-Za-z0-9._-]{1,64}", "aria-describedby": "policy-id-hint policy-id-error" });
