@@ -46,6 +46,15 @@ async fn route(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
             }),
             _ => Err(ApiError::method_not_allowed(m, &req.path, &["GET"])),
         },
+        ["api", "session"] => match m {
+            "GET" => {
+                let caller = req.caller()?;
+                Ok(ApiResponse::ok(
+                    &json!({"role": caller.role, "caller": caller.name}),
+                ))
+            }
+            _ => Err(ApiError::method_not_allowed(m, &req.path, &["GET"])),
+        },
         ["api", "audit"] => match m {
             "GET" => {
                 req.caller()?.require_admin("read the audit log")?;

@@ -192,7 +192,7 @@ pub fn schemas() -> Value {
             "description": "a serial number or clientUserId: 1 to 128 printable ASCII characters, no surrounding space"},
         "LicenseRow": {"type": "object", "required": ["accountId", "adamId", "pricingParam", "total", "available", "inUse", "pending", "lowLicenses"], "properties": {
             "accountId": s("string"), "accountName": s("string"), "adamId": s("string"), "pricingParam": s("string"),
-            "name": n("string"), "productType": s("string"), "total": s("integer"), "available": s("integer"),
+            "name": n("string"), "iconUrl": n("string"), "productType": s("string"), "total": s("integer"), "available": s("integer"),
             "inUse": s("integer"), "retired": s("integer"), "pending": s("integer"), "unlimited": s("boolean"),
             "lowLicenses": s("boolean"), "deviceAssignable": s("boolean"), "revocable": s("boolean"),
             "syncedAt": {"type": ["string", "null"], "format": "date-time"}}},

@@ -65,6 +65,8 @@ fn account_paths() -> Value {
         "/api/audit": {"get": {"operationId": "listAudit", "summary": "Audit log, newest first, a page per call (admin)",
             "parameters": [{"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": MAX_QUERY_INT}, "description": "follow nextPage; a page that does not exist yet is 404"}],
             "responses": {"200": ok("records", r("AuditPage")), "400": err(&["invalid_request"]), "404": err(&["not_found"])}}},
+        "/api/session": {"get": {"operationId": "getSession", "summary": "Who the presented key is: its role (admin or reader) and the name the audit log records",
+            "responses": {"200": ok("the caller", json!({"type": "object", "required": ["role", "caller"], "properties": {"role": {"type": "string", "enum": ["admin", "reader"]}, "caller": {"type": "string"}}}))}}},
         "/api/accounts": {
             "get": {"operationId": "listAccounts", "summary": "Accounts with derived status",
                 "responses": {"200": {"description": "accounts",
@@ -131,6 +133,8 @@ fn account_schemas() -> Value {
                 "at": date, "ok": {"type": "boolean"}, "full": {"type": "boolean"}, "error": r("Failure")}}]},
             "expiryDate": date, "createdAt": date,
             "owner": {"type": "object", "required": ["kind"], "properties": {"kind": {"type": "string", "enum": ["unknown", "unclaimed", "ours", "foreign"]}, "id": {"type": "string"}, "name": {"type": "string"}}},
+            "lastAppleError": {"type": ["object", "null"], "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "number": {"type": "integer"}, "at": date}},
+            "lastAppleOkAt": {"type": ["string", "null"], "format": "date-time"},
             "policies": {"type": "array", "items": {"type": "string"}}, "notifications": {"type": "boolean"}}},
         "AccountTest": {"type": "object", "required": ["ok", "checks"], "properties": {"ok": {"type": "boolean"}, "checks": {"type": "array", "items": {"type": "object"}}}},
         "Token": {"type": "string", "minLength": 1, "maxLength": 16384, "pattern": "^\\s*[A-Za-z0-9+/=\\s]+$",
@@ -320,6 +324,7 @@ mod tests {
             "/api/jobs/{id}",
             "/api/metrics",
             "/api/daily",
+            "/api/session",
         ] {
             assert!(d["paths"].get(p).is_some(), "{p} missing");
         }

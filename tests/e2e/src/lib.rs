@@ -46,7 +46,7 @@ fn write_manifest() -> PathBuf {
     let root = workspace_root();
     let text = std::fs::read_to_string(root.join("spin.toml")).expect("spin.toml");
     let dir = wasm_dir();
-    for c in ["accounts", "licenses", "apple", "scheduler"] {
+    for c in ["accounts", "licenses", "apple", "scheduler", "console"] {
         let wasm = dir.join(format!("{c}.wasm"));
         assert!(
             wasm.exists(),
