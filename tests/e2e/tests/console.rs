@@ -530,7 +530,7 @@ async fn console_admin_manages_accounts_licenses_and_policies_in_chromium() {
         ))
         .await;
     assert_eq!(title, api_account["status"]["description"]);
-    assert!(b.text(&format!("{row}")).await.contains("Head Office"));
+    assert!(b.text(&row).await.contains("Head Office"));
 
     // Refresh from the row menu: confirmation, a progress bar while it runs, then a new time.
     let before = api_account["lastSynchronized"].clone();
