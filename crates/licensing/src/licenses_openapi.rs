@@ -129,7 +129,7 @@ pub fn paths() -> Value {
             "get": {"operationId": "getSettings", "summary": "License settings", "responses": {"200": ok(r("Settings"))}},
             "put": {"operationId": "putSettings", "summary": "Change settings (fields left out keep their value)",
                 "requestBody": body("SettingsRequest"),
-                "responses": {"200": ok(r("Settings"))}}},
+                "responses": {"200": ok(r("Settings")), "422": err(&["unprocessable"])}}},
         "/api/notices": {"get": {
             "operationId": "listNotices",
             "summary": "License-removal notices, newest first, a page at a time",

@@ -9,8 +9,8 @@
 
 use serde_json::{json, Map, Value};
 
-/// The largest whole number a query parameter is documented to take (JSON's safe integers).
-pub const MAX_QUERY_INT: u64 = (1 << 53) - 1;
+/// The largest whole number a query parameter takes (the code reads them as u64).
+pub const MAX_QUERY_INT: u64 = u64::MAX;
 
 /// An error response naming the codes it may carry; [`document`] turns the codes into the
 /// response's description and a schema whose `code` is one of them.
