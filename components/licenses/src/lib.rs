@@ -243,8 +243,15 @@ fn list_licenses(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError>
 /// Apple first (a read; Apple's spacing rules hold whoever polls); it is never sent again from
 /// here. The reader key stays local: its requests never reach Apple.
 async fn get_event(kv: &SpinKv, req: &ApiRequest, id: &str) -> Result<ApiResponse, ApiError> {
-    if id.is_empty() || id.len() > 128 {
-        return Err(ApiError::invalid_field("id", "not an event id"));
+    // Apple's event ids are short tokens of [A-Za-z0-9._~-] (the documented pattern): anything
+    // else was never stored, so it is not found.
+    let well_formed = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._~-".contains(&b));
+    if !well_formed {
+        return Err(ApiError::not_found(format!("event {id}")));
     }
     let mut record =
         event::load(kv, id)?.ok_or_else(|| ApiError::not_found(format!("event {id}")))?;
