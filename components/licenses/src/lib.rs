@@ -349,7 +349,7 @@ async fn daily_tick(
     is_admin: bool,
 ) -> Result<(ApiResponse, Option<String>), ApiError> {
     let force = match req.query("force") {
-        None | Some("") | Some("false") => false,
+        None | Some("false") => false,
         Some("true") | Some("1") => true,
         Some(_) => {
             return Err(ApiError::invalid_field(
