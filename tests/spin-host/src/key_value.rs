@@ -15,6 +15,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+/// Keys with their values (`None`: absent), as the batch interface answers.
+pub type KeyValues = Vec<(String, Option<Vec<u8>>)>;
+
 /// One labelled store kept by this host (Spin's SQLite semantics).
 #[derive(Debug, Default)]
 pub struct MemoryStore {
@@ -331,7 +334,7 @@ impl Store {
         }
     }
 
-    pub fn get_many(&self, keys: &[String]) -> Result<Vec<(String, Option<Vec<u8>>)>, String> {
+    pub fn get_many(&self, keys: &[String]) -> Result<KeyValues, String> {
         match &self.backend {
             Backend::Memory(m) => Ok(m.get_many(keys)),
             Backend::Redis(r) => r.get_many(keys),
