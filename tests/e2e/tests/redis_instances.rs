@@ -65,9 +65,12 @@ fn time(v: &Value) -> Option<DateTime<Utc>> {
     v.as_str()?.parse().ok()
 }
 
+/// When a job started and ended.
+type Span = (DateTime<Utc>, DateTime<Utc>);
+
 /// No two jobs of one kind (and account) ran at the same time.
 fn assert_never_two_at_once(jobs: &[Value], what: &str) {
-    let mut by_scope: BTreeMap<String, Vec<(DateTime<Utc>, DateTime<Utc>)>> = BTreeMap::new();
+    let mut by_scope: BTreeMap<String, Vec<Span>> = BTreeMap::new();
     for j in jobs {
         let start = time(&j["createdAt"]).expect("createdAt");
         let end = time(&j["finishedAt"]).unwrap_or(DateTime::<Utc>::MAX_UTC);
