@@ -19,8 +19,10 @@ async fn handle(req: Request) -> Response {
     http_api::serve(req, is_public, route).await
 }
 
+/// The health check and the API's own description (clients generate from it) need no key.
 fn is_public(req: &ApiRequest) -> bool {
-    req.method == "GET" && req.path == "/api/health"
+    // Any method: a wrong one is answered 405 by the route, not 401.
+    req.path == "/api/health" || req.path == "/api/openapi.json"
 }
 
 async fn route(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
@@ -42,6 +44,15 @@ async fn route(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
                 headers: Vec::new(),
                 body: vpp_licensing::metrics::render(kv, Utc::now())?.into_bytes(),
             }),
+            _ => Err(ApiError::method_not_allowed(m, &req.path, &["GET"])),
+        },
+        ["api", "session"] => match m {
+            "GET" => {
+                let caller = req.caller()?;
+                Ok(ApiResponse::ok(
+                    &json!({"role": caller.role, "caller": caller.name}),
+                ))
+            }
             _ => Err(ApiError::method_not_allowed(m, &req.path, &["GET"])),
         },
         ["api", "audit"] => match m {
@@ -159,10 +170,11 @@ async fn route(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
                 if !["refresh", "cleanup", vpp_licensing::ledger::JOB_KIND]
                     .contains(&j.kind.as_str())
                 {
-                    return Err(ApiError::invalid(format!(
-                        "{} jobs continue through POST /api/daily",
-                        j.kind
-                    )));
+                    // The request is fine; the job's kind is what does not allow it here.
+                    return Err(ApiError::new(
+                        vpp_licensing::ErrorCode::Conflict,
+                        format!("{} jobs continue through POST /api/daily", j.kind),
+                    ));
                 }
                 let ran = run(kv, id).await?;
                 Ok(ApiResponse::json(

@@ -211,7 +211,7 @@ fn list_licenses(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError>
             .filter(|s| !s.is_empty())
             .map(str::to_string),
         low_only: match req.query("low") {
-            None | Some("") | Some("false") => false,
+            None | Some("false") => false,
             Some("true") => true,
             Some(_) => return Err(ApiError::invalid_field("low", "low must be true or false")),
         },
@@ -267,8 +267,15 @@ fn list_licenses(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError>
 /// Apple first (a read; Apple's spacing rules hold whoever polls); it is never sent again from
 /// here. The reader key stays local: its requests never reach Apple.
 async fn get_event(kv: &SpinKv, req: &ApiRequest, id: &str) -> Result<ApiResponse, ApiError> {
-    if id.is_empty() || id.len() > 128 {
-        return Err(ApiError::invalid_field("id", "not an event id"));
+    // Apple's event ids are short tokens of [A-Za-z0-9._~-] (the documented pattern): anything
+    // else was never stored, so it is not found.
+    let well_formed = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._~-".contains(&b));
+    if !well_formed {
+        return Err(ApiError::not_found(format!("event {id}")));
     }
     let mut record =
         event::load(kv, id)?.ok_or_else(|| ApiError::not_found(format!("event {id}")))?;
@@ -366,7 +373,7 @@ async fn daily_tick(
     is_admin: bool,
 ) -> Result<(ApiResponse, Option<String>), ApiError> {
     let force = match req.query("force") {
-        None | Some("") | Some("false") => false,
+        None | Some("false") => false,
         Some("true") | Some("1") => true,
         Some(_) => {
             return Err(ApiError::invalid_field(

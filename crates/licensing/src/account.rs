@@ -92,6 +92,10 @@ pub struct AccountView {
     pub last_sync: Option<crate::model::SyncOutcome>,
     pub expiry_date: DateTime<Utc>,
     pub owner: Owner,
+    /// The last error Apple answered for this account, until the next success clears it.
+    pub last_apple_error: Option<crate::apple_state::AppleFailure>,
+    /// When Apple last answered this account without an error.
+    pub last_apple_ok_at: Option<DateTime<Utc>>,
     pub policies: Vec<String>,
     pub created_at: DateTime<Utc>,
     pub notifications: bool,
@@ -190,6 +194,8 @@ pub fn view(
         last_sync: account.last_sync.clone(),
         expiry_date: account.token_expires_at,
         owner: apple.owner.clone(),
+        last_apple_error: apple.last_error.clone(),
+        last_apple_ok_at: apple.last_ok_at,
         policies: policies(&account.id)?,
         created_at: account.created_at,
         notifications: account.notification_secret_sha256.is_some(),

@@ -74,9 +74,12 @@ pub fn validate_subjects(
     max: usize,
 ) -> Result<Vec<Subject>, ApiError> {
     if serials.len() + users.len() > max {
-        return Err(ApiError::invalid(format!(
-            "at most {max} serial numbers and clientUserIds per request"
-        ))
+        // Each list is within its documented size; only together are they too many, which a
+        // JSON schema cannot state: 422, not 400.
+        return Err(ApiError::new(
+            ErrorCode::Unprocessable,
+            format!("at most {max} serial numbers and clientUserIds per request"),
+        )
         .with_details(json!({"limit": max})));
     }
     let mut out = Vec::new();

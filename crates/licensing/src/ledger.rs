@@ -1155,13 +1155,12 @@ pub fn start_job(
     requested_by: &str,
     now: DateTime<Utc>,
 ) -> Result<(Job, bool), StoreError> {
-    if let Some(j) = job::running(kv, JOB_KIND, Some(account))? {
-        return Ok((j, false));
-    }
     let mut j = Job::new(job_id, JOB_KIND, Some(account), requested_by, now);
     j.progress.phase = "send".into();
-    job::create(kv, &j)?;
-    Ok((j, true))
+    // One ledger job per account: the check and the listing are one compare-and-swap.
+    let started = job::start(kv, &j)?;
+    let created = started.created();
+    Ok((started.into_job(), created))
 }
 
 /// One slice of the ledger job: send queued entries, settle the rest. Done when nothing of

@@ -23,6 +23,8 @@ pub struct LicenseRow {
     pub adam_id: String,
     pub pricing_param: String,
     pub name: Option<String>,
+    /// Apple's artwork for the asset, when Apple gave one.
+    pub icon_url: Option<String>,
     pub product_type: String,
     pub total: i64,
     pub available: i64,
@@ -67,6 +69,7 @@ fn row(
         adam_id: a.adam_id.clone(),
         pricing_param: a.pricing_param.clone(),
         name: a.name.clone(),
+        icon_url: a.icon_url.clone(),
         product_type: a.product_type.clone(),
         total: a.total,
         available: a.available,

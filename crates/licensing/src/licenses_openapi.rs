@@ -25,7 +25,7 @@ fn path(name: &str, schema: Value, description: &str) -> Value {
 fn page(description: &str) -> Value {
     query(
         "page",
-        json!({"type": "integer", "minimum": 0}),
+        json!({"type": "integer", "minimum": 0, "maximum": crate::openapi::MAX_QUERY_INT}),
         description,
     )
 }
@@ -70,8 +70,15 @@ pub fn paths() -> Value {
                         "licenses": {"type": "array", "items": r("LicenseRow")},
                         "nextCursor": {"type": ["string", "null"], "description": "send as cursor for the next page; null on the last page"}}}},
                     "text/csv": {"schema": {"type": "string"}}},
-                    "links": {"ListAssignments": {"operationId": "listAssignments", "parameters": {
-                        "accountId": "$response.body#/licenses/0/accountId", "adamId": "$response.body#/licenses/0/adamId"}}}},
+                    "links": {
+                        "ListAssignments": {"operationId": "listAssignments", "parameters": {
+                            "accountId": "$response.body#/licenses/0/accountId", "adamId": "$response.body#/licenses/0/adamId"}},
+                        "Assign": {"operationId": "assign", "requestBody": {
+                            "accountId": "$response.body#/licenses/0/accountId", "adamId": "$response.body#/licenses/0/adamId",
+                            "pricingParam": "$response.body#/licenses/0/pricingParam", "clientUserIds": ["contract-user-1"]}},
+                        "Revoke": {"operationId": "revoke", "requestBody": {
+                            "accountId": "$response.body#/licenses/0/accountId", "adamId": "$response.body#/licenses/0/adamId",
+                            "pricingParam": "$response.body#/licenses/0/pricingParam", "clientUserIds": ["contract-user-1"]}}}},
                 "400": err(&["invalid_request"]), "404": err(&["not_found"])}}},
         "/api/licenses/{accountId}/{adamId}/assignments": {"get": {
             "operationId": "listAssignments",
@@ -101,7 +108,11 @@ pub fn paths() -> Value {
             "parameters": [path("id", json!({"type": "string", "pattern": "^[A-Za-z0-9._~-]{1,128}$"}), "Apple's eventId")],
             "responses": {"200": ok(r("Event")), "404": err(&["not_found"])}}},
         "/api/policies": {"get": {"operationId": "listPolicies", "summary": "All app policies",
-            "responses": {"200": ok(json!({"type": "object", "required": ["policies"], "properties": {"policies": {"type": "array", "items": r("PolicySummary")}}}))}}},
+            "responses": {"200": {"description": "OK",
+                "content": {"application/json": {"schema": {"type": "object", "required": ["policies"], "properties": {"policies": {"type": "array", "items": r("PolicySummary")}}}}},
+                "links": {
+                    "GetPolicy": {"operationId": "getPolicy", "parameters": {"id": "$response.body#/policies/0/id"}},
+                    "DeletePolicy": {"operationId": "deletePolicy", "parameters": {"id": "$response.body#/policies/0/id"}}}}}}},
         "/api/policies/{id}": {
             "parameters": [policy_id()],
             "get": {"operationId": "getPolicy", "summary": "One app policy",
@@ -123,7 +134,7 @@ pub fn paths() -> Value {
             "get": {"operationId": "getSettings", "summary": "License settings", "responses": {"200": ok(r("Settings"))}},
             "put": {"operationId": "putSettings", "summary": "Change settings (fields left out keep their value)",
                 "requestBody": body("SettingsRequest"),
-                "responses": {"200": ok(r("Settings"))}}},
+                "responses": {"200": ok(r("Settings")), "422": err(&["unprocessable"])}}},
         "/api/notices": {"get": {
             "operationId": "listNotices",
             "summary": "License-removal notices, newest first, a page at a time",
@@ -141,10 +152,8 @@ pub fn paths() -> Value {
                 "security": [{"scheduler": []}, {"bearer": []}],
                 "parameters": [query("force", json!({"type": "string", "enum": ["true", "false", "1"]}), "start a run now (admin key only)")],
                 "responses": {
-                    "200": {"description": "idle, or the run finished", "content": {"application/json": {"schema": r("DailyTick")}},
-                        "links": job_links("$response.body#/job/id")},
-                    "202": {"description": "busy, or the run goes on", "content": {"application/json": {"schema": r("DailyTick")}},
-                        "links": job_links("$response.body#/job/id")},
+                    "200": {"description": "idle, or the run finished (then with its job)", "content": {"application/json": {"schema": r("DailyTick")}}},
+                    "202": {"description": "busy, or the run goes on (then with its job)", "content": {"application/json": {"schema": r("DailyTick")}}},
                     "400": err(&["invalid_request"])}}},
         "/api/apple/notifications/{accountId}": {"post": {
             "operationId": "appleNotification",
@@ -188,7 +197,7 @@ pub fn schemas() -> Value {
             "description": "a serial number or clientUserId: 1 to 128 printable ASCII characters, no surrounding space"},
         "LicenseRow": {"type": "object", "required": ["accountId", "adamId", "pricingParam", "total", "available", "inUse", "pending", "lowLicenses"], "properties": {
             "accountId": s("string"), "accountName": s("string"), "adamId": s("string"), "pricingParam": s("string"),
-            "name": n("string"), "productType": s("string"), "total": s("integer"), "available": s("integer"),
+            "name": n("string"), "iconUrl": n("string"), "productType": s("string"), "total": s("integer"), "available": s("integer"),
             "inUse": s("integer"), "retired": s("integer"), "pending": s("integer"), "unlimited": s("boolean"),
             "lowLicenses": s("boolean"), "deviceAssignable": s("boolean"), "revocable": s("boolean"),
             "syncedAt": {"type": ["string", "null"], "format": "date-time"}}},
@@ -249,8 +258,9 @@ pub fn schemas() -> Value {
         "SettingsRequest": {"type": "object", "additionalProperties": false, "properties": {
             "licenseRemovalNotification": s("boolean"),
             "lowLicenseThreshold": {"type": "integer", "minimum": 0, "maximum": 1_000_000},
-            "noticeWebhookUrl": {"type": ["string", "null"], "format": "uri", "maxLength": 2048, "pattern": "^https?://",
-                "description": "https:// to a public host (not loopback, private, link-local, *.internal, *.local); http:// and private hosts only where the operator lists them in notice_webhook_http_hosts; null or \"\" removes it"},
+            "noticeWebhookUrl": {"type": ["string", "null"], "maxLength": 2048,
+                "pattern": "^\\s*(https?://[^\\s\\x00-\\x1f\\x7f-\\x9f/?#:][^\\s\\x00-\\x1f\\x7f-\\x9f]*)?\\s*$",
+                "description": "https:// to a public host (not loopback, private, link-local, *.internal, *.local); http:// and private hosts only where the operator lists them in notice_webhook_http_hosts; null or blank removes it"},
             "noticeWebhookSecret": {"type": "string", "minLength": 16, "maxLength": 256, "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$"}}},
         "Notice": {"type": "object", "required": ["id", "accountId", "adamId", "pricingParam", "reason", "at"], "properties": {
             "id": s("string"), "accountId": s("string"), "adamId": s("string"), "pricingParam": s("string"),

@@ -9,6 +9,9 @@
 
 use serde_json::{json, Map, Value};
 
+/// The largest whole number a query parameter takes (the code reads them as u64).
+pub const MAX_QUERY_INT: u64 = u64::MAX;
+
 /// An error response naming the codes it may carry; [`document`] turns the codes into the
 /// response's description and a schema whose `code` is one of them.
 pub fn err(codes: &[&str]) -> Value {
@@ -60,8 +63,10 @@ fn account_paths() -> Value {
             "description": "Per account: vpp_account_seconds_since_last_sync, vpp_account_token_expiry_days, vpp_account_owned, vpp_account_last_apple_error_number, vpp_account_pending_events. Per asset: vpp_asset_licenses{state=total|in_use|available|pending|retired}, vpp_asset_low_licenses. Apple: vpp_apple_calls_total{endpoint}, vpp_apple_errors_total{endpoint,error_number}. Jobs: vpp_jobs{kind,state}, vpp_job_duration_seconds{kind,outcome} (sum, count), vpp_job_duration_seconds_max. vpp_pending_events, vpp_notices_undelivered.",
             "responses": {"200": {"description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         "/api/audit": {"get": {"operationId": "listAudit", "summary": "Audit log, newest first, a page per call (admin)",
-            "parameters": [{"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 0}, "description": "follow nextPage; a page that does not exist yet is 404"}],
+            "parameters": [{"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": MAX_QUERY_INT}, "description": "follow nextPage; a page that does not exist yet is 404"}],
             "responses": {"200": ok("records", r("AuditPage")), "400": err(&["invalid_request"]), "404": err(&["not_found"])}}},
+        "/api/session": {"get": {"operationId": "getSession", "summary": "Who the presented key is: its role (admin or reader) and the name the audit log records",
+            "responses": {"200": ok("the caller", json!({"type": "object", "required": ["role", "caller"], "properties": {"role": {"type": "string", "enum": ["admin", "reader"]}, "caller": {"type": "string"}}}))}}},
         "/api/accounts": {
             "get": {"operationId": "listAccounts", "summary": "Accounts with derived status",
                 "responses": {"200": {"description": "accounts",
@@ -96,14 +101,14 @@ fn account_paths() -> Value {
         "/api/accounts/{id}/reclaim": {"parameters": id, "post": {"operationId": "reclaimAccount", "summary": "Make this instance the location's owner again", "x-apple": true,
             "responses": {"200": ok("account", r("Account")), "404": err(&["not_found"])}}},
         "/api/jobs": {"get": {"operationId": "listJobs", "summary": "Recent jobs with progress and outcome",
-            "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 0}, "description": "at most this many (1 to the jobs kept)"}],
+            "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": MAX_QUERY_INT}, "description": "at most this many (1 to the jobs kept)"}],
             "responses": {"200": {"description": "jobs",
                 "content": {"application/json": {"schema": {"type": "object", "required": ["jobs"], "properties": {"jobs": {"type": "array", "items": r("Job")}}}}},
                 "links": {"GetJob": {"operationId": "getJob", "parameters": {"id": "$response.body#/jobs/0/id"}}}},
                 "400": err(&["invalid_request"])}}},
         "/api/jobs/{id}": {"parameters": [job_id_param()], "get": {"operationId": "getJob", "summary": "One job", "responses": {"200": ok("job", r("Job")), "404": err(&["not_found"])}}},
         "/api/jobs/{id}/resume": {"parameters": [job_id_param()], "post": {"operationId": "resumeJob", "summary": "Run the next slice of a refresh or clean-up job now", "x-apple": true,
-            "responses": {"200": job.clone(), "202": job, "400": err(&["invalid_request"]), "404": err(&["not_found"]), "409": err(&["conflict"])}}},
+            "responses": {"200": job.clone(), "202": job, "404": err(&["not_found"]), "409": err(&["conflict"])}}},
         "/api/openapi.json": {"get": {"operationId": "openapi", "summary": "This document", "security": [], "responses": {"200": ok("OpenAPI", json!({"type": "object"}))}}}
     })
 }
@@ -128,6 +133,8 @@ fn account_schemas() -> Value {
                 "at": date, "ok": {"type": "boolean"}, "full": {"type": "boolean"}, "error": r("Failure")}}]},
             "expiryDate": date, "createdAt": date,
             "owner": {"type": "object", "required": ["kind"], "properties": {"kind": {"type": "string", "enum": ["unknown", "unclaimed", "ours", "foreign"]}, "id": {"type": "string"}, "name": {"type": "string"}}},
+            "lastAppleError": {"type": ["object", "null"], "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "number": {"type": "integer"}, "at": date}},
+            "lastAppleOkAt": {"type": ["string", "null"], "format": "date-time"},
             "policies": {"type": "array", "items": {"type": "string"}}, "notifications": {"type": "boolean"}}},
         "AccountTest": {"type": "object", "required": ["ok", "checks"], "properties": {"ok": {"type": "boolean"}, "checks": {"type": "array", "items": {"type": "object"}}}},
         "Token": {"type": "string", "minLength": 1, "maxLength": 16384, "pattern": "^\\s*[A-Za-z0-9+/=\\s]+$",
@@ -317,6 +324,7 @@ mod tests {
             "/api/jobs/{id}",
             "/api/metrics",
             "/api/daily",
+            "/api/session",
         ] {
             assert!(d["paths"].get(p).is_some(), "{p} missing");
         }

@@ -44,9 +44,6 @@ pub fn start(
     requested_by: &str,
     now: DateTime<Utc>,
 ) -> Result<(Job, bool), ApiError> {
-    if let Some(j) = job::running(kv, KIND, None)? {
-        return Ok((j, false));
-    }
     let mut j = Job::new(job_id, KIND, None, requested_by, now);
     let st = State {
         accounts: get_json(kv, &keys::accounts())?.unwrap_or_default(),
@@ -55,8 +52,10 @@ pub fn start(
     j.progress.phase = "accounts".into();
     j.progress.total = Some(st.accounts.len() as u64);
     j.checkpoint = serde_json::to_value(&st).map_err(ApiError::internal)?;
-    job::create(kv, &j)?;
-    Ok((j, true))
+    // One reconcile at a time: the check and the listing are one compare-and-swap.
+    let started = job::start(kv, &j)?;
+    let created = started.created();
+    Ok((started.into_job(), created))
 }
 
 /// What reconcile would take back in one account: asset key → subjects.

@@ -134,7 +134,11 @@ pub fn put_with(kv: &impl Kv, body: &[u8], rules: &WebhookRules) -> Result<Setti
     };
     let threshold = match obj.get("lowLicenseThreshold") {
         None => None,
-        Some(t) => match t.as_i64() {
+        // JSON has one number type: 253.0 is the whole number 253.
+        Some(t) => match t
+            .as_i64()
+            .or_else(|| t.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))
+        {
             Some(n) if (0..=1_000_000).contains(&n) => Some(n),
             _ => {
                 return Err(ApiError::invalid_field(
@@ -363,11 +367,15 @@ mod tests {
         let s = put(&kv, br#"{"licenseRemovalNotification": true}"#).unwrap();
         assert!(s.license_removal_notification);
         assert_eq!(s.low_license_threshold, DEFAULT_LOW_LICENSE_THRESHOLD);
+        // JSON has one number type: 3.0 is the whole number 3.
+        let s = put(&kv, br#"{"lowLicenseThreshold": 3.0}"#).unwrap();
+        assert_eq!(s.low_license_threshold, 3);
         let s = put(&kv, br#"{"lowLicenseThreshold": 2}"#).unwrap();
         assert!(s.license_removal_notification, "kept");
         assert_eq!(s.low_license_threshold, 2);
         for bad in [
             &br#"{"lowLicenseThreshold": -1}"#[..],
+            br#"{"lowLicenseThreshold": 2.5}"#,
             br#"{"licenseRemovalNotification": "yes"}"#,
             br#"{"noticeWebhookUrl": "ftp://x"}"#,
             br#"{"noticeWebhookUrl": "https://hook.example"}"#,

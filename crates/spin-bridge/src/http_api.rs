@@ -87,7 +87,8 @@ impl ApiRequest {
     /// A numeric query parameter, with a clear error when it is not a number.
     pub fn query_u64(&self, name: &str) -> Result<Option<u64>, ApiError> {
         match self.query(name) {
-            None | Some("") => Ok(None),
+            None => Ok(None),
+            // `?page=` names the parameter without a number: refuse it rather than guess.
             Some(v) => v.parse().map(Some).map_err(|_| {
                 ApiError::invalid_field(name, format!("{name} must be a whole number"))
             }),

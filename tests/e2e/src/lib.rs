@@ -46,7 +46,7 @@ fn write_manifest() -> PathBuf {
     let root = workspace_root();
     let text = std::fs::read_to_string(root.join("spin.toml")).expect("spin.toml");
     let dir = wasm_dir();
-    for c in ["accounts", "licenses", "apple", "scheduler"] {
+    for c in ["accounts", "licenses", "apple", "scheduler", "console"] {
         let wasm = dir.join(format!("{c}.wasm"));
         assert!(
             wasm.exists(),
@@ -244,9 +244,7 @@ fn managed_cloud_manifest(
             .map(|h| match h {
                 "http://apple.spin.internal" => public_url.to_string(),
                 "{{ apple_base_url }}" => apple_origin.to_string(),
-                h if h.starts_with("{{") => {
-                    value_of(h.trim_matches(|c| c == '{' || c == '}' || c == ' '))
-                }
+                h if h.starts_with("{{") => value_of(h.trim_matches(['{', '}', ' '])),
                 h => h.to_string(),
             })
             .map(toml::Value::String)

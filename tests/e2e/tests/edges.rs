@@ -355,11 +355,17 @@ async fn concurrent_settings_puts_keep_every_field() {
 
 /// The apple component's route rebound to a public path, as on a platform without service
 /// chaining, but mounted at the root so paths carry no `/internal/apple` prefix.
+/// The console, which has the root otherwise, moves aside to `/console/...`.
 fn apple_public_at_root(manifest: &str) -> String {
-    manifest.replace(
-        "route = { private = true }\ncomponent = \"apple\"",
-        "route = \"/...\"\ncomponent = \"apple\"",
-    )
+    manifest
+        .replace(
+            "route = \"/...\"\ncomponent = \"console\"",
+            "route = \"/console/...\"\ncomponent = \"console\"",
+        )
+        .replace(
+            "route = { private = true }\ncomponent = \"apple\"",
+            "route = \"/...\"\ncomponent = \"apple\"",
+        )
 }
 
 /// Item 11: with `internal_secret` set, the apple component answers only requests that carry

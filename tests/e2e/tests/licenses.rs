@@ -564,12 +564,24 @@ async fn settings_validation_and_webhook_down_then_up_delivers_once() {
     for bad in [
         json!({"lowLicenseThreshold": -1}),
         json!({"noticeWebhookUrl": "ftp://x"}),
-        json!({"noticeWebhookUrl": hook.url()}),
         json!({"unknown": true}),
     ] {
         let r = env.admin("PUT", "/api/settings", Some(&bad)).await;
         assert_eq!(r.status, 400, "{bad}: {}", r.text());
     }
+    // Well-formed, but no secret is stored to sign with: 422, and nothing changes.
+    let bad = json!({"noticeWebhookUrl": hook.url()});
+    let r = env.admin("PUT", "/api/settings", Some(&bad)).await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (422, "unprocessable"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        env.get("/api/settings").await.json()["noticeWebhookUrl"],
+        Value::Null
+    );
     let r = env
         .admin(
             "PUT",

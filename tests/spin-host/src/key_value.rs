@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-/// Keys with their values (`None`: absent), as `get_many` answers.
-pub type Entries = Vec<(String, Option<Vec<u8>>)>;
+/// Keys with their values (`None`: absent), as the batch interface answers.
+pub type KeyValues = Vec<(String, Option<Vec<u8>>)>;
 
 /// One labelled store kept by this host (Spin's SQLite semantics).
 #[derive(Debug, Default)]
@@ -131,7 +131,7 @@ impl MemoryStore {
     }
 
     /// `get-many`: only the keys that exist, as the SQLite `IN (...)` query returns them.
-    pub fn get_many(&self, keys: &[String]) -> Entries {
+    pub fn get_many(&self, keys: &[String]) -> Vec<(String, Option<Vec<u8>>)> {
         let data = self.lock();
         keys.iter()
             .filter_map(|k| data.get(k).map(|v| (k.clone(), Some(v.clone()))))
@@ -334,7 +334,7 @@ impl Store {
         }
     }
 
-    pub fn get_many(&self, keys: &[String]) -> Result<Entries, String> {
+    pub fn get_many(&self, keys: &[String]) -> Result<KeyValues, String> {
         match &self.backend {
             Backend::Memory(m) => Ok(m.get_many(keys)),
             Backend::Redis(r) => r.get_many(keys),

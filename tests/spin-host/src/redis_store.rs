@@ -113,7 +113,7 @@ impl RedisStore {
     /// What Spin's Redis `get_many` sends: `KEYS` with the keys as patterns, its answer read as
     /// key/value pairs. Redis refuses more than one pattern, and one pattern's answer (key
     /// names) does not read as pairs, so this fails as it does under Spin.
-    pub fn get_many(&self, keys: &[String]) -> Result<crate::key_value::Entries, String> {
+    pub fn get_many(&self, keys: &[String]) -> Result<crate::key_value::KeyValues, String> {
         self.with(|c| redis::cmd("KEYS").arg(keys).query(c))
     }
 
