@@ -498,11 +498,6 @@ mod tests {
         }
     }
 
-    // Ignored at this commit: the ledger keeps open entries in one value per asset, and the
-    // licenses list reads each asset's reservations, so metrics' reads grow with assets. The
-    // fix (open entries packed in a fixed number of values per account) is on branch
-    // `layout-merge` with the size-bounded layout.
-    #[ignore = "reads grow with assets until open entries are packed per account (layout-merge)"]
     #[test]
     fn reads_grow_with_accounts_and_kept_jobs_never_with_assets() {
         let now = Utc::now();
