@@ -319,7 +319,8 @@ async fn a_run_killed_between_slices_resumes_to_the_same_state() {
         (final_state(&env), job, calls)
     }
     let (whole, job_a, calls_a) = run("1000", false).await;
-    let (resumed, job_b, calls_b) = run("2", true).await;
+    // One Apple call per slice: the refresh reads few pages (names are looked up in batches).
+    let (resumed, job_b, calls_b) = run("1", true).await;
     assert_eq!(calls_a, 1, "one invocation without a limit");
     assert!(calls_b > 5, "interrupted many times: {calls_b}");
     assert_eq!(job_a["state"], "succeeded", "{job_a}");
