@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// How many revisions a mark keeps: the newest write's and those of the writes before it.
 /// A writer whose swap was reported failed finds its write as long as fewer than this many
-/// writers changed the key between its swap and its read-back.
-pub const MARK_DEPTH: usize = 8;
+/// writers changed the key between its swap and its read-back (32 revisions: 1 KiB a value).
+pub const MARK_DEPTH: usize = 32;
 
 /// Characters per revision: 64 bits in base 4.
 const REVISION_CHARS: usize = 32;
@@ -102,7 +102,7 @@ mod tests {
 
     #[test]
     fn the_mark_keeps_a_bounded_history() {
-        let before: Vec<u64> = (1..=20).collect();
+        let before: Vec<u64> = (1..=(MARK_DEPTH as u64 + 12)).collect();
         let marked = append(b"null".to_vec(), 99, &before);
         let revs = revisions(&marked);
         assert_eq!(revs.len(), MARK_DEPTH);
