@@ -176,11 +176,13 @@ async fn assign(app: &App, path: &str, account: &str, adam: &str, serials: Vec<S
     r.json()
 }
 
-// Ignored at this commit: after both instances' concurrent refreshes of a just-added account
-// succeed, the first assign of the Branch account answered 404 "asset 300 not found" (seen once
-// in the integration run, not yet diagnosed: the add's first refresh job and the joined
-// refreshes on two instances). Run with `cargo test -p e2e --test redis_instances -- --ignored`.
-#[ignore = "404 asset not found after concurrent refreshes on two instances: not yet diagnosed"]
+// Ignored at this commit, not yet diagnosed. Seen in the integration runs: once the first assign
+// after both instances' concurrent refreshes answered 404 "asset 300 not found"; with the
+// size-bounded layout the run gets to the books check (line ~372), where the ledger read back
+// holds none of S6..S19 that Apple holds. Whether the ledger or this test's reading of it (the
+// layout changed under it) is wrong is the next thing to find out.
+// Run with `cargo test -p e2e --test redis_instances -- --ignored`.
+#[ignore = "books differ after concurrent work on two instances: not yet diagnosed (see comment)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_on_one_redis_lose_nothing_and_do_nothing_twice() {
     let redis = RedisServer::start().expect("redis-server (install: bash scripts/setup-redis)");
