@@ -178,9 +178,10 @@ async fn assign(app: &App, path: &str, account: &str, adam: &str, serials: Vec<S
 
 // Ignored at this commit, not yet diagnosed. Seen in the integration runs: once the first assign
 // after both instances' concurrent refreshes answered 404 "asset 300 not found"; with the
-// size-bounded layout the run gets to the books check (line ~372), where the ledger read back
-// holds none of S6..S19 that Apple holds. Whether the ledger or this test's reading of it (the
-// layout changed under it) is wrong is the next thing to find out.
+// size-bounded layout the run gets to the books check after the daily run, where Apple holds
+// none of S6..S19 that the test expects. Those were assigned directly, outside any policy, and
+// the daily run's reconcile takes back what no policy wants: the expectation, not the app, is the
+// likely fault. Check that, then let the test run.
 // Run with `cargo test -p e2e --test redis_instances -- --ignored`.
 #[ignore = "books differ after concurrent work on two instances: not yet diagnosed (see comment)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
