@@ -8,7 +8,7 @@
 //! assignments is the copy index, one asset page and one copy shard.
 
 use crate::copy::{self, CopyIndex};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::model::{asset_key, Account, AssetRecord, MadeBy, Subject};
 use crate::{event, settings};
 use serde::Serialize;
@@ -177,10 +177,13 @@ fn walk(
         Some(c) => Cursor::parse(c)?,
     };
     let Some(mut account_index) = ids.iter().position(|i| *i == at.account) else {
-        return Err(ApiError::invalid_field(
-            "cursor",
+        // A well-formed cursor into a list that no longer holds its account (deleted, or a
+        // cursor of another accountId's list): the state changed, not the request's form.
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
             "the cursor's account is no longer listed; start again without a cursor",
-        ));
+        )
+        .with_details(json!({"field": "cursor"})));
     };
     let needle = filter.search.as_ref().map(|s| s.to_lowercase());
     let mut rows = Vec::new();
@@ -423,6 +426,26 @@ pub fn assignments(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cursor's form is the request's (400); its account missing from the list is the
+    /// state's (409, start again), as the OpenAPI document's `cursor` pattern says.
+    #[test]
+    fn a_malformed_cursor_is_400_and_one_into_an_account_not_listed_is_409() {
+        let kv = vpp_store::MemoryKv::default();
+        let all = Filter::default();
+        for bad in ["\u{b}", "x", "0123456789abcdef0123456789abcdef~page~"] {
+            let e = list_page(&kv, &all, Some(bad), 10).unwrap_err();
+            assert_eq!(
+                (e.status(), e.code.as_str()),
+                (400, "invalid_request"),
+                "{bad:?}"
+            );
+        }
+        let stale = "0123456789abcdef0123456789abcdef~0~";
+        let e = list_page(&kv, &all, Some(stale), 10).unwrap_err();
+        assert_eq!((e.status(), e.code.as_str()), (409, "conflict"));
+        assert_eq!(e.body()["error"]["details"]["field"], "cursor");
+    }
 
     #[test]
     fn csv_quotes_and_neutralises() {

@@ -61,7 +61,7 @@ pub fn paths() -> Value {
                 query("search", json!({"type": "string"}), "case-insensitive part of the name or adamId"),
                 query("low", json!({"type": "string", "enum": ["true", "false"]}), "only assets at or below the low-license threshold"),
                 query("format", json!({"type": "string", "enum": ["json", "csv"]}), "csv for a CSV export of every row (or send Accept: text/csv)"),
-                query("cursor", json!({"type": "string"}), "where this page starts: the previous page's nextCursor (a cursor that is not one is 400)"),
+                query("cursor", json!({"type": "string", "pattern": "^[0-9a-f]{32}~[0-9]{1,9}~"}), "where this page starts: the previous page's nextCursor (`<accountId>~<page>~<last key>`); one whose account this list no longer holds (deleted, or another accountId) is 409: start again without a cursor"),
                 query("limit", json!({"type": "integer", "minimum": 1, "maximum": 1000}), "rows per page, 1 to 1000 (default 500)"),
             ],
             "responses": {
@@ -79,7 +79,7 @@ pub fn paths() -> Value {
                         "Revoke": {"operationId": "revoke", "requestBody": {
                             "accountId": "$response.body#/licenses/0/accountId", "adamId": "$response.body#/licenses/0/adamId",
                             "pricingParam": "$response.body#/licenses/0/pricingParam", "clientUserIds": ["contract-user-1"]}}}},
-                "400": err(&["invalid_request"]), "404": err(&["not_found"])}}},
+                "400": err(&["invalid_request"]), "404": err(&["not_found"]), "409": err(&["conflict"])}}},
         "/api/licenses/{accountId}/{adamId}/assignments": {"get": {
             "operationId": "listAssignments",
             "summary": "A page of an asset's assignments, each with who made it; page 0 also lists our ledger entries not yet settled (`pending`, with their state)",

@@ -46,7 +46,10 @@ fn spin_up_selections(text: &str) -> Vec<BTreeSet<String>> {
 
 /// The components that only the HTTP trigger runs: what "the HTTP components alone" means.
 fn http_components(m: &Manifest) -> BTreeSet<String> {
-    m.http_triggers.iter().map(|t| t.component.clone()).collect()
+    m.http_triggers
+        .iter()
+        .map(|t| t.component.clone())
+        .collect()
 }
 
 /// `spin build && spin up -c ...` (README, without the cron plugin) and the demo's selection
@@ -57,8 +60,15 @@ fn http_components(m: &Manifest) -> BTreeSet<String> {
 fn spin_up_component_selections_are_the_http_components_alone() {
     let m = manifest();
     let http = http_components(&m);
-    let cron: BTreeSet<String> = m.cron_triggers.iter().map(|t| t.component.clone()).collect();
-    assert!(!cron.is_empty(), "spin.toml has the cron trigger README talks about");
+    let cron: BTreeSet<String> = m
+        .cron_triggers
+        .iter()
+        .map(|t| t.component.clone())
+        .collect();
+    assert!(
+        !cron.is_empty(),
+        "spin.toml has the cron trigger README talks about"
+    );
     assert!(
         http.is_disjoint(&cron),
         "a component on the cron trigger must not also serve HTTP: {:?}",
@@ -147,7 +157,11 @@ fn spin_build_up_builds_each_source_and_readme_sets_every_required_variable() {
             ["cargo", "build", "--target", "wasm32-wasip1", "--release"],
             "component {id}: {command}"
         );
-        assert_eq!(words.len(), 7, "component {id} builds one package: {command}");
+        assert_eq!(
+            words.len(),
+            7,
+            "component {id} builds one package: {command}"
+        );
         assert_eq!(words[5], "-p", "component {id}: {command}");
         let package = words[6];
         assert!(
