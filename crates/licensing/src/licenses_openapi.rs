@@ -61,7 +61,7 @@ pub fn paths() -> Value {
                 query("search", json!({"type": "string"}), "case-insensitive part of the name or adamId"),
                 query("low", json!({"type": "string", "enum": ["true", "false"]}), "only assets at or below the low-license threshold"),
                 query("format", json!({"type": "string", "enum": ["json", "csv"]}), "csv for a CSV export of every row (or send Accept: text/csv)"),
-                query("cursor", json!({"type": "string", "pattern": "^[0-9a-f]{32}~[0-9]{1,9}~"}), "where this page starts: the previous page's nextCursor (`<accountId>~<page>~<last key>`); one whose account this list no longer holds (deleted, or another accountId) is 409: start again without a cursor"),
+                query("cursor", json!({"type": "string", "pattern": "^$|^[0-9a-f]{32}~[0-9]{1,9}~"}), "where this page starts: the previous page's nextCursor (`<accountId>~<page>~<last key>`; empty, as without it: the first page); one whose account this list no longer holds (deleted, or another accountId) is 409: start again without a cursor"),
                 query("limit", json!({"type": "integer", "minimum": 1, "maximum": 1000}), "rows per page, 1 to 1000 (default 500)"),
             ],
             "responses": {
@@ -259,8 +259,8 @@ pub fn schemas() -> Value {
             "licenseRemovalNotification": s("boolean"),
             "lowLicenseThreshold": {"type": "integer", "minimum": 0, "maximum": 1_000_000},
             "noticeWebhookUrl": {"type": ["string", "null"], "maxLength": 2048,
-                "pattern": "^\\s*(https?://[^\\s\\x00-\\x1f\\x7f-\\x9f/?#:][^\\s\\x00-\\x1f\\x7f-\\x9f]*)?\\s*$",
-                "description": "https:// to a public host (not loopback, private, link-local, *.internal, *.local); http:// and private hosts only where the operator lists them in notice_webhook_http_hosts; null or blank removes it"},
+                "pattern": "^\\s*([hH][tT][tT][pP][sS]?://[^\\s\\x00-\\x1f\\x7f-\\x9f/?#:][^\\s\\x00-\\x1f\\x7f-\\x9f]*)?\\s*$",
+                "description": "https:// to a public host (not loopback, private, link-local, *.internal, *.local); http:// and private hosts only where the operator lists them in notice_webhook_http_hosts; null or blank removes it. A URL of this pattern the app will not call (such a host, an invalid port, credentials in it, http:// to a host not listed) is 422"},
             "noticeWebhookSecret": {"type": "string", "minLength": 16, "maxLength": 256, "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$"}}},
         "Notice": {"type": "object", "required": ["id", "accountId", "adamId", "pricingParam", "reason", "at"], "properties": {
             "id": s("string"), "accountId": s("string"), "adamId": s("string"), "pricingParam": s("string"),

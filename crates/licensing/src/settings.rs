@@ -206,15 +206,26 @@ pub fn put_with(kv: &impl Kv, body: &[u8], rules: &WebhookRules) -> Result<Setti
 
 /// Check a webhook URL: absolute `https://` (or `http://` to a host the operator allows), no
 /// credentials in it, and a host outside the platform (see the module documentation).
+///
+/// What the OpenAPI document's pattern states (length, no spaces, `http(s)://` and a first
+/// host character) is 400; a URL of that form this app will not call (its host, port,
+/// credentials, or plain http to a host the operator did not list) is 422.
 pub fn validate_url(s: &str, rules: &WebhookRules) -> Result<String, ApiError> {
-    let bad = |why: &str| {
+    let malformed = |why: &str| {
         ApiError::invalid_field(
             "noticeWebhookUrl",
             format!("noticeWebhookUrl is refused: {why}"),
         )
     };
-    if s.len() > MAX_URL_LEN || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(bad(
+    let bad = |why: &str| {
+        ApiError::new(
+            ErrorCode::Unprocessable,
+            format!("noticeWebhookUrl is refused: {why}"),
+        )
+        .with_details(json!({"field": "noticeWebhookUrl"}))
+    };
+    if s.chars().count() > MAX_URL_LEN || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(malformed(
             "it must be an absolute URL of at most 2048 characters without spaces",
         ));
     }
@@ -225,8 +236,11 @@ pub fn validate_url(s: &str, rules: &WebhookRules) -> Result<String, ApiError> {
     ) {
         (Some(r), _) => (true, r),
         (None, Some(r)) => (false, r),
-        _ => return Err(bad("it must start with https://")),
+        _ => return Err(malformed("it must start with https://")),
     };
+    if rest.starts_with(['/', '?', '#', ':']) {
+        return Err(malformed("it has no host"));
+    }
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     if authority.contains('@') {
         return Err(bad(
@@ -486,12 +500,21 @@ mod tests {
             "https://user:pw@hooks.example.com/n",
             "https://hooks.example.com:0/n",
             "https://hooks.example.com:99999/n",
+            "http://hooks.example.com/n",
+        ] {
+            // Of the OpenAPI pattern's form, but not a URL this app calls.
+            let e = validate_url(bad, &none).unwrap_err();
+            assert_eq!(e.status(), 422, "{bad}");
+            assert_eq!(e.details["field"], "noticeWebhookUrl");
+        }
+        for malformed in [
             "https://:443/n",
             "https:///n",
             "ftp://hooks.example.com/n",
+            "https://a b",
         ] {
-            let e = validate_url(bad, &none).unwrap_err();
-            assert_eq!(e.status(), 400, "{bad}");
+            let e = validate_url(malformed, &none).unwrap_err();
+            assert_eq!(e.status(), 400, "{malformed}");
         }
         let rules = WebhookRules::from_var(Some("127.0.0.1, *.corp.example ,mdm-hook"));
         assert!(validate_url("http://127.0.0.1:8080/n", &rules).is_ok());
@@ -508,7 +531,7 @@ mod tests {
             br#"{"noticeWebhookUrl": "https://169.254.169.254/", "noticeWebhookSecret": "0123456789abcdef"}"#,
         )
         .unwrap_err();
-        assert_eq!(e.code, ErrorCode::InvalidRequest);
+        assert_eq!(e.code, ErrorCode::Unprocessable);
         assert!(e.message.contains("link-local"), "{}", e.message);
         assert!(kv.keys().is_empty());
     }
