@@ -224,6 +224,19 @@ fn list_licenses(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError>
             ));
         }
     }
+    // Checked even for the CSV export, which does not use them: a parameter given is valid.
+    let limit = match req.query_u64("limit")? {
+        None => licenses::DEFAULT_LIMIT,
+        Some(n) if n >= 1 && n <= licenses::MAX_LIMIT as u64 => n as usize,
+        Some(_) => {
+            return Err(ApiError::invalid_field(
+                "limit",
+                format!("limit must be 1 to {}", licenses::MAX_LIMIT),
+            ))
+        }
+    };
+    let cursor = req.query("cursor");
+    licenses::check_cursor(cursor)?;
     if wants_csv(req) {
         // Every row, one bounded page of the list at a time.
         let mut body = String::from(licenses::CSV_HEADER);
@@ -247,17 +260,7 @@ fn list_licenses(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError>
             body: body.into_bytes(),
         });
     }
-    let limit = match req.query_u64("limit")? {
-        None => licenses::DEFAULT_LIMIT,
-        Some(n) if n >= 1 && n <= licenses::MAX_LIMIT as u64 => n as usize,
-        Some(_) => {
-            return Err(ApiError::invalid_field(
-                "limit",
-                format!("limit must be 1 to {}", licenses::MAX_LIMIT),
-            ))
-        }
-    };
-    let page = licenses::list_page(kv, &filter, req.query("cursor"), limit)?;
+    let page = licenses::list_page(kv, &filter, cursor, limit)?;
     Ok(ApiResponse::ok(
         &json!({ "licenses": page.rows, "nextCursor": page.next_cursor }),
     ))

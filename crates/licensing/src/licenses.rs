@@ -121,6 +121,15 @@ impl Cursor {
     }
 }
 
+/// A `cursor` parameter of the list's form (absent or empty: the first page), for requests
+/// that take it without paging (the CSV export): 400 otherwise, as [`list_page`] answers.
+pub fn check_cursor(cursor: Option<&str>) -> Result<(), ApiError> {
+    match cursor.filter(|c| !c.is_empty()) {
+        Some(c) => Cursor::parse(c).map(|_| ()),
+        None => Ok(()),
+    }
+}
+
 /// One page of the licenses list, at most `limit` rows, starting at `cursor` (from the
 /// previous page's `next_cursor`; `None`: the beginning). Rows come account by account, in the
 /// copy's order (stable between refreshes that do not change the assets).
@@ -441,7 +450,16 @@ mod tests {
                 "{bad:?}"
             );
         }
+        for bad in ["\u{b}", "x", "0123456789abcdef0123456789abcdef~page~"] {
+            assert_eq!(
+                check_cursor(Some(bad)).unwrap_err().status(),
+                400,
+                "{bad:?}"
+            );
+        }
+        assert!(check_cursor(Some("")).is_ok() && check_cursor(None).is_ok());
         let stale = "0123456789abcdef0123456789abcdef~0~";
+        assert!(check_cursor(Some(stale)).is_ok());
         let e = list_page(&kv, &all, Some(stale), 10).unwrap_err();
         assert_eq!((e.status(), e.code.as_str()), (409, "conflict"));
         assert_eq!(e.body()["error"]["details"]["field"], "cursor");

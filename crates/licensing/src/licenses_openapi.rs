@@ -55,7 +55,7 @@ pub fn paths() -> Value {
         "/api/licenses": {"get": {
             "operationId": "listLicenses",
             "summary": "One row per asset with counts and a low-license flag (reader key allowed)",
-            "description": "Paged: a page holds at most `limit` rows (default 500) and reads a bounded part of the store whatever the number of assets; when more rows follow, `nextCursor` is set: send it back as `cursor` for the next page (a page may hold fewer rows than `limit`, even none, while `nextCursor` is set, when `search` or `low` filter rows out). A request without `cursor` returns the first page (for up to 500 assets: everything, as before paging). The CSV export (`format=csv`) is not paged: it holds every row.",
+            "description": "Paged: a page holds at most `limit` rows (default 500) and reads a bounded part of the store whatever the number of assets; when more rows follow, `nextCursor` is set: send it back as `cursor` for the next page (a page may hold fewer rows than `limit`, even none, while `nextCursor` is set, when `search` or `low` filter rows out). A request without `cursor` returns the first page (for up to 500 assets: everything, as before paging). The CSV export (`format=csv`) is not paged: it holds every row (`cursor` and `limit`, when given, are still checked).",
             "parameters": [
                 query("accountId", json!({"type": "string"}), "only this account (404 when there is none)"),
                 query("search", json!({"type": "string"}), "case-insensitive part of the name or adamId"),
