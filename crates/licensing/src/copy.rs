@@ -15,9 +15,76 @@
 
 use crate::model::{AssetRecord, AssetsDoc, MadeBy, Subject};
 use chrono::{DateTime, TimeZone, Utc};
-use serde::{Deserialize, Serialize};
+use serde::de::{DeserializeOwned, IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
+use std::marker::PhantomData;
 use vpp_store::{get_json, keys, set_json, update, Kv, StoreError};
+
+/// Which entries of a JSON object [`pick`] decodes.
+pub(crate) enum Wanted<'w> {
+    /// These keys.
+    Keys(&'w BTreeSet<&'w str>),
+    /// Keys after this one (in the object's order, which is sorted: the copy's values are
+    /// `BTreeMap`s), at most `n` of them.
+    After(&'w str, usize),
+}
+
+impl Wanted<'_> {
+    fn wants(&self, key: &str, taken: usize) -> bool {
+        match self {
+            Wanted::Keys(k) => k.contains(key),
+            Wanted::After(after, n) => taken < *n && key > *after,
+        }
+    }
+}
+
+struct Pick<'w, T> {
+    wanted: Wanted<'w>,
+    _t: PhantomData<T>,
+}
+
+impl<'de, T: DeserializeOwned> Visitor<'de> for Pick<'_, T> {
+    type Value = BTreeMap<String, T>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = BTreeMap::new();
+        while let Some(k) = map.next_key::<String>()? {
+            if self.wanted.wants(&k, out.len()) {
+                let v = map.next_value::<T>()?;
+                out.insert(k, v);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Decode only the wanted entries of the object stored at `key` (the others are scanned, not
+/// built): a read of one asset of a page or one asset of a shard costs a scan, not a parse.
+pub(crate) fn pick<T: DeserializeOwned>(
+    kv: &impl Kv,
+    key: &str,
+    wanted: Wanted<'_>,
+) -> Result<BTreeMap<String, T>, StoreError> {
+    let Some(bytes) = kv.get(key)? else {
+        return Ok(BTreeMap::new());
+    };
+    let mut de = serde_json::Deserializer::from_slice(&bytes);
+    de.deserialize_map(Pick {
+        wanted,
+        _t: PhantomData,
+    })
+    .map_err(|e| StoreError::Corrupt {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
 
 /// The index of one generation of an account's copy (`keys::assets`, `keys::assets_staging`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,14 +220,32 @@ pub fn assets_in(
     }
     let mut out = Vec::new();
     for (p, wanted) in by_page {
-        let mut records = page(kv, account, ix, p)?;
-        for k in wanted {
-            if let Some(r) = records.remove(k.as_str()) {
-                out.push(r);
-            }
-        }
+        let wanted: BTreeSet<&str> = wanted.into_iter().map(String::as_str).collect();
+        let records: AssetPage = pick(
+            kv,
+            &keys::asset_page(account, ix.generation, p),
+            Wanted::Keys(&wanted),
+        )?;
+        out.extend(records.into_values());
     }
     Ok(ix.view(out))
+}
+
+/// At most `n` records of asset page `page` after the asset key `after` (`""`: from the
+/// start), in the page's order: only those are decoded.
+pub fn page_after(
+    kv: &impl Kv,
+    account: &str,
+    ix: &CopyIndex,
+    page: u32,
+    after: &str,
+    n: usize,
+) -> Result<AssetPage, StoreError> {
+    pick(
+        kv,
+        &keys::asset_page(account, ix.generation, page),
+        Wanted::After(after, n),
+    )
 }
 
 /// One asset of the current generation, with the view it came from.
@@ -297,9 +382,13 @@ pub fn held(
             .push(s.tag());
     }
     let mut out = BTreeMap::new();
+    let only = BTreeSet::from([ak.as_str()]);
     for (n, tags) in by_shard {
-        let shard: CopyShard =
-            get_json(kv, &keys::copy_shard(account, doc.generation, n))?.unwrap_or_default();
+        let shard: CopyShard = pick(
+            kv,
+            &keys::copy_shard(account, doc.generation, n),
+            Wanted::Keys(&only),
+        )?;
         if let Some(m) = shard.get(&ak) {
             for t in tags {
                 if let Some(h) = m.get(&t) {
@@ -390,9 +479,13 @@ pub fn asset_assignments(
     page: u32,
 ) -> Result<Vec<(String, MadeBy)>, StoreError> {
     let n = keys::asset_copy_shard(&asset.key(), page, doc.copy_shards);
-    let mut shard: CopyShard =
-        get_json(kv, &keys::copy_shard(account, doc.generation, n))?.unwrap_or_default();
     let ak = asset.key();
+    let only = BTreeSet::from([ak.as_str()]);
+    let mut shard: CopyShard = pick(
+        kv,
+        &keys::copy_shard(account, doc.generation, n),
+        Wanted::Keys(&only),
+    )?;
     let pages = asset.shards.max(1);
     Ok(shard
         .remove(&ak)
@@ -406,6 +499,142 @@ pub fn asset_assignments(
             (tag, by)
         })
         .collect())
+}
+
+/// Spread an asset's assignments over `pages` copy shards of generation `ix` (capped at the
+/// generation's shard count), when it has fewer: what an incremental refresh does before
+/// adding many entries to one asset, so that no shard grows past its bound (each of the
+/// asset's shards keeps ~[`keys::ASSET_COPY_PAGE`] of its entries). Returns the asset's page
+/// count afterwards (unchanged when it already had enough or is not in the copy).
+///
+/// Safe against readers and writers in between: entries are first copied to their new shards,
+/// then the record switches to the new count (readers and writers follow the record), then the
+/// old positions are cleared; an entry changed at its old position meanwhile is carried over.
+pub fn respread(
+    kv: &impl Kv,
+    account: &str,
+    ix: &CopyIndex,
+    asset_key: &str,
+    pages: u32,
+) -> Result<u32, StoreError> {
+    let doc = assets_in(kv, account, ix, &[asset_key.to_string()])?;
+    let Some(rec) = doc.assets.first() else {
+        return Ok(0);
+    };
+    let old = rec.shards.max(1);
+    let new = pages.min(ix.copy_shards.max(1));
+    if new <= old {
+        return Ok(old);
+    }
+    let c = ix.copy_shards;
+    let only = BTreeSet::from([asset_key]);
+    // 1. Copy every entry to its new shard (where that differs from where it is).
+    let mut copied: BTreeMap<String, (u32, Held)> = BTreeMap::new();
+    for i in 0..old {
+        let from = keys::asset_copy_shard(asset_key, i, c);
+        let mut shard: CopyShard = pick(
+            kv,
+            &keys::copy_shard(account, ix.generation, from),
+            Wanted::Keys(&only),
+        )?;
+        for (tag, h) in shard.remove(asset_key).unwrap_or_default() {
+            copied.insert(tag, (from, h));
+        }
+    }
+    let mut moves: BTreeMap<u32, Vec<(&String, &Held)>> = BTreeMap::new();
+    for (tag, (from, h)) in &copied {
+        let to = keys::copy_shard_of(asset_key, tag, new, c);
+        if to != *from {
+            moves.entry(to).or_default().push((tag, h));
+        }
+    }
+    for (to, list) in &moves {
+        update::<CopyShard, ()>(kv, &keys::copy_shard(account, ix.generation, *to), |cur| {
+            let mut shard = cur.unwrap_or_default();
+            let m = shard.entry(asset_key.to_string()).or_default();
+            for (tag, h) in list {
+                m.entry((*tag).clone()).or_insert_with(|| (*h).clone());
+            }
+            Ok((Some(shard), ()))
+        })?;
+    }
+    // 2. Switch the record.
+    update_assets(kv, account, &[asset_key.to_string()], |r| {
+        if r.shards < new {
+            r.shards = new;
+        }
+    })?;
+    // 3. Clear the old positions, carrying over what changed there since step 1 (a changed
+    // value, or an entry removed there: `None`).
+    let mut carried: BTreeMap<u32, Vec<(String, Option<Held>)>> = BTreeMap::new();
+    for i in 0..old {
+        let from = keys::asset_copy_shard(asset_key, i, c);
+        let moved = update::<CopyShard, Vec<(String, Option<Held>)>>(
+            kv,
+            &keys::copy_shard(account, ix.generation, from),
+            |cur| {
+                let mut shard = cur.unwrap_or_default();
+                let mut changed: Vec<(String, Option<Held>)> = copied
+                    .iter()
+                    .filter(|(tag, (f, _))| {
+                        *f == from
+                            && keys::copy_shard_of(asset_key, tag, new, c) != from
+                            && !shard.get(asset_key).is_some_and(|m| m.contains_key(*tag))
+                    })
+                    .map(|(tag, _)| (tag.clone(), None))
+                    .collect();
+                let Some(m) = shard.get_mut(asset_key) else {
+                    return Ok((None, changed));
+                };
+                let before = m.len();
+                m.retain(|tag, h| {
+                    if keys::copy_shard_of(asset_key, tag, new, c) == from {
+                        return true;
+                    }
+                    if copied.get(tag).map(|(_, was)| was) != Some(h) {
+                        changed.push((tag.clone(), Some(h.clone())));
+                    }
+                    false
+                });
+                if m.len() == before {
+                    return Ok((None, changed));
+                }
+                if m.is_empty() {
+                    shard.remove(asset_key);
+                }
+                Ok((Some(shard), changed))
+            },
+        )?;
+        for (tag, h) in moved {
+            let to = keys::copy_shard_of(asset_key, &tag, new, c);
+            carried.entry(to).or_default().push((tag, h));
+        }
+    }
+    for (to, list) in carried {
+        update::<CopyShard, ()>(kv, &keys::copy_shard(account, ix.generation, to), |cur| {
+            let mut shard = cur.unwrap_or_default();
+            let m = shard.entry(asset_key.to_string()).or_default();
+            for (tag, h) in &list {
+                match h {
+                    Some(h) => {
+                        m.insert(tag.clone(), h.clone());
+                    }
+                    // Removed at the old position after the copy: remove the copy, unless a
+                    // writer following the new count changed it since.
+                    None => {
+                        if m.get(tag) == copied.get(tag).map(|(_, was)| was) {
+                            m.remove(tag);
+                        }
+                    }
+                }
+            }
+            if m.is_empty() {
+                shard.remove(asset_key);
+            }
+            Ok((Some(shard), ()))
+        })?;
+    }
+    Ok(new)
 }
 
 /// Write a new generation's asset pages whole (full refresh): records grouped by page.

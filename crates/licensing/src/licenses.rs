@@ -220,11 +220,14 @@ fn walk(
                 });
             }
             pages_read += 1;
-            let page = copy::page(kv, id, &ix, at.page)?;
-            for (k, a) in page.range::<String, _>((
-                std::ops::Bound::Excluded(at.after.clone()),
-                std::ops::Bound::Unbounded,
-            )) {
+            // Without a filter every record decoded is a row: decode only the rows still wanted.
+            let want = if needle.is_none() && !filter.low_only {
+                limit.saturating_sub(rows.len())
+            } else {
+                usize::MAX
+            };
+            let page = copy::page_after(kv, id, &ix, at.page, &at.after, want)?;
+            for (k, a) in page.iter() {
                 at.after = k.clone();
                 if let Some(n) = &needle {
                     let name = a.name.as_deref().unwrap_or("").to_lowercase();
@@ -330,6 +333,49 @@ pub fn csv_rows(rows: &[LicenseRow]) -> String {
     out
 }
 
+/// The CSV export, produced a bounded page of the list at a time so it can be written to the
+/// response as it is read (memory stays flat whatever the number of rows): the header with the
+/// first page, then one chunk per page until [`CsvExport::next_chunk`] answers `None`.
+#[derive(Debug, Clone)]
+pub struct CsvExport {
+    filter: Filter,
+    cursor: Option<String>,
+    started: bool,
+    done: bool,
+}
+
+impl CsvExport {
+    pub fn new(filter: Filter) -> CsvExport {
+        CsvExport {
+            filter,
+            cursor: None,
+            started: false,
+            done: false,
+        }
+    }
+
+    /// The next chunk of the document (the first one carries the header), `None` at the end.
+    /// An error in the first chunk (an unknown account) means nothing was produced.
+    pub fn next_chunk(&mut self, kv: &impl Kv) -> Result<Option<String>, ApiError> {
+        if self.done {
+            return Ok(None);
+        }
+        let page = list_page(kv, &self.filter, self.cursor.as_deref(), MAX_LIMIT)?;
+        let mut out = String::new();
+        if !self.started {
+            self.started = true;
+            out.push_str(CSV_HEADER);
+            out.push_str("\r\n");
+        }
+        out.push_str(&csv_rows(&page.rows));
+        match page.next_cursor {
+            Some(c) => self.cursor = Some(c),
+            None => self.done = true,
+        }
+        Ok(Some(out))
+    }
+}
+
 /// One page of an asset's assignments: page `n` is copy shard `n`.
 pub fn assignments(
     kv: &impl Kv,
@@ -423,6 +469,57 @@ pub fn assignments(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_csv_export_in_chunks_is_the_whole_document() {
+        use crate::model::Account;
+        use vpp_store::{set_json, MemoryKv};
+        let kv = MemoryKv::default();
+        let account: Account = serde_json::from_value(json!({
+            "id": "a1", "name": "School, \"North\"", "organization": "Org", "location": "Main",
+            "locationId": "uid1", "country": "US", "defaultPlatform": "volumestore",
+            "websiteUrl": null, "tokenExpiresAt": "2030-01-01T00:00:00Z",
+            "createdAt": "2025-01-01T00:00:00Z", "updatedAt": "2025-01-01T00:00:00Z",
+        }))
+        .unwrap();
+        set_json(&kv, &keys::account("a1"), &account).unwrap();
+        set_json(&kv, &keys::accounts(), &vec!["a1".to_string()]).unwrap();
+        let records: Vec<AssetRecord> = (0..2_600)
+            .map(|i| AssetRecord {
+                adam_id: format!("{}", 100_000 + i),
+                pricing_param: "STDQ".into(),
+                product_type: "App".into(),
+                name: Some(format!("=App {i}")),
+                icon_url: None,
+                total: 10,
+                available: 10 - (i % 3),
+                in_use: i % 3,
+                retired: 0,
+                device_assignable: true,
+                revocable: true,
+                supported_platforms: Vec::new(),
+                shards: 1,
+            })
+            .collect();
+        copy::write_generation(&kv, "a1", 1, None, records).unwrap();
+        let mut export = CsvExport::new(Filter::default());
+        let mut chunks = Vec::new();
+        while let Some(c) = export.next_chunk(&kv).unwrap() {
+            chunks.push(c);
+        }
+        // Several pages of at most MAX_LIMIT rows (a page of the list reads a few asset pages).
+        assert!(chunks.len() >= 3, "{} chunks", chunks.len());
+        let whole = to_csv(&list(&kv, &Filter::default()).unwrap());
+        assert_eq!(chunks.concat(), whole);
+        assert_eq!(whole.lines().count(), 2_601);
+        assert_eq!(export.next_chunk(&kv).unwrap(), None);
+        // An unknown account fails before anything is produced.
+        let mut bad = CsvExport::new(Filter {
+            account_id: Some("nope".into()),
+            ..Filter::default()
+        });
+        assert!(bad.next_chunk(&kv).is_err());
+    }
 
     #[test]
     fn csv_quotes_and_neutralises() {
