@@ -3,9 +3,10 @@
 //!
 //! Reads are bounded whatever the size of the account: a page of the list reads the settings,
 //! the account index, per account (at most [`ACCOUNTS_PER_REQUEST`]) its record, its copy index
-//! and its reservations (`ledger::open_reservations`: the assets with open entries), and at most
-//! [`PAGES_PER_REQUEST`] asset pages; it returns a cursor to continue. A page of an asset's
-//! assignments is the copy index, one asset page and one copy shard.
+//! and its reservations (`ledger::open_reservations`: the assets with open entries), and the few
+//! small asset pages its rows are on (see `pages_for`), decoding only the records it returns;
+//! it returns a cursor to continue. A page of an asset's assignments is the account, the copy
+//! index, one asset page and one copy shard (scanned, only the asset's entries decoded).
 
 use crate::copy::{self, CopyIndex};
 use crate::error::ApiError;
@@ -42,8 +43,15 @@ pub struct LicenseRow {
 /// Rows per page of the list unless `limit` says otherwise, and the most `limit` may ask.
 pub const DEFAULT_LIMIT: usize = 500;
 pub const MAX_LIMIT: usize = 1000;
-/// Asset pages one request reads at most (a search may return fewer rows and a cursor).
+/// Asset pages one request reads at most beyond those its rows need (a search may return
+/// fewer rows and a cursor): a page of `limit` rows reads at most
+/// `limit / keys::ASSET_PAGE_ENTRIES + PAGES_PER_REQUEST` asset pages.
 pub const PAGES_PER_REQUEST: u32 = 3;
+
+/// Asset pages a request for `limit` rows may read.
+fn pages_for(limit: usize) -> u32 {
+    (limit.div_ceil(keys::ASSET_PAGE_ENTRIES) as u32).saturating_add(PAGES_PER_REQUEST)
+}
 /// Accounts one request visits at most (each costs its record, copy index and reservations).
 pub const ACCOUNTS_PER_REQUEST: u32 = 8;
 
@@ -130,12 +138,13 @@ pub fn list_page(
     cursor: Option<&str>,
     limit: usize,
 ) -> Result<ListPage, ApiError> {
+    let limit = limit.clamp(1, MAX_LIMIT);
     walk(
         kv,
         filter,
         cursor,
-        limit.clamp(1, MAX_LIMIT),
-        PAGES_PER_REQUEST,
+        limit,
+        pages_for(limit),
         ACCOUNTS_PER_REQUEST,
     )
 }
@@ -151,9 +160,12 @@ fn walk(
     max_accounts: u32,
 ) -> Result<ListPage, ApiError> {
     let threshold = settings::load(kv)?.low_license_threshold;
+    // One account asked for: its record is read once, here.
+    let mut known: Option<Account> = None;
     let ids: Vec<String> = match &filter.account_id {
         Some(id) => {
-            if get_json::<Account>(kv, &keys::account(id))?.is_none() {
+            known = get_json::<Account>(kv, &keys::account(id))?;
+            if known.is_none() {
                 return Err(ApiError::not_found(format!("account {id}")));
             }
             vec![id.clone()]
@@ -195,7 +207,11 @@ fn walk(
             });
         }
         let id = &ids[account_index];
-        let Some(account) = get_json::<Account>(kv, &keys::account(id))? else {
+        let record = match known.take() {
+            Some(a) if a.id == *id => Some(a),
+            _ => get_json::<Account>(kv, &keys::account(id))?,
+        };
+        let Some(account) = record else {
             account_index += 1;
             match ids.get(account_index) {
                 Some(next) => {
@@ -398,17 +414,15 @@ pub fn assignments(
             (doc, asset)
         }
         None => {
-            let doc = copy::assets_for(
-                kv,
-                &account.id,
-                &[asset_key(adam_id, "STDQ"), asset_key(adam_id, "PLUS")],
-            )?;
-            let asset = doc
-                .find(adam_id, "STDQ")
-                .or_else(|| doc.assets.first())
-                .cloned()
-                .ok_or_else(not_found)?;
-            (doc, asset)
+            // STDQ unless the asset only has PLUS: one asset page read in the usual case.
+            let (doc, found) = copy::asset(kv, &account.id, &asset_key(adam_id, "STDQ"))?;
+            match found {
+                Some(a) => (doc, a),
+                None => {
+                    let (doc, found) = copy::asset(kv, &account.id, &asset_key(adam_id, "PLUS"))?;
+                    (doc, found.ok_or_else(not_found)?)
+                }
+            }
         }
     };
     let page = page.unwrap_or(0);
