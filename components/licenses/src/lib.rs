@@ -274,9 +274,17 @@ fn list_licenses(kv: &SpinKv, req: &ApiRequest) -> Result<Reply, ApiError> {
         }
     };
     let page = licenses::list_page(kv, &filter, req.query("cursor"), limit)?;
-    Ok(Reply::Whole(ApiResponse::ok(
-        &json!({ "licenses": page.rows, "nextCursor": page.next_cursor }),
-    )))
+    // Serialized straight from the rows (no intermediate JSON values).
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct ListBody<'a> {
+        licenses: &'a [licenses::LicenseRow],
+        next_cursor: Option<&'a str>,
+    }
+    Ok(Reply::Whole(ApiResponse::ok(&ListBody {
+        licenses: &page.rows,
+        next_cursor: page.next_cursor.as_deref(),
+    })))
 }
 
 /// The event as we know it. For the admin key, a pending event whose poll is due is polled at

@@ -15,10 +15,9 @@
 
 use crate::model::{AssetRecord, AssetsDoc, MadeBy, Subject};
 use chrono::{DateTime, TimeZone, Utc};
-use serde::de::{DeserializeOwned, IgnoredAny, MapAccess, Visitor};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-use std::marker::PhantomData;
 use vpp_store::{get_json, keys, set_json, update, Kv, StoreError};
 
 /// Which entries of a JSON object [`pick`] decodes.
@@ -30,60 +29,136 @@ pub(crate) enum Wanted<'w> {
     After(&'w str, usize),
 }
 
-impl Wanted<'_> {
-    fn wants(&self, key: &str, taken: usize) -> bool {
-        match self {
-            Wanted::Keys(k) => k.contains(key),
-            Wanted::After(after, n) => taken < *n && key > *after,
+/// The members of a JSON object as raw text (key with its quotes, value), found by a byte scan
+/// that tracks only strings and nesting: far cheaper than decoding, and exact for the valid JSON
+/// `serde_json` writes. `None` when the text is not an object.
+fn members(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+    let ws = |b: u8| matches!(b, b' ' | b'\n' | b'\r' | b'\t');
+    let mut i = 0;
+    let n = bytes.len();
+    let skip_ws = |mut i: usize| {
+        while i < n && ws(bytes[i]) {
+            i += 1;
         }
-    }
-}
-
-struct Pick<'w, T> {
-    wanted: Wanted<'w>,
-    _t: PhantomData<T>,
-}
-
-impl<'de, T: DeserializeOwned> Visitor<'de> for Pick<'_, T> {
-    type Value = BTreeMap<String, T>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a JSON object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut out = BTreeMap::new();
-        while let Some(k) = map.next_key::<String>()? {
-            if self.wanted.wants(&k, out.len()) {
-                let v = map.next_value::<T>()?;
-                out.insert(k, v);
-            } else {
-                map.next_value::<IgnoredAny>()?;
+        i
+    };
+    // The end (exclusive) of the string starting at `i` (a quote).
+    let string_end = |mut i: usize| -> Option<usize> {
+        i += 1;
+        while i < n {
+            match bytes[i] {
+                b'\\' => i += 2,
+                b'"' => return Some(i + 1),
+                _ => i += 1,
             }
         }
-        Ok(out)
+        None
+    };
+    i = skip_ws(i);
+    if bytes.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = skip_ws(i + 1);
+    let mut out = Vec::new();
+    if bytes.get(i) == Some(&b'}') {
+        return Some(out);
+    }
+    loop {
+        if bytes.get(i) != Some(&b'"') {
+            return None;
+        }
+        let key_end = string_end(i)?;
+        let key = &bytes[i..key_end];
+        i = skip_ws(key_end);
+        if bytes.get(i) != Some(&b':') {
+            return None;
+        }
+        i = skip_ws(i + 1);
+        let start = i;
+        let mut depth = 0usize;
+        while i < n {
+            match bytes[i] {
+                b'"' => {
+                    i = string_end(i)?;
+                    if depth == 0 {
+                        break;
+                    }
+                    continue;
+                }
+                b'{' | b'[' => depth += 1,
+                b'}' | b']' => {
+                    if depth == 0 {
+                        break;
+                    }
+                    depth -= 1;
+                    if depth == 0 {
+                        i += 1;
+                        break;
+                    }
+                }
+                b',' if depth == 0 => break,
+                _ => {}
+            }
+            i += 1;
+        }
+        let mut value_end = i;
+        while value_end > start && ws(bytes[value_end - 1]) {
+            value_end -= 1;
+        }
+        out.push((key, &bytes[start..value_end]));
+        i = skip_ws(i);
+        match bytes.get(i) {
+            Some(b',') => i = skip_ws(i + 1),
+            Some(b'}') => return Some(out),
+            _ => return None,
+        }
     }
 }
 
-/// Decode only the wanted entries of the object stored at `key` (the others are scanned, not
-/// built): a read of one asset of a page or one asset of a shard costs a scan, not a parse.
+/// Decode only the wanted entries of the object stored at `key` (the others are skipped by a
+/// byte scan, never decoded): a read of one asset of a page or of a shard costs a scan.
 pub(crate) fn pick<T: DeserializeOwned>(
     kv: &impl Kv,
     key: &str,
     wanted: Wanted<'_>,
 ) -> Result<BTreeMap<String, T>, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        key: key.to_string(),
+        reason,
+    };
     let Some(bytes) = kv.get(key)? else {
         return Ok(BTreeMap::new());
     };
-    let mut de = serde_json::Deserializer::from_slice(&bytes);
-    de.deserialize_map(Pick {
-        wanted,
-        _t: PhantomData,
-    })
-    .map_err(|e| StoreError::Corrupt {
-        key: key.to_string(),
-        reason: e.to_string(),
-    })
+    let list = members(&bytes).ok_or_else(|| corrupt("not a JSON object".into()))?;
+    let mut out = BTreeMap::new();
+    // Keys as serde_json writes them (quoted, escaped): compared without decoding.
+    let encoded: Option<BTreeSet<String>> = match &wanted {
+        Wanted::Keys(k) => Some(
+            k.iter()
+                .map(|s| serde_json::to_string(s).unwrap_or_default())
+                .collect(),
+        ),
+        Wanted::After(..) => None,
+    };
+    for (k, v) in list {
+        let take = match (&wanted, &encoded) {
+            (Wanted::Keys(_), Some(enc)) => std::str::from_utf8(k).is_ok_and(|k| enc.contains(k)),
+            (Wanted::After(after, limit), _) => {
+                if out.len() >= *limit {
+                    break;
+                }
+                let name: String = serde_json::from_slice(k).map_err(|e| corrupt(e.to_string()))?;
+                name.as_str() > *after
+            }
+            _ => false,
+        };
+        if take {
+            let name: String = serde_json::from_slice(k).map_err(|e| corrupt(e.to_string()))?;
+            let value: T = serde_json::from_slice(v).map_err(|e| corrupt(e.to_string()))?;
+            out.insert(name, value);
+        }
+    }
+    Ok(out)
 }
 
 /// The index of one generation of an account's copy (`keys::assets`, `keys::assets_staging`).
@@ -782,6 +857,7 @@ pub fn delete_all(kv: &impl Kv, account: &str) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
     use vpp_store::MemoryKv;
 
     fn rec(adam: &str, in_use: i64, shards: u32) -> AssetRecord {
@@ -800,6 +876,48 @@ mod tests {
             supported_platforms: Vec::new(),
             shards,
         }
+    }
+
+    #[test]
+    fn pick_decodes_exactly_what_a_full_decode_finds() {
+        let kv = MemoryKv::default();
+        let mut shard: CopyShard = BTreeMap::new();
+        let odd = ["a\"b", "c\\d", "{x}", "[y],", "é:ü", "", "z"];
+        for (i, ak) in odd.iter().enumerate() {
+            let mut m = BTreeMap::new();
+            m.insert(format!("s:{ak}"), Held::Foreign(0));
+            m.insert(
+                format!("u:{i}}}"),
+                Held::Ours(Some(format!("e\"{i}]")), Some(i as i64)),
+            );
+            m.insert(format!("s:{i}"), Held::Ours(None, None));
+            shard.insert(ak.to_string(), m);
+        }
+        set_json(&kv, "k", &shard).unwrap();
+        for ak in odd {
+            let only = BTreeSet::from([ak]);
+            let got: CopyShard = pick(&kv, "k", Wanted::Keys(&only)).unwrap();
+            assert_eq!(got.get(ak), shard.get(ak), "{ak:?}");
+            assert_eq!(got.len(), 1);
+        }
+        let after: CopyShard = pick(&kv, "k", Wanted::After("[y],", 2)).unwrap();
+        let want: Vec<&String> = shard
+            .keys()
+            .filter(|k| k.as_str() > "[y],")
+            .take(2)
+            .collect();
+        assert_eq!(after.keys().collect::<Vec<_>>(), want);
+        let none: CopyShard = pick(&kv, "absent", Wanted::After("", 9)).unwrap();
+        assert!(none.is_empty());
+        // Whitespace between tokens (any writer's JSON) and a value that is not an object.
+        kv.set("w", b" { \"a\" : [1, {\"b\": \"}\"}] ,\n \"c\" : 2 } ")
+            .unwrap();
+        let got: BTreeMap<String, Value> =
+            pick(&kv, "w", Wanted::Keys(&BTreeSet::from(["a", "c"]))).unwrap();
+        assert_eq!(got["a"], serde_json::json!([1, {"b": "}"}]));
+        assert_eq!(got["c"], serde_json::json!(2));
+        kv.set("bad", b"[1,2]").unwrap();
+        assert!(pick::<Value>(&kv, "bad", Wanted::After("", 1)).is_err());
     }
 
     #[test]
