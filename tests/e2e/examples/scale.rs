@@ -5,7 +5,7 @@
 //! beside a one-key-value-read route (`GET /api/settings`) in the same run.
 //!
 //! Run: `bash scripts/bench` (builds the components, then runs this example with the test host
-//! optimised: `cargo run --profile bench-host -p e2e --example scale`). `VPP_SCALE_ASSETS` / `VPP_SCALE_ASSIGNMENTS` change the size. Prints figures;
+//! of the tests, or optimised with `VPP_BENCH_PROFILE=bench-host`). `VPP_SCALE_ASSETS` / `VPP_SCALE_ASSIGNMENTS` change the size. Prints figures;
 //! asserts nothing about time.
 
 use e2e::{Env, ADMIN_KEY};
