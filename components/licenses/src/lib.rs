@@ -3,7 +3,7 @@
 
 use chrono::Utc;
 use serde_json::json;
-use spin_sdk::http::{Method, Request, Response};
+use spin_sdk::http::{Method, Request, Response, ResponseOutparam};
 use spin_sdk::http_component;
 use vpp_apple::Client;
 use vpp_licensing::audit::{self, AuditRecord};
@@ -13,11 +13,25 @@ use vpp_licensing::{
     settings, ApiError,
 };
 use vpp_spin_bridge::apple_http::{random_id, GatewayTransport, SpinClock, SpinGateway};
+use vpp_spin_bridge::http_api::{BodyStream, Reply};
 use vpp_spin_bridge::{http_api, vars, ApiRequest, ApiResponse, SpinKv};
 
 #[http_component]
-async fn handle(req: Request) -> Response {
-    http_api::serve(req, is_public, route).await
+async fn handle(req: Request, out: ResponseOutparam) {
+    http_api::serve_to(
+        req,
+        out,
+        is_public,
+        async |kv: &SpinKv, req: &ApiRequest| {
+            let segments = req.segments();
+            if req.method == "GET" && segments == ["api", "licenses"] {
+                list_licenses(kv, req)
+            } else {
+                route(kv, req).await.map(Reply::Whole)
+            }
+        },
+    )
+    .await
 }
 
 /// Apple's notifications carry the account's notification secret instead of an API key;
@@ -42,7 +56,6 @@ async fn route(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
     let segments = req.segments();
     let m = req.method.as_str();
     match (m, segments.as_slice()) {
-        ("GET", ["api", "licenses"]) => list_licenses(kv, req),
         ("GET", ["api", "licenses", account, adam, "assignments"]) => {
             let page = licenses::assignments(
                 kv,
@@ -199,7 +212,16 @@ fn wants_csv(req: &ApiRequest) -> bool {
         || req.header("accept").is_some_and(|a| a.contains("text/csv"))
 }
 
-fn list_licenses(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
+/// The rest of a CSV export, one page of the list per chunk.
+struct CsvRest(licenses::CsvExport);
+
+impl BodyStream for CsvRest {
+    fn next_chunk(&mut self, kv: &SpinKv) -> Result<Option<Vec<u8>>, ApiError> {
+        Ok(self.0.next_chunk(kv)?.map(String::into_bytes))
+    }
+}
+
+fn list_licenses(kv: &SpinKv, req: &ApiRequest) -> Result<Reply, ApiError> {
     let filter = licenses::Filter {
         account_id: req
             .query("accountId")
@@ -238,32 +260,34 @@ fn list_licenses(kv: &SpinKv, req: &ApiRequest) -> Result<ApiResponse, ApiError>
     let cursor = req.query("cursor");
     licenses::check_cursor(cursor)?;
     if wants_csv(req) {
-        // Every row, one bounded page of the list at a time.
-        let mut body = String::from(licenses::CSV_HEADER);
-        body.push_str("\r\n");
-        let mut cursor: Option<String> = None;
-        loop {
-            let page = licenses::list_page(kv, &filter, cursor.as_deref(), licenses::MAX_LIMIT)?;
-            body.push_str(&licenses::csv_rows(&page.rows));
-            match page.next_cursor {
-                Some(c) => cursor = Some(c),
-                None => break,
-            }
-        }
-        return Ok(ApiResponse {
+        // Every row, streamed one bounded page of the list at a time: the first page is read
+        // before the head is sent (an unknown account is still a clean 404), the rest as the
+        // body is written.
+        let mut export = licenses::CsvExport::new(filter);
+        let first = export.next_chunk(kv)?.unwrap_or_default();
+        let head = ApiResponse {
             status: 200,
             content_type: "text/csv; charset=utf-8",
             headers: vec![(
                 "content-disposition".into(),
                 "attachment; filename=\"licenses.csv\"".into(),
             )],
-            body: body.into_bytes(),
-        });
+            body: first.into_bytes(),
+        };
+        return Ok(Reply::Stream(head, Box::new(CsvRest(export))));
     }
     let page = licenses::list_page(kv, &filter, cursor, limit)?;
-    Ok(ApiResponse::ok(
-        &json!({ "licenses": page.rows, "nextCursor": page.next_cursor }),
-    ))
+    // Serialized straight from the rows (no intermediate JSON values).
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct ListBody<'a> {
+        licenses: &'a [licenses::LicenseRow],
+        next_cursor: Option<&'a str>,
+    }
+    Ok(Reply::Whole(ApiResponse::ok(&ListBody {
+        licenses: &page.rows,
+        next_cursor: page.next_cursor.as_deref(),
+    })))
 }
 
 /// The event as we know it. For the admin key, a pending event whose poll is due is polled at

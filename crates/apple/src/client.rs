@@ -525,6 +525,12 @@ impl<T: Transport, C: Clock> Client<T, C> {
         Ok(cfg)
     }
 
+    /// Use a client config read earlier (e.g. by a previous invocation of the same job) for
+    /// the metadata lookup's platform and storefront, instead of reading it again.
+    pub fn remember_client_config(&self, cfg: ClientConfig) {
+        *lock(&self.client_config) = Some(cfg);
+    }
+
     /// `POST /client/config`: claims the location (`mdmInfo`) and sets notifications.
     pub async fn set_client_config(
         &self,

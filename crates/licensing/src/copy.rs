@@ -15,9 +15,151 @@
 
 use crate::model::{AssetRecord, AssetsDoc, MadeBy, Subject};
 use chrono::{DateTime, TimeZone, Utc};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use vpp_store::{get_json, keys, set_json, update, Kv, StoreError};
+
+/// Which entries of a JSON object [`pick`] decodes.
+pub(crate) enum Wanted<'w> {
+    /// These keys.
+    Keys(&'w BTreeSet<&'w str>),
+    /// Keys after this one (in the object's order, which is sorted: the copy's values are
+    /// `BTreeMap`s), at most `n` of them.
+    After(&'w str, usize),
+}
+
+/// The members of a JSON object as raw text (key with its quotes, value), found by a byte scan
+/// that tracks only strings and nesting: far cheaper than decoding, and exact for the valid JSON
+/// `serde_json` writes. `None` when the text is not an object.
+fn members(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+    let ws = |b: u8| matches!(b, b' ' | b'\n' | b'\r' | b'\t');
+    let mut i = 0;
+    let n = bytes.len();
+    let skip_ws = |mut i: usize| {
+        while i < n && ws(bytes[i]) {
+            i += 1;
+        }
+        i
+    };
+    // The end (exclusive) of the string starting at `i` (a quote).
+    let string_end = |mut i: usize| -> Option<usize> {
+        i += 1;
+        while i < n {
+            match bytes[i] {
+                b'\\' => i += 2,
+                b'"' => return Some(i + 1),
+                _ => i += 1,
+            }
+        }
+        None
+    };
+    i = skip_ws(i);
+    if bytes.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = skip_ws(i + 1);
+    let mut out = Vec::new();
+    if bytes.get(i) == Some(&b'}') {
+        return Some(out);
+    }
+    loop {
+        if bytes.get(i) != Some(&b'"') {
+            return None;
+        }
+        let key_end = string_end(i)?;
+        let key = &bytes[i..key_end];
+        i = skip_ws(key_end);
+        if bytes.get(i) != Some(&b':') {
+            return None;
+        }
+        i = skip_ws(i + 1);
+        let start = i;
+        let mut depth = 0usize;
+        while i < n {
+            match bytes[i] {
+                b'"' => {
+                    i = string_end(i)?;
+                    if depth == 0 {
+                        break;
+                    }
+                    continue;
+                }
+                b'{' | b'[' => depth += 1,
+                b'}' | b']' => {
+                    if depth == 0 {
+                        break;
+                    }
+                    depth -= 1;
+                    if depth == 0 {
+                        i += 1;
+                        break;
+                    }
+                }
+                b',' if depth == 0 => break,
+                _ => {}
+            }
+            i += 1;
+        }
+        let mut value_end = i;
+        while value_end > start && ws(bytes[value_end - 1]) {
+            value_end -= 1;
+        }
+        out.push((key, &bytes[start..value_end]));
+        i = skip_ws(i);
+        match bytes.get(i) {
+            Some(b',') => i = skip_ws(i + 1),
+            Some(b'}') => return Some(out),
+            _ => return None,
+        }
+    }
+}
+
+/// Decode only the wanted entries of the object stored at `key` (the others are skipped by a
+/// byte scan, never decoded): a read of one asset of a page or of a shard costs a scan.
+pub(crate) fn pick<T: DeserializeOwned>(
+    kv: &impl Kv,
+    key: &str,
+    wanted: Wanted<'_>,
+) -> Result<BTreeMap<String, T>, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        key: key.to_string(),
+        reason,
+    };
+    let Some(bytes) = kv.get(key)? else {
+        return Ok(BTreeMap::new());
+    };
+    let list = members(&bytes).ok_or_else(|| corrupt("not a JSON object".into()))?;
+    let mut out = BTreeMap::new();
+    // Keys as serde_json writes them (quoted, escaped): compared without decoding.
+    let encoded: Option<BTreeSet<String>> = match &wanted {
+        Wanted::Keys(k) => Some(
+            k.iter()
+                .map(|s| serde_json::to_string(s).unwrap_or_default())
+                .collect(),
+        ),
+        Wanted::After(..) => None,
+    };
+    for (k, v) in list {
+        let take = match (&wanted, &encoded) {
+            (Wanted::Keys(_), Some(enc)) => std::str::from_utf8(k).is_ok_and(|k| enc.contains(k)),
+            (Wanted::After(after, limit), _) => {
+                if out.len() >= *limit {
+                    break;
+                }
+                let name: String = serde_json::from_slice(k).map_err(|e| corrupt(e.to_string()))?;
+                name.as_str() > *after
+            }
+            _ => false,
+        };
+        if take {
+            let name: String = serde_json::from_slice(k).map_err(|e| corrupt(e.to_string()))?;
+            let value: T = serde_json::from_slice(v).map_err(|e| corrupt(e.to_string()))?;
+            out.insert(name, value);
+        }
+    }
+    Ok(out)
+}
 
 /// The index of one generation of an account's copy (`keys::assets`, `keys::assets_staging`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,14 +295,32 @@ pub fn assets_in(
     }
     let mut out = Vec::new();
     for (p, wanted) in by_page {
-        let mut records = page(kv, account, ix, p)?;
-        for k in wanted {
-            if let Some(r) = records.remove(k.as_str()) {
-                out.push(r);
-            }
-        }
+        let wanted: BTreeSet<&str> = wanted.into_iter().map(String::as_str).collect();
+        let records: AssetPage = pick(
+            kv,
+            &keys::asset_page(account, ix.generation, p),
+            Wanted::Keys(&wanted),
+        )?;
+        out.extend(records.into_values());
     }
     Ok(ix.view(out))
+}
+
+/// At most `n` records of asset page `page` after the asset key `after` (`""`: from the
+/// start), in the page's order: only those are decoded.
+pub fn page_after(
+    kv: &impl Kv,
+    account: &str,
+    ix: &CopyIndex,
+    page: u32,
+    after: &str,
+    n: usize,
+) -> Result<AssetPage, StoreError> {
+    pick(
+        kv,
+        &keys::asset_page(account, ix.generation, page),
+        Wanted::After(after, n),
+    )
 }
 
 /// One asset of the current generation, with the view it came from.
@@ -297,9 +457,13 @@ pub fn held(
             .push(s.tag());
     }
     let mut out = BTreeMap::new();
+    let only = BTreeSet::from([ak.as_str()]);
     for (n, tags) in by_shard {
-        let shard: CopyShard =
-            get_json(kv, &keys::copy_shard(account, doc.generation, n))?.unwrap_or_default();
+        let shard: CopyShard = pick(
+            kv,
+            &keys::copy_shard(account, doc.generation, n),
+            Wanted::Keys(&only),
+        )?;
         if let Some(m) = shard.get(&ak) {
             for t in tags {
                 if let Some(h) = m.get(&t) {
@@ -390,9 +554,13 @@ pub fn asset_assignments(
     page: u32,
 ) -> Result<Vec<(String, MadeBy)>, StoreError> {
     let n = keys::asset_copy_shard(&asset.key(), page, doc.copy_shards);
-    let mut shard: CopyShard =
-        get_json(kv, &keys::copy_shard(account, doc.generation, n))?.unwrap_or_default();
     let ak = asset.key();
+    let only = BTreeSet::from([ak.as_str()]);
+    let mut shard: CopyShard = pick(
+        kv,
+        &keys::copy_shard(account, doc.generation, n),
+        Wanted::Keys(&only),
+    )?;
     let pages = asset.shards.max(1);
     Ok(shard
         .remove(&ak)
@@ -406,6 +574,142 @@ pub fn asset_assignments(
             (tag, by)
         })
         .collect())
+}
+
+/// Spread an asset's assignments over `pages` copy shards of generation `ix` (capped at the
+/// generation's shard count), when it has fewer: what an incremental refresh does before
+/// adding many entries to one asset, so that no shard grows past its bound (each of the
+/// asset's shards keeps ~[`keys::ASSET_COPY_PAGE`] of its entries). Returns the asset's page
+/// count afterwards (unchanged when it already had enough or is not in the copy).
+///
+/// Safe against readers and writers in between: entries are first copied to their new shards,
+/// then the record switches to the new count (readers and writers follow the record), then the
+/// old positions are cleared; an entry changed at its old position meanwhile is carried over.
+pub fn respread(
+    kv: &impl Kv,
+    account: &str,
+    ix: &CopyIndex,
+    asset_key: &str,
+    pages: u32,
+) -> Result<u32, StoreError> {
+    let doc = assets_in(kv, account, ix, &[asset_key.to_string()])?;
+    let Some(rec) = doc.assets.first() else {
+        return Ok(0);
+    };
+    let old = rec.shards.max(1);
+    let new = pages.min(ix.copy_shards.max(1));
+    if new <= old {
+        return Ok(old);
+    }
+    let c = ix.copy_shards;
+    let only = BTreeSet::from([asset_key]);
+    // 1. Copy every entry to its new shard (where that differs from where it is).
+    let mut copied: BTreeMap<String, (u32, Held)> = BTreeMap::new();
+    for i in 0..old {
+        let from = keys::asset_copy_shard(asset_key, i, c);
+        let mut shard: CopyShard = pick(
+            kv,
+            &keys::copy_shard(account, ix.generation, from),
+            Wanted::Keys(&only),
+        )?;
+        for (tag, h) in shard.remove(asset_key).unwrap_or_default() {
+            copied.insert(tag, (from, h));
+        }
+    }
+    let mut moves: BTreeMap<u32, Vec<(&String, &Held)>> = BTreeMap::new();
+    for (tag, (from, h)) in &copied {
+        let to = keys::copy_shard_of(asset_key, tag, new, c);
+        if to != *from {
+            moves.entry(to).or_default().push((tag, h));
+        }
+    }
+    for (to, list) in &moves {
+        update::<CopyShard, ()>(kv, &keys::copy_shard(account, ix.generation, *to), |cur| {
+            let mut shard = cur.unwrap_or_default();
+            let m = shard.entry(asset_key.to_string()).or_default();
+            for (tag, h) in list {
+                m.entry((*tag).clone()).or_insert_with(|| (*h).clone());
+            }
+            Ok((Some(shard), ()))
+        })?;
+    }
+    // 2. Switch the record.
+    update_assets(kv, account, &[asset_key.to_string()], |r| {
+        if r.shards < new {
+            r.shards = new;
+        }
+    })?;
+    // 3. Clear the old positions, carrying over what changed there since step 1 (a changed
+    // value, or an entry removed there: `None`).
+    let mut carried: BTreeMap<u32, Vec<(String, Option<Held>)>> = BTreeMap::new();
+    for i in 0..old {
+        let from = keys::asset_copy_shard(asset_key, i, c);
+        let moved = update::<CopyShard, Vec<(String, Option<Held>)>>(
+            kv,
+            &keys::copy_shard(account, ix.generation, from),
+            |cur| {
+                let mut shard = cur.unwrap_or_default();
+                let mut changed: Vec<(String, Option<Held>)> = copied
+                    .iter()
+                    .filter(|(tag, (f, _))| {
+                        *f == from
+                            && keys::copy_shard_of(asset_key, tag, new, c) != from
+                            && !shard.get(asset_key).is_some_and(|m| m.contains_key(*tag))
+                    })
+                    .map(|(tag, _)| (tag.clone(), None))
+                    .collect();
+                let Some(m) = shard.get_mut(asset_key) else {
+                    return Ok((None, changed));
+                };
+                let before = m.len();
+                m.retain(|tag, h| {
+                    if keys::copy_shard_of(asset_key, tag, new, c) == from {
+                        return true;
+                    }
+                    if copied.get(tag).map(|(_, was)| was) != Some(h) {
+                        changed.push((tag.clone(), Some(h.clone())));
+                    }
+                    false
+                });
+                if m.len() == before {
+                    return Ok((None, changed));
+                }
+                if m.is_empty() {
+                    shard.remove(asset_key);
+                }
+                Ok((Some(shard), changed))
+            },
+        )?;
+        for (tag, h) in moved {
+            let to = keys::copy_shard_of(asset_key, &tag, new, c);
+            carried.entry(to).or_default().push((tag, h));
+        }
+    }
+    for (to, list) in carried {
+        update::<CopyShard, ()>(kv, &keys::copy_shard(account, ix.generation, to), |cur| {
+            let mut shard = cur.unwrap_or_default();
+            let m = shard.entry(asset_key.to_string()).or_default();
+            for (tag, h) in &list {
+                match h {
+                    Some(h) => {
+                        m.insert(tag.clone(), h.clone());
+                    }
+                    // Removed at the old position after the copy: remove the copy, unless a
+                    // writer following the new count changed it since.
+                    None => {
+                        if m.get(tag) == copied.get(tag).map(|(_, was)| was) {
+                            m.remove(tag);
+                        }
+                    }
+                }
+            }
+            if m.is_empty() {
+                shard.remove(asset_key);
+            }
+            Ok((Some(shard), ()))
+        })?;
+    }
+    Ok(new)
 }
 
 /// Write a new generation's asset pages whole (full refresh): records grouped by page.
@@ -553,6 +857,7 @@ pub fn delete_all(kv: &impl Kv, account: &str) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
     use vpp_store::MemoryKv;
 
     fn rec(adam: &str, in_use: i64, shards: u32) -> AssetRecord {
@@ -571,6 +876,48 @@ mod tests {
             supported_platforms: Vec::new(),
             shards,
         }
+    }
+
+    #[test]
+    fn pick_decodes_exactly_what_a_full_decode_finds() {
+        let kv = MemoryKv::default();
+        let mut shard: CopyShard = BTreeMap::new();
+        let odd = ["a\"b", "c\\d", "{x}", "[y],", "é:ü", "", "z"];
+        for (i, ak) in odd.iter().enumerate() {
+            let mut m = BTreeMap::new();
+            m.insert(format!("s:{ak}"), Held::Foreign(0));
+            m.insert(
+                format!("u:{i}}}"),
+                Held::Ours(Some(format!("e\"{i}]")), Some(i as i64)),
+            );
+            m.insert(format!("s:{i}"), Held::Ours(None, None));
+            shard.insert(ak.to_string(), m);
+        }
+        set_json(&kv, "k", &shard).unwrap();
+        for ak in odd {
+            let only = BTreeSet::from([ak]);
+            let got: CopyShard = pick(&kv, "k", Wanted::Keys(&only)).unwrap();
+            assert_eq!(got.get(ak), shard.get(ak), "{ak:?}");
+            assert_eq!(got.len(), 1);
+        }
+        let after: CopyShard = pick(&kv, "k", Wanted::After("[y],", 2)).unwrap();
+        let want: Vec<&String> = shard
+            .keys()
+            .filter(|k| k.as_str() > "[y],")
+            .take(2)
+            .collect();
+        assert_eq!(after.keys().collect::<Vec<_>>(), want);
+        let none: CopyShard = pick(&kv, "absent", Wanted::After("", 9)).unwrap();
+        assert!(none.is_empty());
+        // Whitespace between tokens (any writer's JSON) and a value that is not an object.
+        kv.set("w", b" { \"a\" : [1, {\"b\": \"}\"}] ,\n \"c\" : 2 } ")
+            .unwrap();
+        let got: BTreeMap<String, Value> =
+            pick(&kv, "w", Wanted::Keys(&BTreeSet::from(["a", "c"]))).unwrap();
+        assert_eq!(got["a"], serde_json::json!([1, {"b": "}"}]));
+        assert_eq!(got["c"], serde_json::json!(2));
+        kv.set("bad", b"[1,2]").unwrap();
+        assert!(pick::<Value>(&kv, "bad", Wanted::After("", 1)).is_err());
     }
 
     #[test]

@@ -3,9 +3,10 @@
 //!
 //! Reads are bounded whatever the size of the account: a page of the list reads the settings,
 //! the account index, per account (at most [`ACCOUNTS_PER_REQUEST`]) its record, its copy index
-//! and its reservations (`ledger::open_reservations`: the assets with open entries), and at most
-//! [`PAGES_PER_REQUEST`] asset pages; it returns a cursor to continue. A page of an asset's
-//! assignments is the copy index, one asset page and one copy shard.
+//! and its reservations (`ledger::open_reservations`: the assets with open entries), and the few
+//! small asset pages its rows are on (see `pages_for`), decoding only the records it returns;
+//! it returns a cursor to continue. A page of an asset's assignments is the account, the copy
+//! index, one asset page and one copy shard (scanned, only the asset's entries decoded).
 
 use crate::copy::{self, CopyIndex};
 use crate::error::{ApiError, ErrorCode};
@@ -42,8 +43,15 @@ pub struct LicenseRow {
 /// Rows per page of the list unless `limit` says otherwise, and the most `limit` may ask.
 pub const DEFAULT_LIMIT: usize = 500;
 pub const MAX_LIMIT: usize = 1000;
-/// Asset pages one request reads at most (a search may return fewer rows and a cursor).
+/// Asset pages one request reads at most beyond those its rows need (a search may return
+/// fewer rows and a cursor): a page of `limit` rows reads at most
+/// `limit / keys::ASSET_PAGE_ENTRIES + PAGES_PER_REQUEST` asset pages.
 pub const PAGES_PER_REQUEST: u32 = 3;
+
+/// Asset pages a request for `limit` rows may read.
+fn pages_for(limit: usize) -> u32 {
+    (limit.div_ceil(keys::ASSET_PAGE_ENTRIES) as u32).saturating_add(PAGES_PER_REQUEST)
+}
 /// Accounts one request visits at most (each costs its record, copy index and reservations).
 pub const ACCOUNTS_PER_REQUEST: u32 = 8;
 
@@ -139,12 +147,13 @@ pub fn list_page(
     cursor: Option<&str>,
     limit: usize,
 ) -> Result<ListPage, ApiError> {
+    let limit = limit.clamp(1, MAX_LIMIT);
     walk(
         kv,
         filter,
         cursor,
-        limit.clamp(1, MAX_LIMIT),
-        PAGES_PER_REQUEST,
+        limit,
+        pages_for(limit),
         ACCOUNTS_PER_REQUEST,
     )
 }
@@ -160,9 +169,12 @@ fn walk(
     max_accounts: u32,
 ) -> Result<ListPage, ApiError> {
     let threshold = settings::load(kv)?.low_license_threshold;
+    // One account asked for: its record is read once, here.
+    let mut known: Option<Account> = None;
     let ids: Vec<String> = match &filter.account_id {
         Some(id) => {
-            if get_json::<Account>(kv, &keys::account(id))?.is_none() {
+            known = get_json::<Account>(kv, &keys::account(id))?;
+            if known.is_none() {
                 return Err(ApiError::not_found(format!("account {id}")));
             }
             vec![id.clone()]
@@ -207,7 +219,11 @@ fn walk(
             });
         }
         let id = &ids[account_index];
-        let Some(account) = get_json::<Account>(kv, &keys::account(id))? else {
+        let record = match known.take() {
+            Some(a) if a.id == *id => Some(a),
+            _ => get_json::<Account>(kv, &keys::account(id))?,
+        };
+        let Some(account) = record else {
             account_index += 1;
             match ids.get(account_index) {
                 Some(next) => {
@@ -232,11 +248,14 @@ fn walk(
                 });
             }
             pages_read += 1;
-            let page = copy::page(kv, id, &ix, at.page)?;
-            for (k, a) in page.range::<String, _>((
-                std::ops::Bound::Excluded(at.after.clone()),
-                std::ops::Bound::Unbounded,
-            )) {
+            // Without a filter every record decoded is a row: decode only the rows still wanted.
+            let want = if needle.is_none() && !filter.low_only {
+                limit.saturating_sub(rows.len())
+            } else {
+                usize::MAX
+            };
+            let page = copy::page_after(kv, id, &ix, at.page, &at.after, want)?;
+            for (k, a) in page.iter() {
                 at.after = k.clone();
                 if let Some(n) = &needle {
                     let name = a.name.as_deref().unwrap_or("").to_lowercase();
@@ -342,6 +361,49 @@ pub fn csv_rows(rows: &[LicenseRow]) -> String {
     out
 }
 
+/// The CSV export, produced a bounded page of the list at a time so it can be written to the
+/// response as it is read (memory stays flat whatever the number of rows): the header with the
+/// first page, then one chunk per page until [`CsvExport::next_chunk`] answers `None`.
+#[derive(Debug, Clone)]
+pub struct CsvExport {
+    filter: Filter,
+    cursor: Option<String>,
+    started: bool,
+    done: bool,
+}
+
+impl CsvExport {
+    pub fn new(filter: Filter) -> CsvExport {
+        CsvExport {
+            filter,
+            cursor: None,
+            started: false,
+            done: false,
+        }
+    }
+
+    /// The next chunk of the document (the first one carries the header), `None` at the end.
+    /// An error in the first chunk (an unknown account) means nothing was produced.
+    pub fn next_chunk(&mut self, kv: &impl Kv) -> Result<Option<String>, ApiError> {
+        if self.done {
+            return Ok(None);
+        }
+        let page = list_page(kv, &self.filter, self.cursor.as_deref(), MAX_LIMIT)?;
+        let mut out = String::new();
+        if !self.started {
+            self.started = true;
+            out.push_str(CSV_HEADER);
+            out.push_str("\r\n");
+        }
+        out.push_str(&csv_rows(&page.rows));
+        match page.next_cursor {
+            Some(c) => self.cursor = Some(c),
+            None => self.done = true,
+        }
+        Ok(Some(out))
+    }
+}
+
 /// One page of an asset's assignments: page `n` is copy shard `n`.
 pub fn assignments(
     kv: &impl Kv,
@@ -364,17 +426,15 @@ pub fn assignments(
             (doc, asset)
         }
         None => {
-            let doc = copy::assets_for(
-                kv,
-                &account.id,
-                &[asset_key(adam_id, "STDQ"), asset_key(adam_id, "PLUS")],
-            )?;
-            let asset = doc
-                .find(adam_id, "STDQ")
-                .or_else(|| doc.assets.first())
-                .cloned()
-                .ok_or_else(not_found)?;
-            (doc, asset)
+            // STDQ unless the asset only has PLUS: one asset page read in the usual case.
+            let (doc, found) = copy::asset(kv, &account.id, &asset_key(adam_id, "STDQ"))?;
+            match found {
+                Some(a) => (doc, a),
+                None => {
+                    let (doc, found) = copy::asset(kv, &account.id, &asset_key(adam_id, "PLUS"))?;
+                    (doc, found.ok_or_else(not_found)?)
+                }
+            }
         }
     };
     let page = page.unwrap_or(0);
@@ -463,6 +523,57 @@ mod tests {
         let e = list_page(&kv, &all, Some(stale), 10).unwrap_err();
         assert_eq!((e.status(), e.code.as_str()), (409, "conflict"));
         assert_eq!(e.body()["error"]["details"]["field"], "cursor");
+    }
+
+    #[test]
+    fn the_csv_export_in_chunks_is_the_whole_document() {
+        use crate::model::Account;
+        use vpp_store::{set_json, MemoryKv};
+        let kv = MemoryKv::default();
+        let account: Account = serde_json::from_value(json!({
+            "id": "a1", "name": "School, \"North\"", "organization": "Org", "location": "Main",
+            "locationId": "uid1", "country": "US", "defaultPlatform": "volumestore",
+            "websiteUrl": null, "tokenExpiresAt": "2030-01-01T00:00:00Z",
+            "createdAt": "2025-01-01T00:00:00Z", "updatedAt": "2025-01-01T00:00:00Z",
+        }))
+        .unwrap();
+        set_json(&kv, &keys::account("a1"), &account).unwrap();
+        set_json(&kv, &keys::accounts(), &vec!["a1".to_string()]).unwrap();
+        let records: Vec<AssetRecord> = (0..2_600)
+            .map(|i| AssetRecord {
+                adam_id: format!("{}", 100_000 + i),
+                pricing_param: "STDQ".into(),
+                product_type: "App".into(),
+                name: Some(format!("=App {i}")),
+                icon_url: None,
+                total: 10,
+                available: 10 - (i % 3),
+                in_use: i % 3,
+                retired: 0,
+                device_assignable: true,
+                revocable: true,
+                supported_platforms: Vec::new(),
+                shards: 1,
+            })
+            .collect();
+        copy::write_generation(&kv, "a1", 1, None, records).unwrap();
+        let mut export = CsvExport::new(Filter::default());
+        let mut chunks = Vec::new();
+        while let Some(c) = export.next_chunk(&kv).unwrap() {
+            chunks.push(c);
+        }
+        // Several pages of at most MAX_LIMIT rows (a page of the list reads a few asset pages).
+        assert!(chunks.len() >= 3, "{} chunks", chunks.len());
+        let whole = to_csv(&list(&kv, &Filter::default()).unwrap());
+        assert_eq!(chunks.concat(), whole);
+        assert_eq!(whole.lines().count(), 2_601);
+        assert_eq!(export.next_chunk(&kv).unwrap(), None);
+        // An unknown account fails before anything is produced.
+        let mut bad = CsvExport::new(Filter {
+            account_id: Some("nope".into()),
+            ..Filter::default()
+        });
+        assert!(bad.next_chunk(&kv).is_err());
     }
 
     #[test]

@@ -509,11 +509,11 @@ mod tests {
             render(&kv, now).unwrap();
             kv.reads.get()
         };
-        assert_eq!(reads(3, 1), reads(3, 500));
+        assert_eq!(reads(3, 1), reads(3, keys::ASSET_PAGE_ENTRIES));
         let per_account = reads(4, 1) - reads(3, 1);
         // record, Apple state, pending events, and the licenses list's record, copy index,
         // reservations (the open-assets list; no asset has open entries here) and one asset
-        // page (500 assets fit on one); plus the account's one job.
+        // page (`keys::ASSET_PAGE_ENTRIES` assets fit on one); plus the account's one job.
         assert!(per_account <= 8, "{per_account} reads per account");
         assert!(
             reads(0, 0) <= 8,

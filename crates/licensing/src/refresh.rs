@@ -107,6 +107,35 @@ pub struct RefreshState {
     /// the new one is packed so a commit cut off after the switch still finds it.
     #[serde(default)]
     pub replaces: Option<CopyIndex>,
+    /// What the name lookups need of the client config this refresh read (platform and
+    /// storefront only, nothing secret), so later slices do not read it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lookup_config: Option<LookupConfig>,
+}
+
+/// The metadata lookup's platform and storefront, from Apple's client config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LookupConfig {
+    pub default_platform: Option<String>,
+    pub country_iso2a_code: Option<String>,
+}
+
+impl LookupConfig {
+    fn of(cfg: &vpp_apple::ClientConfig) -> LookupConfig {
+        LookupConfig {
+            default_platform: cfg.default_platform.clone(),
+            country_iso2a_code: cfg.country_iso2a_code.clone(),
+        }
+    }
+
+    fn client_config(&self) -> vpp_apple::ClientConfig {
+        vpp_apple::ClientConfig {
+            default_platform: self.default_platform.clone(),
+            country_iso2a_code: self.country_iso2a_code.clone(),
+            ..Default::default()
+        }
+    }
 }
 
 /// The checkpoint a new refresh job starts from.
@@ -158,6 +187,7 @@ pub fn initial_state(
         lookups: 0,
         names_after: String::new(),
         replaces: None,
+        lookup_config: None,
     })
 }
 
@@ -205,6 +235,9 @@ pub async fn run_slice<T: Transport, C: Clock>(
     let mut st: RefreshState = serde_json::from_value(job.checkpoint.clone())
         .map_err(|e| ApiError::internal(format!("refresh checkpoint: {e}")))?;
     let mut cache = SliceCache::default();
+    if let Some(c) = &st.lookup_config {
+        client.remember_client_config(c.client_config());
+    }
     let end = loop {
         let now = client.clock().now();
         let free = matches!(st.phase, Phase::Commit | Phase::Pack);
@@ -423,6 +456,7 @@ async fn step<T: Transport, C: Clock>(
     match st.phase {
         Phase::ClientConfig => {
             let cfg = client.client_config().await.map_err(StepError::Apple)?;
+            st.lookup_config = Some(LookupConfig::of(&cfg));
             check_owner(client, our_id)?;
             update::<Account, ()>(kv, &keys::account(account_id), |cur| {
                 let Some(mut a) = cur else {
@@ -596,7 +630,10 @@ async fn step<T: Transport, C: Clock>(
                     cache.buffer.push((n, rec.key(), tag, by));
                 }
             } else {
-                apply_changes(kv, account_id, st, &ix, read)?;
+                if apply_changes(kv, account_id, st, &ix, read)? {
+                    // Assets were spread over more shards: re-read their counts next page.
+                    cache.target = None;
+                }
             }
             advance(st, page.next_page_index, Phase::Users);
             Ok(false)
@@ -769,8 +806,29 @@ fn apply_changes(
     account_id: &str,
     st: &RefreshState,
     ix: &CopyIndex,
-    read: Vec<(AssetRecord, Subject, MadeBy)>,
-) -> Result<(), StepError> {
+    mut read: Vec<(AssetRecord, Subject, MadeBy)>,
+) -> Result<bool, StepError> {
+    // The shard-size guard: an asset about to hold more entries than its copy shards are sized
+    // for is spread over more of them first, so no shard grows past its bound.
+    let mut added: BTreeMap<String, usize> = BTreeMap::new();
+    for (rec, _, _) in &read {
+        *added.entry(rec.key()).or_default() += 1;
+    }
+    let asset_keys: Vec<String> = added.keys().cloned().collect();
+    let mut spread: HashMap<String, u32> = HashMap::new();
+    for rec in copy::assets_in(kv, account_id, ix, &asset_keys)?.assets {
+        let k = rec.key();
+        let upper = rec.in_use.max(0) as usize + added.get(&k).copied().unwrap_or(0);
+        let want = keys::asset_copy_pages_for(upper, ix.copy_shards);
+        if want > rec.shards.max(1) {
+            spread.insert(k.clone(), copy::respread(kv, account_id, ix, &k, want)?);
+        }
+    }
+    for (rec, _, _) in read.iter_mut() {
+        if let Some(n) = spread.get(&rec.key()) {
+            rec.shards = *n;
+        }
+    }
     let doc = crate::model::AssetsDoc {
         generation: ix.generation,
         synced_at: ix.synced_at,
@@ -794,7 +852,7 @@ fn apply_changes(
         }
         copy::adjust_counts(kv, account_id, &deltas)?;
     }
-    Ok(())
+    Ok(!spread.is_empty())
 }
 
 /// Follow Apple's `nextPageIndex` (only forward), or move on to `then` after the last page.

@@ -215,10 +215,19 @@ fn total_bytes(kv: &MemoryKv) -> usize {
 
 /// Structural bounds after a full refresh: few keys, each well filled and under the limit.
 fn scenario(assets: usize, assignments: usize) -> (usize, usize, usize, Vec<String>) {
+    scenario_in_slices(assets, assignments, 200)
+}
+
+/// [`scenario`] with at most `calls` Apple calls per invocation.
+fn scenario_in_slices(
+    assets: usize,
+    assignments: usize,
+    calls: u32,
+) -> (usize, usize, usize, Vec<String>) {
     let kv = MemoryKv::default();
     account(&kv);
     let apple = location(assets, assignments, 1000);
-    let job = run_refresh(&kv, &apple, true, 200);
+    let job = run_refresh(&kv, &apple, true, calls);
     assert_eq!(
         job.result.as_ref().unwrap()["assignments"],
         assignments as u64
@@ -239,8 +248,13 @@ fn the_copy_grows_with_bytes_not_with_assets_and_a_full_read_makes_the_fewest_ca
             "{keys} keys for {bytes} bytes"
         );
     }
-    // Four times the assets, the same assignments: a handful more keys, not thousands.
-    assert!(keys_b <= keys_a + 8, "{keys_a} -> {keys_b} keys");
+    // Four times the assets, the same assignments: the keys added hold the records added
+    // (small asset pages, ~100 records each), not a key per asset.
+    assert!(
+        keys_b <= keys_a + (bytes_b - bytes_a) / (16 * 1024) + 8,
+        "{keys_a} -> {keys_b} keys for {bytes_a} -> {bytes_b} bytes"
+    );
+    assert!(keys_b < keys_a + 3_000 / 20, "{keys_a} -> {keys_b} keys");
     // The fewest Apple calls: one client config, the asset and assignment pages, one users
     // page, the service config (for the lookup URL) and one lookup per 100 unnamed assets.
     let count = |calls: &[String], what: &str| calls.iter().filter(|c| *c == what).count();
@@ -252,6 +266,28 @@ fn the_copy_grows_with_bytes_not_with_assets_and_a_full_read_makes_the_fewest_ca
         assert_eq!(count(calls, "lookup"), assets.div_ceil(100));
         assert!(count(calls, "service/config") <= 1);
     }
+}
+
+#[test]
+fn a_full_refresh_in_many_invocations_makes_exactly_the_minimum_calls() {
+    // 3,000 assets and 20,000 assignments in slices of 4 Apple calls: every invocation is a new
+    // client, and the name lookups come several invocations after the client config was read.
+    let (_, _, _, calls) = scenario_in_slices(3_000, 20_000, 4);
+    let count = |what: &str| calls.iter().filter(|c| *c == what).count();
+    assert_eq!(count("client/config"), 1, "{calls:?}");
+    assert_eq!(count("assets"), 3);
+    assert_eq!(count("assignments"), 20);
+    assert_eq!(count("users"), 1);
+    assert_eq!(count("lookup"), 30);
+    // Nothing else but the service config, which a direct client (no apple component to cache
+    // it) reads for the lookup URL; through the apple component it is that component's
+    // five-minute read (Apple's rule), not the job's.
+    let minimum = 1 + 3 + 20 + 1 + 30;
+    assert_eq!(
+        calls.iter().filter(|c| *c != "service/config").count(),
+        minimum,
+        "{calls:?}"
+    );
 }
 
 /// A store that records which keys were written.
@@ -322,6 +358,61 @@ fn an_incremental_refresh_of_100_changes_makes_three_calls_and_rewrites_only_the
     let all = copy::all_of_asset(&kv, ACCOUNT, "100000:STDQ").unwrap();
     assert_eq!(all.len(), 50);
     assert!(all.contains_key("s:NEW000"));
+}
+
+#[test]
+fn an_incremental_refresh_adding_many_entries_to_one_asset_spreads_it_over_more_shards() {
+    let kv = MemoryKv::default();
+    account(&kv);
+    let apple = location(2_000, 60_000, 1000);
+    run_refresh(&kv, &apple, true, 500);
+    let ix = copy::index(&kv, ACCOUNT).unwrap();
+    let ak = "100000:STDQ";
+    let (_, a) = copy::asset(&kv, ACCOUNT, ak).unwrap();
+    assert_eq!(a.unwrap().shards, 1);
+    // 6,000 new assignments at Apple, all on one asset that had 30.
+    {
+        let mut loc = apple.lock().unwrap();
+        loc.version = 2;
+        for i in 0..6_000 {
+            loc.assignments
+                .push(("100000".into(), format!("BIG{i:05}"), 2));
+        }
+    }
+    run_refresh(&kv, &apple, false, 500);
+    let (doc, a) = copy::asset(&kv, ACCOUNT, ak).unwrap();
+    let a = a.unwrap();
+    assert_eq!(a.in_use, 6_030);
+    assert!(a.shards >= 6, "{} shards", a.shards);
+    // No shard holds more than about a page of the asset's entries (it would hold all 6,030
+    // on one shard without the split).
+    for n in 0..ix.copy_shards {
+        let shard: copy::CopyShard = get_json(&kv, &keys::copy_shard(ACCOUNT, ix.generation, n))
+            .unwrap()
+            .unwrap_or_default();
+        let mine = shard.get(ak).map(BTreeMap::len).unwrap_or(0);
+        assert!(
+            mine <= 2 * keys::ASSET_COPY_PAGE,
+            "shard {n}: {mine} entries"
+        );
+    }
+    // Every entry is where readers look: each page once, all of them.
+    let mut seen = BTreeSet::new();
+    for p in 0..a.shards {
+        for (tag, _) in copy::asset_assignments(&kv, ACCOUNT, &doc, &a, p).unwrap() {
+            assert!(seen.insert(tag), "twice");
+        }
+    }
+    assert_eq!(seen.len(), 6_030);
+    let subjects = [
+        Subject::SerialNumber("BIG00042".into()),
+        Subject::SerialNumber("SER0000000".into()),
+    ];
+    assert_eq!(
+        copy::held(&kv, ACCOUNT, &doc, &a, &subjects).unwrap().len(),
+        2
+    );
+    assert!(largest_value(&kv) < keys::VALUE_LIMIT / 2);
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use crate::kv::SpinKv;
 use chrono::Utc;
 use serde::Serialize;
-use spin_sdk::http::{Request, Response};
+use spin_sdk::http::{Fields, OutgoingBody, OutgoingResponse, Request, Response, ResponseOutparam};
 use vpp_licensing::audit::{self, AuditRecord};
 use vpp_licensing::auth::Caller;
 use vpp_licensing::{ApiError, MAX_BODY_BYTES};
@@ -216,6 +216,109 @@ where
         }
     };
     response.into_spin()
+}
+
+/// The rest of a streamed body, produced chunk by chunk after the response head was sent.
+pub trait BodyStream {
+    /// The next chunk, `None` at the end. An error here ends the body without finishing it, so
+    /// the client sees a broken transfer rather than a short document.
+    fn next_chunk(&mut self, kv: &SpinKv) -> Result<Option<Vec<u8>>, ApiError>;
+}
+
+/// What a handler answers: a whole response, or a head (status, headers, the first chunk as
+/// its body) followed by a body written as it is produced.
+pub enum Reply {
+    Whole(ApiResponse),
+    Stream(ApiResponse, Box<dyn BodyStream>),
+}
+
+/// [`serve`] for a component with a route whose body is streamed: the same authentication,
+/// body limit, errors and audit; the response goes to `out` (Spin's response outparam).
+pub async fn serve_to<H>(req: Request, out: ResponseOutparam, is_public: IsPublic, handler: H)
+where
+    H: AsyncFnOnce(&SpinKv, &ApiRequest) -> Result<Reply, ApiError>,
+{
+    let mut api = ApiRequest::from_spin(&req);
+    drop(req);
+    let (kv, reply) = match prepare(&mut api, is_public) {
+        Err(e) => (None, Reply::Whole(ApiResponse::error(&e))),
+        Ok(kv) => {
+            let result = handler(&kv, &api).await;
+            if api.is_mutating() {
+                let summary = match &result {
+                    Ok(Reply::Whole(w)) | Ok(Reply::Stream(w, _)) => Ok(ApiResponse {
+                        status: w.status,
+                        content_type: w.content_type,
+                        headers: Vec::new(),
+                        body: Vec::new(),
+                    }),
+                    Err(e) => Err(e.clone()),
+                };
+                audit_call(&kv, &api, &summary);
+            }
+            let reply = result.unwrap_or_else(|e| Reply::Whole(ApiResponse::error(&e)));
+            (Some(kv), reply)
+        }
+    };
+    let (head, rest) = match reply {
+        Reply::Whole(r) => (r, None),
+        Reply::Stream(r, rest) => (r, Some(rest)),
+    };
+    let mut fields: Vec<(String, Vec<u8>)> = Vec::new();
+    if !head.body.is_empty() || head.status != 204 {
+        fields.push(("content-type".into(), head.content_type.as_bytes().to_vec()));
+    }
+    for (k, v) in &head.headers {
+        fields.push((k.clone(), v.as_bytes().to_vec()));
+    }
+    let Ok(headers) = Fields::from_list(&fields) else {
+        eprintln!("response headers refused");
+        return;
+    };
+    let response = OutgoingResponse::new(headers);
+    if response.set_status_code(head.status).is_err() {
+        eprintln!("response status {} refused", head.status);
+        return;
+    }
+    let Ok(body) = response.body() else {
+        eprintln!("response body already taken");
+        return;
+    };
+    out.set(response);
+    let Ok(stream) = body.write() else {
+        eprintln!("response body not writable");
+        return;
+    };
+    let write = |bytes: &[u8]| -> bool {
+        // `blocking-write-and-flush` takes at most 4096 bytes per call.
+        bytes
+            .chunks(4096)
+            .all(|c| stream.blocking_write_and_flush(c).is_ok())
+    };
+    if !write(&head.body) {
+        return;
+    }
+    if let (Some(mut rest), Some(kv)) = (rest, kv) {
+        loop {
+            match rest.next_chunk(&kv) {
+                Ok(Some(chunk)) => {
+                    if !write(&chunk) {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    // The head is sent: end without finishing the body (a broken transfer).
+                    eprintln!("streamed body failed: {}", e.message);
+                    return;
+                }
+            }
+        }
+    }
+    drop(stream);
+    if let Err(e) = OutgoingBody::finish(body, None) {
+        eprintln!("finishing the response body failed: {e:?}");
+    }
 }
 
 fn audit_call(kv: &SpinKv, api: &ApiRequest, result: &Result<ApiResponse, ApiError>) {

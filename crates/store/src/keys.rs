@@ -44,7 +44,9 @@
 // One account's copy lives under a generation `gen`; a full refresh builds `gen + 1` beside it and
 // switches with the single write of `assets/{id}` (the index), then deletes the old generation.
 // - Assets: `P = asset_pages_for(assets)` pages; asset `k` (`adamId:pricingParam`) lives on page
-//   `shard_of(k, P)`. A page holds ~[`ASSET_PAGE_ENTRIES`] records (~300 B each: ~150 KiB).
+//   `shard_of(k, P)`. A page holds ~[`ASSET_PAGE_ENTRIES`] records (~300 B each: ~30 KiB):
+//   small, because a page of the licenses list or a lookup of one asset reads (scans) a whole
+//   one. (The index records `P`, so a copy written with another page size stays readable.)
 // - Assignments: `C = copy_shards_for(assignments)` shards for the whole account. Asset `k` with
 //   `n = asset_copy_pages_for(inUse)` (capped at `C`) owns the consecutive shards
 //   `shard_of(k, C) + i mod C`, `i < n`; subject `t` of it lives on shard
@@ -52,15 +54,18 @@
 //   them, ~[`ASSET_COPY_PAGE`] of its entries on each, so page `i` of an asset's assignments is
 //   one read. Entries are compact (foreign `0`, ours `[eventId, unixSeconds]`: ~20-60 B), a
 //   shard holds ~[`COPY_SHARD_ENTRIES`] of them (~80-250 KiB).
-// - Bounds: 10,000 assets and 1,000,000 assignments make 20 asset pages and 245 copy shards
-//   (plus as many again while a full refresh builds the next generation): < 600 keys at
-//   the peak, the largest value ~250 KiB. Nothing in the copy grows with the number of assets or assignments except
-//   through their bytes.
+// - Bounds: 10,000 assets and 1,000,000 assignments make 100 asset pages and 245 copy shards
+//   (plus as many again while a full refresh builds the next generation): < 720 keys at
+//   the peak, the largest value ~250 KiB. Nothing in the copy grows with the number of assets
+//   or assignments except through their bytes.
+// - Growth between full refreshes: an incremental refresh that would put more than
+//   ~[`ASSET_COPY_PAGE`] of one asset's entries on a shard first spreads the asset over more of
+//   the generation's shards (`copy::respread`).
 
 /// The largest value any writer may store (Fermyon Cloud: 1 MB per value).
 pub const VALUE_LIMIT: usize = 1_000_000;
 /// Asset records per asset page (target).
-pub const ASSET_PAGE_ENTRIES: usize = 500;
+pub const ASSET_PAGE_ENTRIES: usize = 100;
 /// Assignment entries per copy shard (target).
 pub const COPY_SHARD_ENTRIES: usize = 4096;
 /// An asset's entries per copy shard it owns (and per page of its assignments).
@@ -251,7 +256,7 @@ mod tests {
         assert_eq!(copy_shards_for(COPY_SHARD_ENTRIES), 1);
         assert_eq!(copy_shards_for(COPY_SHARD_ENTRIES + 1), 2);
         assert_eq!(copy_shards_for(1_000_000), 245);
-        assert_eq!(asset_pages_for(10_000), 20);
+        assert_eq!(asset_pages_for(10_000), 100);
         assert_eq!(asset_copy_pages_for(0, 245), 1);
         assert_eq!(asset_copy_pages_for(100_000, 245), 100);
         assert_eq!(asset_copy_pages_for(100_000, 7), 7);
