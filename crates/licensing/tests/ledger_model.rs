@@ -25,7 +25,9 @@ use vpp_apple::{AppleRequest, AppleResponse, Client, Method, Target};
 use vpp_licensing::assignment::{self, AssignBody};
 use vpp_licensing::job::{Budget, Job};
 use vpp_licensing::model::*;
-use vpp_licensing::{cleanup, copy, event, ledger, notification, policy, reconcile, refresh};
+use vpp_licensing::{
+    cleanup, copy, event, ledger, notice, notification, policy, reconcile, refresh, settings,
+};
 use vpp_store::{get_json, keys, set_json, Kv, KvError, MemoryKv};
 
 const ACCOUNT: &str = "acc1";
@@ -90,6 +92,41 @@ struct World {
     log: Vec<String>,
     /// Write requests Apple received (asked to change something).
     posts: usize,
+    /// What Apple held at the last look, (adamId, serial number).
+    held: BTreeSet<(String, String)>,
+    /// How often Apple took each (adamId, serial number) away: the notices owed.
+    removals: BTreeMap<(String, String), u32>,
+}
+
+impl World {
+    /// Note what Apple took away since the last look (called after everything that may change
+    /// Apple's assignments, so a removal and a new assignment of one pair are both seen).
+    fn observe(&mut self) -> Vec<(String, String)> {
+        let Ok(st) = self.model.location_state(&self.token) else {
+            return Vec::new();
+        };
+        let now: BTreeSet<(String, String)> = st
+            .assignments
+            .iter()
+            .filter_map(|a| a.serial_number.clone().map(|s| (a.adam_id.clone(), s)))
+            .collect();
+        let gone: Vec<(String, String)> = self.held.difference(&now).cloned().collect();
+        for pair in &gone {
+            *self.removals.entry(pair.clone()).or_default() += 1;
+        }
+        self.held = now;
+        gone
+    }
+
+    /// Apple applies one event it accepted.
+    fn apply(&mut self, id: &str) {
+        let notes = self.model.apply_event(id);
+        self.notes.extend(notes);
+        let gone = self.observe();
+        if !gone.is_empty() {
+            self.log.push(format!("apple takes away {gone:?} ({id})"));
+        }
+    }
 }
 
 type Shared = Arc<Mutex<World>>;
@@ -162,6 +199,10 @@ fn transport(world: Shared) -> ScriptedTransport {
             w.posts += 1;
         }
         let out = w.model.handle_api(&sreq, Instant::now());
+        let gone = w.observe();
+        if !gone.is_empty() {
+            w.log.push(format!("apple takes away {gone:?} (at once)"));
+        }
         for e in out.effects {
             match e {
                 Effect::Schedule { event_id, .. } => {
@@ -287,7 +328,10 @@ impl Run {
             forced: Default::default(),
             log: Vec::new(),
             posts: 0,
+            held: BTreeSet::new(),
+            removals: BTreeMap::new(),
         }));
+        world.lock().unwrap().observe();
         let kv = KillableKv::default();
         let start = Utc::now() - Duration::days(30);
         let account: Account = serde_json::from_value(json!({
@@ -300,6 +344,8 @@ impl Run {
         .unwrap();
         set_json(&kv, &keys::account(ACCOUNT), &account).unwrap();
         set_json(&kv, &keys::accounts(), &vec![ACCOUNT.to_string()]).unwrap();
+        // License removal notices on from the start: every removal owes one.
+        settings::put(&kv, br#"{"licenseRemovalNotification": true}"#).unwrap();
         let mut run = Run {
             world,
             kv,
@@ -336,7 +382,8 @@ impl Run {
     }
 
     fn log(&self, s: String) {
-        self.world.lock().unwrap().log.push(s);
+        let at = self.now().format("%H:%M:%S");
+        self.world.lock().unwrap().log.push(format!("{at} {s}"));
     }
 
     fn subjects(&mut self) -> Vec<String> {
@@ -398,8 +445,7 @@ impl Run {
                 break;
             }
             w.scheduled.remove(0);
-            let notes = w.model.apply_event(&id);
-            w.notes.extend(notes);
+            w.apply(&id);
             w.log.push(format!("apple applies {id} (in time)"));
         }
     }
@@ -500,8 +546,7 @@ impl Run {
                 let mut w = self.world.lock().unwrap();
                 if !w.scheduled.is_empty() {
                     let id = w.scheduled.remove(0);
-                    let notes = w.model.apply_event(&id);
-                    w.notes.extend(notes);
+                    w.apply(&id);
                     w.log.push(format!("apple applies {id}"));
                 }
             }
@@ -544,6 +589,7 @@ impl Run {
                     ..TakeOver::default()
                 };
                 if w.model.take_over(&token, t).is_ok() {
+                    w.observe();
                     self.foreign.insert((adam.to_string(), f.to_string()));
                     self.cleaned_since_foreign = false;
                     self.taken_over = true;
@@ -561,6 +607,7 @@ impl Run {
                     .add_assignments(&token, vec![AssignmentSpec::device(adam, f)])
                     .is_ok()
                 {
+                    w.observe();
                     self.foreign.insert((adam.to_string(), f.to_string()));
                     self.cleaned_since_foreign = false;
                     w.log.push(format!("foreign assigns {adam} to {f}"));
@@ -595,11 +642,11 @@ impl Run {
             {
                 let mut w = self.world.lock().unwrap();
                 for id in std::mem::take(&mut w.scheduled) {
-                    let notes = w.model.apply_event(&id);
-                    w.notes.extend(notes);
+                    w.apply(&id);
                 }
-                let notes = w.model.flush_events();
-                w.notes.extend(notes);
+                for id in w.model.pending_events() {
+                    w.apply(&id);
+                }
             }
             self.world.lock().unwrap().now = self.now();
             let notes: Vec<Outgoing> = std::mem::take(&mut self.world.lock().unwrap().notes);
@@ -763,6 +810,45 @@ impl Run {
                         problems.push(format!("foreign {adam}/{f} is gone without a clean up"));
                     }
                 }
+            }
+        }
+        // 5. Every removal while notices were on has exactly one notice: none missing, none
+        // twice, none for something Apple did not take away; a foreign license only by clean up.
+        let mut noticed: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+        let mut noticed_at: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+        let mut page = None;
+        loop {
+            let p = notice::list(&self.kv, page).map_err(|e| e.message.clone())?;
+            for n in p.notices {
+                let key = (n.adam_id.clone(), n.serial_number.clone().unwrap_or_default());
+                noticed_at
+                    .entry(key.clone())
+                    .or_default()
+                    .push(format!("{} {}", n.reason, n.at.format("%H:%M:%S")));
+                noticed.entry(key).or_default().push(n.reason.clone());
+            }
+            match p.next_page {
+                Some(next) => page = Some(next),
+                None => break,
+            }
+        }
+        let pairs: BTreeSet<&(String, String)> = noticed.keys().chain(w.removals.keys()).collect();
+        for pair in pairs {
+            let removed = w.removals.get(pair).copied().unwrap_or(0) as usize;
+            let reasons = noticed.get(pair).cloned().unwrap_or_default();
+            if reasons.len() != removed {
+                problems.push(format!(
+                    "{}/{}: Apple took it away {removed} time(s), notices {:?}",
+                    pair.0,
+                    pair.1,
+                    noticed_at.get(pair).cloned().unwrap_or_default()
+                ));
+            }
+            if pair.1.starts_with('F') && reasons.iter().any(|r| r != "cleanup") {
+                problems.push(format!(
+                    "foreign {}/{} has notices {reasons:?} (only clean up takes it)",
+                    pair.0, pair.1
+                ));
             }
         }
         if problems.is_empty() {
