@@ -155,6 +155,12 @@ pub fn apply_outcome(
         Some(id) => load(kv, id)?,
         None => None,
     };
+    // An outcome already applied (a late notification after the poll, or the other way round)
+    // changes nothing: applying it again would confirm a license revoked since, or take one
+    // away twice.
+    if let Some(r) = record.as_ref().filter(|r| r.applied) {
+        return Ok(Some(r.clone()));
+    }
     let ours = record.is_some();
     let source = record
         .as_ref()

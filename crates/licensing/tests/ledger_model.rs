@@ -806,7 +806,7 @@ impl Run {
                 if !apple.contains(&(adam.clone(), f.clone())) && !cleaned_earlier {
                     // A clean up finished before this pair was added cannot have taken it; one
                     // may have run after it and then another foreign pair came: be exact.
-                    if !w.log.iter().any(|l| l.starts_with("cleanup done=true")) {
+                    if !w.log.iter().any(|l| l.contains("cleanup done=true")) {
                         problems.push(format!("foreign {adam}/{f} is gone without a clean up"));
                     }
                 }
@@ -820,11 +820,15 @@ impl Run {
         loop {
             let p = notice::list(&self.kv, page).map_err(|e| e.message.clone())?;
             for n in p.notices {
-                let key = (n.adam_id.clone(), n.serial_number.clone().unwrap_or_default());
-                noticed_at
-                    .entry(key.clone())
-                    .or_default()
-                    .push(format!("{} {}", n.reason, n.at.format("%H:%M:%S")));
+                let key = (
+                    n.adam_id.clone(),
+                    n.serial_number.clone().unwrap_or_default(),
+                );
+                noticed_at.entry(key.clone()).or_default().push(format!(
+                    "{} {}",
+                    n.reason,
+                    n.at.format("%H:%M:%S")
+                ));
                 noticed.entry(key).or_default().push(n.reason.clone());
             }
             match p.next_page {
@@ -1383,4 +1387,85 @@ fn reads_never_resend_events() {
     .unwrap();
     assert_ne!(r.id, rec.id, "the daily poll sends it again");
     assert_eq!(posts(&run), before + 1);
+}
+
+/// Every notice in the store, as (adamId, serial number, reason).
+fn notices(run: &Run) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    let mut page = None;
+    loop {
+        let p = notice::list(&run.kv, page).unwrap();
+        for n in p.notices {
+            out.push((n.adam_id, n.serial_number.unwrap_or_default(), n.reason));
+        }
+        match p.next_page {
+            Some(next) => page = Some(next),
+            None => return out,
+        }
+    }
+}
+
+/// Found by the notice invariant (seed 3 of `ledger_matches_apple_after_random_operations_and_faults`):
+/// Apple's notification of an event arrives after a poll already applied the event (or the other
+/// way round). Applying the outcome again changed the books: a late associate re-confirmed a
+/// license revoked since (the ledger then held what Apple did not, and the next reconcile sent a
+/// second removal notice), and a late disassociate recorded its notice twice. An applied outcome
+/// now changes nothing.
+#[test]
+fn a_late_notification_of_an_applied_event_changes_nothing() {
+    let mut run = Run::new(3);
+    let poll = |run: &mut Run| {
+        run.clock.advance(std::time::Duration::from_secs(60));
+        let now = run.now();
+        let mut b = run.budget();
+        block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    };
+    let apply_all = |run: &mut Run| {
+        let mut w = run.world.lock().unwrap();
+        for id in w.model.pending_events() {
+            w.apply(&id);
+        }
+    };
+    // Assign D1; Apple applies it; the poll confirms it. Its notification is kept back.
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    apply_all(&mut run);
+    let late_associate: Vec<Outgoing> = std::mem::take(&mut run.world.lock().unwrap().notes);
+    poll(&mut run);
+    assert_eq!(state_of(&run, "200", "D1"), Some("confirmed"));
+    // Revoke D1; Apple applies it; the poll takes it out of the books with one notice.
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(assignment::revoke(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    apply_all(&mut run);
+    let late_disassociate: Vec<Outgoing> = std::mem::take(&mut run.world.lock().unwrap().notes);
+    poll(&mut run);
+    assert_eq!(state_of(&run, "200", "D1"), None);
+    assert_eq!(notices(&run).len(), 1, "{:?}", notices(&run));
+    // Now both notifications arrive, late.
+    for n in late_associate.iter().chain(&late_disassociate) {
+        assert!(deliver(&run.kv, n, run.now()));
+    }
+    assert_eq!(state_of(&run, "200", "D1"), None, "not held at Apple");
+    assert_eq!(
+        notices(&run),
+        vec![("200".to_string(), "D1".to_string(), "api".to_string())]
+    );
+    let doc: AssetsDoc = copy::all_assets(&run.kv, ACCOUNT).unwrap();
+    assert_eq!(doc.find("200", "STDQ").unwrap().in_use, 0);
 }

@@ -132,8 +132,12 @@ impl Run {
         if !self.rng.chance(30) {
             return;
         }
-        let endpoint = ["assets/associate", "assets/disassociate", "assets", "assignments"]
-            [self.rng.below(4) as usize];
+        let endpoint = [
+            "assets/associate",
+            "assets/disassociate",
+            "assets",
+            "assignments",
+        ][self.rng.below(4) as usize];
         let f = match self.rng.below(5) {
             0 => FaultSpec::new(FaultKind::RateLimited)
                 .retry_after(1)
@@ -151,17 +155,25 @@ impl Run {
             _ => {
                 let n = self.rng.below(14) as u32;
                 self.env.app.kill_after_writes(n);
-                self.log.push(format!("fault: killed after {n} key-value writes"));
+                self.log
+                    .push(format!("fault: killed after {n} key-value writes"));
                 return;
             }
         };
-        let f = if f.endpoint.is_none() { f.on(endpoint) } else { f };
+        let f = if f.endpoint.is_none() {
+            f.on(endpoint)
+        } else {
+            f
+        };
         self.log.push(format!("fault: {f:?}"));
         self.env.sim.inject_fault(&self.token, f).expect("fault");
     }
 
     fn clear_faults(&mut self) {
-        self.env.sim.clear_faults(&self.token).expect("clear faults");
+        self.env
+            .sim
+            .clear_faults(&self.token)
+            .expect("clear faults");
         if self.env.app.kill_pending() {
             self.env.app.cancel_kill();
         } else if self.log.last().is_some_and(|l| l.contains("killed after")) {
@@ -187,7 +199,8 @@ impl Run {
                 .admin("POST", &format!("/api/jobs/{id}/resume"), None)
                 .await;
             state = r.json()["state"].clone();
-            self.log.push(format!("  resume {id}: {} {state}", r.status));
+            self.log
+                .push(format!("  resume {id}: {} {state}", r.status));
         }
     }
 
@@ -419,7 +432,9 @@ impl Run {
                 let at_apple = held.contains(&(adam.to_string(), s.clone()));
                 let foreign = s.starts_with('F');
                 if !at_apple {
-                    problems.push(format!("{adam}/{s} listed ({by}) but Apple does not hold it"));
+                    problems.push(format!(
+                        "{adam}/{s} listed ({by}) but Apple does not hold it"
+                    ));
                 } else if foreign && by != "foreign" {
                     problems.push(format!("foreign {adam}/{s} listed as {by}"));
                 } else if !foreign && by != "thisInstance" {
@@ -525,7 +540,13 @@ impl Run {
             return Ok(());
         }
         let keep = env_u64("LEDGER_E2E_LOG").unwrap_or(60) as usize;
-        let tail: Vec<&str> = self.log.iter().rev().take(keep).map(String::as_str).collect();
+        let tail: Vec<&str> = self
+            .log
+            .iter()
+            .rev()
+            .take(keep)
+            .map(String::as_str)
+            .collect();
         Err(format!(
             "seed {seed} (replay: LEDGER_E2E_SEED={seed}): {} problem(s):\n  {}\nlast steps (newest first):\n  {}",
             problems.len(),
