@@ -816,7 +816,8 @@ impl Run {
                 }
             }
         }
-        // 5. Notices (on throughout). `Ours`: every license of ours Apple took away has a notice.
+        // 5. Notices (on throughout). `Ours`: every license of ours Apple took away has a notice,
+        // and none is sent for a license Apple never took away.
         // `ExactlyOne`: every removal has exactly one notice, none missing, none twice, none for
         // something Apple did not take away; a foreign license only by clean up.
         let mut noticed: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
@@ -846,7 +847,10 @@ impl Run {
             let removed = w.removals.get(pair).copied().unwrap_or(0) as usize;
             let reasons = noticed.get(pair).cloned().unwrap_or_default();
             let wrong = match notices {
-                Notices::Ours => !pair.1.starts_with('F') && reasons.len() < removed,
+                Notices::Ours => {
+                    (!pair.1.starts_with('F') && reasons.len() < removed)
+                        || (removed == 0 && !reasons.is_empty())
+                }
                 Notices::ExactlyOne => reasons.len() != removed,
             };
             if wrong {
@@ -887,7 +891,7 @@ impl Run {
 /// How strictly the model checks license-removal notices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Notices {
-    /// None missing for a license of ours (what holds today).
+    /// None missing for a license of ours, none for a license never taken (what holds today).
     Ours,
     /// Exactly one per removal, ours and foreign (see `every_removal_has_exactly_one_notice`).
     ExactlyOne,
