@@ -368,6 +368,14 @@ async fn two_instances_on_one_redis_lose_nothing_and_do_nothing_twice() {
         assert_ne!(d.json()["status"], "started", "{}", d.text());
     }
     env.sim_idle().await;
+    // The reconciles took licenses back with Apple events; our books follow each once Apple's
+    // answer is read (a poll or Apple's notification): wait for every one of them.
+    let reconciles = jobs(&env).remove("reconcile").unwrap_or_default();
+    for j in &reconciles {
+        for id in j["result"]["events"].as_array().into_iter().flatten() {
+            settle(&env, both, &json!({ "eventId": id })).await;
+        }
+    }
 
     // Afterwards: Apple holds exactly what the policies want. The direct assignments (S6..S19,
     // B0..B5) are gone: reconcile takes back every license we assigned that no app policy targets
