@@ -113,10 +113,8 @@ impl Run {
 
     fn note(&mut self, what: String, r: &e2e::Resp) {
         let body = r.json();
-        for k in ["eventId"] {
-            if let Some(id) = body[k].as_str() {
-                self.events.insert(id.to_string());
-            }
+        if let Some(id) = body["eventId"].as_str() {
+            self.events.insert(id.to_string());
         }
         for id in body["events"].as_array().into_iter().flatten() {
             if let Some(id) = id.as_str().or_else(|| id["eventId"].as_str()) {
