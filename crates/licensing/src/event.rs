@@ -183,6 +183,7 @@ pub fn apply_outcome(
     // Associate: ours (the copy says "this instance"); removal: the previous ledger state.
     let mut was_ours = vec![false; items.len()];
     let mut prev: Vec<Option<LedgerState>> = vec![None; items.len()];
+    let mut stale = vec![false; items.len()];
     for (ak, idx) in &by_asset {
         let ok: Vec<usize> = idx
             .iter()
@@ -197,9 +198,16 @@ pub fn apply_outcome(
         let ok_subjects: Vec<Subject> = ok.iter().map(|i| items[*i].subject.clone()).collect();
         if !removing {
             if !ok.is_empty() {
-                let flags = ledger::confirm(kv, account_id, ak, &ok_subjects, event_id, ours, now)?;
+                let asked = record.as_ref().map(|r| r.created_at);
+                let flags =
+                    ledger::confirm(kv, account_id, ak, &ok_subjects, event_id, ours, asked, now)?;
                 for (i, f) in ok.iter().zip(flags) {
-                    was_ours[*i] = f;
+                    match f {
+                        Some(f) => was_ours[*i] = f,
+                        // Stale: the ledger has moved on (revoked or gone since); the copy
+                        // and counts stay as they are.
+                        None => stale[*i] = true,
+                    }
                 }
             }
             if !bad.is_empty() {
@@ -245,7 +253,7 @@ pub fn apply_outcome(
     // changed.
     let mut copy_items: Vec<(usize, AssetRecord)> = Vec::new();
     for (i, it) in items.iter().enumerate() {
-        if it.failure.is_some() {
+        if it.failure.is_some() || stale[i] {
             continue;
         }
         if let Some(asset) = doc.assets.iter().find(|a| a.key() == it.asset_key) {
@@ -287,7 +295,7 @@ pub fn apply_outcome(
         was_present[*i] = had[j].is_some();
     }
     for (i, it) in items.iter().enumerate() {
-        if it.failure.is_some() {
+        if it.failure.is_some() || stale[i] {
             continue;
         }
         let in_copy_doc = doc.assets.iter().any(|a| a.key() == it.asset_key);

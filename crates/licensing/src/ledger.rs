@@ -596,8 +596,11 @@ fn refused(
     })
 }
 
-/// Apple holds (asset, subject) and `ours` says whether we asked for it. Settles each into
-/// `confirmed`. Returns, per subject, whether the ledger had it (open or settled, not failed).
+/// Apple holds (asset, subject) and `ours` says whether we asked for it (in `event_id`, which
+/// Apple accepted at `asked`). Settles each into `confirmed`. Returns, per subject, whether the
+/// ledger had it (open or settled, not failed), or `None` when the outcome is stale and changed
+/// nothing: an event of ours that the entry no longer waits on (its license was revoked or
+/// found gone since, or a newer request of ours decides), since Apple applied what came after.
 pub fn confirm(
     kv: &impl Kv,
     account: &str,
@@ -605,11 +608,37 @@ pub fn confirm(
     subjects: &[Subject],
     event_id: Option<&str>,
     ours: bool,
+    asked: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
-) -> Result<Vec<bool>, StoreError> {
+) -> Result<Vec<Option<bool>>, StoreError> {
     let open = open_doc(kv, account, asset_key)?;
-    let before = shard_write(kv, account, asset_key, subjects, now, |s, cur| {
-        let in_open = open.entries.contains_key(&s.tag());
+    // An outcome of our own event moves only what waits on it.
+    let own = event_id.filter(|_| ours);
+    let idx = own.and_then(|id| open.events.iter().position(|e| e == id));
+    let concerns = |tag: &str| match (open.entries.get(tag), own) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(o), Some(_)) => {
+            o.events.is_empty() || idx.is_some_and(|i| o.events.contains(&(i as u32)))
+        }
+    };
+    let current = settled_of(kv, account, asset_key, subjects)?;
+    let stale: BTreeSet<String> = subjects
+        .iter()
+        .map(|s| s.tag())
+        .filter(|tag| {
+            own.is_some()
+                && !concerns(tag)
+                && (open.entries.contains_key(tag) || !current.contains_key(tag))
+        })
+        .collect();
+    let fresh: Vec<Subject> = subjects
+        .iter()
+        .filter(|s| !stale.contains(&s.tag()))
+        .cloned()
+        .collect();
+    let before = shard_write(kv, account, asset_key, &fresh, now, |s, cur| {
+        let in_open = concerns(&s.tag());
         match cur {
             Some(e) if e.state == LedgerState::Confirmed => None,
             // Revoking, and no new request of ours since: the disassociate decides.
@@ -619,27 +648,51 @@ pub fn confirm(
                 event_id: event_id.map(str::to_string).or(e.event_id.clone()),
                 at: now,
                 error: None,
+                asked: asked.or(e.asked),
             })),
             None if in_open || ours => Some(Some(LedgerEntry {
                 state: LedgerState::Confirmed,
                 event_id: event_id.map(str::to_string),
                 at: now,
                 error: None,
+                asked,
             })),
             None => None,
         }
     })?;
-    close(kv, account, asset_key, subjects)?;
+    close(kv, account, asset_key, &fresh)?;
     Ok(subjects
         .iter()
         .map(|s| {
-            ours || open.entries.contains_key(&s.tag())
-                || before
-                    .get(&s.tag())
-                    .and_then(|e| e.as_ref())
-                    .is_some_and(|e| e.state != LedgerState::Failed)
+            let tag = s.tag();
+            if stale.contains(&tag) {
+                return None;
+            }
+            Some(
+                ours || open.entries.contains_key(&tag)
+                    || before
+                        .get(&tag)
+                        .and_then(|e| e.as_ref())
+                        .is_some_and(|e| e.state != LedgerState::Failed),
+            )
         })
         .collect())
+}
+
+/// The settled entries of `subjects` (by tag) that exist.
+fn settled_of(
+    kv: &impl Kv,
+    account: &str,
+    asset_key: &str,
+    subjects: &[Subject],
+) -> Result<BTreeMap<String, LedgerEntry>, StoreError> {
+    let mut out = BTreeMap::new();
+    for s in subjects {
+        if let Some(e) = settled(kv, account, asset_key, s)? {
+            out.insert(s.tag(), e);
+        }
+    }
+    Ok(out)
 }
 
 /// Take `subjects` out of the open entries (they are settled now).
@@ -705,6 +758,7 @@ pub fn fail(
             event_id: event_id.map(str::to_string),
             at: now,
             error: by_tag.get(&s.tag()).map(|f| (*f).clone()),
+            asked: None,
         })),
     })?;
     Ok(failed)
@@ -730,6 +784,7 @@ pub fn begin_revoke(
                 event_id: None,
                 at: now,
                 error: None,
+                asked: e.asked,
             }))
         }
         Some(e) if e.state == LedgerState::Failed => Some(None),
@@ -781,9 +836,10 @@ pub fn revoke_refused(
 
 /// Apple took (asset, subject) away in an event we asked for at `asked_at` (`None`: an event we
 /// did not make, or whose answer we lost): `revoking` entries are gone. A `confirmed` entry goes
-/// only when it is older than our request: Apple applies events in an order we cannot see, so
-/// an assignment confirmed since may have come after the removal (the next full refresh, which
-/// sees what Apple holds, settles it). Returns each previous state.
+/// only when the request it reflects came before ours: Apple applies events in the order it
+/// accepted them, so an assignment asked since (or, when we do not know when it was asked,
+/// confirmed since) may have come after the removal (the next full refresh, which sees what
+/// Apple holds, settles it). Returns each previous state.
 pub fn gone(
     kv: &impl Kv,
     account: &str,
@@ -794,7 +850,12 @@ pub fn gone(
 ) -> Result<Vec<Option<LedgerState>>, StoreError> {
     let before = shard_write(kv, account, asset_key, subjects, now, |_, cur| match cur {
         // Not asked by us (or confirmed since we asked): a refresh decides.
-        Some(e) if e.state == LedgerState::Confirmed && asked_at.is_none_or(|t| e.at > t) => None,
+        Some(e)
+            if e.state == LedgerState::Confirmed
+                && asked_at.is_none_or(|t| e.asked.unwrap_or(e.at) > t) =>
+        {
+            None
+        }
         Some(_) => Some(None),
         None => None,
     })?;
@@ -1098,7 +1159,7 @@ async fn settle<T: Transport, C: Clock>(
         }
         if !seen.is_empty() {
             report.confirmed += seen.len() as u32;
-            confirm(kv, account, &ak, &seen, None, true, now)?;
+            confirm(kv, account, &ak, &seen, None, true, None, now)?;
         }
         if !settled_leftover.is_empty() {
             close(kv, account, &ak, &settled_leftover)?;
@@ -1111,7 +1172,16 @@ async fn settle<T: Transport, C: Clock>(
             match held_at_apple(client, asset, &s).await {
                 Ok(true) => {
                     report.confirmed += 1;
-                    confirm(kv, account, &ak, std::slice::from_ref(&s), None, true, now)?;
+                    confirm(
+                        kv,
+                        account,
+                        &ak,
+                        std::slice::from_ref(&s),
+                        None,
+                        true,
+                        None,
+                        now,
+                    )?;
                 }
                 Ok(false) => {
                     let since = o.sent.unwrap_or(o.since);

@@ -191,6 +191,10 @@ pub struct LedgerEntry {
     pub at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<Failure>,
+    /// When Apple accepted the request this entry reflects (its event's creation): Apple applies
+    /// events in the order it accepts them, so a removal asked later comes after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asked: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -1278,6 +1278,7 @@ fn reservations_are_derived_from_open_entries() {
         &[d("D2")],
         Some("ev1"),
         true,
+        Some(now),
         now,
     )
     .unwrap();
@@ -1521,4 +1522,147 @@ fn a_late_notification_of_an_applied_event_changes_nothing() {
     );
     let doc: AssetsDoc = copy::all_assets(&run.kv, ACCOUNT).unwrap();
     assert_eq!(doc.find("200", "STDQ").unwrap().in_use, 0);
+}
+
+/// Found by `every_removal_has_exactly_one_notice` (seeds 7, 8, 9, 10): a revoke sent while the
+/// associate of the same license is still pending. Apple applies the associate, then the revoke
+/// (in the order it accepted them). When the poll reads the associate's outcome first, the
+/// ledger confirmed the license *after* the revoke was asked, so the revoke's outcome kept it
+/// (as if it were a newer assignment): the ledger held what Apple did not, and the refresh that
+/// put it right sent a second notice. An entry now remembers when its request was accepted;
+/// the revoke accepted after it takes it away, with one notice.
+#[test]
+fn a_revoke_sent_while_its_associate_is_pending_takes_it_away_once() {
+    let mut run = Run::new(5);
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    run.clock.advance(std::time::Duration::from_secs(20));
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(assignment::revoke(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    {
+        let mut w = run.world.lock().unwrap();
+        for id in w.model.pending_events() {
+            w.apply(&id);
+        }
+        w.notes.clear();
+    }
+    run.clock.advance(std::time::Duration::from_secs(60));
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    assert_eq!(state_of(&run, "200", "D1"), None, "Apple does not hold it");
+    assert_eq!(
+        notices(&run),
+        vec![("200".to_string(), "D1".to_string(), "api".to_string())]
+    );
+    run.clock.advance(std::time::Duration::from_secs(60));
+    run.refresh(true);
+    assert_eq!(
+        notices(&run),
+        vec![("200".to_string(), "D1".to_string(), "api".to_string())],
+        "one removal, one notice"
+    );
+}
+
+/// A stale associate outcome (its license was revoked since) changes nothing: the event named
+/// two devices, the revoke of one was applied and read before the event's own status.
+#[test]
+fn a_stale_associate_outcome_changes_nothing() {
+    let mut run = Run::new(6);
+    let now = run.now();
+    let both = [d("D1"), d("D2")];
+    ledger::admit(&run.kv, ACCOUNT, "200:STDQ", &both, true, now).unwrap();
+    ledger::accepted(&run.kv, ACCOUNT, "200:STDQ", &both, "ev1").unwrap();
+    let record = event::new_record(
+        "ev1",
+        ACCOUNT,
+        EventKind::Associate,
+        "api",
+        vec![ledger::asset_ref("200:STDQ")],
+        vec![d("D1"), d("D2")],
+        now,
+    );
+    event::track(&run.kv, &record).unwrap();
+    let item = |s: &str| event::Item {
+        asset_key: "200:STDQ".into(),
+        subject: d(s),
+        failure: None,
+    };
+    // D1's outcome first (the event is not complete: D2 is still to come).
+    event::apply_outcome(
+        &run.kv,
+        ACCOUNT,
+        EventKind::Associate,
+        Some("ev1"),
+        &[item("D1")],
+        None,
+        now,
+    )
+    .unwrap();
+    assert_eq!(state_of(&run, "200", "D1"), Some("confirmed"));
+    // D1 is revoked (a later event of ours, applied and read).
+    let later = now + Duration::seconds(30);
+    ledger::begin_revoke(&run.kv, ACCOUNT, "200:STDQ", &[d("D1")], later).unwrap();
+    let revoke = event::new_record(
+        "ev2",
+        ACCOUNT,
+        EventKind::Disassociate,
+        "api",
+        vec![ledger::asset_ref("200:STDQ")],
+        vec![d("D1")],
+        later,
+    );
+    event::track(&run.kv, &revoke).unwrap();
+    ledger::revoke_accepted(&run.kv, ACCOUNT, "200:STDQ", &[d("D1")], "ev2", later).unwrap();
+    event::apply_outcome(
+        &run.kv,
+        ACCOUNT,
+        EventKind::Disassociate,
+        Some("ev2"),
+        &[item("D1")],
+        None,
+        later,
+    )
+    .unwrap();
+    assert_eq!(state_of(&run, "200", "D1"), None);
+    let before = copy::all_assets(&run.kv, ACCOUNT).unwrap();
+    // Now ev1's full outcome (D1 and D2) is read.
+    event::apply_outcome(
+        &run.kv,
+        ACCOUNT,
+        EventKind::Associate,
+        Some("ev1"),
+        &[item("D1"), item("D2")],
+        None,
+        later + Duration::seconds(30),
+    )
+    .unwrap();
+    assert_eq!(
+        state_of(&run, "200", "D1"),
+        None,
+        "revoked since: unchanged"
+    );
+    let after = copy::all_assets(&run.kv, ACCOUNT).unwrap();
+    assert_eq!(
+        before.find("200", "STDQ").unwrap().in_use + 1,
+        after.find("200", "STDQ").unwrap().in_use,
+        "only D2 counts"
+    );
+    assert!(copy_made_by(&run, "200", "D1").is_none());
 }
