@@ -131,6 +131,7 @@ pub fn new_record(
         failures: Vec::new(),
         applied: false,
         resent_as: None,
+        copy_generation: None,
     }
 }
 
@@ -174,6 +175,12 @@ pub fn apply_outcome(
         .collect();
     let doc: AssetsDoc = crate::copy::assets_for(kv, account_id, &wanted)?;
     let removing = kind != EventKind::Associate;
+    // A clean up whose copy a full refresh replaced since: what it names was held when it was
+    // asked (a foreign license in that copy), and only a clean up takes one away.
+    let copy_replaced = record
+        .as_ref()
+        .and_then(|r| r.copy_generation)
+        .is_some_and(|g| g != doc.generation);
 
     // 1. Ledger (its own moves): per asset, which items were ours before this outcome.
     let mut by_asset: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
@@ -303,7 +310,8 @@ pub fn apply_outcome(
             if was_present[i] {
                 *count_delta.entry(it.asset_key.clone()).or_default() -= 1;
             }
-            if was_present[i] || prev[i].is_some_and(|p| p != LedgerState::Failed) {
+            if was_present[i] || prev[i].is_some_and(|p| p != LedgerState::Failed) || copy_replaced
+            {
                 removed.push((it.asset_key.clone(), it.subject.clone()));
             }
         } else if in_copy_doc && !was_present[i] {

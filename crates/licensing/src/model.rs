@@ -277,4 +277,9 @@ pub struct EventRecord {
     /// Apple may apply either).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resent_as: Option<String>,
+    /// A clean up's disassociate: the copy generation its foreign licenses were read from.
+    /// When a full refresh replaced that copy before the outcome is read, the outcome still
+    /// owns the notice of what it took (the refresh sends none for foreign licenses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_generation: Option<u64>,
 }
