@@ -191,6 +191,7 @@ pub fn apply_outcome(
     let mut was_ours = vec![false; items.len()];
     let mut prev: Vec<Option<LedgerState>> = vec![None; items.len()];
     let mut stale = vec![false; items.len()];
+    let mut taken: Vec<((String, Subject), String)> = Vec::new();
     for (ak, idx) in &by_asset {
         let ok: Vec<usize> = idx
             .iter()
@@ -206,9 +207,12 @@ pub fn apply_outcome(
         if !removing {
             if !ok.is_empty() {
                 let asked = record.as_ref().map(|r| r.created_at);
-                let flags =
+                let done =
                     ledger::confirm(kv, account_id, ak, &ok_subjects, event_id, ours, asked, now)?;
-                for (i, f) in ok.iter().zip(flags) {
+                for (s, by) in done.taken {
+                    taken.push(((ak.to_string(), s), by));
+                }
+                for (i, f) in ok.iter().zip(done.flags) {
                     match f {
                         Some(f) => was_ours[*i] = f,
                         // Stale: the ledger has moved on (revoked or gone since); the copy
@@ -237,6 +241,16 @@ pub fn apply_outcome(
         } else {
             if !ok.is_empty() {
                 let asked_at = record.as_ref().map(|r| r.created_at);
+                if let Some(r) = record.as_ref() {
+                    ledger::taken_while_open(
+                        kv,
+                        account_id,
+                        ak,
+                        &ok_subjects,
+                        r.created_at,
+                        &r.source,
+                    )?;
+                }
                 let states = ledger::gone(kv, account_id, ak, &ok_subjects, asked_at, now)?;
                 for (i, p) in ok.iter().zip(states) {
                     prev[*i] = p;
@@ -322,6 +336,13 @@ pub fn apply_outcome(
 
     // 4. Notices for every license taken away.
     notice::record_removals(kv, account_id, &removed, &source, now)?;
+    let mut by_source: BTreeMap<String, Vec<(String, Subject)>> = BTreeMap::new();
+    for (pair, by) in taken {
+        by_source.entry(by).or_default().push(pair);
+    }
+    for (by, pairs) in by_source {
+        notice::record_removals(kv, account_id, &pairs, &by, now)?;
+    }
 
     // 5. The event record.
     let Some(id) = event_id.filter(|_| ours) else {

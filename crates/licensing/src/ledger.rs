@@ -84,6 +84,11 @@ pub struct Open {
     /// Every event Apple may have created for it (indexes into [`OpenDoc::events`]).
     #[serde(rename = "e", default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<u32>,
+    /// A removal of ours (its source) that Apple accepted after every event of this entry, and
+    /// applied: whatever those events did, Apple does not hold it now. Their success is what
+    /// that removal took (its notice); they confirm nothing.
+    #[serde(rename = "r", default, skip_serializing_if = "Option::is_none")]
+    pub taken_by: Option<String>,
 }
 
 /// The open entries of one asset: subject tag → entry, plus the event ids they refer to.
@@ -486,6 +491,7 @@ pub fn admit(
                     since: secs(now),
                     sent: None,
                     events: Vec::new(),
+                    taken_by: None,
                 },
             );
         }
@@ -559,6 +565,8 @@ pub fn accepted(
                 if !o.events.contains(&idx) {
                     o.events.push(idx);
                 }
+                // A request after the removal: Apple applies it after.
+                o.taken_by = None;
                 changed = true;
             }
         }
@@ -610,7 +618,7 @@ pub fn confirm(
     ours: bool,
     asked: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
-) -> Result<Vec<Option<bool>>, StoreError> {
+) -> Result<Confirmed, StoreError> {
     let open = open_doc(kv, account, asset_key)?;
     // An outcome of our own event moves only what waits on it.
     let own = event_id.filter(|_| ours);
@@ -623,13 +631,23 @@ pub fn confirm(
         }
     };
     let current = settled_of(kv, account, asset_key, subjects)?;
+    // Our event's success, for an entry a later removal of ours took: what that removal took.
+    let taken: BTreeMap<String, String> = subjects
+        .iter()
+        .filter(|s| own.is_some() && concerns(&s.tag()))
+        .filter_map(|s| {
+            let by = open.entries.get(&s.tag())?.taken_by.clone()?;
+            Some((s.tag(), by))
+        })
+        .collect();
     let stale: BTreeSet<String> = subjects
         .iter()
         .map(|s| s.tag())
         .filter(|tag| {
-            own.is_some()
-                && !concerns(tag)
-                && (open.entries.contains_key(tag) || !current.contains_key(tag))
+            taken.contains_key(tag)
+                || (own.is_some()
+                    && !concerns(tag)
+                    && (open.entries.contains_key(tag) || !current.contains_key(tag)))
         })
         .collect();
     let fresh: Vec<Subject> = subjects
@@ -660,8 +678,14 @@ pub fn confirm(
             None => None,
         }
     })?;
+    let taken_subjects: Vec<Subject> = subjects
+        .iter()
+        .filter(|s| taken.contains_key(&s.tag()))
+        .cloned()
+        .collect();
     close(kv, account, asset_key, &fresh)?;
-    Ok(subjects
+    close(kv, account, asset_key, &taken_subjects)?;
+    let flags = subjects
         .iter()
         .map(|s| {
             let tag = s.tag();
@@ -676,7 +700,79 @@ pub fn confirm(
                         .is_some_and(|e| e.state != LedgerState::Failed),
             )
         })
-        .collect())
+        .collect();
+    Ok(Confirmed {
+        flags,
+        taken: taken_subjects
+            .into_iter()
+            .map(|s| {
+                let by = taken.get(&s.tag()).cloned().unwrap_or_default();
+                (s, by)
+            })
+            .collect(),
+    })
+}
+
+/// What [`confirm`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Confirmed {
+    /// Per subject: whether the ledger had it (open or settled, not failed); `None`: the
+    /// outcome is stale and changed nothing.
+    pub flags: Vec<Option<bool>>,
+    /// Subjects a later removal of ours took once this event gave them (with its source): each
+    /// owes that removal's notice.
+    pub taken: Vec<(Subject, String)>,
+}
+
+/// A removal of ours, accepted at `asked_at` with `source`, was applied for `subjects`: an open
+/// entry whose every event Apple accepted before it is taken (see [`Open::taken_by`]).
+pub fn taken_while_open(
+    kv: &impl Kv,
+    account: &str,
+    asset_key: &str,
+    subjects: &[Subject],
+    asked_at: DateTime<Utc>,
+    source: &str,
+) -> Result<(), StoreError> {
+    let open = open_doc(kv, account, asset_key)?;
+    let mut accepted_at: BTreeMap<u32, Option<DateTime<Utc>>> = BTreeMap::new();
+    for s in subjects {
+        if let Some(o) = open.entries.get(&s.tag()) {
+            for i in &o.events {
+                if let std::collections::btree_map::Entry::Vacant(v) = accepted_at.entry(*i) {
+                    let t = match open.events.get(*i as usize) {
+                        Some(id) => event::load(kv, id)?.map(|r| r.created_at),
+                        None => None,
+                    };
+                    v.insert(t);
+                }
+            }
+        }
+    }
+    open_update(kv, account, asset_key, |doc, _| {
+        let mut changed = false;
+        for s in subjects {
+            let Some(o) = doc.entries.get_mut(&s.tag()) else {
+                continue;
+            };
+            let before = o.state == OpenState::Pending
+                && !o.events.is_empty()
+                && o.events.iter().all(|i| {
+                    // The index may have moved since it was read: compare by id.
+                    let same = open.events.get(*i as usize) == doc.events.get(*i as usize);
+                    same && accepted_at
+                        .get(i)
+                        .copied()
+                        .flatten()
+                        .is_some_and(|t| t < asked_at)
+                });
+            if before && o.taken_by.is_none() {
+                o.taken_by = Some(source.to_string());
+                changed = true;
+            }
+        }
+        (changed, ())
+    })
 }
 
 /// The settled entries of `subjects` (by tag) that exist.

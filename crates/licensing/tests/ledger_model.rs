@@ -971,8 +971,9 @@ fn run_seed_checking(seed: u64, steps: usize, notices: Notices) -> Result<(), St
                             a.adam_id == adam && a.serial_number.as_deref() == Some(serial)
                         })
                     };
+                    let copied = copy_made_by(&run, adam, serial);
                     now.push_str(&format!(
-                        "WATCH {adam}/{serial}: ledger {e:?} apple holds {held}"
+                        "WATCH {adam}/{serial}: ledger {e:?} copy {copied:?} apple holds {held}"
                     ));
                 }
             }
@@ -1557,7 +1558,8 @@ fn a_revoke_sent_while_its_associate_is_pending_takes_it_away_once() {
     .unwrap();
     {
         let mut w = run.world.lock().unwrap();
-        for id in w.model.pending_events() {
+        // In the order Apple accepted them.
+        for id in std::mem::take(&mut w.scheduled) {
             w.apply(&id);
         }
         w.notes.clear();
@@ -1729,6 +1731,79 @@ fn a_clean_up_read_after_a_full_refresh_has_one_notice() {
     let apple = st.assets.iter().find(|a| a.adam_id == "100").unwrap();
     assert_eq!(
         doc.find("100", "STDQ").unwrap().in_use,
+        apple.assigned_count as i64
+    );
+}
+
+/// The other order of `a_revoke_sent_while_its_associate_is_pending_takes_it_away_once`: the
+/// revoke's outcome (a notification) is read before the associate's. Apple applied the associate
+/// first, so the revoke took what it gave: the associate's success confirms nothing (the ledger
+/// held what Apple did not until a refresh, which sent the notice late) and owes the revoke's
+/// notice, once.
+#[test]
+fn a_revoke_read_before_its_pending_associate_takes_it_away_once() {
+    let mut run = Run::new(9);
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    run.clock.advance(std::time::Duration::from_secs(20));
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(assignment::revoke(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    let notes: Vec<Outgoing> = {
+        let mut w = run.world.lock().unwrap();
+        // In the order Apple accepted them.
+        for id in std::mem::take(&mut w.scheduled) {
+            w.apply(&id);
+        }
+        std::mem::take(&mut w.notes)
+    };
+    assert_eq!(
+        run.world
+            .lock()
+            .unwrap()
+            .removals
+            .get(&("200".into(), "D1".into())),
+        Some(&1),
+        "Apple gave it, then took it away"
+    );
+    // The revoke's notification only (the last one Apple sent).
+    let revoke_note = notes.last().unwrap();
+    assert!(deliver(&run.kv, revoke_note, run.now()));
+    assert!(notices(&run).is_empty(), "nothing it knew of was taken yet");
+    run.clock.advance(std::time::Duration::from_secs(60));
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    assert_eq!(state_of(&run, "200", "D1"), None, "Apple does not hold it");
+    assert_eq!(copy_made_by(&run, "200", "D1"), None);
+    assert_eq!(
+        notices(&run),
+        vec![("200".to_string(), "D1".to_string(), "api".to_string())]
+    );
+    run.clock.advance(std::time::Duration::from_secs(60));
+    run.refresh(true);
+    assert_eq!(notices(&run).len(), 1, "{:?}", notices(&run));
+    let doc: AssetsDoc = copy::all_assets(&run.kv, ACCOUNT).unwrap();
+    let w = run.world.lock().unwrap();
+    let st = w.model.location_state(&w.token).unwrap();
+    let apple = st.assets.iter().find(|a| a.adam_id == "200").unwrap();
+    assert_eq!(
+        doc.find("200", "STDQ").unwrap().in_use,
         apple.assigned_count as i64
     );
 }
