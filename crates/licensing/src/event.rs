@@ -241,16 +241,6 @@ pub fn apply_outcome(
         } else {
             if !ok.is_empty() {
                 let asked_at = record.as_ref().map(|r| r.created_at);
-                if let Some(r) = record.as_ref() {
-                    ledger::taken_while_open(
-                        kv,
-                        account_id,
-                        ak,
-                        &ok_subjects,
-                        r.created_at,
-                        &r.source,
-                    )?;
-                }
                 let states = ledger::gone(kv, account_id, ak, &ok_subjects, asked_at, now)?;
                 for (i, p) in ok.iter().zip(states) {
                     prev[*i] = p;
@@ -333,6 +323,37 @@ pub fn apply_outcome(
         }
     }
     adjust_counts(kv, account_id, &count_delta)?;
+
+    // 3. An open entry of ours this removal came after (see `ledger::taken_while_open`): the
+    // notice is this removal's when it knew the license was held (in the copy), else the
+    // associate's success owes it.
+    if let Some(r) = record.as_ref().filter(|_| removing) {
+        for (ak, idx) in &by_asset {
+            let ok: Vec<usize> = idx
+                .iter()
+                .copied()
+                .filter(|i| items[*i].failure.is_none())
+                .collect();
+            if ok.is_empty() {
+                continue;
+            }
+            let subjects: Vec<Subject> = ok.iter().map(|i| items[*i].subject.clone()).collect();
+            let noticed: BTreeSet<String> = ok
+                .iter()
+                .filter(|i| was_present[**i])
+                .map(|i| items[*i].subject.tag())
+                .collect();
+            ledger::taken_while_open(
+                kv,
+                account_id,
+                ak,
+                &subjects,
+                r.created_at,
+                &r.source,
+                &noticed,
+            )?;
+        }
+    }
 
     // 4. Notices for every license taken away.
     notice::record_removals(kv, account_id, &removed, &source, now)?;

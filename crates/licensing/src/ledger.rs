@@ -89,6 +89,9 @@ pub struct Open {
     /// that removal took (its notice); they confirm nothing.
     #[serde(rename = "r", default, skip_serializing_if = "Option::is_none")]
     pub taken_by: Option<String>,
+    /// That removal already sent the notice (it knew the license was held).
+    #[serde(rename = "n", default, skip_serializing_if = "std::ops::Not::not")]
+    pub taken_noticed: bool,
 }
 
 /// The open entries of one asset: subject tag → entry, plus the event ids they refer to.
@@ -492,6 +495,7 @@ pub fn admit(
                     sent: None,
                     events: Vec::new(),
                     taken_by: None,
+                    taken_noticed: false,
                 },
             );
         }
@@ -567,6 +571,7 @@ pub fn accepted(
                 }
                 // A request after the removal: Apple applies it after.
                 o.taken_by = None;
+                o.taken_noticed = false;
                 changed = true;
             }
         }
@@ -705,6 +710,8 @@ pub fn confirm(
         flags,
         taken: taken_subjects
             .into_iter()
+            // Its removal already sent the notice.
+            .filter(|s| !open.entries.get(&s.tag()).is_some_and(|o| o.taken_noticed))
             .map(|s| {
                 let by = taken.get(&s.tag()).cloned().unwrap_or_default();
                 (s, by)
@@ -733,6 +740,7 @@ pub fn taken_while_open(
     subjects: &[Subject],
     asked_at: DateTime<Utc>,
     source: &str,
+    noticed: &BTreeSet<String>,
 ) -> Result<(), StoreError> {
     let open = open_doc(kv, account, asset_key)?;
     let mut accepted_at: BTreeMap<u32, Option<DateTime<Utc>>> = BTreeMap::new();
@@ -768,6 +776,7 @@ pub fn taken_while_open(
                 });
             if before && o.taken_by.is_none() {
                 o.taken_by = Some(source.to_string());
+                o.taken_noticed = noticed.contains(&s.tag());
                 changed = true;
             }
         }

@@ -1807,3 +1807,60 @@ fn a_revoke_read_before_its_pending_associate_takes_it_away_once() {
         apple.assigned_count as i64
     );
 }
+
+/// As above, with a full refresh between the two (seed 2): the copy listed the license when the
+/// revoke's outcome was read, so the revoke sent the notice; the associate's success later must
+/// not send a second one.
+#[test]
+fn a_revoke_that_knew_the_license_sends_its_notice_once() {
+    let mut run = Run::new(10);
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    run.clock.advance(std::time::Duration::from_secs(20));
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(assignment::revoke(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    let (associate, revoke) = {
+        let mut w = run.world.lock().unwrap();
+        let ids = std::mem::take(&mut w.scheduled);
+        (ids[0].clone(), ids[1].clone())
+    };
+    run.world.lock().unwrap().apply(&associate);
+    run.world.lock().unwrap().notes.clear();
+    run.clock.advance(std::time::Duration::from_secs(20));
+    run.refresh(true);
+    assert!(copy_made_by(&run, "200", "D1").is_some(), "Apple holds it");
+    let notes: Vec<Outgoing> = {
+        let mut w = run.world.lock().unwrap();
+        w.apply(&revoke);
+        std::mem::take(&mut w.notes)
+    };
+    for n in &notes {
+        assert!(deliver(&run.kv, n, run.now()));
+    }
+    assert_eq!(
+        notices(&run),
+        vec![("200".to_string(), "D1".to_string(), "api".to_string())]
+    );
+    run.clock.advance(std::time::Duration::from_secs(60));
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    assert_eq!(state_of(&run, "200", "D1"), None, "Apple does not hold it");
+    assert_eq!(notices(&run).len(), 1, "{:?}", notices(&run));
+}
