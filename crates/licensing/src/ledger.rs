@@ -614,6 +614,7 @@ fn refused(
 /// ledger had it (open or settled, not failed), or `None` when the outcome is stale and changed
 /// nothing: an event of ours that the entry no longer waits on (its license was revoked or
 /// found gone since, or a newer request of ours decides), since Apple applied what came after.
+#[allow(clippy::too_many_arguments)]
 pub fn confirm(
     kv: &impl Kv,
     account: &str,

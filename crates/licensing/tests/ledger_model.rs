@@ -1024,6 +1024,7 @@ fn ledger_matches_apple_after_random_operations_and_faults() {
 ///   record): read again, it finds nothing left to take and the notice is lost
 ///   (`LEDGER_MODEL_SEED=4`, 100/D8), or (a clean up whose copy was replaced) sends it again
 ///   (`LEDGER_MODEL_SEED=47`): the notice needs to be recorded once per (event, subject).
+///
 /// Run with `cargo test -p vpp-licensing --test ledger_model -- --ignored`.
 #[ignore = "duplicate notices from late notifications of events whose answer was lost, and a notice lost to a kill: open, see the doc comment"]
 #[test]
