@@ -11,6 +11,7 @@ use crate::model::{AssetsDoc, EventKind, EventRecord, EventState, Failure, MadeB
 use crate::refresh::SliceEnd;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use std::collections::BTreeSet;
 use vpp_apple::{
     split_manage, AssetRef, Client, Clock, ManageAssetsRequest, PricingParam, Transport,
 };
@@ -95,6 +96,7 @@ pub async fn run_slice<T: Transport, C: Clock>(
             return Ok(SliceEnd::Failed(f));
         }
     };
+    let asking = asked_already(kv, &account_id)?;
     let end = loop {
         let Some(asset) = doc.assets.get(st.asset_index) else {
             break SliceEnd::Done;
@@ -108,6 +110,7 @@ pub async fn run_slice<T: Transport, C: Clock>(
             crate::copy::asset_assignments(kv, &account_id, &doc, asset, st.shard)?
                 .into_iter()
                 .filter(|(_, by)| *by == MadeBy::Foreign)
+                .filter(|(tag, _)| !asking.contains(&(asset.key(), tag.clone())))
                 .filter_map(|(tag, _)| Subject::from_tag(&tag))
                 .collect();
         if !asset.revocable && !foreign.is_empty() {
@@ -204,6 +207,7 @@ pub async fn run_slice<T: Transport, C: Clock>(
                         failures: Vec::new(),
                         applied: false,
                         resent_as: None,
+                        copy_generation: Some(doc.generation),
                     },
                 )?;
                 st.events.push(ev.event_id);
@@ -230,6 +234,32 @@ pub async fn run_slice<T: Transport, C: Clock>(
         );
     }
     Ok(end)
+}
+
+/// (asset, subject tag) a clean up's disassociate still pending already asks Apple to take: not
+/// asked twice, so the one outcome that takes it sends its notice.
+fn asked_already(
+    kv: &impl Kv,
+    account_id: &str,
+) -> Result<BTreeSet<(String, String)>, vpp_store::StoreError> {
+    let ids: Vec<String> =
+        vpp_store::get_json(kv, &vpp_store::keys::account_events(account_id))?.unwrap_or_default();
+    let mut out = BTreeSet::new();
+    for id in ids {
+        let Some(r) = crate::event::load(kv, &id)? else {
+            continue;
+        };
+        if r.source != "cleanup" || r.state != EventState::Pending || r.applied {
+            continue;
+        }
+        for a in &r.assets {
+            let ak = crate::event::asset_ref_key(a);
+            for s in &r.subjects {
+                out.insert((ak.clone(), s.tag()));
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn progress(st: &CleanupState, doc: &AssetsDoc) -> Progress {

@@ -131,6 +131,7 @@ pub fn new_record(
         failures: Vec::new(),
         applied: false,
         resent_as: None,
+        copy_generation: None,
     }
 }
 
@@ -155,6 +156,12 @@ pub fn apply_outcome(
         Some(id) => load(kv, id)?,
         None => None,
     };
+    // An outcome already applied (a late notification after the poll, or the other way round)
+    // changes nothing: applying it again would confirm a license revoked since, or take one
+    // away twice.
+    if let Some(r) = record.as_ref().filter(|r| r.applied) {
+        return Ok(Some(r.clone()));
+    }
     let ours = record.is_some();
     let source = record
         .as_ref()
@@ -168,6 +175,12 @@ pub fn apply_outcome(
         .collect();
     let doc: AssetsDoc = crate::copy::assets_for(kv, account_id, &wanted)?;
     let removing = kind != EventKind::Associate;
+    // A clean up whose copy a full refresh replaced since: what it names was held when it was
+    // asked (a foreign license in that copy), and only a clean up takes one away.
+    let copy_replaced = record
+        .as_ref()
+        .and_then(|r| r.copy_generation)
+        .is_some_and(|g| g != doc.generation);
 
     // 1. Ledger (its own moves): per asset, which items were ours before this outcome.
     let mut by_asset: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
@@ -177,6 +190,8 @@ pub fn apply_outcome(
     // Associate: ours (the copy says "this instance"); removal: the previous ledger state.
     let mut was_ours = vec![false; items.len()];
     let mut prev: Vec<Option<LedgerState>> = vec![None; items.len()];
+    let mut stale = vec![false; items.len()];
+    let mut taken: Vec<((String, Subject), String)> = Vec::new();
     for (ak, idx) in &by_asset {
         let ok: Vec<usize> = idx
             .iter()
@@ -191,9 +206,19 @@ pub fn apply_outcome(
         let ok_subjects: Vec<Subject> = ok.iter().map(|i| items[*i].subject.clone()).collect();
         if !removing {
             if !ok.is_empty() {
-                let flags = ledger::confirm(kv, account_id, ak, &ok_subjects, event_id, ours, now)?;
-                for (i, f) in ok.iter().zip(flags) {
-                    was_ours[*i] = f;
+                let asked = record.as_ref().map(|r| r.created_at);
+                let done =
+                    ledger::confirm(kv, account_id, ak, &ok_subjects, event_id, ours, asked, now)?;
+                for (s, by) in done.taken {
+                    taken.push(((ak.to_string(), s), by));
+                }
+                for (i, f) in ok.iter().zip(done.flags) {
+                    match f {
+                        Some(f) => was_ours[*i] = f,
+                        // Stale: the ledger has moved on (revoked or gone since); the copy
+                        // and counts stay as they are.
+                        None => stale[*i] = true,
+                    }
                 }
             }
             if !bad.is_empty() {
@@ -239,7 +264,7 @@ pub fn apply_outcome(
     // changed.
     let mut copy_items: Vec<(usize, AssetRecord)> = Vec::new();
     for (i, it) in items.iter().enumerate() {
-        if it.failure.is_some() {
+        if it.failure.is_some() || stale[i] {
             continue;
         }
         if let Some(asset) = doc.assets.iter().find(|a| a.key() == it.asset_key) {
@@ -281,7 +306,7 @@ pub fn apply_outcome(
         was_present[*i] = had[j].is_some();
     }
     for (i, it) in items.iter().enumerate() {
-        if it.failure.is_some() {
+        if it.failure.is_some() || stale[i] {
             continue;
         }
         let in_copy_doc = doc.assets.iter().any(|a| a.key() == it.asset_key);
@@ -289,7 +314,8 @@ pub fn apply_outcome(
             if was_present[i] {
                 *count_delta.entry(it.asset_key.clone()).or_default() -= 1;
             }
-            if was_present[i] || prev[i].is_some_and(|p| p != LedgerState::Failed) {
+            if was_present[i] || prev[i].is_some_and(|p| p != LedgerState::Failed) || copy_replaced
+            {
                 removed.push((it.asset_key.clone(), it.subject.clone()));
             }
         } else if in_copy_doc && !was_present[i] {
@@ -298,8 +324,46 @@ pub fn apply_outcome(
     }
     adjust_counts(kv, account_id, &count_delta)?;
 
+    // 3. An open entry of ours this removal came after (see `ledger::taken_while_open`): the
+    // notice is this removal's when it knew the license was held (in the copy), else the
+    // associate's success owes it.
+    if let Some(r) = record.as_ref().filter(|_| removing) {
+        for (ak, idx) in &by_asset {
+            let ok: Vec<usize> = idx
+                .iter()
+                .copied()
+                .filter(|i| items[*i].failure.is_none())
+                .collect();
+            if ok.is_empty() {
+                continue;
+            }
+            let subjects: Vec<Subject> = ok.iter().map(|i| items[*i].subject.clone()).collect();
+            let noticed: BTreeSet<String> = ok
+                .iter()
+                .filter(|i| was_present[**i])
+                .map(|i| items[*i].subject.tag())
+                .collect();
+            ledger::taken_while_open(
+                kv,
+                account_id,
+                ak,
+                &subjects,
+                r.created_at,
+                &r.source,
+                &noticed,
+            )?;
+        }
+    }
+
     // 4. Notices for every license taken away.
     notice::record_removals(kv, account_id, &removed, &source, now)?;
+    let mut by_source: BTreeMap<String, Vec<(String, Subject)>> = BTreeMap::new();
+    for (pair, by) in taken {
+        by_source.entry(by).or_default().push(pair);
+    }
+    for (by, pairs) in by_source {
+        notice::record_removals(kv, account_id, &pairs, &by, now)?;
+    }
 
     // 5. The event record.
     let Some(id) = event_id.filter(|_| ours) else {

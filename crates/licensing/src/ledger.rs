@@ -84,6 +84,14 @@ pub struct Open {
     /// Every event Apple may have created for it (indexes into [`OpenDoc::events`]).
     #[serde(rename = "e", default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<u32>,
+    /// A removal of ours (its source) that Apple accepted after every event of this entry, and
+    /// applied: whatever those events did, Apple does not hold it now. Their success is what
+    /// that removal took (its notice); they confirm nothing.
+    #[serde(rename = "r", default, skip_serializing_if = "Option::is_none")]
+    pub taken_by: Option<String>,
+    /// That removal already sent the notice (it knew the license was held).
+    #[serde(rename = "n", default, skip_serializing_if = "std::ops::Not::not")]
+    pub taken_noticed: bool,
 }
 
 /// The open entries of one asset: subject tag → entry, plus the event ids they refer to.
@@ -491,6 +499,8 @@ pub fn admit(
                     since: secs(now),
                     sent: None,
                     events: Vec::new(),
+                    taken_by: None,
+                    taken_noticed: false,
                 },
             );
         }
@@ -564,6 +574,9 @@ pub fn accepted(
                 if !o.events.contains(&idx) {
                     o.events.push(idx);
                 }
+                // A request after the removal: Apple applies it after.
+                o.taken_by = None;
+                o.taken_noticed = false;
                 changed = true;
             }
         }
@@ -601,8 +614,12 @@ fn refused(
     })
 }
 
-/// Apple holds (asset, subject) and `ours` says whether we asked for it. Settles each into
-/// `confirmed`. Returns, per subject, whether the ledger had it (open or settled, not failed).
+/// Apple holds (asset, subject) and `ours` says whether we asked for it (in `event_id`, which
+/// Apple accepted at `asked`). Settles each into `confirmed`. Returns, per subject, whether the
+/// ledger had it (open or settled, not failed), or `None` when the outcome is stale and changed
+/// nothing: an event of ours that the entry no longer waits on (its license was revoked or
+/// found gone since, or a newer request of ours decides), since Apple applied what came after.
+#[allow(clippy::too_many_arguments)]
 pub fn confirm(
     kv: &impl Kv,
     account: &str,
@@ -610,11 +627,47 @@ pub fn confirm(
     subjects: &[Subject],
     event_id: Option<&str>,
     ours: bool,
+    asked: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
-) -> Result<Vec<bool>, StoreError> {
+) -> Result<Confirmed, StoreError> {
     let open = open_doc(kv, account, asset_key)?;
-    let before = shard_write(kv, account, asset_key, subjects, now, |s, cur| {
-        let in_open = open.entries.contains_key(&s.tag());
+    // An outcome of our own event moves only what waits on it.
+    let own = event_id.filter(|_| ours);
+    let idx = own.and_then(|id| open.events.iter().position(|e| e == id));
+    let concerns = |tag: &str| match (open.entries.get(tag), own) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(o), Some(_)) => {
+            o.events.is_empty() || idx.is_some_and(|i| o.events.contains(&(i as u32)))
+        }
+    };
+    let current = settled_of(kv, account, asset_key, subjects)?;
+    // Our event's success, for an entry a later removal of ours took: what that removal took.
+    let taken: BTreeMap<String, String> = subjects
+        .iter()
+        .filter(|s| own.is_some() && concerns(&s.tag()))
+        .filter_map(|s| {
+            let by = open.entries.get(&s.tag())?.taken_by.clone()?;
+            Some((s.tag(), by))
+        })
+        .collect();
+    let stale: BTreeSet<String> = subjects
+        .iter()
+        .map(|s| s.tag())
+        .filter(|tag| {
+            taken.contains_key(tag)
+                || (own.is_some()
+                    && !concerns(tag)
+                    && (open.entries.contains_key(tag) || !current.contains_key(tag)))
+        })
+        .collect();
+    let fresh: Vec<Subject> = subjects
+        .iter()
+        .filter(|s| !stale.contains(&s.tag()))
+        .cloned()
+        .collect();
+    let before = shard_write(kv, account, asset_key, &fresh, now, |s, cur| {
+        let in_open = concerns(&s.tag());
         match cur {
             Some(e) if e.state == LedgerState::Confirmed => None,
             // Revoking, and no new request of ours since: the disassociate decides.
@@ -624,27 +677,133 @@ pub fn confirm(
                 event_id: event_id.map(str::to_string).or(e.event_id.clone()),
                 at: now,
                 error: None,
+                asked: asked.or(e.asked),
             })),
             None if in_open || ours => Some(Some(LedgerEntry {
                 state: LedgerState::Confirmed,
                 event_id: event_id.map(str::to_string),
                 at: now,
                 error: None,
+                asked,
             })),
             None => None,
         }
     })?;
-    close(kv, account, asset_key, subjects)?;
-    Ok(subjects
+    let taken_subjects: Vec<Subject> = subjects
+        .iter()
+        .filter(|s| taken.contains_key(&s.tag()))
+        .cloned()
+        .collect();
+    close(kv, account, asset_key, &fresh)?;
+    close(kv, account, asset_key, &taken_subjects)?;
+    let flags = subjects
         .iter()
         .map(|s| {
-            ours || open.entries.contains_key(&s.tag())
-                || before
-                    .get(&s.tag())
-                    .and_then(|e| e.as_ref())
-                    .is_some_and(|e| e.state != LedgerState::Failed)
+            let tag = s.tag();
+            if stale.contains(&tag) {
+                return None;
+            }
+            Some(
+                ours || open.entries.contains_key(&tag)
+                    || before
+                        .get(&tag)
+                        .and_then(|e| e.as_ref())
+                        .is_some_and(|e| e.state != LedgerState::Failed),
+            )
         })
-        .collect())
+        .collect();
+    Ok(Confirmed {
+        flags,
+        taken: taken_subjects
+            .into_iter()
+            // Its removal already sent the notice.
+            .filter(|s| !open.entries.get(&s.tag()).is_some_and(|o| o.taken_noticed))
+            .map(|s| {
+                let by = taken.get(&s.tag()).cloned().unwrap_or_default();
+                (s, by)
+            })
+            .collect(),
+    })
+}
+
+/// What [`confirm`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Confirmed {
+    /// Per subject: whether the ledger had it (open or settled, not failed); `None`: the
+    /// outcome is stale and changed nothing.
+    pub flags: Vec<Option<bool>>,
+    /// Subjects a later removal of ours took once this event gave them (with its source): each
+    /// owes that removal's notice.
+    pub taken: Vec<(Subject, String)>,
+}
+
+/// A removal of ours, accepted at `asked_at` with `source`, was applied for `subjects`: an open
+/// entry whose every event Apple accepted before it is taken (see [`Open::taken_by`]).
+pub fn taken_while_open(
+    kv: &impl Kv,
+    account: &str,
+    asset_key: &str,
+    subjects: &[Subject],
+    asked_at: DateTime<Utc>,
+    source: &str,
+    noticed: &BTreeSet<String>,
+) -> Result<(), StoreError> {
+    let open = open_doc(kv, account, asset_key)?;
+    let mut accepted_at: BTreeMap<u32, Option<DateTime<Utc>>> = BTreeMap::new();
+    for s in subjects {
+        if let Some(o) = open.entries.get(&s.tag()) {
+            for i in &o.events {
+                if let std::collections::btree_map::Entry::Vacant(v) = accepted_at.entry(*i) {
+                    let t = match open.events.get(*i as usize) {
+                        Some(id) => event::load(kv, id)?.map(|r| r.created_at),
+                        None => None,
+                    };
+                    v.insert(t);
+                }
+            }
+        }
+    }
+    open_update(kv, account, asset_key, |doc, _| {
+        let mut changed = false;
+        for s in subjects {
+            let Some(o) = doc.entries.get_mut(&s.tag()) else {
+                continue;
+            };
+            let before = o.state == OpenState::Pending
+                && !o.events.is_empty()
+                && o.events.iter().all(|i| {
+                    // The index may have moved since it was read: compare by id.
+                    let same = open.events.get(*i as usize) == doc.events.get(*i as usize);
+                    same && accepted_at
+                        .get(i)
+                        .copied()
+                        .flatten()
+                        .is_some_and(|t| t < asked_at)
+                });
+            if before && o.taken_by.is_none() {
+                o.taken_by = Some(source.to_string());
+                o.taken_noticed = noticed.contains(&s.tag());
+                changed = true;
+            }
+        }
+        (changed, ())
+    })
+}
+
+/// The settled entries of `subjects` (by tag) that exist.
+fn settled_of(
+    kv: &impl Kv,
+    account: &str,
+    asset_key: &str,
+    subjects: &[Subject],
+) -> Result<BTreeMap<String, LedgerEntry>, StoreError> {
+    let mut out = BTreeMap::new();
+    for s in subjects {
+        if let Some(e) = settled(kv, account, asset_key, s)? {
+            out.insert(s.tag(), e);
+        }
+    }
+    Ok(out)
 }
 
 /// Take `subjects` out of the open entries (they are settled now).
@@ -710,6 +869,7 @@ pub fn fail(
             event_id: event_id.map(str::to_string),
             at: now,
             error: by_tag.get(&s.tag()).map(|f| (*f).clone()),
+            asked: None,
         })),
     })?;
     Ok(failed)
@@ -735,6 +895,7 @@ pub fn begin_revoke(
                 event_id: None,
                 at: now,
                 error: None,
+                asked: e.asked,
             }))
         }
         Some(e) if e.state == LedgerState::Failed => Some(None),
@@ -786,9 +947,10 @@ pub fn revoke_refused(
 
 /// Apple took (asset, subject) away in an event we asked for at `asked_at` (`None`: an event we
 /// did not make, or whose answer we lost): `revoking` entries are gone. A `confirmed` entry goes
-/// only when it is older than our request: Apple applies events in an order we cannot see, so
-/// an assignment confirmed since may have come after the removal (the next full refresh, which
-/// sees what Apple holds, settles it). Returns each previous state.
+/// only when the request it reflects came before ours: Apple applies events in the order it
+/// accepted them, so an assignment asked since (or, when we do not know when it was asked,
+/// confirmed since) may have come after the removal (the next full refresh, which sees what
+/// Apple holds, settles it). Returns each previous state.
 pub fn gone(
     kv: &impl Kv,
     account: &str,
@@ -799,7 +961,12 @@ pub fn gone(
 ) -> Result<Vec<Option<LedgerState>>, StoreError> {
     let before = shard_write(kv, account, asset_key, subjects, now, |_, cur| match cur {
         // Not asked by us (or confirmed since we asked): a refresh decides.
-        Some(e) if e.state == LedgerState::Confirmed && asked_at.is_none_or(|t| e.at > t) => None,
+        Some(e)
+            if e.state == LedgerState::Confirmed
+                && asked_at.is_none_or(|t| e.asked.unwrap_or(e.at) > t) =>
+        {
+            None
+        }
         Some(_) => Some(None),
         None => None,
     })?;
@@ -1103,7 +1270,7 @@ async fn settle<T: Transport, C: Clock>(
         }
         if !seen.is_empty() {
             report.confirmed += seen.len() as u32;
-            confirm(kv, account, &ak, &seen, None, true, now)?;
+            confirm(kv, account, &ak, &seen, None, true, None, now)?;
         }
         if !settled_leftover.is_empty() {
             close(kv, account, &ak, &settled_leftover)?;
@@ -1116,7 +1283,16 @@ async fn settle<T: Transport, C: Clock>(
             match held_at_apple(client, asset, &s).await {
                 Ok(true) => {
                     report.confirmed += 1;
-                    confirm(kv, account, &ak, std::slice::from_ref(&s), None, true, now)?;
+                    confirm(
+                        kv,
+                        account,
+                        &ak,
+                        std::slice::from_ref(&s),
+                        None,
+                        true,
+                        None,
+                        now,
+                    )?;
                 }
                 Ok(false) => {
                     let since = o.sent.unwrap_or(o.since);

@@ -191,6 +191,10 @@ pub struct LedgerEntry {
     pub at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<Failure>,
+    /// When Apple accepted the request this entry reflects (its event's creation): Apple applies
+    /// events in the order it accepts them, so a removal asked later comes after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asked: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -273,4 +277,9 @@ pub struct EventRecord {
     /// Apple may apply either).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resent_as: Option<String>,
+    /// A clean up's disassociate: the copy generation its foreign licenses were read from.
+    /// When a full refresh replaced that copy before the outcome is read, the outcome still
+    /// owns the notice of what it took (the refresh sends none for foreign licenses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_generation: Option<u64>,
 }

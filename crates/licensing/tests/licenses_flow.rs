@@ -150,6 +150,7 @@ fn ledger(kv: &MemoryKv, adam: &str, serial: &str) -> Option<LedgerEntry> {
         event_id: v.event_ids.last().cloned(),
         at: v.at,
         error: v.error,
+        asked: None,
     })
 }
 

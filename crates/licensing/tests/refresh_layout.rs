@@ -435,6 +435,7 @@ fn apple_changing_between_pages_never_drops_our_licenses() {
             event_id: Some("ev1".into()),
             at: Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap(),
             error: None,
+            asked: None,
         },
     );
     set_json(

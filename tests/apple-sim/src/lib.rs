@@ -295,6 +295,20 @@ impl Simulator {
             .collect()
     }
 
+    /// Every license an applied event took from one location, oldest first:
+    /// (adamId, serial number, client user id).
+    pub fn removals_for(&self, key: &str) -> Vec<(String, Option<String>, Option<String>)> {
+        let m = self.model();
+        let Some(uid) = m.location(key).map(|l| l.uid.clone()) else {
+            return Vec::new();
+        };
+        m.removed
+            .iter()
+            .filter(|r| r.0 == uid)
+            .map(|r| (r.1.clone(), r.2.clone(), r.3.clone()))
+            .collect()
+    }
+
     pub fn clear_calls(&self) {
         self.model().calls.clear()
     }

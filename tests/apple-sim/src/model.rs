@@ -1257,6 +1257,9 @@ pub struct Model {
     pub global_faults: Vec<FaultSpec>,
     pub rng: Rng,
     uid_counter: u64,
+    /// Every license an applied event took away, in order: (location uId, adamId, serial
+    /// number, client user id). Tests count these against the removal notices owed.
+    pub removed: Vec<(String, String, Option<String>, Option<String>)>,
 }
 
 impl Model {
@@ -1271,6 +1274,7 @@ impl Model {
             global_faults: Vec::new(),
             rng: Rng::seeded(),
             uid_counter: 0,
+            removed: Vec::new(),
         }
     }
 
@@ -1281,6 +1285,7 @@ impl Model {
         self.calls.clear();
         self.notifications.clear();
         self.global_faults.clear();
+        self.removed.clear();
     }
 
     // ----- locations and seeding ------------------------------------------------------------
@@ -2555,6 +2560,10 @@ impl Model {
                         && a.pricing_param == *pricing
                         && removing.contains(&(a.serial_number.clone(), a.client_user_id.clone())))
                 });
+                for (s, u) in &removing {
+                    self.removed
+                        .push((loc.uid.clone(), adam.clone(), s.clone(), u.clone()));
+                }
                 changed = true;
             }
         }
@@ -2626,6 +2635,12 @@ impl Model {
             let hit = target && revocable.contains(&(a.adam_id.clone(), a.pricing_param.clone()));
             if hit {
                 removed.push(a.api());
+                self.removed.push((
+                    loc.uid.clone(),
+                    a.adam_id.clone(),
+                    a.serial_number.clone(),
+                    a.client_user_id.clone(),
+                ));
             }
             !hit
         });

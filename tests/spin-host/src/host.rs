@@ -68,6 +68,23 @@ pub struct OutboundHooks {
 }
 
 /// The data of one `Store`: one request (or cron tick) of one component.
+/// The system's wall clock moved on by a test's offset ([`crate::App::advance_clock`]): what
+/// components read as the time of day. Monotonic time is untouched.
+struct ShiftedClock(Arc<std::sync::atomic::AtomicI64>);
+
+impl wasmtime_wasi::HostWallClock for ShiftedClock {
+    fn resolution(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(1)
+    }
+    fn now(&self) -> std::time::Duration {
+        let base = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let offset = self.0.load(std::sync::atomic::Ordering::SeqCst);
+        base + std::time::Duration::from_secs(offset.max(0) as u64)
+    }
+}
+
 pub struct HostState {
     wasi: WasiCtx,
     http: WasiHttpCtx,
@@ -84,6 +101,7 @@ impl HostState {
         // Component logs should show where the host runs, as under `spin up`.
         wasi.inherit_stdout().inherit_stderr();
         wasi.envs(&component.environment);
+        wasi.wall_clock(ShiftedClock(app.clock_offset_secs.clone()));
         let meter = crate::memory::MemoryMeter::new(&component.id, app.memory.clone());
         Self {
             wasi: wasi.build(),
@@ -164,6 +182,24 @@ impl HostState {
         Ok(OpenStore { store })
     }
 
+    /// A test's planned kill ([`crate::App::kill_after_writes`]): this write traps, so the
+    /// invocation stops between two key-value writes as a platform limit or a crash would stop it.
+    fn killed_here(&self) -> Trap<()> {
+        use std::sync::atomic::Ordering;
+        let left = &self.hooks.app.kill_after_writes;
+        let prev = left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| match n {
+            n if n < 0 => None,
+            0 => Some(-1),
+            n => Some(n - 1),
+        });
+        if prev == Ok(0) {
+            return Err(wasmtime::Error::msg(
+                "invocation killed between two key-value writes (test fault)",
+            ));
+        }
+        Ok(())
+    }
+
     fn store_of(&self, r: &Resource<OpenStore>) -> Trap<OpenStore> {
         Ok(self.table.get(r)?.clone())
     }
@@ -201,6 +237,7 @@ impl spin_kv::HostStore for HostState {
         key: String,
         value: Vec<u8>,
     ) -> Trap<Result<(), spin_kv::Error>> {
+        self.killed_here()?;
         Ok(self
             .store_of(&s)?
             .store
@@ -209,6 +246,7 @@ impl spin_kv::HostStore for HostState {
     }
 
     fn delete(&mut self, s: Resource<OpenStore>, key: String) -> Trap<Result<(), spin_kv::Error>> {
+        self.killed_here()?;
         Ok(self
             .store_of(&s)?
             .store
@@ -307,6 +345,7 @@ impl wasi_kv::HostBucket for HostState {
         key: String,
         value: Vec<u8>,
     ) -> Trap<Result<(), wasi_kv::Error>> {
+        self.killed_here()?;
         Ok(self
             .store_of(&b)?
             .store
@@ -315,6 +354,7 @@ impl wasi_kv::HostBucket for HostState {
     }
 
     fn delete(&mut self, b: Resource<OpenStore>, key: String) -> Trap<Result<(), wasi_kv::Error>> {
+        self.killed_here()?;
         Ok(self
             .store_of(&b)?
             .store
@@ -367,6 +407,7 @@ impl atomics::Host for HostState {
         key: String,
         delta: i64,
     ) -> Trap<Result<i64, wasi_kv::Error>> {
+        self.killed_here()?;
         let store = self.store_of(&b)?;
         match store.store.increment(&key, delta) {
             Ok(n) => Ok(Ok(n)),
@@ -377,6 +418,7 @@ impl atomics::Host for HostState {
     }
 
     fn swap(&mut self, cas: Resource<Cas>, value: Vec<u8>) -> Trap<Result<(), atomics::CasError>> {
+        self.killed_here()?;
         let mut c = self.table.delete(cas)?;
         match c.swap(&value) {
             Ok(()) => Ok(Ok(())),
@@ -434,6 +476,7 @@ impl batch::Host for HostState {
         b: Resource<OpenStore>,
         key_values: Vec<(String, Vec<u8>)>,
     ) -> Trap<Result<(), wasi_kv::Error>> {
+        self.killed_here()?;
         Ok(self
             .store_of(&b)?
             .store
@@ -446,6 +489,7 @@ impl batch::Host for HostState {
         b: Resource<OpenStore>,
         keys: Vec<String>,
     ) -> Trap<Result<(), wasi_kv::Error>> {
+        self.killed_here()?;
         Ok(self
             .store_of(&b)?
             .store

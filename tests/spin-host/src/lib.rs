@@ -133,6 +133,11 @@ pub struct AppInner {
     pub(crate) platform: Platform,
     /// Stop an invocation after this long (epoch deadline and timer).
     pub(crate) invocation_limit: Option<std::time::Duration>,
+    /// Key-value writes left before the invocation making the next one is killed (a test fault;
+    /// negative: none planned). See [`App::kill_after_writes`].
+    pub(crate) kill_after_writes: std::sync::atomic::AtomicI64,
+    /// Seconds components' wall clock runs ahead of the system's ([`App::advance_clock`]).
+    pub(crate) clock_offset_secs: Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// A loaded Spin application. Cheap to clone and share between threads.
@@ -265,6 +270,8 @@ impl App {
                 self_origin: Mutex::new(None),
                 platform: options.platform,
                 invocation_limit,
+                kill_after_writes: std::sync::atomic::AtomicI64::new(-1),
+                clock_offset_secs: Arc::default(),
             }),
         })
     }
@@ -312,6 +319,39 @@ impl App {
 
     pub fn reset_peak_memory(&self) {
         self.inner.memory.reset()
+    }
+
+    /// A test fault: after `writes` more key-value writes (by any component), the invocation
+    /// making the next one traps there (the write is not applied), as if the platform killed it
+    /// between two writes. One kill per call; [`App::kill_pending`] tells whether it came.
+    pub fn kill_after_writes(&self, writes: u32) {
+        self.inner
+            .kill_after_writes
+            .store(i64::from(writes), std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether a planned kill has not happened yet.
+    pub fn kill_pending(&self) -> bool {
+        self.inner
+            .kill_after_writes
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 0
+    }
+
+    /// Cancel a planned kill that has not happened.
+    pub fn cancel_kill(&self) {
+        self.inner
+            .kill_after_writes
+            .store(-1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Move the time of day components see forward by `secs` (never back): a test waits out
+    /// grace periods and poll intervals without sleeping. Applies to invocations started after.
+    pub fn advance_clock(&self, secs: u64) {
+        self.inner.clock_offset_secs.fetch_add(
+            i64::try_from(secs).unwrap_or(i64::MAX),
+            std::sync::atomic::Ordering::SeqCst,
+        );
     }
 
     /// All keys of a store (sorted); empty for an unknown label.
