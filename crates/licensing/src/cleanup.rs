@@ -208,6 +208,7 @@ pub async fn run_slice<T: Transport, C: Clock>(
                         applied: false,
                         resent_as: None,
                         copy_generation: Some(doc.generation),
+                        owed_notices: Vec::new(),
                     },
                 )?;
                 st.events.push(ev.event_id);

@@ -132,6 +132,7 @@ pub fn new_record(
         applied: false,
         resent_as: None,
         copy_generation: None,
+        owed_notices: Vec::new(),
     }
 }
 
@@ -181,6 +182,36 @@ pub fn apply_outcome(
         .as_ref()
         .and_then(|r| r.copy_generation)
         .is_some_and(|g| g != doc.generation);
+
+    // 0. A removal of ours owes the notices of what it finds held: written on its record before
+    // anything moves, so an invocation killed between the moves and the notices finds them
+    // when the outcome is read again (what an earlier reading found stays: the moves are done).
+    let owed_before: Vec<(String, Subject)> = record
+        .as_ref()
+        .map(|r| r.owed_notices.clone())
+        .unwrap_or_default();
+    if let Some(r) = record.as_ref().filter(|_| removing) {
+        let owed: Vec<(String, Subject)> =
+            held_before_removal(kv, account_id, &doc, items, copy_replaced)?
+                .into_iter()
+                .filter(|p| !owed_before.contains(p))
+                .collect();
+        if !owed.is_empty() {
+            update::<EventRecord, ()>(kv, &keys::event(&r.id), |cur| match cur {
+                Some(mut cur) if !cur.applied => {
+                    let before = cur.owed_notices.len();
+                    for p in &owed {
+                        if !cur.owed_notices.contains(p) {
+                            cur.owed_notices.push(p.clone());
+                        }
+                    }
+                    let changed = cur.owed_notices.len() != before;
+                    Ok((changed.then_some(cur), ()))
+                }
+                _ => Ok((None, ())),
+            })?;
+        }
+    }
 
     // 1. Ledger (its own moves): per asset, which items were ours before this outcome.
     let mut by_asset: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
@@ -355,14 +386,33 @@ pub fn apply_outcome(
         }
     }
 
-    // 4. Notices for every license taken away.
-    notice::record_removals(kv, account_id, &removed, &source, now)?;
+    // 4. Notices for every license taken away: an outcome of ours records them keyed by its
+    // event (once each), with those an earlier, killed reading of it owed.
     let mut by_source: BTreeMap<String, Vec<(String, Subject)>> = BTreeMap::new();
     for (pair, by) in taken {
         by_source.entry(by).or_default().push(pair);
     }
-    for (by, pairs) in by_source {
-        notice::record_removals(kv, account_id, &pairs, &by, now)?;
+    match event_id.filter(|_| ours) {
+        Some(id) => {
+            for pair in owed_before {
+                let ok = items.iter().any(|it| {
+                    it.failure.is_none() && it.asset_key == pair.0 && it.subject == pair.1
+                });
+                if ok && !removed.contains(&pair) {
+                    removed.push(pair);
+                }
+            }
+            notice::record_event_removals(kv, account_id, &removed, &source, id, now)?;
+            for (by, pairs) in by_source {
+                notice::record_event_removals(kv, account_id, &pairs, &by, id, now)?;
+            }
+        }
+        None => {
+            notice::record_removals(kv, account_id, &removed, &source, now)?;
+            for (by, pairs) in by_source {
+                notice::record_removals(kv, account_id, &pairs, &by, now)?;
+            }
+        }
     }
 
     // 5. The event record.
@@ -427,6 +477,40 @@ pub fn apply_outcome(
         }
     }
     Ok(updated)
+}
+
+/// The (asset key, subject) pairs a removal's outcome finds held before it moves anything: what
+/// it will owe a notice for (as step 2 of [`apply_outcome`] decides: in the copy, a ledger entry
+/// not failed, or a clean up whose copy was replaced).
+fn held_before_removal(
+    kv: &impl Kv,
+    account_id: &str,
+    doc: &AssetsDoc,
+    items: &[Item],
+    copy_replaced: bool,
+) -> Result<Vec<(String, Subject)>, StoreError> {
+    let mut out = Vec::new();
+    let mut by_asset: BTreeMap<&str, Vec<Subject>> = BTreeMap::new();
+    for it in items.iter().filter(|it| it.failure.is_none()) {
+        by_asset
+            .entry(it.asset_key.as_str())
+            .or_default()
+            .push(it.subject.clone());
+    }
+    for (ak, subjects) in by_asset {
+        let in_copy = match doc.assets.iter().find(|a| a.key() == ak) {
+            Some(asset) => crate::copy::held(kv, account_id, doc, asset, &subjects)?,
+            None => BTreeMap::new(),
+        };
+        for s in subjects {
+            let ledgered = ledger::settled(kv, account_id, ak, &s)?
+                .is_some_and(|e| e.state != LedgerState::Failed);
+            if copy_replaced || ledgered || in_copy.contains_key(&s.tag()) {
+                out.push((ak.to_string(), s));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Add `delta` to in-use (and the opposite to available) per asset.

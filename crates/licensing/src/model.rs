@@ -282,4 +282,10 @@ pub struct EventRecord {
     /// owns the notice of what it took (the refresh sends none for foreign licenses).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copy_generation: Option<u64>,
+    /// A removal's outcome, written before it moves the ledger or the copy: the (asset key,
+    /// subject) pairs it found held, whose notices it owes. An invocation killed between its
+    /// writes finds them here when the outcome is read again (the notices are keyed by event, so
+    /// none is sent twice).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub owed_notices: Vec<(String, Subject)>,
 }

@@ -54,6 +54,10 @@ pub struct Notice {
     pub at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivered_at: Option<DateTime<Utc>>,
+    /// The event of ours whose outcome took the license away, when one did: one notice per
+    /// (event, asset, subject), also when the outcome is read again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
@@ -170,7 +174,54 @@ pub fn record_removals(
     reason: &str,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    record_keeping(kv, account_id, removed, reason, now, RETAINED_PAGES)
+    record_keeping(kv, account_id, removed, reason, None, now, RETAINED_PAGES)
+}
+
+/// Record the notices an event's outcome owes, exactly once per (event, asset, subject): those
+/// already recorded for `event_id` (an outcome read again after an invocation was killed
+/// between its writes) are not recorded again.
+pub fn record_event_removals(
+    kv: &impl Kv,
+    account_id: &str,
+    removed: &[(String, Subject)],
+    reason: &str,
+    event_id: &str,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    record_keeping(
+        kv,
+        account_id,
+        removed,
+        reason,
+        Some(event_id),
+        now,
+        RETAINED_PAGES,
+    )
+}
+
+/// Notices already recorded for `event_id`, as (asset key, subject tag): the head page and the
+/// one before it (an outcome is read again within minutes, long before its page leaves).
+fn recorded_for(kv: &impl Kv, event_id: &str) -> Result<BTreeSet<(String, String)>, StoreError> {
+    let head: Head = get_json(kv, &keys::notices_head())?.unwrap_or_default();
+    let mut out = BTreeSet::new();
+    for page in [head.page.checked_sub(1), Some(head.page)]
+        .into_iter()
+        .flatten()
+    {
+        let list: Vec<Notice> = get_json(kv, &keys::notices_page(page))?.unwrap_or_default();
+        for n in list
+            .iter()
+            .filter(|n| n.event_id.as_deref() == Some(event_id))
+        {
+            let subject = match (&n.serial_number, &n.client_user_id) {
+                (Some(s), _) => Subject::SerialNumber(s.clone()),
+                (None, Some(u)) => Subject::ClientUserId(u.clone()),
+                (None, None) => continue,
+            };
+            out.insert((format!("{}:{}", n.adam_id, n.pricing_param), subject.tag()));
+        }
+    }
+    Ok(out)
 }
 
 fn record_keeping(
@@ -178,13 +229,28 @@ fn record_keeping(
     account_id: &str,
     removed: &[(String, Subject)],
     reason: &str,
+    event_id: Option<&str>,
     now: DateTime<Utc>,
     retained: u64,
 ) -> Result<(), StoreError> {
     if removed.is_empty() || !settings::load(kv)?.license_removal_notification {
         return Ok(());
     }
+    let fresh: Vec<(String, Subject)>;
     let mut rest: &[(String, Subject)] = removed;
+    if let Some(id) = event_id {
+        let done = recorded_for(kv, id)?;
+        let mut seen = BTreeSet::new();
+        fresh = removed
+            .iter()
+            .filter(|(a, s)| {
+                let k = (a.clone(), s.tag());
+                !done.contains(&k) && seen.insert(k)
+            })
+            .cloned()
+            .collect();
+        rest = &fresh;
+    }
     let mut idle_rounds = 0;
     while !rest.is_empty() {
         let head: Head = get_json(kv, &keys::notices_head())?.unwrap_or_default();
@@ -209,6 +275,7 @@ fn record_keeping(
                     reason: reason.to_string(),
                     at: now,
                     delivered_at: None,
+                    event_id: event_id.map(str::to_string),
                 });
             }
             Ok((Some(list), n))
@@ -724,7 +791,7 @@ mod tests {
         let extra = 5 * keys::NOTICE_PAGE;
         let t = Utc::now();
         for chunk in removed(ring + extra).chunks(700) {
-            record_keeping(&kv, "a", chunk, "reconcile", t, kept).unwrap();
+            record_keeping(&kv, "a", chunk, "reconcile", None, t, kept).unwrap();
         }
         let outbox = kv.get(&keys::notices_outbox()).unwrap().unwrap_or_default();
         assert!(outbox.len() < 1024, "outbox is {} bytes", outbox.len());
