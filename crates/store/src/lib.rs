@@ -95,7 +95,24 @@ pub const MAX_SWAP_ATTEMPTS: usize = 16;
 pub fn get_json<T: DeserializeOwned>(kv: &impl Kv, key: &str) -> Result<Option<T>, StoreError> {
     match kv.get(key)? {
         None => Ok(None),
-        Some(bytes) => decode(key, &bytes).map(Some),
+        Some(bytes) => decode_or_absent(key, &bytes),
+    }
+}
+
+/// What an atomic `increment(key, 0)` leaves in a key that was absent: 8 zero bytes (Spin's
+/// SQLite store) or `0` (Redis). A store adapter creates a key this way before its first
+/// compare-and-swap, because Spin's SQLite store turns a swap from an absent key into an
+/// unconditional upsert (two creators would both win; ../shared/spin-platform.md §1.2). A value
+/// that does not decode and is a creation placeholder reads as absent.
+pub fn is_creation_placeholder(bytes: &[u8]) -> bool {
+    bytes == b"0" || bytes == [0u8; 8]
+}
+
+fn decode_or_absent<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<Option<T>, StoreError> {
+    match decode(key, bytes) {
+        Ok(v) => Ok(Some(v)),
+        Err(_) if is_creation_placeholder(bytes) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -138,7 +155,10 @@ where
         let raw = kv.get(key)?;
         let (current, before) = match &raw {
             None => (None, Vec::new()),
-            Some(bytes) => (Some(decode::<T>(key, bytes)?), mark::revisions(bytes)),
+            Some(bytes) => match decode_or_absent::<T>(key, bytes)? {
+                Some(v) => (Some(v), mark::revisions(bytes)),
+                None => (None, Vec::new()),
+            },
         };
         let (next, out) = f(current)?;
         let Some(next) = next else { return Ok(out) };
