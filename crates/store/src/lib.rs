@@ -196,6 +196,26 @@ mod tests {
     }
 
     #[test]
+    fn a_creation_placeholder_reads_as_absent_and_is_replaced_by_a_conditional_swap() {
+        for placeholder in [b"0".to_vec(), vec![0u8; 8]] {
+            let kv = MemoryKv::default();
+            kv.set("k", &placeholder).unwrap();
+            assert_eq!(get_json::<Vec<i32>>(&kv, "k").unwrap(), None);
+            let seen = update::<Vec<i32>, bool>(&kv, "k", |cur| {
+                let absent = cur.is_none();
+                Ok((Some(vec![7]), absent))
+            })
+            .unwrap();
+            assert!(seen, "the placeholder is handed to the update as absent");
+            assert_eq!(get_json::<Vec<i32>>(&kv, "k").unwrap(), Some(vec![7]));
+        }
+        // A value that decodes is never taken for a placeholder.
+        let kv = MemoryKv::default();
+        kv.set("n", b"0").unwrap();
+        assert_eq!(get_json::<u64>(&kv, "n").unwrap(), Some(0));
+    }
+
+    #[test]
     fn update_retries_after_a_lost_race() {
         let kv = MemoryKv::default();
         set_json(&kv, "n", &1u32).unwrap();
