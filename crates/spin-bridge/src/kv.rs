@@ -48,31 +48,24 @@ impl Kv for SpinKv {
     #[cfg(feature = "atomics")]
     fn swap(&self, key: &str, expected: Option<&[u8]>, new: &[u8]) -> Result<bool, KvError> {
         use spin_sdk::wit::wasi::keyvalue::atomics::{increment, swap, Cas, CasError};
-        if expected.is_none() {
-            // Spin's SQLite store makes a swap from an absent key an unconditional upsert: two
-            // writers creating the key would both "win" and one change would be lost. Create it
-            // atomically first (`increment` by 0 leaves a creation placeholder, or fails on a
-            // value someone else wrote), then swap from the placeholder, conditionally.
-            if increment(&self.bucket, key, 0).is_err() {
-                return Ok(false);
-            }
-            let cas = Cas::new(&self.bucket, key).map_err(|e| KvError(format!("{e:?}")))?;
-            let current = cas.current().map_err(|e| KvError(format!("{e:?}")))?;
-            if !current
-                .as_deref()
-                .is_some_and(vpp_store::is_creation_placeholder)
-            {
-                return Ok(false);
-            }
-            return match swap(cas, new) {
-                Ok(()) => Ok(true),
-                Err(CasError::CasFailed(_)) => Ok(false),
-                Err(CasError::StoreError(e)) => Err(KvError(format!("{e:?}"))),
-            };
+        // Spin's SQLite store makes a swap from an absent key an unconditional upsert: two
+        // writers creating the key would both "win" and one change would be lost. Create it
+        // atomically first (`increment` by 0 leaves a creation placeholder, or fails on a value
+        // someone else wrote), then swap from the placeholder, conditionally.
+        let creating = expected.is_none();
+        if creating && increment(&self.bucket, key, 0).is_err() {
+            return Ok(false);
         }
         let cas = Cas::new(&self.bucket, key).map_err(|e| KvError(format!("{e:?}")))?;
         let current = cas.current().map_err(|e| KvError(format!("{e:?}")))?;
-        if current.as_deref() != expected {
+        let unchanged = if creating {
+            current
+                .as_deref()
+                .is_some_and(vpp_store::is_creation_placeholder)
+        } else {
+            current.as_deref() == expected
+        };
+        if !unchanged {
             return Ok(false);
         }
         match swap(cas, new) {
