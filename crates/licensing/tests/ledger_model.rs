@@ -39,25 +39,7 @@ const FOREIGN: [&str; 3] = ["F0", "F1", "F2"];
 /// Apple applies an event it accepted within this long (it is resent after ten minutes).
 const APPLE_HORIZON: Duration = Duration::minutes(8);
 
-/// xorshift64*: small, seedable, reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
+use apple_sim::rng::Rng;
 
 /// What Apple (the simulator's model) does to one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

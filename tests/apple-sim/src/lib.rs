@@ -17,6 +17,7 @@ pub mod client;
 pub mod model;
 #[cfg(test)]
 mod model_tests;
+pub mod rng;
 mod server;
 
 use std::net::SocketAddr;
