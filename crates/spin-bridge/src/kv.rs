@@ -47,25 +47,43 @@ impl Kv for SpinKv {
 
     #[cfg(feature = "atomics")]
     fn swap(&self, key: &str, expected: Option<&[u8]>, new: &[u8]) -> Result<bool, KvError> {
-        use spin_sdk::wit::wasi::keyvalue::atomics::{increment, swap, Cas, CasError};
-        // Spin's SQLite store makes a swap from an absent key an unconditional upsert: two
-        // writers creating the key would both "win" and one change would be lost. Create it
-        // atomically first (`increment` by 0 leaves a creation placeholder, or fails on a value
-        // someone else wrote), then swap from the placeholder, conditionally.
-        let creating = expected.is_none();
-        if creating && increment(&self.bucket, key, 0).is_err() {
+        match expected {
+            None => self.create(key, new),
+            Some(old) => self.swap_from(key, |cur| cur == Some(old), new),
+        }
+    }
+
+    #[cfg(not(feature = "atomics"))]
+    fn swap(&self, key: &str, expected: Option<&[u8]>, new: &[u8]) -> Result<bool, KvError> {
+        if self.get(key)?.as_deref() != expected {
             return Ok(false);
         }
+        self.set(key, new)?;
+        Ok(true)
+    }
+}
+
+/// How often a writer that finds another one creating a key looks again before it takes the
+/// claim as abandoned, and how long it waits in between (about a second in all: a creator holds
+/// the claim for three store calls).
+#[cfg(feature = "atomics")]
+const CLAIM_LOOKS: u32 = 20;
+#[cfg(feature = "atomics")]
+const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
+#[cfg(feature = "atomics")]
+impl SpinKv {
+    /// Writes `new` to `key` if `unchanged` holds for its current bytes, conditionally.
+    fn swap_from(
+        &self,
+        key: &str,
+        unchanged: impl Fn(Option<&[u8]>) -> bool,
+        new: &[u8],
+    ) -> Result<bool, KvError> {
+        use spin_sdk::wit::wasi::keyvalue::atomics::{swap, Cas, CasError};
         let cas = Cas::new(&self.bucket, key).map_err(|e| KvError(format!("{e:?}")))?;
         let current = cas.current().map_err(|e| KvError(format!("{e:?}")))?;
-        let unchanged = if creating {
-            current
-                .as_deref()
-                .is_some_and(vpp_store::is_creation_placeholder)
-        } else {
-            current.as_deref() == expected
-        };
-        if !unchanged {
+        if !unchanged(current.as_deref()) {
             return Ok(false);
         }
         match swap(cas, new) {
@@ -77,12 +95,43 @@ impl Kv for SpinKv {
         }
     }
 
-    #[cfg(not(feature = "atomics"))]
-    fn swap(&self, key: &str, expected: Option<&[u8]>, new: &[u8]) -> Result<bool, KvError> {
-        if self.get(key)?.as_deref() != expected {
-            return Ok(false);
+    /// Creates `key` (which the caller read as absent) unless someone else does first.
+    ///
+    /// Spin's SQLite store makes a swap from an absent key an unconditional upsert, so two
+    /// writers creating one key would both "win" and one change would be lost
+    /// (../shared/spin-platform.md §1.2). Its `increment` is atomic, but panics the host on a
+    /// value that is not an 8-byte integer, so it must never touch a key holding a document.
+    /// Creation therefore goes through a claim of its own ([`keys::creation_claim`]) that only
+    /// `increment` touches: whoever raises it to 1 creates the key and deletes the claim; anyone
+    /// else waits for the key to appear and then takes the ordinary compare-and-swap path
+    /// (`Ok(false)`: `vpp_store::update` reads again). A claim whose holder stopped between
+    /// claiming and creating is broken after about a second.
+    fn create(&self, key: &str, new: &[u8]) -> Result<bool, KvError> {
+        use spin_sdk::wit::wasi::keyvalue::atomics::increment;
+        let claim = vpp_store::keys::creation_claim(key);
+        for _ in 0..CLAIM_LOOKS {
+            let n = increment(&self.bucket, &claim, 1).map_err(|e| KvError(format!("{e:?}")))?;
+            if n == 1 {
+                // Ours. The key is read again under the claim: someone may have created it
+                // since the caller read it (then the swap is an ordinary conditional one).
+                let created = self.swap_from(
+                    key,
+                    |cur| cur.is_none_or(vpp_store::is_creation_placeholder),
+                    new,
+                );
+                let released = self.delete(&claim);
+                let created = created?;
+                released?;
+                return Ok(created);
+            }
+            if self.exists(key)? {
+                return Ok(false);
+            }
+            std::thread::sleep(CLAIM_WAIT);
         }
-        self.set(key, new)?;
-        Ok(true)
+        // Still absent and still claimed: its holder stopped in between. Break the claim; the
+        // caller reads again and claims anew.
+        self.delete(&claim)?;
+        Ok(false)
     }
 }

@@ -90,6 +90,13 @@ pub const KEPT_JOBS: usize = 200;
 /// minutes; ~40 B each).
 pub const NOTIFIED_IDS: usize = 2000;
 
+/// The claim on creating `key` (atomics builds only): an integer that only `increment` ever
+/// touches. Whoever raises it from 0 to 1 may create `key`, then deletes the claim; it exists only
+/// while a key is being created (or after its creator stopped in between: the next creator breaks
+/// it after a wait). See `vpp_spin_bridge::kv`.
+pub fn creation_claim(key: &str) -> String {
+    format!("creating/{key}")
+}
 pub fn instance() -> String {
     "instance".into()
 }

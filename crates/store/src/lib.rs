@@ -100,10 +100,9 @@ pub fn get_json<T: DeserializeOwned>(kv: &impl Kv, key: &str) -> Result<Option<T
 }
 
 /// What an atomic `increment(key, 0)` leaves in a key that was absent: 8 zero bytes (Spin's
-/// SQLite store) or `0` (Redis). A store adapter creates a key this way before its first
-/// compare-and-swap, because Spin's SQLite store turns a swap from an absent key into an
-/// unconditional upsert (two creators would both win; ../shared/spin-platform.md §1.2). A value
-/// that does not decode and is a creation placeholder reads as absent.
+/// SQLite store) or `0` (Redis). An earlier version created keys this way before their first
+/// compare-and-swap; a key whose creator stopped in between still holds one. A value that does not
+/// decode and is a creation placeholder reads as absent, and a swap from it is conditional.
 pub fn is_creation_placeholder(bytes: &[u8]) -> bool {
     bytes == b"0" || bytes == [0u8; 8]
 }

@@ -354,6 +354,39 @@ async fn concurrent_settings_puts_keep_every_field() {
     }
 }
 
+/// Writers that race to create one key (here the settings and the audit page of a fresh app)
+/// all succeed and no change is lost. On Spin's SQLite store a swap from an absent key is an
+/// unconditional upsert and `increment` on a document panics the host (and poisons its
+/// connection), so creation goes through a claim only `increment` touches: a writer that arrives
+/// after the key was created takes the ordinary compare-and-swap path instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_racing_to_create_a_key_all_succeed() {
+    for app in 0..4 {
+        let env = Arc::new(Env::start().await);
+        let on = app % 2 == 0;
+        let threshold = 20 + app;
+        let a = json!({"licenseRemovalNotification": on});
+        let b = json!({"lowLicenseThreshold": threshold});
+        let (ra, rb) = tokio::join!(
+            at_once(&env, 3, "PUT", "/api/settings", Some(a)),
+            at_once(&env, 3, "PUT", "/api/settings", Some(b)),
+        );
+        for r in ra.iter().chain(&rb) {
+            assert_eq!(r.status, 200, "app {app}: {}", r.text());
+        }
+        let s = env.get("/api/settings").await.json();
+        assert_eq!(s["licenseRemovalNotification"], on, "app {app}: {s}");
+        assert_eq!(s["lowLicenseThreshold"], threshold, "app {app}: {s}");
+        // Every claim was released: only the keys themselves are left.
+        let claims: Vec<String> = env
+            .keys()
+            .into_iter()
+            .filter(|k| k.starts_with("creating/"))
+            .collect();
+        assert!(claims.is_empty(), "app {app}: claims left {claims:?}");
+    }
+}
+
 /// The apple component's route rebound to a public path, as on a platform without service
 /// chaining, but mounted at the root so paths carry no `/internal/apple` prefix.
 /// The console, which has the root otherwise, moves aside to `/console/...`.
