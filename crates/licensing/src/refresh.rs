@@ -138,11 +138,12 @@ impl LookupConfig {
     }
 }
 
-/// The checkpoint a new refresh job starts from.
+/// The checkpoint a new refresh job starts from, created at `now` (the caller's clock).
 pub fn initial_state(
     kv: &impl Kv,
     account: &Account,
     full: bool,
+    now: DateTime<Utc>,
 ) -> Result<RefreshState, ApiError> {
     let ix = copy::index(kv, &account.id)?;
     // Without a version marker (or copy) there is nothing to be incremental on.
@@ -173,7 +174,7 @@ pub fn initial_state(
         assignments_read: 0,
         users_read: 0,
         pages_read: 0,
-        started_at: Some(Utc::now()),
+        started_at: Some(now),
         users_since: if full {
             None
         } else {
@@ -740,7 +741,7 @@ async fn step<T: Transport, C: Clock>(
             Ok(false)
         }
         Phase::Commit => {
-            commit(kv, account_id, st)?;
+            commit(kv, account_id, st, client.clock().now())?;
             Ok(true)
         }
     }
@@ -867,7 +868,12 @@ fn advance(st: &mut RefreshState, next: Option<u32>, then: Phase) {
 }
 
 /// Switch to the new copy with one write, then drop what the old one used.
-fn commit(kv: &impl Kv, account_id: &str, st: &RefreshState) -> Result<(), StepError> {
+fn commit(
+    kv: &impl Kv,
+    account_id: &str,
+    st: &RefreshState,
+    now: DateTime<Utc>,
+) -> Result<(), StepError> {
     let old = copy::index(kv, account_id)?;
     let gone = if st.full {
         let Some(mut ix) = copy::staging(kv, account_id)? else {
@@ -881,7 +887,7 @@ fn commit(kv: &impl Kv, account_id: &str, st: &RefreshState) -> Result<(), StepE
             }
             return finish_commit(kv, account_id, st);
         };
-        ix.synced_at = Some(Utc::now());
+        ix.synced_at = Some(now);
         // Our licenses Apple no longer lists (only a complete, unchanged full read can tell),
         // judged before switching.
         let gone = if st.data_changed {
@@ -902,14 +908,14 @@ fn commit(kv: &impl Kv, account_id: &str, st: &RefreshState) -> Result<(), StepE
     } else {
         update::<CopyIndex, ()>(kv, &keys::assets(account_id), |cur| {
             let mut ix = cur.unwrap_or_default();
-            ix.synced_at = Some(Utc::now());
+            ix.synced_at = Some(now);
             Ok((Some(ix), ()))
         })?;
         Vec::new()
     };
     if !gone.is_empty() {
-        forget_gone(kv, account_id, &gone)?;
-        crate::notice::record_removals(kv, account_id, &gone, "refresh", Utc::now())?;
+        forget_gone(kv, account_id, &gone, now)?;
+        crate::notice::record_removals(kv, account_id, &gone, "refresh", now)?;
     }
     finish_commit(kv, account_id, st)
 }
@@ -990,8 +996,9 @@ fn forget_gone(
     kv: &impl Kv,
     account_id: &str,
     gone: &[(String, Subject)],
+    now: DateTime<Utc>,
 ) -> Result<(), vpp_store::StoreError> {
-    crate::ledger::forget_confirmed(kv, account_id, gone, Utc::now())
+    crate::ledger::forget_confirmed(kv, account_id, gone, now)
 }
 
 /// Drop a half-built new generation (full refresh) so no orphan keys remain.

@@ -396,7 +396,7 @@ impl Run {
         let account: Account = get_json(&self.kv, &keys::account(ACCOUNT))
             .unwrap()
             .unwrap();
-        let Ok(st) = refresh::initial_state(&self.kv, &account, full) else {
+        let Ok(st) = refresh::initial_state(&self.kv, &account, full, self.now()) else {
             return;
         };
         let mut j = self.job("refresh");
