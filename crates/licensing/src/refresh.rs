@@ -837,7 +837,7 @@ fn apply_changes(
         assets: Vec::new(),
     };
     let entries: Vec<(&AssetRecord, &Subject)> = read.iter().map(|(r, s, _)| (r, s)).collect();
-    let before = copy::edit_assignments(kv, account_id, &doc, &entries, |i, cur| {
+    copy::edit_assignments(kv, account_id, &doc, &entries, |i, cur| {
         let by = &read[i].2;
         match cur {
             Some(c) if c == by => copy::Edit::Keep,
@@ -845,13 +845,15 @@ fn apply_changes(
         }
     })?;
     if !st.read_assets {
-        let mut deltas: BTreeMap<String, i64> = BTreeMap::new();
-        for (i, (rec, _, _)) in read.iter().enumerate() {
-            if before[i].is_none() {
-                *deltas.entry(rec.key()).or_default() += 1;
-            }
-        }
-        copy::adjust_counts(kv, account_id, &deltas)?;
+        // Counted from the copy's entries (not a difference), so a slice killed between the
+        // copy's write and the counts' is put right when the job reads the page again.
+        let touched: Vec<String> = read
+            .iter()
+            .map(|(rec, _, _)| rec.key())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        copy::recount(kv, account_id, ix.generation, &touched)?;
     }
     Ok(!spread.is_empty())
 }
