@@ -2517,6 +2517,9 @@ impl Model {
                 .collect();
             let mut assigned = holders.len() as u64;
             let mut removing: HashSet<(Option<String>, Option<String>)> = HashSet::new();
+            // The removals in the order the request named them (the log must not depend on
+            // hashing: a seeded test compares it between runs).
+            let mut removing_in_order: Vec<(Option<String>, Option<String>)> = Vec::new();
             for (serial, user) in &targets {
                 let mut fail = |n: u32| {
                     let e = failed
@@ -2569,7 +2572,8 @@ impl Model {
                 } else {
                     let key = (serial.map(str::to_string), user.map(str::to_string));
                     if holders.remove(&key) {
-                        removing.insert(key);
+                        removing.insert(key.clone());
+                        removing_in_order.push(key);
                     }
                 }
                 completed += 1;
@@ -2590,7 +2594,7 @@ impl Model {
                         && a.pricing_param == *pricing
                         && removing.contains(&(a.serial_number.clone(), a.client_user_id.clone())))
                 });
-                for (s, u) in &removing {
+                for (s, u) in &removing_in_order {
                     self.removed
                         .push((loc.uid.clone(), adam.clone(), s.clone(), u.clone()));
                 }

@@ -575,22 +575,37 @@ impl Run {
 /// What a run did, as the test saw it, with the components' random identifiers (accounts, jobs:
 /// 32 hex digits) masked: equal for two runs of one seed.
 fn trace(run: &Run) -> Vec<String> {
-    let mask = |line: &str| {
-        let mut out = String::new();
-        let mut hex = String::new();
-        for c in line.chars().chain(std::iter::once(' ')) {
-            if c.is_ascii_hexdigit() && !c.is_ascii_uppercase() {
-                hex.push(c);
-                continue;
-            }
-            out.push_str(if hex.len() == 32 { "<id>" } else { &hex });
-            hex.clear();
-            out.push(c);
+    run.log.iter().map(|l| mask_ids(l)).collect()
+}
+
+/// `line` with every identifier of 32 lowercase hex digits replaced by `<id>`, and local ports
+/// (each run has its own) by `<port>`.
+fn mask_ids(line: &str) -> String {
+    let mut line = line.to_string();
+    let host = "127.0.0.1:";
+    let mut from = 0;
+    while let Some(at) = line[from..].find(host) {
+        let start = from + at + host.len();
+        let end = start
+            + line[start..]
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(line.len() - start);
+        line.replace_range(start..end, "<port>");
+        from = start;
+    }
+    let mut out = String::new();
+    let mut hex = String::new();
+    for c in line.chars().chain(std::iter::once(' ')) {
+        if c.is_ascii_hexdigit() && !c.is_ascii_uppercase() {
+            hex.push(c);
+            continue;
         }
-        out.pop();
-        out
-    };
-    run.log.iter().map(|l| mask(l)).collect()
+        out.push_str(if hex.len() == 32 { "<id>" } else { &hex });
+        hex.clear();
+        out.push(c);
+    }
+    out.pop();
+    out
 }
 
 /// A seed replays exactly: the same requests get the same answers, Apple ends in the same state
@@ -620,14 +635,36 @@ async fn a_seed_replays_exactly() {
                     .collect::<Vec<_>>()
             })
             .unwrap_or_default();
+        // Every call Apple received, in order, with its answer.
+        let calls: Vec<String> = run
+            .env
+            .sim
+            .calls_for(&run.token)
+            .iter()
+            .map(|c| {
+                let body = c.body.as_ref().map(Value::to_string).unwrap_or_default();
+                mask_ids(&format!(
+                    "{} {}?{} {} {body}",
+                    c.method, c.path, c.query, c.status
+                ))
+            })
+            .collect();
         seen.push((
             trace(&run),
             held,
             notices,
             run.env.sim.removals_for(&run.token),
+            calls,
         ));
     }
     let (a, b) = (&seen[0], &seen[1]);
+    if let Some(i) = (0..a.4.len().max(b.4.len())).find(|i| a.4.get(*i) != b.4.get(*i)) {
+        panic!(
+            "seed {seed}: Apple's call {i} differs:\n  first:  {:?}\n  second: {:?}",
+            a.4.get(i),
+            b.4.get(i)
+        );
+    }
     if let Some(i) = (0..a.0.len().max(b.0.len())).find(|i| a.0.get(*i) != b.0.get(*i)) {
         panic!(
             "seed {seed}: step log differs at line {i}:\n  first:  {:?}\n  second: {:?}",
