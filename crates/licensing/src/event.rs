@@ -346,14 +346,10 @@ pub fn apply_outcome(
             removed.push((it.asset_key.clone(), it.subject.clone()));
         }
     }
-    // Counts follow the copy: recounted from its entries, so an invocation killed between the
-    // copy's write and this one is put right when the outcome is read again.
-    let touched: Vec<String> = copy_items
-        .iter()
-        .map(|(_, a)| a.key())
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
+    // Counts follow the copy: recounted from its entries (every asset the outcome names, also
+    // when nothing of it moves now), so an invocation killed between the copy's write and this
+    // one is put right when the outcome is read again.
+    let touched: Vec<String> = doc.assets.iter().map(AssetRecord::key).collect();
     crate::copy::recount(kv, account_id, doc.generation, &touched)?;
 
     // 3. An open entry of ours this removal came after (see `ledger::taken_while_open`): the

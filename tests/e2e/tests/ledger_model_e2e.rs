@@ -16,7 +16,8 @@
 //! time of day is frozen and moved only by the test (`App::freeze_clock`, `advance_clock`), the
 //! simulator applies events on its own clock moved with it (`Simulator::set_manual_clock`,
 //! `advance_clock`) and delivers their notifications before the next step, its random source
-//! is seeded, and its wall-clock rate limit is off (429s come as faults).
+//! is seeded, and its wall-clock rate limit and the components' pacing are out of the way (429s
+//! come as faults).
 
 use apple_sim::{AssignmentSpec, FaultKind, FaultSpec};
 use e2e::{request, seed_location, Env, SCHEDULER_KEY};
@@ -60,7 +61,11 @@ impl Run {
         let env = Env::start().await;
         env.sim.seed(seed);
         env.sim.set_manual_clock(true);
+        // Rate limits come as faults: the simulator's limiter and the components' pacing both
+        // count requests per second of a clock, which here stands still between the test's steps.
         env.sim.set_rate_limit_enabled(false);
+        env.sim
+            .configure(|c| c.limits.max_request_per_second = 1_000_000);
         env.app.freeze_clock(FROZEN_AT);
         // Apple applies what it accepted within seconds to minutes of the test's time.
         env.sim.set_event_delay(EVENT_DELAY);
