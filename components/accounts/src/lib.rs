@@ -312,7 +312,7 @@ fn new_job(
     caller: &str,
 ) -> Result<Job, ApiError> {
     let checkpoint = match kind {
-        "refresh" => serde_json::to_value(refresh::initial_state(kv, account, full)?),
+        "refresh" => serde_json::to_value(refresh::initial_state(kv, account, full, Utc::now())?),
         _ => serde_json::to_value(cleanup::initial_state(kv, &account.id)?),
     }
     .map_err(ApiError::internal)?;

@@ -5,7 +5,8 @@
 //!
 //! - [`assets_for`] / [`all_assets`]: asset records as an [`AssetsDoc`] view (a few reads /
 //!   every page, for jobs);
-//! - [`update_assets`], [`adjust_counts`]: change records (one compare-and-swap per page);
+//! - [`update_assets`], [`recount`]: change records (one compare-and-swap per page); in-use
+//!   is always recounted from the copy's entries, never moved by a difference;
 //! - [`held`], [`edit_assignments`]: look up and change assignments (one read or
 //!   compare-and-swap per copy shard);
 //! - [`asset_assignments`]: page `i` of an asset's assignments (one read);
@@ -410,29 +411,91 @@ pub fn insert_assets(
     Ok(())
 }
 
-/// Add `delta` to in-use (and the opposite to available) per asset.
-pub fn adjust_counts(
+/// Put in-use (and available, by the same difference) of `asset_keys` in generation
+/// `generation` right: in-use is the number of the asset's entries the copy holds, read from its
+/// copy shards inside the compare-and-swap of the asset page (after the page is read, so a
+/// writer whose swap wins has counted every copy edit made before it; one that counted too
+/// early loses the swap and counts again).
+///
+/// Why a count and not a difference: the copy and the counts are separate values, and an
+/// invocation killed between the two writes must not leave them apart. A recount is idempotent,
+/// so whoever reads the outcome again (a poll, a notification Apple sends again, a resumed job)
+/// completes what the killed one left. A generation a full refresh replaced since is left alone
+/// (the new one has Apple's counts).
+pub fn recount(
     kv: &impl Kv,
     account: &str,
-    deltas: &BTreeMap<String, i64>,
+    generation: u64,
+    asset_keys: &[String],
 ) -> Result<(), StoreError> {
-    let keys: Vec<String> = deltas
-        .iter()
-        .filter(|(_, d)| **d != 0)
-        .map(|(k, _)| k.clone())
-        .collect();
-    if keys.is_empty() {
+    let ix = index(kv, account)?;
+    if ix.generation != generation || asset_keys.is_empty() {
         return Ok(());
     }
-    update_assets(kv, account, &keys, |a| {
-        if let Some(d) = deltas.get(&a.key()) {
-            a.in_use = (a.in_use + d).max(0);
-            if a.total != vpp_apple::Asset::UNLIMITED_TOTAL {
-                a.available = (a.available - d).max(0);
+    let mut by_page: BTreeMap<u32, BTreeSet<&String>> = BTreeMap::new();
+    for k in asset_keys {
+        by_page.entry(ix.page_of(k)).or_default().insert(k);
+    }
+    for (p, wanted) in by_page {
+        update::<AssetPage, ()>(kv, &keys::asset_page(account, ix.generation, p), |cur| {
+            let Some(mut records) = cur else {
+                return Ok((None, ()));
+            };
+            let mut changed = false;
+            for k in &wanted {
+                let Some(r) = records.get_mut(k.as_str()) else {
+                    continue;
+                };
+                let held = entries_held(kv, account, &ix, r)? as i64;
+                let d = held - r.in_use;
+                if d != 0 {
+                    r.in_use = held;
+                    if r.total != vpp_apple::Asset::UNLIMITED_TOTAL {
+                        r.available = (r.available - d).max(0);
+                    }
+                    changed = true;
+                }
             }
-        }
-    })?;
+            Ok((changed.then_some(records), ()))
+        })?;
+    }
     Ok(())
+}
+
+/// How many subjects hold `asset` in generation `ix` of the copy: one read of each copy shard it
+/// owns (a subject met twice, as between the steps of [`respread`], counts once).
+fn entries_held(
+    kv: &impl Kv,
+    account: &str,
+    ix: &CopyIndex,
+    asset: &AssetRecord,
+) -> Result<usize, StoreError> {
+    let ak = asset.key();
+    let only = BTreeSet::from([ak.as_str()]);
+    let shards: BTreeSet<u32> = (0..asset.shards.max(1))
+        .map(|i| keys::asset_copy_shard(&ak, i, ix.copy_shards))
+        .collect();
+    if shards.len() == 1 {
+        let n = shards.into_iter().next().unwrap_or_default();
+        let shard: CopyShard = pick(
+            kv,
+            &keys::copy_shard(account, ix.generation, n),
+            Wanted::Keys(&only),
+        )?;
+        return Ok(shard.get(&ak).map_or(0, BTreeMap::len));
+    }
+    let mut tags: BTreeSet<String> = BTreeSet::new();
+    for n in shards {
+        let mut shard: CopyShard = pick(
+            kv,
+            &keys::copy_shard(account, ix.generation, n),
+            Wanted::Keys(&only),
+        )?;
+        if let Some(m) = shard.remove(&ak) {
+            tags.extend(m.into_keys());
+        }
+    }
+    Ok(tags.len())
 }
 
 /// The copy shard that holds `subject` of `asset` in the generation `doc` was read from.

@@ -435,7 +435,7 @@ async fn refresh_step<K: Kv, G: Gateway, S: WebhookSender>(
                     Err(e) => return Err(e),
                 };
                 let full = wants_full(&account, now, ctx.config.full_refresh_days);
-                let initial = crate::refresh::initial_state(kv, &account, full)?;
+                let initial = crate::refresh::initial_state(kv, &account, full, now)?;
                 let mut c = Job::new(
                     &(ctx.new_id)()?,
                     "refresh",
@@ -1069,9 +1069,10 @@ mod tests {
         let h = Harness::new(&["a"], 0);
         let mut manual = Job::new("manual", "refresh", Some("a"), "admin", h.now());
         let acc: Account = get_json(&h.kv, &keys::account("a")).unwrap().unwrap();
-        manual.checkpoint =
-            serde_json::to_value(crate::refresh::initial_state(&h.kv, &acc, true).unwrap())
-                .unwrap();
+        manual.checkpoint = serde_json::to_value(
+            crate::refresh::initial_state(&h.kv, &acc, true, h.now()).unwrap(),
+        )
+        .unwrap();
         job::create(&h.kv, &manual).unwrap();
         let (job, _) = h.run_to_end(1000);
         assert_eq!(job.result.unwrap()["accounts"][0]["jobId"], "manual");

@@ -291,8 +291,7 @@ pub fn apply_outcome(
         }
     }
 
-    // 2. Copy (through `crate::copy`): one compare-and-swap per copy shard; count what really
-    // changed.
+    // 2. Copy (through `crate::copy`): one compare-and-swap per copy shard; then the counts.
     let mut copy_items: Vec<(usize, AssetRecord)> = Vec::new();
     for (i, it) in items.iter().enumerate() {
         if it.failure.is_some() || stale[i] {
@@ -330,7 +329,6 @@ pub fn apply_outcome(
             Some(_) => crate::copy::Edit::Keep,
         }
     })?;
-    let mut count_delta: BTreeMap<String, i64> = BTreeMap::new();
     let mut removed: Vec<(String, Subject)> = Vec::new();
     let mut was_present = vec![false; items.len()];
     for (j, (i, _)) in copy_items.iter().enumerate() {
@@ -340,20 +338,19 @@ pub fn apply_outcome(
         if it.failure.is_some() || stale[i] {
             continue;
         }
-        let in_copy_doc = doc.assets.iter().any(|a| a.key() == it.asset_key);
-        if removing {
-            if was_present[i] {
-                *count_delta.entry(it.asset_key.clone()).or_default() -= 1;
-            }
-            if was_present[i] || prev[i].is_some_and(|p| p != LedgerState::Failed) || copy_replaced
-            {
-                removed.push((it.asset_key.clone(), it.subject.clone()));
-            }
-        } else if in_copy_doc && !was_present[i] {
-            *count_delta.entry(it.asset_key.clone()).or_default() += 1;
+        if removing
+            && (was_present[i]
+                || prev[i].is_some_and(|p| p != LedgerState::Failed)
+                || copy_replaced)
+        {
+            removed.push((it.asset_key.clone(), it.subject.clone()));
         }
     }
-    adjust_counts(kv, account_id, &count_delta)?;
+    // Counts follow the copy: recounted from its entries (every asset the outcome names, also
+    // when nothing of it moves now), so an invocation killed between the copy's write and this
+    // one is put right when the outcome is read again.
+    let touched: Vec<String> = doc.assets.iter().map(AssetRecord::key).collect();
+    crate::copy::recount(kv, account_id, doc.generation, &touched)?;
 
     // 3. An open entry of ours this removal came after (see `ledger::taken_while_open`): the
     // notice is this removal's when it knew the license was held (in the copy), else the
@@ -511,18 +508,6 @@ fn held_before_removal(
         }
     }
     Ok(out)
-}
-
-/// Add `delta` to in-use (and the opposite to available) per asset.
-pub fn adjust_counts(
-    kv: &impl Kv,
-    account_id: &str,
-    deltas: &BTreeMap<String, i64>,
-) -> Result<(), StoreError> {
-    if deltas.values().all(|d| *d == 0) {
-        return Ok(());
-    }
-    crate::copy::adjust_counts(kv, account_id, deltas)
 }
 
 /// The subjects an Apple `ErrorResponse` names (`errorInfo`).

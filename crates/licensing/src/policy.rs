@@ -146,11 +146,13 @@ pub fn desired(
     Ok(out)
 }
 
-/// Check a body against the account's assets; nothing is written.
+/// Check a body against the account's assets; nothing is written. The policy returned is
+/// stamped `now` (`put` keeps the first creation time).
 pub fn validate(
     kv: &impl Kv,
     id: &str,
     body: &PolicyBody,
+    now: DateTime<Utc>,
 ) -> Result<(Policy, AssetsDoc), ApiError> {
     validate_id(id)?;
     let name = body.name.trim();
@@ -236,8 +238,8 @@ pub fn validate(
             assets,
             serial_numbers: strip(serials),
             client_user_ids: strip(users),
-            created_at: Utc::now(),
-            updated_at: Utc::now(),
+            created_at: now,
+            updated_at: now,
         },
         doc,
     ))
@@ -254,7 +256,7 @@ pub async fn put<T: Transport, C: Clock>(
     now: DateTime<Utc>,
     budget: &mut crate::job::Budget,
 ) -> Result<(bool, Value), ApiError> {
-    let (mut policy, doc) = validate(kv, id, body)?;
+    let (mut policy, doc) = validate(kv, id, body, now)?;
     let existing = load(kv, id)?;
     policy.created_at = existing.as_ref().map(|p| p.created_at).unwrap_or(now);
     policy.updated_at = now;

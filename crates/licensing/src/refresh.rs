@@ -138,11 +138,12 @@ impl LookupConfig {
     }
 }
 
-/// The checkpoint a new refresh job starts from.
+/// The checkpoint a new refresh job starts from, created at `now` (the caller's clock).
 pub fn initial_state(
     kv: &impl Kv,
     account: &Account,
     full: bool,
+    now: DateTime<Utc>,
 ) -> Result<RefreshState, ApiError> {
     let ix = copy::index(kv, &account.id)?;
     // Without a version marker (or copy) there is nothing to be incremental on.
@@ -173,7 +174,7 @@ pub fn initial_state(
         assignments_read: 0,
         users_read: 0,
         pages_read: 0,
-        started_at: Some(Utc::now()),
+        started_at: Some(now),
         users_since: if full {
             None
         } else {
@@ -740,7 +741,7 @@ async fn step<T: Transport, C: Clock>(
             Ok(false)
         }
         Phase::Commit => {
-            commit(kv, account_id, st)?;
+            commit(kv, account_id, st, client.clock().now())?;
             Ok(true)
         }
     }
@@ -836,7 +837,7 @@ fn apply_changes(
         assets: Vec::new(),
     };
     let entries: Vec<(&AssetRecord, &Subject)> = read.iter().map(|(r, s, _)| (r, s)).collect();
-    let before = copy::edit_assignments(kv, account_id, &doc, &entries, |i, cur| {
+    copy::edit_assignments(kv, account_id, &doc, &entries, |i, cur| {
         let by = &read[i].2;
         match cur {
             Some(c) if c == by => copy::Edit::Keep,
@@ -844,13 +845,15 @@ fn apply_changes(
         }
     })?;
     if !st.read_assets {
-        let mut deltas: BTreeMap<String, i64> = BTreeMap::new();
-        for (i, (rec, _, _)) in read.iter().enumerate() {
-            if before[i].is_none() {
-                *deltas.entry(rec.key()).or_default() += 1;
-            }
-        }
-        copy::adjust_counts(kv, account_id, &deltas)?;
+        // Counted from the copy's entries (not a difference), so a slice killed between the
+        // copy's write and the counts' is put right when the job reads the page again.
+        let touched: Vec<String> = read
+            .iter()
+            .map(|(rec, _, _)| rec.key())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        copy::recount(kv, account_id, ix.generation, &touched)?;
     }
     Ok(!spread.is_empty())
 }
@@ -867,7 +870,12 @@ fn advance(st: &mut RefreshState, next: Option<u32>, then: Phase) {
 }
 
 /// Switch to the new copy with one write, then drop what the old one used.
-fn commit(kv: &impl Kv, account_id: &str, st: &RefreshState) -> Result<(), StepError> {
+fn commit(
+    kv: &impl Kv,
+    account_id: &str,
+    st: &RefreshState,
+    now: DateTime<Utc>,
+) -> Result<(), StepError> {
     let old = copy::index(kv, account_id)?;
     let gone = if st.full {
         let Some(mut ix) = copy::staging(kv, account_id)? else {
@@ -881,7 +889,7 @@ fn commit(kv: &impl Kv, account_id: &str, st: &RefreshState) -> Result<(), StepE
             }
             return finish_commit(kv, account_id, st);
         };
-        ix.synced_at = Some(Utc::now());
+        ix.synced_at = Some(now);
         // Our licenses Apple no longer lists (only a complete, unchanged full read can tell),
         // judged before switching.
         let gone = if st.data_changed {
@@ -902,14 +910,14 @@ fn commit(kv: &impl Kv, account_id: &str, st: &RefreshState) -> Result<(), StepE
     } else {
         update::<CopyIndex, ()>(kv, &keys::assets(account_id), |cur| {
             let mut ix = cur.unwrap_or_default();
-            ix.synced_at = Some(Utc::now());
+            ix.synced_at = Some(now);
             Ok((Some(ix), ()))
         })?;
         Vec::new()
     };
     if !gone.is_empty() {
-        forget_gone(kv, account_id, &gone)?;
-        crate::notice::record_removals(kv, account_id, &gone, "refresh", Utc::now())?;
+        forget_gone(kv, account_id, &gone, now)?;
+        crate::notice::record_removals(kv, account_id, &gone, "refresh", now)?;
     }
     finish_commit(kv, account_id, st)
 }
@@ -990,8 +998,9 @@ fn forget_gone(
     kv: &impl Kv,
     account_id: &str,
     gone: &[(String, Subject)],
+    now: DateTime<Utc>,
 ) -> Result<(), vpp_store::StoreError> {
-    crate::ledger::forget_confirmed(kv, account_id, gone, Utc::now())
+    crate::ledger::forget_confirmed(kv, account_id, gone, now)
 }
 
 /// Drop a half-built new generation (full refresh) so no orphan keys remain.

@@ -265,6 +265,9 @@ struct Run {
     cleaned_since_foreign: bool,
     /// Another MDM took the location over; settling takes it back (as reclaim does).
     taken_over: bool,
+    /// Counts found wrong once settling had read every outcome, before its last refresh (which
+    /// would put them right and hide a drift).
+    counts_before_refresh: Vec<String>,
 }
 
 fn sha256(s: &str) -> String {
@@ -337,6 +340,7 @@ impl Run {
             foreign: BTreeSet::new(),
             cleaned_since_foreign: false,
             taken_over: false,
+            counts_before_refresh: Vec::new(),
         };
         run.refresh(true);
         run
@@ -396,7 +400,7 @@ impl Run {
         let account: Account = get_json(&self.kv, &keys::account(ACCOUNT))
             .unwrap()
             .unwrap();
-        let Ok(st) = refresh::initial_state(&self.kv, &account, full) else {
+        let Ok(st) = refresh::initial_state(&self.kv, &account, full, self.now()) else {
             return;
         };
         let mut j = self.job("refresh");
@@ -640,19 +644,58 @@ impl Run {
             let mut b = Budget::new(now, 600, 1000);
             block_on(event::poll_due(&self.kv, |_| self.client(), now, &mut b)).unwrap();
             block_on(ledger::settle_all(&self.kv, |_| self.client(), now, &mut b)).unwrap();
-            // Resumable jobs left queued work: the daily run would send it.
-            self.refresh(round % 2 == 0);
             let open: i64 = ASSETS
                 .iter()
                 .map(|(a, _)| ledger::reserved(&self.kv, ACCOUNT, &format!("{a}:STDQ")).unwrap())
                 .sum();
-            let w = self.world.lock().unwrap();
-            if open == 0 && w.model.pending_events().is_empty() && w.notes.is_empty() && round >= 1
-            {
+            let settled = {
+                let w = self.world.lock().unwrap();
+                open == 0 && w.model.pending_events().is_empty() && w.notes.is_empty()
+            };
+            if settled && round >= 1 {
+                // Every outcome is read and the last refresh came before them: the counts the
+                // outcomes left must already be Apple's (no refresh to put a drift right).
+                self.counts_before_refresh = self.count_problems();
                 break;
             }
+            // Resumable jobs left queued work: the daily run would send it.
+            self.refresh(round % 2 == 0);
         }
         self.refresh(true);
+    }
+
+    /// Assets whose counts differ from Apple's, or whose in-use differs from the entries our
+    /// copy holds.
+    fn count_problems(&self) -> Vec<String> {
+        let w = self.world.lock().unwrap();
+        let Ok(st) = w.model.location_state(&w.token) else {
+            return vec!["no location at Apple".into()];
+        };
+        let doc: AssetsDoc = copy::all_assets(&self.kv, ACCOUNT).unwrap();
+        let mut out = Vec::new();
+        for v in &st.assets {
+            let Some(a) = doc.find(&v.adam_id, &v.pricing_param) else {
+                out.push(format!("asset {} missing from our copy", v.adam_id));
+                continue;
+            };
+            let entries: usize = (0..a.shards.max(1))
+                .map(|p| {
+                    copy::asset_assignments(&self.kv, ACCOUNT, &doc, a, p)
+                        .unwrap()
+                        .len()
+                })
+                .sum();
+            if a.in_use != v.assigned_count as i64
+                || a.available != v.available_count as i64
+                || a.in_use != entries as i64
+            {
+                out.push(format!(
+                    "counts of {}: ours in use {} available {} (copy entries {entries}), Apple {} / {}",
+                    v.adam_id, a.in_use, a.available, v.assigned_count, v.available_count
+                ));
+            }
+        }
+        out
     }
 
     fn check(&self, seed: u64) -> Result<(), String> {
@@ -671,7 +714,11 @@ impl Run {
             .filter_map(|a| a.serial_number.clone().map(|s| (a.adam_id.clone(), s)))
             .collect();
         let doc: AssetsDoc = copy::all_assets(&self.kv, ACCOUNT).unwrap();
-        let mut problems = Vec::new();
+        let mut problems: Vec<String> = self
+            .counts_before_refresh
+            .iter()
+            .map(|p| format!("settled, before the last refresh: {p}"))
+            .collect();
         // Our ledger: every settled and open entry.
         let mut ours: BTreeMap<(String, String), String> = BTreeMap::new();
         for shard in 0..LEDGER_SHARDS {
@@ -1923,5 +1970,87 @@ fn an_outcome_killed_between_its_writes_has_one_notice() {
         run.settle();
         run.check(4).unwrap();
         assert_eq!(notices(&run).len(), 1, "killed after {kill_after} writes");
+    }
+}
+
+/// Issue 9: an outcome wrote the copy and then the counts, two values; killed between them,
+/// in-use stayed one off until a refresh (and reading the outcome again found the copy already
+/// changed, so it moved nothing). Counts are now recounted from the copy's entries. Killed
+/// after every possible write count in turn, an associate's and a revoke's outcome, read again
+/// with no refresh, leave in-use and available equal to Apple's and to the copy's entries.
+#[test]
+fn an_outcome_killed_between_the_copy_and_the_counts_leaves_no_drift() {
+    let poll = |run: &mut Run| {
+        run.clock.advance(std::time::Duration::from_secs(60));
+        let now = run.now();
+        let mut b = run.budget();
+        block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b))
+    };
+    let apply_all = |run: &mut Run| {
+        let mut w = run.world.lock().unwrap();
+        for id in w.model.pending_events() {
+            w.apply(&id);
+        }
+    };
+    for revoking in [false, true] {
+        let what = if revoking { "revoke" } else { "associate" };
+        let mut kills = 0;
+        for kill_after in 0.. {
+            let mut run = Run::new(4);
+            let now = run.now();
+            let mut b = run.budget();
+            block_on(assignment::assign(
+                &run.kv,
+                &run.client(),
+                &assign_body("200", &["D8".into()]),
+                now,
+                &mut b,
+            ))
+            .unwrap();
+            apply_all(&mut run);
+            if revoking {
+                poll(&mut run).unwrap();
+                assert_eq!(state_of(&run, "200", "D8"), Some("confirmed"));
+                let now = run.now();
+                let mut b = run.budget();
+                block_on(assignment::revoke(
+                    &run.kv,
+                    &run.client(),
+                    &assign_body("200", &["D8".into()]),
+                    now,
+                    &mut b,
+                ))
+                .unwrap();
+                apply_all(&mut run);
+            }
+            run.world.lock().unwrap().notes.clear();
+            // The poll that reads the outcome is killed after `kill_after` writes.
+            run.kv.left.set(Some(kill_after));
+            let _ = poll(&mut run);
+            let killed = run.kv.left.get() == Some(0);
+            run.kv.left.set(None);
+            // Read again (and again: a second reading changes nothing); no refresh.
+            poll(&mut run).unwrap();
+            poll(&mut run).unwrap();
+            let want = if revoking { None } else { Some("confirmed") };
+            assert_eq!(
+                state_of(&run, "200", "D8"),
+                want,
+                "{what} killed after {kill_after}"
+            );
+            let problems = run.count_problems();
+            assert!(
+                problems.is_empty(),
+                "{what} outcome killed after {kill_after} writes: {problems:?}"
+            );
+            if !killed {
+                break;
+            }
+            kills += 1;
+        }
+        assert!(
+            kills >= 3,
+            "{what}: the outcome made too few writes to test ({kills})"
+        );
     }
 }

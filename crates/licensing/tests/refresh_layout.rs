@@ -149,9 +149,14 @@ fn client(apple: &Apple) -> Client<ScriptedTransport, FakeClock> {
             )),
         }
     });
-    Client::new(t, FakeClock::default())
+    Client::new(t, FakeClock::at(clock_start()))
         .with_policy(vpp_apple::RetryPolicy::none())
         .with_pacer(vpp_apple::Pacer::unlimited())
+}
+
+/// Where every client's fake clock stands (each invocation makes a fresh client).
+fn clock_start() -> chrono::DateTime<Utc> {
+    Utc.with_ymd_and_hms(2025, 6, 1, 0, 0, 0).unwrap()
 }
 
 fn location(assets: usize, assignments: usize, page_size: usize) -> Apple {
@@ -182,9 +187,10 @@ fn account(kv: &impl Kv) {
 /// Run a refresh job to its end in slices of `calls` Apple calls; returns the job.
 fn run_refresh(kv: &impl Kv, apple: &Apple, full: bool, calls: u32) -> Job {
     let acc: Account = get_json(kv, &keys::account(ACCOUNT)).unwrap().unwrap();
-    let now = Utc.with_ymd_and_hms(2025, 6, 1, 0, 0, 0).unwrap();
+    let now = clock_start();
     let mut job = Job::new("job1", "refresh", Some(ACCOUNT), "test", now);
-    job.checkpoint = serde_json::to_value(refresh::initial_state(kv, &acc, full).unwrap()).unwrap();
+    job.checkpoint =
+        serde_json::to_value(refresh::initial_state(kv, &acc, full, now).unwrap()).unwrap();
     for _ in 0..10_000 {
         // A new invocation each slice: a fresh client, as the components make.
         let c = client(apple);
@@ -488,6 +494,58 @@ fn apple_changing_between_pages_never_drops_our_licenses() {
     .unwrap()
     .unwrap_or_default();
     assert!(!l.get(&ak).is_some_and(|m| m.contains_key(&ours.tag())));
+}
+
+#[test]
+fn a_refresh_stamps_the_clients_clock_not_the_machines() {
+    // Issue 9: `started_at`, `synced_at` and the notices of what a refresh found gone came from
+    // the machine's clock, so a refresh under a test's (or host's) clock mixed two timelines.
+    let kv = MemoryKv::default();
+    account(&kv);
+    vpp_licensing::settings::put(&kv, br#"{"licenseRemovalNotification": true}"#).unwrap();
+    let apple = location(3, 10, 1000);
+    run_refresh(&kv, &apple, true, 500);
+    // A license of ours that Apple no longer lists: the next full read finds it gone.
+    let gone = Subject::SerialNumber("SERGONE".into());
+    let ak = asset_key("100000", "STDQ");
+    let mut shard = LedgerShard::new();
+    shard.entry(ak.clone()).or_default().insert(
+        gone.tag(),
+        LedgerEntry {
+            state: LedgerState::Confirmed,
+            event_id: Some("ev1".into()),
+            at: clock_start() - chrono::Duration::days(3),
+            error: None,
+            asked: None,
+        },
+    );
+    set_json(
+        &kv,
+        &keys::ledger_shard(ACCOUNT, ledger_shard_of(&ak, &gone)),
+        &shard,
+    )
+    .unwrap();
+    let job = run_refresh(&kv, &apple, true, 500);
+    let t = clock_start();
+    assert_eq!(job.checkpoint["startedAt"], json!(t), "started_at");
+    assert_eq!(
+        copy::index(&kv, ACCOUNT).unwrap().synced_at,
+        Some(t),
+        "synced_at"
+    );
+    let acc: Account = get_json(&kv, &keys::account(ACCOUNT)).unwrap().unwrap();
+    assert_eq!(acc.last_synchronized, Some(t));
+    let notices: Vec<Value> = get_json(&kv, &keys::notices_page(0)).unwrap().unwrap();
+    let n = notices
+        .iter()
+        .find(|n| n["serialNumber"] == "SERGONE")
+        .expect("a notice for the license found gone");
+    assert_eq!(n["reason"], "refresh");
+    assert_eq!(n["at"], json!(t), "notice time");
+    // An incremental refresh stamps the client's clock too.
+    let job = run_refresh(&kv, &apple, false, 500);
+    assert_eq!(job.result.as_ref().unwrap()["full"], false);
+    assert_eq!(copy::index(&kv, ACCOUNT).unwrap().synced_at, Some(t));
 }
 
 #[test]

@@ -161,6 +161,26 @@ impl Simulator {
         self.configure(|c| c.event_delay_ms = d.as_millis() as u64)
     }
 
+    /// Events wait on the simulator's own clock ([`Simulator::advance_clock`]), not on timers:
+    /// with a seeded [`Simulator::seed`], a test replays exactly.
+    pub fn set_manual_clock(&self, on: bool) {
+        self.configure(|c| c.manual_clock = on)
+    }
+
+    /// Move the simulator's clock on (see [`Simulator::set_manual_clock`]): the events now due
+    /// are applied in the order they were accepted, their notifications delivered in order in
+    /// the background ([`Simulator::is_idle`] tells when they are done).
+    pub fn advance_clock(&self, d: Duration) {
+        let notes = self.model().advance_clock(d);
+        self.notify(notes);
+    }
+
+    /// Seed the simulator's random source (identifiers, duplicate notifications), so a test
+    /// that seeds it gets the same ones each run.
+    pub fn seed(&self, seed: u64) {
+        self.model().rng = model::Rng::from_seed(seed);
+    }
+
     /// Deliver every notification twice (same notificationId), or never.
     pub fn set_duplicate_notifications(&self, on: bool) {
         self.configure(|c| c.duplicate_notification_chance = if on { 1.0 } else { 0.0 })
@@ -335,10 +355,15 @@ impl Simulator {
         self.model().pending_events().len()
     }
 
-    /// True when no event is pending and no notification delivery is under way. Cheap and
+    /// True when no event is pending and no notification delivery is under way (with the
+    /// manual clock: no delivery under way; pending events wait for the clock). Cheap and
     /// non-blocking: poll it with `tokio::time::sleep` inside a runtime.
     pub fn is_idle(&self) -> bool {
-        self.pending_events() == 0
+        let waiting = {
+            let m = self.model();
+            !m.config.manual_clock && !m.pending_events().is_empty()
+        };
+        !waiting
             && self
                 .shared
                 .in_flight

@@ -135,6 +135,9 @@ pub struct SimConfig {
     /// Delay before an asynchronous event (associate, users/create, ...) is applied. 0 applies it
     /// before the write's response is sent.
     pub event_delay_ms: u64,
+    /// Events wait on the simulator's own clock, moved only by [`Model::advance_clock`] (a
+    /// test's clock), instead of timers on the machine's: a seeded test then replays exactly.
+    pub manual_clock: bool,
     /// Probability (0.0..=1.0) that a notification is delivered twice with the same notificationId.
     pub duplicate_notification_chance: f64,
     /// Attempts per notification delivery (Apple: up to 3).
@@ -157,6 +160,7 @@ impl Default for SimConfig {
         SimConfig {
             page_size: 100,
             event_delay_ms: 200,
+            manual_clock: false,
             duplicate_notification_chance: 0.0,
             notification_attempts: 3,
             notification_retry_delay_ms: 200,
@@ -1260,6 +1264,10 @@ pub struct Model {
     /// Every license an applied event took away, in order: (location uId, adamId, serial
     /// number, client user id). Tests count these against the removal notices owed.
     pub removed: Vec<(String, String, Option<String>, Option<String>)>,
+    /// With [`SimConfig::manual_clock`]: time moved so far, and the events waiting on it (due
+    /// time, event id), in the order they were accepted.
+    pub clock: Duration,
+    due: Vec<(Duration, String)>,
 }
 
 impl Model {
@@ -1275,13 +1283,32 @@ impl Model {
             rng: Rng::seeded(),
             uid_counter: 0,
             removed: Vec::new(),
+            clock: Duration::ZERO,
+            due: Vec::new(),
         }
+    }
+
+    /// Move the simulator's clock on (with [`SimConfig::manual_clock`]) and apply the events now
+    /// due, in the order Apple accepted them; returns their notifications, in order.
+    pub fn advance_clock(&mut self, d: Duration) -> Vec<Outgoing> {
+        self.clock += d;
+        let now = self.clock;
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.due)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.due = later;
+        let mut out = Vec::new();
+        for (_, id) in due {
+            out.extend(self.apply_event(&id));
+        }
+        out
     }
 
     /// Drops every location, event, fault and log (the config stays).
     pub fn reset(&mut self) {
         self.locations.clear();
         self.events.clear();
+        self.due.clear();
         self.calls.clear();
         self.notifications.clear();
         self.global_faults.clear();
@@ -2403,6 +2430,9 @@ impl Model {
             if !n.is_empty() {
                 out.effects.push(Effect::Notify(n));
             }
+        } else if self.config.manual_clock {
+            let at = self.clock + Duration::from_millis(self.config.event_delay_ms);
+            self.due.push((at, id));
         } else {
             out.effects.push(Effect::Schedule {
                 event_id: id,
@@ -2487,6 +2517,9 @@ impl Model {
                 .collect();
             let mut assigned = holders.len() as u64;
             let mut removing: HashSet<(Option<String>, Option<String>)> = HashSet::new();
+            // The removals in the order the request named them (the log must not depend on
+            // hashing: a seeded test compares it between runs).
+            let mut removing_in_order: Vec<(Option<String>, Option<String>)> = Vec::new();
             for (serial, user) in &targets {
                 let mut fail = |n: u32| {
                     let e = failed
@@ -2539,7 +2572,8 @@ impl Model {
                 } else {
                     let key = (serial.map(str::to_string), user.map(str::to_string));
                     if holders.remove(&key) {
-                        removing.insert(key);
+                        removing.insert(key.clone());
+                        removing_in_order.push(key);
                     }
                 }
                 completed += 1;
@@ -2560,7 +2594,7 @@ impl Model {
                         && a.pricing_param == *pricing
                         && removing.contains(&(a.serial_number.clone(), a.client_user_id.clone())))
                 });
-                for (s, u) in &removing {
+                for (s, u) in &removing_in_order {
                     self.removed
                         .push((loc.uid.clone(), adam.clone(), s.clone(), u.clone()));
                 }

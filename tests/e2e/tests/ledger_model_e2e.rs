@@ -12,7 +12,12 @@
 //!
 //! Seeded and reproducible: each run prints its seed; `LEDGER_E2E_SEED=<seed>` replays one,
 //! `LEDGER_E2E_SEEDS=<n>` runs n seeds from it, `LEDGER_E2E_STEPS=<n>` sets the length.
-//! CI runs a few fixed seeds.
+//! CI runs a few fixed seeds. A seed replays exactly: time is the test's alone. The components'
+//! time of day is frozen and moved only by the test (`App::freeze_clock`, `advance_clock`), the
+//! simulator applies events on its own clock moved with it (`Simulator::set_manual_clock`,
+//! `advance_clock`) and delivers their notifications before the next step, its random source
+//! is seeded, and its wall-clock rate limit and the components' pacing are out of the way (429s
+//! come as faults).
 
 use apple_sim::{AssignmentSpec, FaultKind, FaultSpec};
 use e2e::{request, seed_location, Env, SCHEDULER_KEY};
@@ -28,6 +33,11 @@ const CI_SEEDS: [u64; 4] = [3, 11, 42, 2026];
 const CI_STEPS: usize = 40;
 
 use apple_sim::rng::Rng;
+
+/// Where the components' frozen time of day starts (2026-06-01T00:00:00Z).
+const FROZEN_AT: i64 = 1_780_272_000;
+/// How long Apple takes to apply an event, on the test's clock.
+const EVENT_DELAY: Duration = Duration::from_secs(10);
 
 struct Run {
     env: Env,
@@ -49,7 +59,16 @@ fn env_u64(name: &str) -> Option<u64> {
 impl Run {
     async fn new(seed: u64) -> Run {
         let env = Env::start().await;
-        env.sim.set_event_delay(Duration::from_millis(30));
+        env.sim.seed(seed);
+        env.sim.set_manual_clock(true);
+        // Rate limits come as faults: the simulator's limiter and the components' pacing both
+        // count requests per second of a clock, which here stands still between the test's steps.
+        env.sim.set_rate_limit_enabled(false);
+        env.sim
+            .configure(|c| c.limits.max_request_per_second = 1_000_000);
+        env.app.freeze_clock(FROZEN_AT);
+        // Apple applies what it accepted within seconds to minutes of the test's time.
+        env.sim.set_event_delay(EVENT_DELAY);
         env.sim.set_duplicate_notification_chance(0.3);
         let token = seed_location(&env.sim, "Model", &ASSETS, &[]);
         let account = env.add_account("Model", &token).await;
@@ -78,6 +97,14 @@ impl Run {
             foreign: BTreeSet::new(),
             cleaned: false,
         }
+    }
+
+    /// Time passes for the components and for Apple alike; the events Apple applies meanwhile
+    /// have their notifications delivered (in order) before anything else happens.
+    async fn advance(&mut self, secs: u64) {
+        self.env.app.advance_clock(secs);
+        self.env.sim.advance_clock(Duration::from_secs(secs));
+        self.env.sim_idle().await;
     }
 
     fn subjects(&mut self) -> Vec<String> {
@@ -256,7 +283,7 @@ impl Run {
             72..=79 => {
                 // The daily route, as the scheduler calls it (a new run once a day).
                 if self.rng.chance(30) {
-                    self.env.app.advance_clock(86_400);
+                    self.advance(86_400).await;
                     self.log.push("a day passes".into());
                 }
                 for _ in 0..(1 + self.rng.below(3)) {
@@ -296,12 +323,13 @@ impl Run {
             }
             _ => {
                 let secs = 5 + self.rng.below(120);
-                self.env.app.advance_clock(secs);
+                self.advance(secs).await;
                 self.log.push(format!("{secs} s pass"));
             }
         }
         self.clear_faults();
-        self.env.app.advance_clock(1 + self.rng.below(20));
+        let secs = 1 + self.rng.below(20);
+        self.advance(secs).await;
     }
 
     /// Faults off; Apple finishes; the daily route runs (forced, then ticked to its end) with
@@ -311,7 +339,7 @@ impl Run {
         self.env.app.cancel_kill();
         for round in 0..8 {
             self.env.sim_idle().await;
-            self.env.app.advance_clock(16 * 60);
+            self.advance(16 * 60).await;
             let r = self.admin("POST", "/api/daily?force=true", None).await;
             assert!(r.status == 200 || r.status == 202, "{}", r.text());
             let mut finished = false;
@@ -331,7 +359,7 @@ impl Run {
                         break;
                     }
                     // A lease a killed invocation left: it expires.
-                    Some("busy") => self.env.app.advance_clock(60),
+                    Some("busy") => self.advance(60).await,
                     _ => {}
                 }
                 self.env.sim_idle().await;
@@ -510,10 +538,12 @@ impl Run {
             }
         }
         // By default: none missing for a license of ours. `LEDGER_E2E_NOTICES=exact`: exactly one
-        // per removal, ours and foreign, none for a license never taken away (still fails on some
-        // runs: see `every_removal_has_exactly_one_notice` in the ledger's model test). Apple
-        // (the simulator) applies events on its own clock, so a seed replays the same operations
-        // and faults, not always the same interleaving.
+        // per removal, ours and foreign, none for a license never taken away. Still fails on 12
+        // of seeds 1..40 at 40 steps, all in the domain's notices (see
+        // `every_removal_has_exactly_one_notice` in the ledger's model test): two removal
+        // events for one license (a revoke and a reconcile, or a resend after a lost answer)
+        // each send a notice; a revoke Apple never applied sends one (seed 24); a clean up killed
+        // after Apple took a foreign license sends none (seed 4).
         let exact = std::env::var("LEDGER_E2E_NOTICES").is_ok_and(|v| v == "exact");
         let pairs: BTreeSet<&(String, String)> = removed.keys().chain(noticed.keys()).collect();
         for pair in pairs {
@@ -549,6 +579,111 @@ impl Run {
             tail.join("\n  ")
         ))
     }
+}
+
+/// What a run did, as the test saw it, with the components' random identifiers (accounts, jobs:
+/// 32 hex digits) masked: equal for two runs of one seed.
+fn trace(run: &Run) -> Vec<String> {
+    run.log.iter().map(|l| mask_ids(l)).collect()
+}
+
+/// `line` with every identifier of 32 lowercase hex digits replaced by `<id>`, and local ports
+/// (each run has its own) by `<port>`.
+fn mask_ids(line: &str) -> String {
+    let mut line = line.to_string();
+    let host = "127.0.0.1:";
+    let mut from = 0;
+    while let Some(at) = line[from..].find(host) {
+        let start = from + at + host.len();
+        let end = start
+            + line[start..]
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(line.len() - start);
+        line.replace_range(start..end, "<port>");
+        from = start;
+    }
+    let mut out = String::new();
+    let mut hex = String::new();
+    for c in line.chars().chain(std::iter::once(' ')) {
+        if c.is_ascii_hexdigit() && !c.is_ascii_uppercase() {
+            hex.push(c);
+            continue;
+        }
+        out.push_str(if hex.len() == 32 { "<id>" } else { &hex });
+        hex.clear();
+        out.push(c);
+    }
+    out.pop();
+    out
+}
+
+/// A seed replays exactly: the same requests get the same answers, Apple ends in the same state
+/// and the same notices are sent (the simulator's events wait on the test's clock, not on timers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_replays_exactly() {
+    let seed = env_u64("LEDGER_E2E_SEED").unwrap_or(CI_SEEDS[0]);
+    let steps = env_u64("LEDGER_E2E_STEPS").unwrap_or(20) as usize;
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let mut run = Run::new(seed).await;
+        for _ in 0..steps {
+            run.step().await;
+        }
+        run.settle().await;
+        let state = run.env.sim.location_state(&run.token).expect("location");
+        let held: BTreeSet<(String, Option<String>)> = state
+            .assignments
+            .iter()
+            .map(|a| (a.adam_id.clone(), a.serial_number.clone()))
+            .collect();
+        let notices = run.admin("GET", "/api/notices", None).await.json()["notices"]
+            .as_array()
+            .map(|n| {
+                n.iter()
+                    .map(|n| format!("{} {} {}", n["adamId"], n["serialNumber"], n["reason"]))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        // Every call Apple received, in order, with its answer.
+        let calls: Vec<String> = run
+            .env
+            .sim
+            .calls_for(&run.token)
+            .iter()
+            .map(|c| {
+                let body = c.body.as_ref().map(Value::to_string).unwrap_or_default();
+                mask_ids(&format!(
+                    "{} {}?{} {} {body}",
+                    c.method, c.path, c.query, c.status
+                ))
+            })
+            .collect();
+        seen.push((
+            trace(&run),
+            held,
+            notices,
+            run.env.sim.removals_for(&run.token),
+            calls,
+        ));
+    }
+    let (a, b) = (&seen[0], &seen[1]);
+    if let Some(i) = (0..a.4.len().max(b.4.len())).find(|i| a.4.get(*i) != b.4.get(*i)) {
+        panic!(
+            "seed {seed}: Apple's call {i} differs:\n  first:  {:?}\n  second: {:?}",
+            a.4.get(i),
+            b.4.get(i)
+        );
+    }
+    if let Some(i) = (0..a.0.len().max(b.0.len())).find(|i| a.0.get(*i) != b.0.get(*i)) {
+        panic!(
+            "seed {seed}: step log differs at line {i}:\n  first:  {:?}\n  second: {:?}",
+            a.0.get(i),
+            b.0.get(i)
+        );
+    }
+    assert_eq!(a.1, b.1, "seed {seed}: Apple's assignments differ");
+    assert_eq!(a.2, b.2, "seed {seed}: notices differ");
+    assert_eq!(a.3, b.3, "seed {seed}: Apple's removals differ");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

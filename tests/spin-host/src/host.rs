@@ -68,18 +68,26 @@ pub struct OutboundHooks {
 }
 
 /// The data of one `Store`: one request (or cron tick) of one component.
-/// The system's wall clock moved on by a test's offset ([`crate::App::advance_clock`]): what
-/// components read as the time of day. Monotonic time is untouched.
-struct ShiftedClock(Arc<std::sync::atomic::AtomicI64>);
+/// The system's wall clock (or the test's frozen one, [`crate::App::freeze_clock`]) moved on by a
+/// test's offset ([`crate::App::advance_clock`]): what components read as the time of day.
+/// Monotonic time is untouched.
+struct ShiftedClock(Arc<std::sync::atomic::AtomicI64>, Arc<crate::TestClock>);
 
 impl wasmtime_wasi::HostWallClock for ShiftedClock {
     fn resolution(&self) -> std::time::Duration {
         std::time::Duration::from_micros(1)
     }
     fn now(&self) -> std::time::Duration {
-        let base = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        use std::sync::atomic::Ordering;
+        let frozen = self.1.frozen_at_secs.load(Ordering::SeqCst);
+        let base = if frozen > 0 {
+            let reads = self.1.reads.fetch_add(1, Ordering::SeqCst);
+            std::time::Duration::from_secs(frozen as u64) + std::time::Duration::from_micros(reads)
+        } else {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+        };
         let offset = self.0.load(std::sync::atomic::Ordering::SeqCst);
         base + std::time::Duration::from_secs(offset.max(0) as u64)
     }
@@ -101,7 +109,10 @@ impl HostState {
         // Component logs should show where the host runs, as under `spin up`.
         wasi.inherit_stdout().inherit_stderr();
         wasi.envs(&component.environment);
-        wasi.wall_clock(ShiftedClock(app.clock_offset_secs.clone()));
+        wasi.wall_clock(ShiftedClock(
+            app.clock_offset_secs.clone(),
+            app.test_clock.clone(),
+        ));
         let meter = crate::memory::MemoryMeter::new(&component.id, app.memory.clone());
         Self {
             wasi: wasi.build(),

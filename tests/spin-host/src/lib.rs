@@ -138,6 +138,16 @@ pub struct AppInner {
     pub(crate) kill_after_writes: std::sync::atomic::AtomicI64,
     /// Seconds components' wall clock runs ahead of the system's ([`App::advance_clock`]).
     pub(crate) clock_offset_secs: Arc<std::sync::atomic::AtomicI64>,
+    /// The test's own clock ([`App::freeze_clock`]), shared by every invocation.
+    pub(crate) test_clock: Arc<TestClock>,
+}
+
+/// A frozen time of day ([`App::freeze_clock`]): Unix seconds (0: the system's clock) and the
+/// reads made of it (each one a microsecond later, so time never repeats or goes back).
+#[derive(Default)]
+pub(crate) struct TestClock {
+    pub(crate) frozen_at_secs: std::sync::atomic::AtomicI64,
+    pub(crate) reads: std::sync::atomic::AtomicU64,
 }
 
 /// A loaded Spin application. Cheap to clone and share between threads.
@@ -272,6 +282,7 @@ impl App {
                 invocation_limit,
                 kill_after_writes: std::sync::atomic::AtomicI64::new(-1),
                 clock_offset_secs: Arc::default(),
+                test_clock: Arc::default(),
             }),
         })
     }
@@ -343,6 +354,16 @@ impl App {
         self.inner
             .kill_after_writes
             .store(-1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Stop the time of day components see at `unix_secs`: from then on it moves only by
+    /// [`App::advance_clock`] (and a microsecond per read), not with the machine's, so a seeded
+    /// test sees the same times on every run however fast the machine is.
+    pub fn freeze_clock(&self, unix_secs: i64) {
+        self.inner
+            .test_clock
+            .frozen_at_secs
+            .store(unix_secs.max(1), std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Move the time of day components see forward by `secs` (never back): a test waits out
