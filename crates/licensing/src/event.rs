@@ -192,7 +192,7 @@ pub fn apply_outcome(
         .unwrap_or_default();
     if let Some(r) = record.as_ref().filter(|_| removing) {
         let owed: Vec<(String, Subject)> =
-            held_before_removal(kv, account_id, &doc, items, copy_replaced)?
+            held_before_removal(kv, account_id, &doc, items, copy_replaced, Some(r.created_at))?
                 .into_iter()
                 .filter(|p| !owed_before.contains(p))
                 .collect();
@@ -273,8 +273,19 @@ pub fn apply_outcome(
             if !ok.is_empty() {
                 let asked_at = record.as_ref().map(|r| r.created_at);
                 let states = ledger::gone(kv, account_id, ak, &ok_subjects, asked_at, now)?;
-                for (i, p) in ok.iter().zip(states) {
-                    prev[*i] = p;
+                // A removal we cannot place in time (not ours, or its answer was lost) and an
+                // open entry of ours: the assignment it waits on may have come after it.
+                let open = if asked_at.is_none() {
+                    ledger::open_subjects(kv, account_id, ak)?
+                } else {
+                    BTreeSet::new()
+                };
+                for (i, g) in ok.iter().zip(states) {
+                    prev[*i] = g.before;
+                    // An assignment of ours this removal may have come before: a full
+                    // refresh decides; the copy, counts and notices stay as they are.
+                    stale[*i] = g.kept
+                        || (g.before.is_none() && open.contains(&items[*i].subject.tag()));
                 }
             }
             for i in &bad {
@@ -488,6 +499,7 @@ fn held_before_removal(
     doc: &AssetsDoc,
     items: &[Item],
     copy_replaced: bool,
+    asked_at: Option<DateTime<Utc>>,
 ) -> Result<Vec<(String, Subject)>, StoreError> {
     let mut out = Vec::new();
     let mut by_asset: BTreeMap<&str, Vec<Subject>> = BTreeMap::new();
@@ -503,8 +515,15 @@ fn held_before_removal(
             None => BTreeMap::new(),
         };
         for s in subjects {
-            let ledgered = ledger::settled(kv, account_id, ak, &s)?
-                .is_some_and(|e| e.state != LedgerState::Failed);
+            let entry = ledger::settled(kv, account_id, ak, &s)?;
+            if entry
+                .as_ref()
+                .is_some_and(|e| !ledger::removal_takes(e, asked_at))
+            {
+                // Kept by step 1: the removal may have come before it (no notice).
+                continue;
+            }
+            let ledgered = entry.is_some_and(|e| e.state != LedgerState::Failed);
             if copy_replaced || ledgered || in_copy.contains_key(&s.tag()) {
                 out.push((ak.to_string(), s));
             }

@@ -945,12 +945,31 @@ pub fn revoke_refused(
     Ok(())
 }
 
+/// Does a removal Apple accepted at `asked_at` (`None`: an event we did not make, or whose
+/// answer we lost, so we cannot tell when) take away what `entry` records? A `confirmed` entry
+/// reflects a request of its own: only a removal accepted after that request took it (Apple
+/// applies events in the order it accepted them). One asked since (or, when we do not know when
+/// it was asked, confirmed since), or a removal we cannot place in time, may have come before
+/// it: the license it records may be held now, and the next full refresh (which sees what Apple
+/// holds) decides. Every other entry (`revoking`, `pending`, `failed`) goes.
+pub fn removal_takes(entry: &LedgerEntry, asked_at: Option<DateTime<Utc>>) -> bool {
+    entry.state != LedgerState::Confirmed
+        || asked_at.is_some_and(|t| entry.asked.unwrap_or(entry.at) <= t)
+}
+
+/// What [`gone`] found for one subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gone {
+    /// The settled entry's state before.
+    pub before: Option<LedgerState>,
+    /// The entry was kept: it records an assignment the removal may have come before (see
+    /// [`removal_takes`]); the removal changes nothing for it (copy, counts, notice).
+    pub kept: bool,
+}
+
 /// Apple took (asset, subject) away in an event we asked for at `asked_at` (`None`: an event we
-/// did not make, or whose answer we lost): `revoking` entries are gone. A `confirmed` entry goes
-/// only when the request it reflects came before ours: Apple applies events in the order it
-/// accepted them, so an assignment asked since (or, when we do not know when it was asked,
-/// confirmed since) may have come after the removal (the next full refresh, which sees what
-/// Apple holds, settles it). Returns each previous state.
+/// did not make, or whose answer we lost): entries the removal takes ([`removal_takes`]) are
+/// gone. Returns, per subject, the previous state and whether the entry was kept.
 pub fn gone(
     kv: &impl Kv,
     account: &str,
@@ -958,25 +977,20 @@ pub fn gone(
     subjects: &[Subject],
     asked_at: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
-) -> Result<Vec<Option<LedgerState>>, StoreError> {
+) -> Result<Vec<Gone>, StoreError> {
     let before = shard_write(kv, account, asset_key, subjects, now, |_, cur| match cur {
-        // Not asked by us (or confirmed since we asked): a refresh decides.
-        Some(e)
-            if e.state == LedgerState::Confirmed
-                && asked_at.is_none_or(|t| e.asked.unwrap_or(e.at) > t) =>
-        {
-            None
-        }
+        Some(e) if !removal_takes(e, asked_at) => None,
         Some(_) => Some(None),
         None => None,
     })?;
     Ok(subjects
         .iter()
         .map(|s| {
-            before
-                .get(&s.tag())
-                .and_then(|e| e.as_ref())
-                .map(|e| e.state)
+            let e = before.get(&s.tag()).and_then(|e| e.as_ref());
+            Gone {
+                before: e.map(|e| e.state),
+                kept: e.is_some_and(|e| !removal_takes(e, asked_at)),
+            }
         })
         .collect())
 }
@@ -1436,7 +1450,7 @@ async fn settle_revoking<T: Transport, C: Clock>(
             Ok(true) => revoke_refused(kv, account, &ak, std::slice::from_ref(&s), None, now)?,
             Ok(false) => {
                 let prev = gone(kv, account, &ak, std::slice::from_ref(&s), None, now)?;
-                if prev.first().copied().flatten() == Some(LedgerState::Revoking) {
+                if prev.first().and_then(|g| g.before) == Some(LedgerState::Revoking) {
                     crate::notice::record_removals(
                         kv,
                         account,

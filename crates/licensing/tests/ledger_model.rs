@@ -552,7 +552,11 @@ impl Run {
                 };
                 if let Some(n) = note {
                     let r = deliver(&self.kv, &n, now);
-                    self.log(format!("notification {}: ok={r}", n.notification_id));
+                    self.log(format!(
+                        "notification {}: ok={r} {}",
+                        n.notification_id,
+                        n.envelope["notification"]
+                    ));
                 }
             }
             94 if self.rng.chance(40) => {
@@ -633,7 +637,19 @@ impl Run {
             self.world.lock().unwrap().now = self.now();
             let notes: Vec<Outgoing> = std::mem::take(&mut self.world.lock().unwrap().notes);
             for n in &notes {
-                deliver(&self.kv, n, self.now());
+                let r = notification::handle(
+                    &self.kv,
+                    ACCOUNT,
+                    Some(&format!("Bearer {SECRET}")),
+                    &serde_json::to_vec(&n.envelope).unwrap_or_default(),
+                    self.now(),
+                )
+                .map(|v| v.to_string())
+                .unwrap_or_else(|e| e.message);
+                self.log(format!(
+                    "settle: notification {}: {r} {}",
+                    n.notification_id, n.envelope["notification"]
+                ));
             }
             self.clock.advance(std::time::Duration::from_secs(16 * 60));
             let now = self.now();
