@@ -280,8 +280,20 @@ pub fn apply_outcome(
                 } else {
                     BTreeSet::new()
                 };
+                // The copy's entry records an assignment of ours accepted after this removal.
+                let later = match (asked_at, doc.assets.iter().find(|a| a.key() == *ak)) {
+                    (Some(t), Some(asset)) => {
+                        let held = crate::copy::held(kv, account_id, &doc, asset, &ok_subjects)?;
+                        made_after(kv, &held, event_id, t)?
+                    }
+                    _ => BTreeSet::new(),
+                };
                 for (i, g) in ok.iter().zip(states) {
                     prev[*i] = g.before;
+                    if g.before.is_none() && later.contains(&items[*i].subject.tag()) {
+                        stale[*i] = true;
+                        continue;
+                    }
                     // An assignment of ours this removal may have come before: a full
                     // refresh decides; the copy, counts and notices stay as they are.
                     stale[*i] = g.kept
@@ -406,8 +418,11 @@ pub fn apply_outcome(
     match event_id.filter(|_| ours) {
         Some(id) => {
             for pair in owed_before {
-                let ok = items.iter().any(|it| {
-                    it.failure.is_none() && it.asset_key == pair.0 && it.subject == pair.1
+                let ok = items.iter().enumerate().any(|(i, it)| {
+                    it.failure.is_none()
+                        && !stale[i]
+                        && it.asset_key == pair.0
+                        && it.subject == pair.1
                 });
                 if ok && !removed.contains(&pair) {
                     removed.push(pair);
@@ -514,6 +529,10 @@ fn held_before_removal(
             Some(asset) => crate::copy::held(kv, account_id, doc, asset, &subjects)?,
             None => BTreeMap::new(),
         };
+        let later = match asked_at {
+            Some(t) => made_after(kv, &in_copy, None, t)?,
+            None => BTreeSet::new(),
+        };
         for s in subjects {
             let entry = ledger::settled(kv, account_id, ak, &s)?;
             if entry
@@ -523,10 +542,42 @@ fn held_before_removal(
                 // Kept by step 1: the removal may have come before it (no notice).
                 continue;
             }
+            if entry.is_none() && later.contains(&s.tag()) {
+                // An assignment accepted after the removal (no notice).
+                continue;
+            }
             let ledgered = entry.is_some_and(|e| e.state != LedgerState::Failed);
             if copy_replaced || ledgered || in_copy.contains_key(&s.tag()) {
                 out.push((ak.to_string(), s));
             }
+        }
+    }
+    Ok(out)
+}
+
+/// Subjects (by tag) whose copy entry records an assignment of ours Apple accepted after
+/// `asked_at` (another event than `removal`): a removal accepted at `asked_at` came before it
+/// and did not take what the copy shows.
+fn made_after(
+    kv: &impl Kv,
+    held: &BTreeMap<String, MadeBy>,
+    removal: Option<&str>,
+    asked_at: DateTime<Utc>,
+) -> Result<BTreeSet<String>, StoreError> {
+    let mut out = BTreeSet::new();
+    for (tag, m) in held {
+        let MadeBy::Ours {
+            event_id: Some(id), ..
+        } = m
+        else {
+            continue;
+        };
+        if Some(id.as_str()) == removal {
+            continue;
+        }
+        if load(kv, id)?.is_some_and(|r| r.kind == EventKind::Associate && r.created_at > asked_at)
+        {
+            out.insert(tag.clone());
         }
     }
     Ok(out)
