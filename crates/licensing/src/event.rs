@@ -191,11 +191,17 @@ pub fn apply_outcome(
         .map(|r| r.owed_notices.clone())
         .unwrap_or_default();
     if let Some(r) = record.as_ref().filter(|_| removing) {
-        let owed: Vec<(String, Subject)> =
-            held_before_removal(kv, account_id, &doc, items, copy_replaced, Some(r.created_at))?
-                .into_iter()
-                .filter(|p| !owed_before.contains(p))
-                .collect();
+        let owed: Vec<(String, Subject)> = held_before_removal(
+            kv,
+            account_id,
+            &doc,
+            items,
+            copy_replaced,
+            Some(r.created_at),
+        )?
+        .into_iter()
+        .filter(|p| !owed_before.contains(p))
+        .collect();
         if !owed.is_empty() {
             update::<EventRecord, ()>(kv, &keys::event(&r.id), |cur| match cur {
                 Some(mut cur) if !cur.applied => {
@@ -296,8 +302,8 @@ pub fn apply_outcome(
                     }
                     // An assignment of ours this removal may have come before: a full
                     // refresh decides; the copy, counts and notices stay as they are.
-                    stale[*i] = g.kept
-                        || (g.before.is_none() && open.contains(&items[*i].subject.tag()));
+                    stale[*i] =
+                        g.kept || (g.before.is_none() && open.contains(&items[*i].subject.tag()));
                 }
             }
             for i in &bad {

@@ -1121,8 +1121,9 @@ pub async fn send_associate<T: Transport, C: Clock>(
         match client.associate(req).await {
             Ok(events) => {
                 for ev in events {
-                    // Tracked first: stopped in between, the entry is still `unknown` and the
-                    // event's outcome (ours: it is tracked) settles it.
+                    // Named on the entries first: stopped before it is tracked, settling finds
+                    // an entry waiting on an event without a record and tracks it again (an
+                    // event tracked but named nowhere could not be found).
                     let rec = event::new_record(
                         &ev.event_id,
                         account,
@@ -1132,8 +1133,8 @@ pub async fn send_associate<T: Transport, C: Clock>(
                         part.clone(),
                         now,
                     );
-                    event::track(kv, &rec)?;
                     accepted(kv, account, asset_key, &part, &ev.event_id)?;
+                    event::track(kv, &rec)?;
                     out.events.push(rec);
                 }
             }
@@ -1217,6 +1218,16 @@ async fn settle<T: Transport, C: Clock>(
         .into_iter()
         .collect();
     settle_revoking(kv, client, account, &doc, &polled, now, budget, &mut report).await?;
+    // Associates Apple accepted that we track, still to be read: an unknown entry one of them
+    // names was stopped between tracking the event and naming it (see `send_associate`).
+    let mut tracked_associates = Vec::new();
+    for id in &polled {
+        if let Some(r) = event::load(kv, id)? {
+            if r.kind == EventKind::Associate && r.state == crate::model::EventState::Pending {
+                tracked_associates.push(r);
+            }
+        }
+    }
     let listed = open_assets(kv, account)?;
     for asset in &doc.assets {
         let ak = asset.key();
@@ -1259,7 +1270,26 @@ async fn settle<T: Transport, C: Clock>(
             }
             match o.state {
                 OpenState::Queued if now.timestamp() - o.since >= queued_after => to_send.push(s),
-                OpenState::Unknown if o.events.is_empty() => to_verify.push((s, o.clone())),
+                OpenState::Unknown if o.events.is_empty() => {
+                    let sent = o.sent.unwrap_or(o.since);
+                    let ids: Vec<&str> = tracked_associates
+                        .iter()
+                        .filter(|r| {
+                            r.created_at.timestamp() >= sent
+                                && r.subjects.contains(&s)
+                                && r.assets.iter().any(|a| event::asset_ref_key(a) == ak)
+                        })
+                        .map(|r| r.id.as_str())
+                        .collect();
+                    if ids.is_empty() {
+                        to_verify.push((s, o.clone()));
+                    } else {
+                        // Its request was accepted: the event decides (and orders it).
+                        for id in ids {
+                            accepted(kv, account, &ak, std::slice::from_ref(&s), id)?;
+                        }
+                    }
+                }
                 OpenState::Pending => {
                     // Waiting on events nobody polls (stopped between two writes)?
                     let ids = open.event_ids(o);
@@ -1268,9 +1298,31 @@ async fn settle<T: Transport, C: Clock>(
                     }
                     let mut retracked = false;
                     for id in &ids {
-                        if let Some(r) = event::load(kv, id)? {
-                            if r.state == crate::model::EventState::Pending {
+                        match event::load(kv, id)? {
+                            Some(r) if r.state == crate::model::EventState::Pending => {
                                 event::track(kv, &r)?;
+                                retracked = true;
+                            }
+                            Some(_) => {}
+                            None => {
+                                // Accepted, and stopped before its record was written: track
+                                // it again (when it was sent orders it among our removals).
+                                let named: Vec<Subject> = open
+                                    .entries
+                                    .iter()
+                                    .filter(|(_, e)| open.event_ids(e).contains(id))
+                                    .filter_map(|(t, _)| Subject::from_tag(t))
+                                    .collect();
+                                let rec = event::new_record(
+                                    id,
+                                    account,
+                                    EventKind::Associate,
+                                    "ledger",
+                                    vec![asset_ref(&ak)],
+                                    named,
+                                    at(o.sent.unwrap_or(o.since)),
+                                );
+                                event::track(kv, &rec)?;
                                 retracked = true;
                             }
                         }

@@ -554,8 +554,7 @@ impl Run {
                     let r = deliver(&self.kv, &n, now);
                     self.log(format!(
                         "notification {}: ok={r} {}",
-                        n.notification_id,
-                        n.envelope["notification"]
+                        n.notification_id, n.envelope["notification"]
                     ));
                 }
             }
