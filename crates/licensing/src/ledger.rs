@@ -633,10 +633,14 @@ pub fn confirm(
     let open = open_doc(kv, account, asset_key)?;
     // An outcome of our own event moves only what waits on it.
     let own = event_id.filter(|_| ours);
+    // An associate we cannot place in time (an event we never learned of: a lost answer, or
+    // not ours): it may have been applied long before what our entries wait on.
+    let unplaced = event_id.is_none() && !ours;
     let idx = own.and_then(|id| open.events.iter().position(|e| e == id));
     let concerns = |tag: &str| match (open.entries.get(tag), own) {
         (None, _) => false,
-        (Some(_), None) => true,
+        // Only the entry whose request's answer was lost (it waits on no event we know).
+        (Some(o), None) => !unplaced || o.events.is_empty(),
         (Some(o), Some(_)) => {
             o.events.is_empty() || idx.is_some_and(|i| o.events.contains(&(i as u32)))
         }
@@ -659,6 +663,12 @@ pub fn confirm(
                 || (own.is_some()
                     && !concerns(tag)
                     && (open.entries.contains_key(tag) || !current.contains_key(tag)))
+                // Unplaced: events of ours decide (the entry's associate, or a revoke).
+                || (unplaced
+                    && ((open.entries.contains_key(tag) && !concerns(tag))
+                        || current
+                            .get(tag)
+                            .is_some_and(|e| e.state == LedgerState::Revoking)))
         })
         .collect();
     let fresh: Vec<Subject> = subjects

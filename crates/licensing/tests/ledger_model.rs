@@ -2087,3 +2087,96 @@ fn an_associate_stopped_before_it_was_tracked_keeps_its_removal_notice() {
         notices(&run)
     );
 }
+
+/// Found by the notice checks (seed 177 of `ledger_matches_apple_after_random_operations_and_faults`):
+/// the notification of an associate whose answer was lost (we never learned its event id)
+/// arrived long after Apple applied it, while a revoke of ours was pending and a new associate
+/// of ours was open: it confirmed the entry over the revoke, and the revoke's removal lost its
+/// notice. An associate we cannot place in time settles only the entry whose answer was lost;
+/// what waits on events of ours is left to them.
+#[test]
+fn a_late_associate_we_never_learned_of_does_not_undo_a_pending_revoke() {
+    let mut run = Run::new(13);
+    let step = |run: &mut Run, secs: u64| {
+        run.clock.advance(std::time::Duration::from_secs(secs));
+        (run.now(), run.budget())
+    };
+    let apply_all = |run: &Run| {
+        let mut w = run.world.lock().unwrap();
+        for id in std::mem::take(&mut w.scheduled) {
+            w.apply(&id);
+        }
+        w.notes.clear();
+    };
+    let (now, mut b) = step(&mut run, 0);
+    block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    apply_all(&run);
+    let (now, mut b) = step(&mut run, 60);
+    block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    assert_eq!(state_of(&run, "200", "D1"), Some("confirmed"));
+    // Revoked (Apple applies it: the removal), then assigned again (open, not yet applied).
+    let (now, mut b) = step(&mut run, 10);
+    block_on(assignment::revoke(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    apply_all(&run);
+    // A full refresh sees it gone (the revoke's outcome is not read yet).
+    run.clock.advance(std::time::Duration::from_secs(10));
+    run.refresh(true);
+    let (now, mut b) = step(&mut run, 10);
+    block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    assert_eq!(state_of(&run, "200", "D1"), Some("pending"), "open again");
+    // A late notification of an associate we never learned of (applied long ago).
+    let body = json!({
+        "notification": {
+            "assignments": [{"adamId": "200", "pricingParam": "STDQ", "serialNumber": "D1"}],
+            "eventId": "lost-answer-1", "result": "SUCCESS", "type": "ASSOCIATE"
+        },
+        "notificationId": "late-1", "notificationType": "ASSET_MANAGEMENT", "uId": "1"
+    });
+    let (now, _) = step(&mut run, 5);
+    notification::handle(
+        &run.kv,
+        ACCOUNT,
+        Some(&format!("Bearer {SECRET}")),
+        body.to_string().as_bytes(),
+        now,
+    )
+    .unwrap();
+    apply_all(&run);
+    for _ in 0..3 {
+        let (now, mut b) = step(&mut run, 16 * 60);
+        block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+        block_on(ledger::settle_all(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    }
+    run.refresh(true);
+    assert_eq!(
+        state_of(&run, "200", "D1"),
+        Some("confirmed"),
+        "assigned again"
+    );
+    assert_eq!(
+        notices(&run),
+        vec![("200".to_string(), "D1".to_string(), "api".to_string())],
+        "the revoke's removal, once"
+    );
+}
