@@ -807,7 +807,17 @@ impl Run {
                 if !apple.contains(&(adam.clone(), f.clone())) && !cleaned_earlier {
                     // A clean up finished before this pair was added cannot have taken it; one
                     // may have run after it and then another foreign pair came: be exact.
-                    if !w.log.iter().any(|l| l.contains("cleanup done=true")) {
+                    // A clean up paused before it finished may have taken it: one of its
+                    // disassociate events (our record says so) named it.
+                    let by_clean_up = w.model.events.keys().any(|id| {
+                        event::load(&self.kv, id).ok().flatten().is_some_and(|r| {
+                            r.source == "cleanup"
+                                && r.kind != EventKind::Associate
+                                && r.subjects.contains(&d(f))
+                                && r.assets.iter().any(|a| &a.adam_id == adam)
+                        })
+                    });
+                    if !by_clean_up && !w.log.iter().any(|l| l.contains("cleanup done=true")) {
                         problems.push(format!("foreign {adam}/{f} is gone without a clean up"));
                     }
                 }
