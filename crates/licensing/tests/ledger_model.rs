@@ -1017,8 +1017,10 @@ fn ledger_matches_apple_after_random_operations_and_faults() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
-/// Seeds on which `every_removal_has_exactly_one_notice` holds at 150 steps (CI runs them).
-const EXACT_NOTICE_SEEDS: [u64; 12] = [1, 2, 3, 4, 5, 7, 8, 9, 10, 12, 13, 14];
+/// Seeds on which `every_removal_has_exactly_one_notice` holds at 150 steps (CI runs them,
+/// about 10 s): the first fifteen that pass (1..=17 less 6 and 11, which still fail; see
+/// `every_removal_has_exactly_one_notice_wide`).
+const EXACT_NOTICE_SEEDS: [u64; 15] = [1, 2, 3, 4, 5, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17];
 
 fn exactly_one_notice(seeds: &[u64]) {
     let steps = env_u64("LEDGER_MODEL_STEPS").unwrap_or(150) as usize;
