@@ -2192,3 +2192,66 @@ fn a_late_associate_we_never_learned_of_does_not_undo_a_pending_revoke() {
         "the revoke's removal, once"
     );
 }
+
+/// Found by the notice checks (seeds 31, 42, 56 of
+/// `ledger_matches_apple_after_random_operations_and_faults`): the notification of a revoke
+/// whose answer was lost (we never learned its event id) arrived after Apple had applied it and
+/// after an associate of ours gave the device the license again. It took the license out of the
+/// copy and sent a notice for a removal Apple never made of it. A removal we cannot place in
+/// time leaves a confirmed (or open) entry of ours, its copy entry and its notice to the next
+/// full refresh, which sees what Apple holds.
+#[test]
+fn a_late_removal_we_never_learned_of_does_not_take_a_license_of_ours() {
+    let mut run = Run::new(14);
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    {
+        let mut w = run.world.lock().unwrap();
+        for id in std::mem::take(&mut w.scheduled) {
+            w.apply(&id);
+        }
+        w.notes.clear();
+    }
+    run.clock.advance(std::time::Duration::from_secs(60));
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    run.refresh(true);
+    assert_eq!(state_of(&run, "200", "D1"), Some("confirmed"));
+    let body = json!({
+        "notification": {
+            "assignments": [{"adamId": "200", "pricingParam": "STDQ", "serialNumber": "D1"}],
+            "eventId": "lost-answer-2", "result": "SUCCESS", "type": "DISASSOCIATE"
+        },
+        "notificationId": "late-2", "notificationType": "ASSET_MANAGEMENT", "uId": "1"
+    });
+    notification::handle(
+        &run.kv,
+        ACCOUNT,
+        Some(&format!("Bearer {SECRET}")),
+        body.to_string().as_bytes(),
+        run.now(),
+    )
+    .unwrap();
+    assert!(notices(&run).is_empty(), "{:?}", notices(&run));
+    assert!(
+        copy_made_by(&run, "200", "D1").is_some(),
+        "still in the copy"
+    );
+    assert_eq!(state_of(&run, "200", "D1"), Some("confirmed"));
+    run.clock.advance(std::time::Duration::from_secs(60));
+    run.refresh(true);
+    assert!(
+        notices(&run).is_empty(),
+        "Apple holds it: {:?}",
+        notices(&run)
+    );
+}
