@@ -191,11 +191,17 @@ pub fn apply_outcome(
         .map(|r| r.owed_notices.clone())
         .unwrap_or_default();
     if let Some(r) = record.as_ref().filter(|_| removing) {
-        let owed: Vec<(String, Subject)> =
-            held_before_removal(kv, account_id, &doc, items, copy_replaced)?
-                .into_iter()
-                .filter(|p| !owed_before.contains(p))
-                .collect();
+        let owed: Vec<(String, Subject)> = held_before_removal(
+            kv,
+            account_id,
+            &doc,
+            items,
+            copy_replaced,
+            Some(r.created_at),
+        )?
+        .into_iter()
+        .filter(|p| !owed_before.contains(p))
+        .collect();
         if !owed.is_empty() {
             update::<EventRecord, ()>(kv, &keys::event(&r.id), |cur| match cur {
                 Some(mut cur) if !cur.applied => {
@@ -273,8 +279,31 @@ pub fn apply_outcome(
             if !ok.is_empty() {
                 let asked_at = record.as_ref().map(|r| r.created_at);
                 let states = ledger::gone(kv, account_id, ak, &ok_subjects, asked_at, now)?;
-                for (i, p) in ok.iter().zip(states) {
-                    prev[*i] = p;
+                // A removal we cannot place in time (not ours, or its answer was lost) and an
+                // open entry of ours: the assignment it waits on may have come after it.
+                let open = if asked_at.is_none() {
+                    ledger::open_subjects(kv, account_id, ak)?
+                } else {
+                    BTreeSet::new()
+                };
+                // The copy's entry records an assignment of ours accepted after this removal.
+                let later = match (asked_at, doc.assets.iter().find(|a| a.key() == *ak)) {
+                    (Some(t), Some(asset)) => {
+                        let held = crate::copy::held(kv, account_id, &doc, asset, &ok_subjects)?;
+                        made_after(kv, &held, event_id, t)?
+                    }
+                    _ => BTreeSet::new(),
+                };
+                for (i, g) in ok.iter().zip(states) {
+                    prev[*i] = g.before;
+                    if g.before.is_none() && later.contains(&items[*i].subject.tag()) {
+                        stale[*i] = true;
+                        continue;
+                    }
+                    // An assignment of ours this removal may have come before: a full
+                    // refresh decides; the copy, counts and notices stay as they are.
+                    stale[*i] =
+                        g.kept || (g.before.is_none() && open.contains(&items[*i].subject.tag()));
                 }
             }
             for i in &bad {
@@ -392,8 +421,11 @@ pub fn apply_outcome(
     match event_id.filter(|_| ours) {
         Some(id) => {
             for pair in owed_before {
-                let ok = items.iter().any(|it| {
-                    it.failure.is_none() && it.asset_key == pair.0 && it.subject == pair.1
+                let ok = items.iter().enumerate().any(|(i, it)| {
+                    it.failure.is_none()
+                        && !stale[i]
+                        && it.asset_key == pair.0
+                        && it.subject == pair.1
                 });
                 if ok && !removed.contains(&pair) {
                     removed.push(pair);
@@ -485,6 +517,7 @@ fn held_before_removal(
     doc: &AssetsDoc,
     items: &[Item],
     copy_replaced: bool,
+    asked_at: Option<DateTime<Utc>>,
 ) -> Result<Vec<(String, Subject)>, StoreError> {
     let mut out = Vec::new();
     let mut by_asset: BTreeMap<&str, Vec<Subject>> = BTreeMap::new();
@@ -499,12 +532,55 @@ fn held_before_removal(
             Some(asset) => crate::copy::held(kv, account_id, doc, asset, &subjects)?,
             None => BTreeMap::new(),
         };
+        let later = match asked_at {
+            Some(t) => made_after(kv, &in_copy, None, t)?,
+            None => BTreeSet::new(),
+        };
         for s in subjects {
-            let ledgered = ledger::settled(kv, account_id, ak, &s)?
-                .is_some_and(|e| e.state != LedgerState::Failed);
+            let entry = ledger::settled(kv, account_id, ak, &s)?;
+            if entry
+                .as_ref()
+                .is_some_and(|e| !ledger::removal_takes(e, asked_at))
+            {
+                // Kept by step 1: the removal may have come before it (no notice).
+                continue;
+            }
+            if entry.is_none() && later.contains(&s.tag()) {
+                // An assignment accepted after the removal (no notice).
+                continue;
+            }
+            let ledgered = entry.is_some_and(|e| e.state != LedgerState::Failed);
             if copy_replaced || ledgered || in_copy.contains_key(&s.tag()) {
                 out.push((ak.to_string(), s));
             }
+        }
+    }
+    Ok(out)
+}
+
+/// Subjects (by tag) whose copy entry records an assignment of ours Apple accepted after
+/// `asked_at` (another event than `removal`): a removal accepted at `asked_at` came before it
+/// and did not take what the copy shows.
+fn made_after(
+    kv: &impl Kv,
+    held: &BTreeMap<String, MadeBy>,
+    removal: Option<&str>,
+    asked_at: DateTime<Utc>,
+) -> Result<BTreeSet<String>, StoreError> {
+    let mut out = BTreeSet::new();
+    for (tag, m) in held {
+        let MadeBy::Ours {
+            event_id: Some(id), ..
+        } = m
+        else {
+            continue;
+        };
+        if Some(id.as_str()) == removal {
+            continue;
+        }
+        if load(kv, id)?.is_some_and(|r| r.kind == EventKind::Associate && r.created_at > asked_at)
+        {
+            out.insert(tag.clone());
         }
     }
     Ok(out)

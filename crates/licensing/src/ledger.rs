@@ -633,10 +633,14 @@ pub fn confirm(
     let open = open_doc(kv, account, asset_key)?;
     // An outcome of our own event moves only what waits on it.
     let own = event_id.filter(|_| ours);
+    // An associate we cannot place in time (an event we never learned of: a lost answer, or
+    // not ours): it may have been applied long before what our entries wait on.
+    let unplaced = event_id.is_none() && !ours;
     let idx = own.and_then(|id| open.events.iter().position(|e| e == id));
     let concerns = |tag: &str| match (open.entries.get(tag), own) {
         (None, _) => false,
-        (Some(_), None) => true,
+        // Only the entry whose request's answer was lost (it waits on no event we know).
+        (Some(o), None) => !unplaced || o.events.is_empty(),
         (Some(o), Some(_)) => {
             o.events.is_empty() || idx.is_some_and(|i| o.events.contains(&(i as u32)))
         }
@@ -659,6 +663,12 @@ pub fn confirm(
                 || (own.is_some()
                     && !concerns(tag)
                     && (open.entries.contains_key(tag) || !current.contains_key(tag)))
+                // Unplaced: events of ours decide (the entry's associate, or a revoke).
+                || (unplaced
+                    && ((open.entries.contains_key(tag) && !concerns(tag))
+                        || current
+                            .get(tag)
+                            .is_some_and(|e| e.state == LedgerState::Revoking)))
         })
         .collect();
     let fresh: Vec<Subject> = subjects
@@ -945,12 +955,31 @@ pub fn revoke_refused(
     Ok(())
 }
 
+/// Does a removal Apple accepted at `asked_at` (`None`: an event we did not make, or whose
+/// answer we lost, so we cannot tell when) take away what `entry` records? A `confirmed` entry
+/// reflects a request of its own: only a removal accepted after that request took it (Apple
+/// applies events in the order it accepted them). One asked since (or, when we do not know when
+/// it was asked, confirmed since), or a removal we cannot place in time, may have come before
+/// it: the license it records may be held now, and the next full refresh (which sees what Apple
+/// holds) decides. Every other entry (`revoking`, `pending`, `failed`) goes.
+pub fn removal_takes(entry: &LedgerEntry, asked_at: Option<DateTime<Utc>>) -> bool {
+    entry.state != LedgerState::Confirmed
+        || asked_at.is_some_and(|t| entry.asked.unwrap_or(entry.at) <= t)
+}
+
+/// What [`gone`] found for one subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gone {
+    /// The settled entry's state before.
+    pub before: Option<LedgerState>,
+    /// The entry was kept: it records an assignment the removal may have come before (see
+    /// [`removal_takes`]); the removal changes nothing for it (copy, counts, notice).
+    pub kept: bool,
+}
+
 /// Apple took (asset, subject) away in an event we asked for at `asked_at` (`None`: an event we
-/// did not make, or whose answer we lost): `revoking` entries are gone. A `confirmed` entry goes
-/// only when the request it reflects came before ours: Apple applies events in the order it
-/// accepted them, so an assignment asked since (or, when we do not know when it was asked,
-/// confirmed since) may have come after the removal (the next full refresh, which sees what
-/// Apple holds, settles it). Returns each previous state.
+/// did not make, or whose answer we lost): entries the removal takes ([`removal_takes`]) are
+/// gone. Returns, per subject, the previous state and whether the entry was kept.
 pub fn gone(
     kv: &impl Kv,
     account: &str,
@@ -958,25 +987,20 @@ pub fn gone(
     subjects: &[Subject],
     asked_at: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
-) -> Result<Vec<Option<LedgerState>>, StoreError> {
+) -> Result<Vec<Gone>, StoreError> {
     let before = shard_write(kv, account, asset_key, subjects, now, |_, cur| match cur {
-        // Not asked by us (or confirmed since we asked): a refresh decides.
-        Some(e)
-            if e.state == LedgerState::Confirmed
-                && asked_at.is_none_or(|t| e.asked.unwrap_or(e.at) > t) =>
-        {
-            None
-        }
+        Some(e) if !removal_takes(e, asked_at) => None,
         Some(_) => Some(None),
         None => None,
     })?;
     Ok(subjects
         .iter()
         .map(|s| {
-            before
-                .get(&s.tag())
-                .and_then(|e| e.as_ref())
-                .map(|e| e.state)
+            let e = before.get(&s.tag()).and_then(|e| e.as_ref());
+            Gone {
+                before: e.map(|e| e.state),
+                kept: e.is_some_and(|e| !removal_takes(e, asked_at)),
+            }
         })
         .collect())
 }
@@ -1107,8 +1131,9 @@ pub async fn send_associate<T: Transport, C: Clock>(
         match client.associate(req).await {
             Ok(events) => {
                 for ev in events {
-                    // Tracked first: stopped in between, the entry is still `unknown` and the
-                    // event's outcome (ours: it is tracked) settles it.
+                    // Named on the entries first: stopped before it is tracked, settling finds
+                    // an entry waiting on an event without a record and tracks it again (an
+                    // event tracked but named nowhere could not be found).
                     let rec = event::new_record(
                         &ev.event_id,
                         account,
@@ -1118,8 +1143,8 @@ pub async fn send_associate<T: Transport, C: Clock>(
                         part.clone(),
                         now,
                     );
-                    event::track(kv, &rec)?;
                     accepted(kv, account, asset_key, &part, &ev.event_id)?;
+                    event::track(kv, &rec)?;
                     out.events.push(rec);
                 }
             }
@@ -1203,6 +1228,16 @@ async fn settle<T: Transport, C: Clock>(
         .into_iter()
         .collect();
     settle_revoking(kv, client, account, &doc, &polled, now, budget, &mut report).await?;
+    // Associates Apple accepted that we track, still to be read: an unknown entry one of them
+    // names was stopped between tracking the event and naming it (see `send_associate`).
+    let mut tracked_associates = Vec::new();
+    for id in &polled {
+        if let Some(r) = event::load(kv, id)? {
+            if r.kind == EventKind::Associate && r.state == crate::model::EventState::Pending {
+                tracked_associates.push(r);
+            }
+        }
+    }
     let listed = open_assets(kv, account)?;
     for asset in &doc.assets {
         let ak = asset.key();
@@ -1245,7 +1280,26 @@ async fn settle<T: Transport, C: Clock>(
             }
             match o.state {
                 OpenState::Queued if now.timestamp() - o.since >= queued_after => to_send.push(s),
-                OpenState::Unknown if o.events.is_empty() => to_verify.push((s, o.clone())),
+                OpenState::Unknown if o.events.is_empty() => {
+                    let sent = o.sent.unwrap_or(o.since);
+                    let ids: Vec<&str> = tracked_associates
+                        .iter()
+                        .filter(|r| {
+                            r.created_at.timestamp() >= sent
+                                && r.subjects.contains(&s)
+                                && r.assets.iter().any(|a| event::asset_ref_key(a) == ak)
+                        })
+                        .map(|r| r.id.as_str())
+                        .collect();
+                    if ids.is_empty() {
+                        to_verify.push((s, o.clone()));
+                    } else {
+                        // Its request was accepted: the event decides (and orders it).
+                        for id in ids {
+                            accepted(kv, account, &ak, std::slice::from_ref(&s), id)?;
+                        }
+                    }
+                }
                 OpenState::Pending => {
                     // Waiting on events nobody polls (stopped between two writes)?
                     let ids = open.event_ids(o);
@@ -1254,9 +1308,31 @@ async fn settle<T: Transport, C: Clock>(
                     }
                     let mut retracked = false;
                     for id in &ids {
-                        if let Some(r) = event::load(kv, id)? {
-                            if r.state == crate::model::EventState::Pending {
+                        match event::load(kv, id)? {
+                            Some(r) if r.state == crate::model::EventState::Pending => {
                                 event::track(kv, &r)?;
+                                retracked = true;
+                            }
+                            Some(_) => {}
+                            None => {
+                                // Accepted, and stopped before its record was written: track
+                                // it again (when it was sent orders it among our removals).
+                                let named: Vec<Subject> = open
+                                    .entries
+                                    .iter()
+                                    .filter(|(_, e)| open.event_ids(e).contains(id))
+                                    .filter_map(|(t, _)| Subject::from_tag(t))
+                                    .collect();
+                                let rec = event::new_record(
+                                    id,
+                                    account,
+                                    EventKind::Associate,
+                                    "ledger",
+                                    vec![asset_ref(&ak)],
+                                    named,
+                                    at(o.sent.unwrap_or(o.since)),
+                                );
+                                event::track(kv, &rec)?;
                                 retracked = true;
                             }
                         }
@@ -1436,7 +1512,7 @@ async fn settle_revoking<T: Transport, C: Clock>(
             Ok(true) => revoke_refused(kv, account, &ak, std::slice::from_ref(&s), None, now)?,
             Ok(false) => {
                 let prev = gone(kv, account, &ak, std::slice::from_ref(&s), None, now)?;
-                if prev.first().copied().flatten() == Some(LedgerState::Revoking) {
+                if prev.first().and_then(|g| g.before) == Some(LedgerState::Revoking) {
                     crate::notice::record_removals(
                         kv,
                         account,

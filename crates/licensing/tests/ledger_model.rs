@@ -556,7 +556,10 @@ impl Run {
                 };
                 if let Some(n) = note {
                     let r = deliver(&self.kv, &n, now);
-                    self.log(format!("notification {}: ok={r}", n.notification_id));
+                    self.log(format!(
+                        "notification {}: ok={r} {}",
+                        n.notification_id, n.envelope["notification"]
+                    ));
                 }
             }
             94 if self.rng.chance(40) => {
@@ -637,7 +640,19 @@ impl Run {
             self.world.lock().unwrap().now = self.now();
             let notes: Vec<Outgoing> = std::mem::take(&mut self.world.lock().unwrap().notes);
             for n in &notes {
-                deliver(&self.kv, n, self.now());
+                let r = notification::handle(
+                    &self.kv,
+                    ACCOUNT,
+                    Some(&format!("Bearer {SECRET}")),
+                    &serde_json::to_vec(&n.envelope).unwrap_or_default(),
+                    self.now(),
+                )
+                .map(|v| v.to_string())
+                .unwrap_or_else(|e| e.message);
+                self.log(format!(
+                    "settle: notification {}: {r} {}",
+                    n.notification_id, n.envelope["notification"]
+                ));
             }
             self.clock.advance(std::time::Duration::from_secs(16 * 60));
             let now = self.now();
@@ -839,7 +854,17 @@ impl Run {
                 if !apple.contains(&(adam.clone(), f.clone())) && !cleaned_earlier {
                     // A clean up finished before this pair was added cannot have taken it; one
                     // may have run after it and then another foreign pair came: be exact.
-                    if !w.log.iter().any(|l| l.contains("cleanup done=true")) {
+                    // A clean up paused before it finished may have taken it: one of its
+                    // disassociate events (our record says so) named it.
+                    let by_clean_up = w.model.events.keys().any(|id| {
+                        event::load(&self.kv, id).ok().flatten().is_some_and(|r| {
+                            r.source == "cleanup"
+                                && r.kind != EventKind::Associate
+                                && r.subjects.contains(&d(f))
+                                && r.assets.iter().any(|a| &a.adam_id == adam)
+                        })
+                    });
+                    if !by_clean_up && !w.log.iter().any(|l| l.contains("cleanup done=true")) {
                         problems.push(format!("foreign {adam}/{f} is gone without a clean up"));
                     }
                 }
@@ -1039,35 +1064,55 @@ fn ledger_matches_apple_after_random_operations_and_faults() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
-/// The notice invariant in full: every removal while notices were on has exactly one notice.
-/// Ignored: it still fails on about half the seeds (`LEDGER_MODEL_SEED=1 LEDGER_MODEL_SEEDS=60`:
-/// 32 of 60, down from 57). Fixed so far (each with a regression test above): a revoke applied
-/// after a still-pending associate (either order of reading their outcomes), a stale associate
-/// outcome, a clean up read after a full refresh, a clean up asked twice, an outcome killed
-/// between its writes (seeds 4, 47). Open causes, found on these seeds:
-/// - an event whose id we never learned (its answer was lost) notifies late: an associate
-///   applied long ago puts a license Apple no longer holds back into the copy as foreign (or
-///   confirms a newer open entry), and a later removal of ours sends a second notice
-///   (`LEDGER_MODEL_SEED=6`, 1);
-/// - a policy put killed mid-request leaves an entry with no event id, a revoke is applied after
-///   it, and the entry is later released as never applied: its notice is lost (seed 100 of
-///   `ledger_matches_apple_after_random_operations_and_faults`).
-///
-/// Run with `cargo test -p vpp-licensing --test ledger_model -- --ignored`.
-#[ignore = "duplicate notices from late notifications of events whose answer was lost: open, see the doc comment"]
-#[test]
-fn every_removal_has_exactly_one_notice() {
+/// Seeds on which `every_removal_has_exactly_one_notice` holds at 150 steps (CI runs them,
+/// about 10 s): the first fifteen that pass (1..=17 less 6 and 11, which still fail; see
+/// `every_removal_has_exactly_one_notice_wide`).
+const EXACT_NOTICE_SEEDS: [u64; 15] = [1, 2, 3, 4, 5, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17];
+
+fn exactly_one_notice(seeds: &[u64]) {
     let steps = env_u64("LEDGER_MODEL_STEPS").unwrap_or(150) as usize;
-    let first = env_u64("LEDGER_MODEL_SEED").unwrap_or(1);
-    let seeds = env_u64("LEDGER_MODEL_SEEDS").unwrap_or(10);
     let mut failures = Vec::new();
-    for seed in first..first + seeds {
+    for &seed in seeds {
         println!("ledger model, notices: seed {seed} (replay: LEDGER_MODEL_SEED={seed})");
         if let Err(e) = run_seed_checking(seed, steps, Notices::ExactlyOne) {
             failures.push(e);
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// The notice invariant in full: every removal while notices were on has exactly one notice,
+/// on a fixed set of seeds ([`EXACT_NOTICE_SEEDS`]; `LEDGER_MODEL_SEED`/`LEDGER_MODEL_SEEDS`
+/// choose others). Fixed so far (each with a regression test above): a revoke applied after a
+/// still-pending associate (either order of reading their outcomes), a stale associate
+/// outcome, a clean up read after a full refresh, a clean up asked twice, an outcome killed
+/// between its writes, a removal read after a later assignment of ours (a confirmed entry asked
+/// since, a copy entry made by a later associate, or an open entry when the removal is an
+/// event we cannot place in time), an associate stopped before it was tracked.
+#[test]
+fn every_removal_has_exactly_one_notice() {
+    match env_u64("LEDGER_MODEL_SEED") {
+        Some(first) => {
+            let n = env_u64("LEDGER_MODEL_SEEDS").unwrap_or(1);
+            exactly_one_notice(&(first..first + n).collect::<Vec<_>>())
+        }
+        None => exactly_one_notice(&EXACT_NOTICE_SEEDS),
+    }
+}
+
+/// [`every_removal_has_exactly_one_notice`] over seeds 1..=60: 8 of 60 still fail (6, 11, 18,
+/// 23, 30, 43, 51, 52; it was 32 of 60). Each is one notice too many for a removal, never a
+/// missing one, from an outcome read late at the final settling: a removal event whose id we
+/// never learned (its answer was lost; reason `apple`, seeds 18, 23, 43, 51, 52, and on a
+/// foreign license in seed 43) or a tracked revoke or clean up read after another removal
+/// already noticed it (seeds 6, 11, 30). Not yet traced further: the likely fix is to key
+/// notices by the removal (asset, subject and the assignment it ends) rather than by the event
+/// that reports it.
+/// Run with `cargo test -p vpp-licensing --test ledger_model -- --ignored every_removal_has_exactly_one_notice_wide`.
+#[ignore = "8 of 60 seeds still fail: late notifications of events whose answer was lost (see the doc comment)"]
+#[test]
+fn every_removal_has_exactly_one_notice_wide() {
+    exactly_one_notice(&(1..=60).collect::<Vec<_>>())
 }
 
 /// An event Apple still holds after ten minutes is sent again; when both fail, the entry fails
@@ -2053,4 +2098,289 @@ fn an_outcome_killed_between_the_copy_and_the_counts_leaves_no_drift() {
             "{what}: the outcome made too few writes to test ({kills})"
         );
     }
+}
+
+/// Found by the notice checks (seeds 31, 42, 56, 95 of
+/// `ledger_matches_apple_after_random_operations_and_faults`): a revoke of a device Apple did
+/// not hold was applied (nothing taken), then an associate of ours gave it the license, and a
+/// full refresh put it in the copy. The revoke's outcome, read late, took it out of the copy and
+/// sent a notice for a removal that never happened. A removal accepted before the assignment
+/// the copy records (or before a confirmed entry's request) takes nothing.
+#[test]
+fn a_removal_read_after_a_later_assignment_takes_nothing() {
+    let mut run = Run::new(11);
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(assignment::revoke(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    run.clock.advance(std::time::Duration::from_secs(20));
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    {
+        let mut w = run.world.lock().unwrap();
+        // In the order Apple accepted them: the revoke finds nothing, the associate assigns.
+        for id in std::mem::take(&mut w.scheduled) {
+            w.apply(&id);
+        }
+        w.notes.clear();
+    }
+    run.clock.advance(std::time::Duration::from_secs(30));
+    run.refresh(true);
+    assert!(
+        copy_made_by(&run, "200", "D1").is_some(),
+        "the copy shows it"
+    );
+    run.clock.advance(std::time::Duration::from_secs(60));
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    assert!(notices(&run).is_empty(), "{:?}", notices(&run));
+    assert!(
+        copy_made_by(&run, "200", "D1").is_some(),
+        "still in the copy"
+    );
+    assert_eq!(state_of(&run, "200", "D1"), Some("confirmed"));
+}
+
+/// Found by the notice checks (seed 100 of `ledger_matches_apple_after_random_operations_and_faults`):
+/// a request stopped after Apple accepted its associate and after the event was recorded, but
+/// before the entry named it, left an `unknown` entry that nothing connected to the event. A
+/// revoke accepted after it took the license away; the entry was then released as never
+/// applied and the removal had no notice. The entry now names the event first; an event named
+/// on an entry whose record was never written is tracked again by settling.
+#[test]
+fn an_associate_stopped_before_it_was_tracked_keeps_its_removal_notice() {
+    let mut run = Run::new(12);
+    let now = run.now();
+    let mut b = run.budget();
+    let r = block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    let id = r.events[0].id.clone();
+    // Stopped between naming the event on the entry and tracking it.
+    run.kv.delete(&keys::event(&id)).unwrap();
+    run.kv.set(&keys::account_events(ACCOUNT), b"[]").unwrap();
+    run.clock.advance(std::time::Duration::from_secs(60));
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(ledger::settle_all(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    assert!(
+        event::load(&run.kv, &id).unwrap().is_some(),
+        "tracked again"
+    );
+    {
+        let mut w = run.world.lock().unwrap();
+        for id in std::mem::take(&mut w.scheduled) {
+            w.apply(&id);
+        }
+        w.notes.clear();
+    }
+    run.clock.advance(std::time::Duration::from_secs(20));
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(assignment::revoke(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    {
+        let mut w = run.world.lock().unwrap();
+        for id in std::mem::take(&mut w.scheduled) {
+            w.apply(&id);
+        }
+        w.notes.clear();
+    }
+    for _ in 0..3 {
+        run.clock.advance(std::time::Duration::from_secs(16 * 60));
+        let now = run.now();
+        let mut b = run.budget();
+        block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+        block_on(ledger::settle_all(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    }
+    run.refresh(true);
+    assert_eq!(state_of(&run, "200", "D1"), None, "Apple does not hold it");
+    assert_eq!(
+        notices(&run).len(),
+        1,
+        "one removal, one notice: {:?}",
+        notices(&run)
+    );
+}
+
+/// Found by the notice checks (seed 177 of `ledger_matches_apple_after_random_operations_and_faults`):
+/// the notification of an associate whose answer was lost (we never learned its event id)
+/// arrived long after Apple applied it, while a revoke of ours was pending and a new associate
+/// of ours was open: it confirmed the entry over the revoke, and the revoke's removal lost its
+/// notice. An associate we cannot place in time settles only the entry whose answer was lost;
+/// what waits on events of ours is left to them.
+#[test]
+fn a_late_associate_we_never_learned_of_does_not_undo_a_pending_revoke() {
+    let mut run = Run::new(13);
+    let step = |run: &mut Run, secs: u64| {
+        run.clock.advance(std::time::Duration::from_secs(secs));
+        (run.now(), run.budget())
+    };
+    let apply_all = |run: &Run| {
+        let mut w = run.world.lock().unwrap();
+        for id in std::mem::take(&mut w.scheduled) {
+            w.apply(&id);
+        }
+        w.notes.clear();
+    };
+    let (now, mut b) = step(&mut run, 0);
+    block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    apply_all(&run);
+    let (now, mut b) = step(&mut run, 60);
+    block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    assert_eq!(state_of(&run, "200", "D1"), Some("confirmed"));
+    // Revoked (Apple applies it: the removal), then assigned again (open, not yet applied).
+    let (now, mut b) = step(&mut run, 10);
+    block_on(assignment::revoke(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    apply_all(&run);
+    // A full refresh sees it gone (the revoke's outcome is not read yet).
+    run.clock.advance(std::time::Duration::from_secs(10));
+    run.refresh(true);
+    let (now, mut b) = step(&mut run, 10);
+    block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    assert_eq!(state_of(&run, "200", "D1"), Some("pending"), "open again");
+    // A late notification of an associate we never learned of (applied long ago).
+    let body = json!({
+        "notification": {
+            "assignments": [{"adamId": "200", "pricingParam": "STDQ", "serialNumber": "D1"}],
+            "eventId": "lost-answer-1", "result": "SUCCESS", "type": "ASSOCIATE"
+        },
+        "notificationId": "late-1", "notificationType": "ASSET_MANAGEMENT", "uId": "1"
+    });
+    let (now, _) = step(&mut run, 5);
+    notification::handle(
+        &run.kv,
+        ACCOUNT,
+        Some(&format!("Bearer {SECRET}")),
+        body.to_string().as_bytes(),
+        now,
+    )
+    .unwrap();
+    apply_all(&run);
+    for _ in 0..3 {
+        let (now, mut b) = step(&mut run, 16 * 60);
+        block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+        block_on(ledger::settle_all(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    }
+    run.refresh(true);
+    assert_eq!(
+        state_of(&run, "200", "D1"),
+        Some("confirmed"),
+        "assigned again"
+    );
+    assert_eq!(
+        notices(&run),
+        vec![("200".to_string(), "D1".to_string(), "api".to_string())],
+        "the revoke's removal, once"
+    );
+}
+
+/// Found by the notice checks (seeds 31, 42, 56 of
+/// `ledger_matches_apple_after_random_operations_and_faults`): the notification of a revoke
+/// whose answer was lost (we never learned its event id) arrived after Apple had applied it and
+/// after an associate of ours gave the device the license again. It took the license out of the
+/// copy and sent a notice for a removal Apple never made of it. A removal we cannot place in
+/// time leaves a confirmed (or open) entry of ours, its copy entry and its notice to the next
+/// full refresh, which sees what Apple holds.
+#[test]
+fn a_late_removal_we_never_learned_of_does_not_take_a_license_of_ours() {
+    let mut run = Run::new(14);
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    {
+        let mut w = run.world.lock().unwrap();
+        for id in std::mem::take(&mut w.scheduled) {
+            w.apply(&id);
+        }
+        w.notes.clear();
+    }
+    run.clock.advance(std::time::Duration::from_secs(60));
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    run.refresh(true);
+    assert_eq!(state_of(&run, "200", "D1"), Some("confirmed"));
+    let body = json!({
+        "notification": {
+            "assignments": [{"adamId": "200", "pricingParam": "STDQ", "serialNumber": "D1"}],
+            "eventId": "lost-answer-2", "result": "SUCCESS", "type": "DISASSOCIATE"
+        },
+        "notificationId": "late-2", "notificationType": "ASSET_MANAGEMENT", "uId": "1"
+    });
+    notification::handle(
+        &run.kv,
+        ACCOUNT,
+        Some(&format!("Bearer {SECRET}")),
+        body.to_string().as_bytes(),
+        run.now(),
+    )
+    .unwrap();
+    assert!(notices(&run).is_empty(), "{:?}", notices(&run));
+    assert!(
+        copy_made_by(&run, "200", "D1").is_some(),
+        "still in the copy"
+    );
+    assert_eq!(state_of(&run, "200", "D1"), Some("confirmed"));
+    run.clock.advance(std::time::Duration::from_secs(60));
+    run.refresh(true);
+    assert!(
+        notices(&run).is_empty(),
+        "Apple holds it: {:?}",
+        notices(&run)
+    );
 }
