@@ -331,11 +331,8 @@ where
     }
     // Everything written reaches the host before the body is finished.
     if stream.flush().is_ok() {
-        loop {
-            match stream.check_write() {
-                Ok(0) => stream.subscribe().block(),
-                _ => break,
-            }
+        while let Ok(0) = stream.check_write() {
+            stream.subscribe().block();
         }
     }
     drop(stream);
