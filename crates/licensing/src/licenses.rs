@@ -810,6 +810,21 @@ mod tests {
             "productType": "App", "total": 5, "available": 1, "inUse": 4, "retired": 0});
         set_json(&kv, &old_key, &page).unwrap();
         set_json(&kv, &keys::settings(), &json!({"lowLicenseThreshold": 3})).unwrap();
+        // Open ledger entries: rows with `pending`, some of them low because of it.
+        for (adam, n) in [("100001", 1), ("100002", 3), ("100009", 2)] {
+            let subjects: Vec<crate::model::Subject> = (0..n)
+                .map(|i| crate::model::Subject::SerialNumber(format!("S{adam}-{i}")))
+                .collect();
+            crate::ledger::admit(
+                &kv,
+                "a1",
+                &crate::model::asset_key(adam, "STDQ"),
+                &subjects,
+                false,
+                chrono::Utc::now(),
+            )
+            .unwrap();
+        }
         let filters = [
             Filter::default(),
             Filter {
@@ -845,6 +860,8 @@ mod tests {
         let all = list(&kv, &Filter::default()).unwrap();
         assert!(all.iter().any(|r| r.low_licenses) && all.iter().any(|r| r.unlimited));
         assert!(all.iter().any(|r| r.name.is_none() && r.icon_url.is_none()));
+        // 1 + 3 + the 1 license 100009 had free.
+        assert_eq!(all.iter().map(|r| r.pending).sum::<i64>(), 5);
     }
 
     #[test]
