@@ -4,8 +4,9 @@
 //! Reads are bounded whatever the size of the account: a page of the list reads the settings,
 //! the account index, per account (at most [`ACCOUNTS_PER_REQUEST`]) its record, its copy index
 //! and its reservations (`ledger::open_reservations`: the assets with open entries), and the few
-//! small asset pages its rows are on (see `pages_for`), decoding only the records it returns;
-//! it returns a cursor to continue. A page of an asset's assignments is the account, the copy
+//! small asset pages its rows are on (see `pages_for`); it returns a cursor to continue. The
+//! JSON page ([`list_page_json`]) copies each row's record members from their stored text; the
+//! rows of [`list_page`] (the CSV export, the metrics) decode only the records they return. A page of an asset's assignments is the account, the copy
 //! index, one asset page and one copy shard (scanned, only the asset's entries decoded).
 
 use crate::copy::{self, CopyIndex};
