@@ -276,18 +276,14 @@ fn list_licenses(kv: &SpinKv, req: &ApiRequest) -> Result<Reply, ApiError> {
         };
         return Ok(Reply::Stream(head, Box::new(CsvRest(export))));
     }
-    let page = licenses::list_page(kv, &filter, cursor, limit)?;
-    // Serialized straight from the rows (no intermediate JSON values).
-    #[derive(serde::Serialize)]
-    #[serde(rename_all = "camelCase")]
-    struct ListBody<'a> {
-        licenses: &'a [licenses::LicenseRow],
-        next_cursor: Option<&'a str>,
-    }
-    Ok(Reply::Whole(ApiResponse::ok(&ListBody {
-        licenses: &page.rows,
-        next_cursor: page.next_cursor.as_deref(),
-    })))
+    // Each row written from its stored record's text (no decoding, no intermediate values).
+    let body = licenses::list_page_json(kv, &filter, cursor, limit)?;
+    Ok(Reply::Whole(ApiResponse {
+        status: 200,
+        content_type: "application/json",
+        headers: Vec::new(),
+        body,
+    }))
 }
 
 /// The event as we know it. For the admin key, a pending event whose poll is due is polled at

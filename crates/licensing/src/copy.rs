@@ -33,7 +33,7 @@ pub(crate) enum Wanted<'w> {
 /// The members of a JSON object as raw text (key with its quotes, value), found by a byte scan
 /// that tracks only strings and nesting: far cheaper than decoding, and exact for the valid JSON
 /// `serde_json` writes. `None` when the text is not an object.
-fn members(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+pub(crate) fn members(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
     let ws = |b: u8| matches!(b, b' ' | b'\n' | b'\r' | b'\t');
     let mut i = 0;
     let n = bytes.len();
@@ -322,6 +322,60 @@ pub fn page_after(
         &keys::asset_page(account, ix.generation, page),
         Wanted::After(after, n),
     )
+}
+
+/// Records of an asset page as stored (their JSON text, never decoded here): what a list page
+/// copies its rows from.
+#[derive(Debug, Default)]
+pub struct RawPage {
+    bytes: Vec<u8>,
+    /// Asset key and where its record's text is in `bytes`.
+    entries: Vec<(String, std::ops::Range<usize>)>,
+}
+
+impl RawPage {
+    /// Asset key and record text, in the page's order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.entries
+            .iter()
+            .map(|(k, r)| (k.as_str(), &self.bytes[r.clone()]))
+    }
+}
+
+/// At most `n` records of asset page `page` after the asset key `after` (`""`: from the
+/// start), in the page's order, as stored: [`page_after`] without decoding the records.
+pub fn page_after_raw(
+    kv: &impl Kv,
+    account: &str,
+    ix: &CopyIndex,
+    page: u32,
+    after: &str,
+    n: usize,
+) -> Result<RawPage, StoreError> {
+    let key = keys::asset_page(account, ix.generation, page);
+    let corrupt = |reason: String| StoreError::Corrupt {
+        key: key.clone(),
+        reason,
+    };
+    let Some(bytes) = kv.get(&key)? else {
+        return Ok(RawPage::default());
+    };
+    let mut entries = Vec::new();
+    {
+        let list = members(&bytes).ok_or_else(|| corrupt("not a JSON object".into()))?;
+        let base = bytes.as_ptr() as usize;
+        for (k, v) in list {
+            if entries.len() >= n {
+                break;
+            }
+            let name: String = serde_json::from_slice(k).map_err(|e| corrupt(e.to_string()))?;
+            if name.as_str() > after {
+                let start = v.as_ptr() as usize - base;
+                entries.push((name, start..start + v.len()));
+            }
+        }
+    }
+    Ok(RawPage { bytes, entries })
 }
 
 /// One asset of the current generation, with the view it came from.

@@ -4,8 +4,9 @@
 //! Reads are bounded whatever the size of the account: a page of the list reads the settings,
 //! the account index, per account (at most [`ACCOUNTS_PER_REQUEST`]) its record, its copy index
 //! and its reservations (`ledger::open_reservations`: the assets with open entries), and the few
-//! small asset pages its rows are on (see `pages_for`), decoding only the records it returns;
-//! it returns a cursor to continue. A page of an asset's assignments is the account, the copy
+//! small asset pages its rows are on (see `pages_for`); it returns a cursor to continue. The
+//! JSON page ([`list_page_json`]) copies each row's record members from their stored text; the
+//! rows of [`list_page`] (the CSV export, the metrics) decode only the records they return. A page of an asset's assignments is the account, the copy
 //! index, one asset page and one copy shard (scanned, only the asset's entries decoded).
 
 use crate::copy::{self, CopyIndex};
@@ -40,8 +41,9 @@ pub struct LicenseRow {
     pub synced_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-/// Rows per page of the list unless `limit` says otherwise, and the most `limit` may ask.
-pub const DEFAULT_LIMIT: usize = 500;
+/// Rows per page of the list unless `limit` says otherwise (a screenful: what a console shows
+/// at once; the rest follows by cursor), and the most `limit` may ask.
+pub const DEFAULT_LIMIT: usize = 50;
 pub const MAX_LIMIT: usize = 1000;
 /// Asset pages one request reads at most beyond those its rows need (a search may return
 /// fewer rows and a cursor): a page of `limit` rows reads at most
@@ -148,18 +150,210 @@ pub fn list_page(
     limit: usize,
 ) -> Result<ListPage, ApiError> {
     let limit = limit.clamp(1, MAX_LIMIT);
-    walk(
+    let mut rows = Vec::new();
+    let next_cursor = walk(
         kv,
         filter,
         cursor,
         limit,
         pages_for(limit),
         ACCOUNTS_PER_REQUEST,
-    )
+        &mut rows,
+    )?;
+    Ok(ListPage { rows, next_cursor })
 }
 
-/// Rows from `cursor` on, stopping after `limit` rows, `max_pages` asset pages or `max_accounts`
-/// accounts visited (whichever comes first) with a cursor to continue.
+/// [`list_page`] as the response body `{"licenses": [...], "nextCursor": ...}`, each row
+/// written from its stored record's text (copied, never decoded and serialized again): the
+/// same JSON as serializing the page's [`LicenseRow`]s, for a fraction of the work.
+pub fn list_page_json(
+    kv: &impl Kv,
+    filter: &Filter,
+    cursor: Option<&str>,
+    limit: usize,
+) -> Result<Vec<u8>, ApiError> {
+    let limit = limit.clamp(1, MAX_LIMIT);
+    let mut rows = JsonRows::default();
+    rows.out.extend_from_slice(b"{\"licenses\":[");
+    let next_cursor = walk(
+        kv,
+        filter,
+        cursor,
+        limit,
+        pages_for(limit),
+        ACCOUNTS_PER_REQUEST,
+        &mut rows,
+    )?;
+    let mut out = rows.out;
+    out.extend_from_slice(b"],\"nextCursor\":");
+    out.extend_from_slice(json_text(&next_cursor).as_bytes());
+    out.push(b'}');
+    Ok(out)
+}
+
+/// A stored asset record's members, found by a byte scan (`copy::members`): nothing decoded.
+struct RawRecord<'a> {
+    text: &'a [u8],
+    members: Vec<(&'a [u8], &'a [u8])>,
+}
+
+impl<'a> RawRecord<'a> {
+    fn parse(text: &'a [u8]) -> Result<RawRecord<'a>, ApiError> {
+        let members = copy::members(text).ok_or_else(|| corrupt_record("not a JSON object"))?;
+        Ok(RawRecord { text, members })
+    }
+
+    /// The text of member `field` (a plain camelCase name, so its key is `"field"` exactly).
+    fn get(&self, field: &str) -> Option<&'a [u8]> {
+        self.members
+            .iter()
+            .find(|(k, _)| k.len() == field.len() + 2 && &k[1..k.len() - 1] == field.as_bytes())
+            .map(|(_, v)| *v)
+    }
+
+    fn required(&self, field: &str) -> Result<&'a [u8], ApiError> {
+        self.get(field)
+            .ok_or_else(|| corrupt_record(&format!("an asset record without {field}")))
+    }
+
+    fn int(&self, field: &str) -> Result<i64, ApiError> {
+        std::str::from_utf8(self.required(field)?)
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| corrupt_record(&format!("an asset record's {field} is not a number")))
+    }
+
+    fn string(&self, field: &str) -> Result<Option<String>, ApiError> {
+        match self.get(field) {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(v).map_err(|e| corrupt_record(&e.to_string())),
+        }
+    }
+}
+
+fn corrupt_record(reason: &str) -> ApiError {
+    ApiError::store(vpp_store::StoreError::Corrupt {
+        key: "asset page".into(),
+        reason: reason.to_string(),
+    })
+}
+
+fn json_text(v: &impl Serialize) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+/// What a walk of the list makes of the rows it keeps.
+trait RowSink {
+    fn add(
+        &mut self,
+        account: &Account,
+        ix: &CopyIndex,
+        record: &RawRecord<'_>,
+        pending: i64,
+        threshold: i64,
+    ) -> Result<(), ApiError>;
+
+    fn len(&self) -> usize;
+}
+
+impl RowSink for Vec<LicenseRow> {
+    fn add(
+        &mut self,
+        account: &Account,
+        ix: &CopyIndex,
+        record: &RawRecord<'_>,
+        pending: i64,
+        threshold: i64,
+    ) -> Result<(), ApiError> {
+        let a: AssetRecord =
+            serde_json::from_slice(record.text).map_err(|e| corrupt_record(&e.to_string()))?;
+        self.push(row(account, ix, &a, pending, threshold));
+        Ok(())
+    }
+
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+}
+
+/// Rows written as JSON straight from the records' text.
+#[derive(Default)]
+struct JsonRows {
+    out: Vec<u8>,
+    rows: usize,
+    /// `{"accountId":..,"accountName":..,` of the account being walked, its id, and its
+    /// `syncedAt` value.
+    account: Option<(String, Vec<u8>, Vec<u8>)>,
+}
+
+impl RowSink for JsonRows {
+    fn add(
+        &mut self,
+        account: &Account,
+        ix: &CopyIndex,
+        record: &RawRecord<'_>,
+        pending: i64,
+        threshold: i64,
+    ) -> Result<(), ApiError> {
+        if self.account.as_ref().map(|(id, _, _)| id) != Some(&account.id) {
+            let head = format!(
+                "{{\"accountId\":{},\"accountName\":{},",
+                json_text(&account.id),
+                json_text(&account.name)
+            );
+            let synced = json_text(&ix.synced_at);
+            self.account = Some((account.id.clone(), head.into_bytes(), synced.into_bytes()));
+        }
+        let Some((_, head, synced)) = &self.account else {
+            return Ok(());
+        };
+        let total = record.int("total")?;
+        let available = record.int("available")?;
+        let unlimited = total == vpp_apple::Asset::UNLIMITED_TOTAL;
+        let low = !unlimited && available - pending <= threshold;
+        let out = &mut self.out;
+        if self.rows > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(head);
+        let mut member = |name: &str, value: &[u8]| {
+            out.push(b'"');
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b"\":");
+            out.extend_from_slice(value);
+            out.push(b',');
+        };
+        member("adamId", record.required("adamId")?);
+        member("pricingParam", record.required("pricingParam")?);
+        member("name", record.get("name").unwrap_or(b"null"));
+        member("iconUrl", record.get("iconUrl").unwrap_or(b"null"));
+        member("productType", record.required("productType")?);
+        member("total", record.required("total")?);
+        member("available", record.required("available")?);
+        member("inUse", record.required("inUse")?);
+        member("retired", record.required("retired")?);
+        member("pending", pending.to_string().as_bytes());
+        member("unlimited", if unlimited { b"true" } else { b"false" });
+        member("lowLicenses", if low { b"true" } else { b"false" });
+        member(
+            "deviceAssignable",
+            record.get("deviceAssignable").unwrap_or(b"false"),
+        );
+        member("revocable", record.get("revocable").unwrap_or(b"false"));
+        out.extend_from_slice(b"\"syncedAt\":");
+        out.extend_from_slice(synced);
+        out.push(b'}');
+        self.rows += 1;
+        Ok(())
+    }
+
+    fn len(&self) -> usize {
+        self.rows
+    }
+}
+
+/// Rows from `cursor` on into `rows`, stopping after `limit` rows, `max_pages` asset pages or
+/// `max_accounts` accounts visited (whichever comes first); returns the cursor to continue.
 fn walk(
     kv: &impl Kv,
     filter: &Filter,
@@ -167,7 +361,8 @@ fn walk(
     limit: usize,
     max_pages: u32,
     max_accounts: u32,
-) -> Result<ListPage, ApiError> {
+    rows: &mut impl RowSink,
+) -> Result<Option<String>, ApiError> {
     let threshold = settings::load(kv)?.low_license_threshold;
     // One account asked for: its record is read once, here.
     let mut known: Option<Account> = None;
@@ -183,12 +378,7 @@ fn walk(
     };
     let mut at = match cursor.filter(|c| !c.is_empty()) {
         None => match ids.first() {
-            None => {
-                return Ok(ListPage {
-                    rows: Vec::new(),
-                    next_cursor: None,
-                })
-            }
+            None => return Ok(None),
             Some(first) => Cursor {
                 account: first.clone(),
                 page: 0,
@@ -207,16 +397,12 @@ fn walk(
         .with_details(json!({"field": "cursor"})));
     };
     let needle = filter.search.as_ref().map(|s| s.to_lowercase());
-    let mut rows = Vec::new();
     let mut pages_read = 0;
     let mut visits = 0;
     loop {
         visits += 1;
         if visits > max_accounts {
-            return Ok(ListPage {
-                rows,
-                next_cursor: Some(at.encode()),
-            });
+            return Ok(Some(at.encode()));
         }
         let id = &ids[account_index];
         let record = match known.take() {
@@ -242,43 +428,39 @@ fn walk(
         let reserved = crate::ledger::open_reservations(kv, id)?;
         while at.page < ix.asset_pages {
             if pages_read >= max_pages {
-                return Ok(ListPage {
-                    rows,
-                    next_cursor: Some(at.encode()),
-                });
+                return Ok(Some(at.encode()));
             }
             pages_read += 1;
-            // Without a filter every record decoded is a row: decode only the rows still wanted.
+            // Without a filter every record read is a row: read only the rows still wanted.
             let want = if needle.is_none() && !filter.low_only {
                 limit.saturating_sub(rows.len())
             } else {
                 usize::MAX
             };
-            let page = copy::page_after(kv, id, &ix, at.page, &at.after, want)?;
-            for (k, a) in page.iter() {
-                at.after = k.clone();
+            let page = copy::page_after_raw(kv, id, &ix, at.page, &at.after, want)?;
+            for (k, text) in page.iter() {
+                at.after.clear();
+                at.after.push_str(k);
+                let record = RawRecord::parse(text)?;
                 if let Some(n) = &needle {
-                    let name = a.name.as_deref().unwrap_or("").to_lowercase();
-                    if !name.contains(n.as_str()) && !a.adam_id.contains(n.as_str()) {
+                    let name = record.string("name")?.unwrap_or_default().to_lowercase();
+                    let adam_id = record.string("adamId")?.unwrap_or_default();
+                    if !name.contains(n.as_str()) && !adam_id.contains(n.as_str()) {
                         continue;
                     }
                 }
-                let r = row(
-                    &account,
-                    &ix,
-                    a,
-                    reserved.get(k).copied().unwrap_or(0),
-                    threshold,
-                );
-                if filter.low_only && !r.low_licenses {
-                    continue;
+                let pending = reserved.get(k).copied().unwrap_or(0);
+                if filter.low_only {
+                    let total = record.int("total")?;
+                    let low = total != vpp_apple::Asset::UNLIMITED_TOTAL
+                        && record.int("available")? - pending <= threshold;
+                    if !low {
+                        continue;
+                    }
                 }
-                rows.push(r);
+                rows.add(&account, &ix, &record, pending, threshold)?;
                 if rows.len() >= limit {
-                    return Ok(ListPage {
-                        rows,
-                        next_cursor: Some(at.encode()),
-                    });
+                    return Ok(Some(at.encode()));
                 }
             }
             at.page += 1;
@@ -296,16 +478,15 @@ fn walk(
             None => break,
         }
     }
-    Ok(ListPage {
-        rows,
-        next_cursor: None,
-    })
+    Ok(None)
 }
 
 /// The whole list in one walk (every asset page of every account, each read once; for the
 /// metrics, small stores and tests).
 pub fn list(kv: &impl Kv, filter: &Filter) -> Result<Vec<LicenseRow>, ApiError> {
-    Ok(walk(kv, filter, None, usize::MAX, u32::MAX, u32::MAX)?.rows)
+    let mut rows = Vec::new();
+    walk(kv, filter, None, usize::MAX, u32::MAX, u32::MAX, &mut rows)?;
+    Ok(rows)
 }
 
 /// Characters that make a spreadsheet read a cell as a formula when they lead it (a leading tab
@@ -574,6 +755,114 @@ mod tests {
             ..Filter::default()
         });
         assert!(bad.next_chunk(&kv).is_err());
+    }
+
+    /// The body written from the records' text is the JSON of the rows decoded and serialized,
+    /// whatever the records hold (escapes, absent optional members, unlimited, pending, low).
+    #[test]
+    fn a_page_written_from_stored_text_is_the_rows_serialized() {
+        use crate::model::Account;
+        use vpp_store::{set_json, MemoryKv};
+        let kv = MemoryKv::default();
+        let account: Account = serde_json::from_value(json!({
+            "id": "a1", "name": "School \"North\" \\ é", "organization": "Org", "location": "Main",
+            "locationId": "uid1", "country": "US", "defaultPlatform": "volumestore",
+            "websiteUrl": null, "tokenExpiresAt": "2030-01-01T00:00:00Z",
+            "createdAt": "2025-01-01T00:00:00Z", "updatedAt": "2025-01-01T00:00:00Z",
+        }))
+        .unwrap();
+        set_json(&kv, &keys::account("a1"), &account).unwrap();
+        set_json(&kv, &keys::accounts(), &vec!["a1".to_string()]).unwrap();
+        let records: Vec<AssetRecord> = (0..260)
+            .map(|i| AssetRecord {
+                adam_id: format!("{}", 100_000 + i),
+                pricing_param: if i % 7 == 0 { "PLUS" } else { "STDQ" }.into(),
+                product_type: if i % 2 == 0 { "App" } else { "Book" }.into(),
+                name: (i % 5 != 0).then(|| format!("App \"{i}\" \\ \u{1} ü,}}")),
+                icon_url: (i % 3 == 0).then(|| format!("https://e.test/{i}.png")),
+                total: if i % 11 == 0 {
+                    vpp_apple::Asset::UNLIMITED_TOTAL
+                } else {
+                    10
+                },
+                available: 10 - (i % 12),
+                in_use: i % 12,
+                retired: i % 2,
+                device_assignable: i % 4 != 0,
+                revocable: i % 6 != 0,
+                supported_platforms: vec!["iOS".into()],
+                shards: 1,
+            })
+            .collect();
+        let synced = chrono::DateTime::parse_from_rfc3339("2026-01-02T03:04:05.678Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        copy::write_generation(&kv, "a1", 1, Some(synced), records).unwrap();
+        // A record written before the optional members existed.
+        let ix = copy::index(&kv, "a1").unwrap();
+        let old_key = keys::asset_page(
+            "a1",
+            ix.generation,
+            ix.page_of(&crate::model::asset_key("100003", "STDQ")),
+        );
+        let mut page: serde_json::Map<String, Value> =
+            serde_json::from_slice(&kv.get(&old_key).unwrap().unwrap()).unwrap();
+        page["100003:STDQ"] = json!({"adamId": "100003", "pricingParam": "STDQ",
+            "productType": "App", "total": 5, "available": 1, "inUse": 4, "retired": 0});
+        set_json(&kv, &old_key, &page).unwrap();
+        set_json(&kv, &keys::settings(), &json!({"lowLicenseThreshold": 3})).unwrap();
+        // Open ledger entries: rows with `pending`, some of them low because of it.
+        for (adam, n) in [("100001", 1), ("100002", 3), ("100009", 2)] {
+            let subjects: Vec<crate::model::Subject> = (0..n)
+                .map(|i| crate::model::Subject::SerialNumber(format!("S{adam}-{i}")))
+                .collect();
+            crate::ledger::admit(
+                &kv,
+                "a1",
+                &crate::model::asset_key(adam, "STDQ"),
+                &subjects,
+                false,
+                chrono::Utc::now(),
+            )
+            .unwrap();
+        }
+        let filters = [
+            Filter::default(),
+            Filter {
+                account_id: Some("a1".into()),
+                ..Filter::default()
+            },
+            Filter {
+                low_only: true,
+                ..Filter::default()
+            },
+            Filter {
+                search: Some("\"1".into()),
+                ..Filter::default()
+            },
+        ];
+        for filter in &filters {
+            for limit in [1, 7, 50, 1000] {
+                let mut cursor: Option<String> = None;
+                loop {
+                    let page = list_page(&kv, filter, cursor.as_deref(), limit).unwrap();
+                    let body = list_page_json(&kv, filter, cursor.as_deref(), limit).unwrap();
+                    let text: Value = serde_json::from_slice(&body).unwrap();
+                    let want = json!({"licenses": page.rows, "nextCursor": page.next_cursor});
+                    assert_eq!(text, want, "{filter:?} {limit} {cursor:?}");
+                    match page.next_cursor {
+                        Some(c) => cursor = Some(c),
+                        None => break,
+                    }
+                }
+            }
+        }
+        // Low rows and unlimited ones were among them.
+        let all = list(&kv, &Filter::default()).unwrap();
+        assert!(all.iter().any(|r| r.low_licenses) && all.iter().any(|r| r.unlimited));
+        assert!(all.iter().any(|r| r.name.is_none() && r.icon_url.is_none()));
+        // 1 + 3 + the 1 license 100009 had free.
+        assert_eq!(all.iter().map(|r| r.pending).sum::<i64>(), 5);
     }
 
     #[test]

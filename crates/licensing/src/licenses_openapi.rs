@@ -55,14 +55,14 @@ pub fn paths() -> Value {
         "/api/licenses": {"get": {
             "operationId": "listLicenses",
             "summary": "One row per asset with counts and a low-license flag (reader key allowed)",
-            "description": "Paged: a page holds at most `limit` rows (default 500) and reads a bounded part of the store whatever the number of assets; when more rows follow, `nextCursor` is set: send it back as `cursor` for the next page (a page may hold fewer rows than `limit`, even none, while `nextCursor` is set, when `search` or `low` filter rows out). A request without `cursor` returns the first page (for up to 500 assets: everything, as before paging). The CSV export (`format=csv`) is not paged: it holds every row (`cursor` and `limit`, when given, are still checked).",
+            "description": "Paged: a page holds at most `limit` rows (default 50) and reads a bounded part of the store whatever the number of assets; when more rows follow, `nextCursor` is set: send it back as `cursor` for the next page (a page may hold fewer rows than `limit`, even none, while `nextCursor` is set, when `search` or `low` filter rows out). A request without `cursor` returns the first page. The CSV export (`format=csv`) is not paged: it holds every row (`cursor` and `limit`, when given, are still checked).",
             "parameters": [
                 query("accountId", json!({"type": "string"}), "only this account (404 when there is none)"),
                 query("search", json!({"type": "string"}), "case-insensitive part of the name or adamId"),
                 query("low", json!({"type": "string", "enum": ["true", "false"]}), "only assets at or below the low-license threshold"),
                 query("format", json!({"type": "string", "enum": ["json", "csv"]}), "csv for a CSV export of every row (or send Accept: text/csv)"),
                 query("cursor", json!({"type": "string", "pattern": "^$|^[0-9a-f]{32}~[0-9]{1,9}~"}), "where this page starts: the previous page's nextCursor (`<accountId>~<page>~<last key>`; empty, as without it: the first page); one whose account this list no longer holds (deleted, or another accountId) is 409: start again without a cursor"),
-                query("limit", json!({"type": "integer", "minimum": 1, "maximum": 1000}), "rows per page, 1 to 1000 (default 500)"),
+                query("limit", json!({"type": "integer", "minimum": 1, "maximum": 1000}), "rows per page, 1 to 1000 (default 50)"),
             ],
             "responses": {
                 "200": {"description": "OK", "content": {

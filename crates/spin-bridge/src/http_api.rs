@@ -289,11 +289,25 @@ where
         eprintln!("response body not writable");
         return;
     };
-    let write = |bytes: &[u8]| -> bool {
-        // `blocking-write-and-flush` takes at most 4096 bytes per call.
-        bytes
-            .chunks(4096)
-            .all(|c| stream.blocking_write_and_flush(c).is_ok())
+    // As much per call as the stream accepts (`check-write`; Spin's hosts take up to 1 MiB),
+    // waiting only when it has no room: `blocking-write-and-flush` takes at most 4,096 bytes
+    // and waits for the host to take each one, a round trip per 4 KiB of the body.
+    let write = |mut bytes: &[u8]| -> bool {
+        while !bytes.is_empty() {
+            let room = match stream.check_write() {
+                Ok(0) => {
+                    stream.subscribe().block();
+                    continue;
+                }
+                Ok(n) => usize::try_from(n).unwrap_or(usize::MAX).min(bytes.len()),
+                Err(_) => return false,
+            };
+            if stream.write(&bytes[..room]).is_err() {
+                return false;
+            }
+            bytes = &bytes[room..];
+        }
+        true
     };
     if !write(&head.body) {
         return;
@@ -313,6 +327,12 @@ where
                     return;
                 }
             }
+        }
+    }
+    // Everything written reaches the host before the body is finished.
+    if stream.flush().is_ok() {
+        while let Ok(0) = stream.check_write() {
+            stream.subscribe().block();
         }
     }
     drop(stream);

@@ -84,6 +84,10 @@ async fn run() {
             format!("/api/licenses?accountId={id}&cursor={}", urlencode(&cursor)),
         ),
         (
+            "licenses, limit=500",
+            format!("/api/licenses?accountId={id}&limit=500"),
+        ),
+        (
             "licenses, limit=50",
             format!("/api/licenses?accountId={id}&limit=50"),
         ),

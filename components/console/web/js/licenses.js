@@ -71,13 +71,7 @@ function icon(row) {
 async function load(host, summary) {
   let rows = [];
   try {
-    let page = await get(query());
-    rows = page.licenses;
-    // A paged list follows nextPage until the end.
-    while (page.nextPage !== undefined && page.nextPage !== null) {
-      page = await get(query({ page: page.nextPage }));
-      rows = rows.concat(page.licenses);
-    }
+    rows = await allRows(query, {});
   } catch (e) {
     host.replaceChildren(errorBox(e));
     return;
@@ -98,6 +92,18 @@ async function load(host, summary) {
   });
   host.replaceChildren(table(["", "Name", "Type", "Account", { label: "Total", num: true }, { label: "Available", num: true }, { label: "In use", num: true }, "Licenses"],
     trs, "No licenses match. Add an account, or change the search.", "App licenses"));
+}
+
+// Every row of a filtered list: the API pages it (a default page is 50 rows), so this follows
+// nextCursor, asking for the largest page (1,000 rows) to keep the requests few.
+export async function allRows(path, extra) {
+  let page = await get(path({ ...extra, limit: "1000" }));
+  let rows = page.licenses;
+  while (page.nextCursor) {
+    page = await get(path({ ...extra, limit: "1000", cursor: page.nextCursor }));
+    rows = rows.concat(page.licenses);
+  }
+  return rows;
 }
 
 async function downloadCsv(btn) {
@@ -129,7 +135,7 @@ async function renderAsset(root, accountId, adamId, pricing) {
   root.append(back, head, host);
   let row = null;
   try {
-    const { licenses } = await get("/api/licenses?accountId=" + enc(accountId) + "&search=" + enc(adamId));
+    const licenses = await allRows((q) => "/api/licenses?" + new URLSearchParams({ accountId, search: adamId, ...q }).toString(), {});
     row = licenses.find((l) => l.adamId === adamId && (!pricing || l.pricingParam === pricing)) || null;
   } catch (e) {
     head.append(errorBox(e));

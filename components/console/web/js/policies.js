@@ -2,6 +2,7 @@
 // account). Create, edit by pasting lists, delete; the shortfall the API reports after a save.
 import { get, put, del, enc, ApiFailure } from "./api.js";
 import { el, action, table, modal, confirmDialog, errorBox, announce, parseList, unsavedDialog } from "./ui.js";
+import { allRows } from "./licenses.js";
 
 export const title = "App policies";
 
@@ -72,7 +73,7 @@ async function edit(p) {
     async function fillAssets() {
       assetList.replaceChildren(el("span", { class: "hint" }, "Loading the account's assets…"));
       try {
-        const { licenses } = await get("/api/licenses?accountId=" + enc(account.value));
+        const licenses = await allRows((q) => "/api/licenses?" + new URLSearchParams({ accountId: account.value, ...q }).toString(), {});
         assetList.replaceChildren(...(licenses.length ? licenses.map((l) => {
           const key = l.adamId + "/" + l.pricingParam;
           const box = el("input", { type: "checkbox", value: key, "data-adam": l.adamId });
