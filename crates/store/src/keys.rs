@@ -73,17 +73,23 @@ pub const ASSET_COPY_PAGE: usize = 1000;
 
 /// Shards of an account's managed users (fixed: 100,000 users at ~200 B stay ~300 KiB a shard).
 pub const USER_SHARDS: u32 = 64;
-/// Audit records per audit page.
-pub const AUDIT_PAGE: usize = 200;
-/// Notices per notice page.
-pub const NOTICE_PAGE: usize = 200;
+/// The byte bound of a page of a ring (audit, jobs, ended events): a page is full at its count
+/// or at this many bytes, whichever comes first, so a ring page stays far under [`VALUE_LIMIT`].
+pub const RING_PAGE_BYTES: usize = 256 * 1024;
+/// Audit records per audit page (~150-300 B each; full earlier at [`RING_PAGE_BYTES`]).
+pub const AUDIT_PAGE: usize = 1000;
+/// Notices per notice page (~250-400 B each: ≤ ~200 KiB; a notice's fields are bounded by the
+/// copy's keys and subjects).
+pub const NOTICE_PAGE: usize = 500;
 
 // Bounds of what accumulates: rings, so the key count and every value stay fixed.
-/// Audit pages kept ([`AUDIT_PAGE`] records each): 10,000 records.
-pub const AUDIT_PAGES_KEPT: u64 = 50;
+/// Audit pages kept ([`AUDIT_PAGE`] records each): 10,000 records. (Before: 50 pages of 200;
+/// the first page move deletes the pages older than the ring.)
+pub const AUDIT_PAGES_KEPT: u64 = 10;
 /// Notice pages kept ([`NOTICE_PAGE`] notices each): 20,000 notices. A page leaves the ring
 /// even when its notices were never delivered; the outbox then counts them as dropped, with why.
-pub const NOTICE_PAGES_KEPT: u64 = 100;
+/// (Before: 100 pages of 200; the first page move deletes the pages older than the ring.)
+pub const NOTICE_PAGES_KEPT: u64 = 40;
 /// Finished jobs kept in the job index (running jobs are never dropped).
 pub const KEPT_JOBS: usize = 200;
 /// Apple `notificationId`s remembered per account for deduplication (Apple retries within
