@@ -92,6 +92,11 @@ pub const AUDIT_PAGES_KEPT: u64 = 10;
 pub const NOTICE_PAGES_KEPT: u64 = 40;
 /// Finished jobs kept in the job index (running jobs are never dropped).
 pub const KEPT_JOBS: usize = 200;
+/// Pages of finished job records (`jobs/done/{n}`, `n = shard_of(jobId, JOB_DONE_PAGES)`).
+pub const JOB_DONE_PAGES: u32 = 8;
+/// Finished job records per page at most (twice the even share of [`KEPT_JOBS`], for hashing's
+/// unevenness); a page is also full at [`RING_PAGE_BYTES`], oldest out first.
+pub const JOB_DONE_PAGE: usize = 2 * KEPT_JOBS / JOB_DONE_PAGES as usize;
 /// Apple `notificationId`s remembered per account for deduplication (Apple retries within
 /// minutes; ~40 B each).
 pub const NOTIFIED_IDS: usize = 2000;
@@ -187,6 +192,10 @@ pub fn jobs() -> String {
 }
 pub fn job(id: &str) -> String {
     format!("job/{id}")
+}
+/// Page `n` of finished job records.
+pub fn jobs_done_page(n: u32) -> String {
+    format!("jobs/done/{n}")
 }
 pub fn lease(account: &str) -> String {
     format!("lease/{account}")
