@@ -179,7 +179,9 @@ mod tests {
         for _ in 0..(keys::RING_PAGE_BYTES / 20_000 + 5) {
             record(&kv, &long).unwrap();
         }
-        let head: Head = vpp_store::get_json(&kv, &keys::audit_head()).unwrap().unwrap();
+        let head: Head = vpp_store::get_json(&kv, &keys::audit_head())
+            .unwrap()
+            .unwrap();
         assert!(head.page >= 1, "the page moved on by bytes");
         for k in kv.keys() {
             let v = kv.get(&k).unwrap().unwrap();

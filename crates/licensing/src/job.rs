@@ -490,12 +490,23 @@ mod tests {
         kv.delete(&keys::job("legacy")).unwrap();
         let stored = kv.keys();
         assert!(stored.iter().all(|k| !k.starts_with("job/")), "{stored:?}");
-        let pages = stored.iter().filter(|k| k.starts_with("jobs/done/")).count();
+        let pages = stored
+            .iter()
+            .filter(|k| k.starts_with("jobs/done/"))
+            .count();
         assert!(pages <= keys::JOB_DONE_PAGES as usize, "{pages} pages");
-        assert_eq!(stored.len(), pages + 1, "the pages and the index: {stored:?}");
+        assert_eq!(
+            stored.len(),
+            pages + 1,
+            "the pages and the index: {stored:?}"
+        );
         for k in &stored {
             let v = kv.get(k).unwrap().unwrap();
-            assert!(v.len() <= keys::RING_PAGE_BYTES + 2_000, "{k}: {} bytes", v.len());
+            assert!(
+                v.len() <= keys::RING_PAGE_BYTES + 2_000,
+                "{k}: {} bytes",
+                v.len()
+            );
         }
         // The newest finished jobs read back whole, newest first.
         let newest = recent(&kv, 20).unwrap();

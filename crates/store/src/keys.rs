@@ -173,7 +173,10 @@ pub const fn key_budget(shape: &Shape) -> usize {
 
 /// The budget of the supported shape.
 pub const SUPPORTED_BUDGET: usize = key_budget(&SUPPORTED);
-const _: () = assert!(SUPPORTED_BUDGET * 10 <= CLOUD_KEYS * 9, "no room left on Fermyon Cloud");
+const _: () = assert!(
+    SUPPORTED_BUDGET * 10 <= CLOUD_KEYS * 9,
+    "no room left on Fermyon Cloud"
+);
 
 /// How many accounts of `assets`, `assignments` and `pending_events` each fit in
 /// [`CLOUD_KEYS`] with [`SUPPORTED_POLICIES`] policies (running jobs and all).
@@ -424,7 +427,10 @@ mod tests {
         assert_eq!(SUPPORTED_BUDGET, 906);
         assert!(SUPPORTED_BUDGET <= CLOUD_KEYS * 9 / 10);
         // Several smaller accounts: how many fit.
-        assert_eq!(accounts_that_fit(10_000, 1_000_000, SUPPORTED_PENDING_EVENTS), 1);
+        assert_eq!(
+            accounts_that_fit(10_000, 1_000_000, SUPPORTED_PENDING_EVENTS),
+            1
+        );
         assert!(accounts_that_fit(1_000, 20_000, 20) >= 3);
         // Every ring page stays far under the value limit.
         assert!(RING_PAGE_BYTES * 2 < VALUE_LIMIT);

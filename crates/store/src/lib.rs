@@ -65,11 +65,19 @@ impl<K: Kv + ?Sized> Kv for &K {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {
     Kv(KvError),
-    Corrupt { key: String, reason: String },
-    Contended { key: String },
+    Corrupt {
+        key: String,
+        reason: String,
+    },
+    Contended {
+        key: String,
+    },
     /// The value a writer built is over [`keys::VALUE_LIMIT`]: refused before anything is
     /// written (Fermyon Cloud refuses values over 1 MB; nothing is ever cut to fit).
-    TooLarge { key: String, bytes: usize },
+    TooLarge {
+        key: String,
+        bytes: usize,
+    },
 }
 
 impl fmt::Display for StoreError {
@@ -208,12 +216,20 @@ mod tests {
         set_json(&kv, "k", &"small").unwrap();
         let big = "x".repeat(keys::VALUE_LIMIT);
         let err = set_json(&kv, "k", &big).unwrap_err();
-        assert!(matches!(err, StoreError::TooLarge { ref key, bytes } if key == "k" && bytes > keys::VALUE_LIMIT));
+        assert!(
+            matches!(err, StoreError::TooLarge { ref key, bytes } if key == "k" && bytes > keys::VALUE_LIMIT)
+        );
         assert!(err.to_string().contains("nothing was written"), "{err}");
-        assert_eq!(get_json::<String>(&kv, "k").unwrap().as_deref(), Some("small"));
+        assert_eq!(
+            get_json::<String>(&kv, "k").unwrap().as_deref(),
+            Some("small")
+        );
         let err = update::<String, ()>(&kv, "k", |_| Ok((Some(big.clone()), ()))).unwrap_err();
         assert!(matches!(err, StoreError::TooLarge { .. }), "{err:?}");
-        assert_eq!(get_json::<String>(&kv, "k").unwrap().as_deref(), Some("small"));
+        assert_eq!(
+            get_json::<String>(&kv, "k").unwrap().as_deref(),
+            Some("small")
+        );
         // Just under the limit (with the write mark) still goes in.
         let fits = "y".repeat(keys::VALUE_LIMIT - 1_000);
         update::<String, ()>(&kv, "k", |_| Ok((Some(fits.clone()), ()))).unwrap();

@@ -59,7 +59,9 @@ fn jobs(env: &Env) -> BTreeMap<String, Vec<Value>> {
         let records = if k.starts_with("job/") {
             vec![v]
         } else {
-            v.as_object().map(|m| m.values().cloned().collect()).unwrap_or_default()
+            v.as_object()
+                .map(|m| m.values().cloned().collect())
+                .unwrap_or_default()
         };
         for j in records {
             out.entry(j["kind"].as_str().unwrap_or("").to_string())
