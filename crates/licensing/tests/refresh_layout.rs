@@ -744,3 +744,81 @@ fn every_ring_full_on_a_full_refresh_stays_within_the_key_budget() {
         "{peak_a} -> {peak_b} keys; the copy's formula allows {grown} more"
     );
 }
+
+#[test]
+fn assets_added_between_full_refreshes_split_their_pages() {
+    // A copy built for 50 assets (one page), then 3,000 new assets at Apple read by an
+    // incremental refresh: before, all went to that one page (~1 MB); now the pages split.
+    let kv = MemoryKv::default();
+    account(&kv);
+    let apple = location(50, 500, 1000);
+    run_refresh(&kv, &apple, true, 500);
+    assert_eq!(copy::index(&kv, ACCOUNT).unwrap().asset_pages, 1);
+    {
+        let mut loc = apple.lock().unwrap();
+        loc.version = 2;
+        for i in 0..3_000 {
+            loc.assets.push(format!("{}", 500_000 + i));
+        }
+    }
+    run_refresh(&kv, &apple, false, 500);
+    let ix = copy::index(&kv, ACCOUNT).unwrap();
+    assert!(
+        ix.asset_pages >= 3_050 / keys::ASSET_PAGE_SPLIT as u32,
+        "{ix:?}"
+    );
+    let mut seen = BTreeSet::new();
+    for p in 0..ix.asset_pages {
+        let page = copy::page(&kv, ACCOUNT, &ix, p).unwrap();
+        assert!(
+            page.len() <= keys::ASSET_PAGE_SPLIT,
+            "page {p}: {}",
+            page.len()
+        );
+        for k in page.keys() {
+            assert_eq!(ix.page_of(k), p, "{k} is on the page the index names");
+            assert!(seen.insert(k.clone()));
+        }
+    }
+    assert_eq!(seen.len(), 3_050, "every asset once");
+    assert!(largest_value(&kv) < keys::VALUE_LIMIT / 4);
+    // Reads and writes find every asset on its page.
+    let all = copy::all_assets(&kv, ACCOUNT).unwrap();
+    assert_eq!(all.assets.len(), 3_050);
+    let some: Vec<String> = (0..3_000)
+        .step_by(7)
+        .map(|i| format!("{}:STDQ", 500_000 + i))
+        .collect();
+    let found = copy::update_assets(&kv, ACCOUNT, &some, |a| a.in_use += 1).unwrap();
+    assert_eq!(found.len(), some.len());
+}
+
+#[test]
+fn after_every_page_split_reads_and_writes_find_each_record_once() {
+    let kv = MemoryKv::default();
+    account(&kv);
+    let apple = location(300, 300, 1000);
+    run_refresh(&kv, &apple, true, 500);
+    let before = copy::index(&kv, ACCOUNT).unwrap();
+    // Split every page once.
+    for _ in 0..before.asset_pages {
+        let ix = copy::index(&kv, ACCOUNT).unwrap();
+        copy::split_next_page(&kv, ACCOUNT, &keys::assets(ACCOUNT), &ix).unwrap();
+    }
+    let after = copy::index(&kv, ACCOUNT).unwrap();
+    assert_eq!(after.asset_pages, 2 * before.asset_pages);
+    let moved: Vec<String> = (0..300)
+        .map(|i| format!("{}:STDQ", 100_000 + i))
+        .filter(|k| before.page_of(k) != after.page_of(k))
+        .collect();
+    assert!(!moved.is_empty());
+    // A record moved by a split is found on its new page by reads and writes.
+    let found = copy::update_assets(&kv, ACCOUNT, &moved, |a| a.in_use = 7).unwrap();
+    assert_eq!(found.len(), moved.len());
+    let doc = copy::all_assets(&kv, ACCOUNT).unwrap();
+    assert_eq!(doc.assets.len(), 300);
+    assert_eq!(
+        doc.assets.iter().filter(|a| a.in_use == 7).count(),
+        moved.len()
+    );
+}

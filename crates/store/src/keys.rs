@@ -193,6 +193,9 @@ pub const fn accounts_that_fit(assets: usize, assignments: usize, pending_events
 pub const VALUE_LIMIT: usize = 1_000_000;
 /// Asset records per asset page (target).
 pub const ASSET_PAGE_ENTRIES: usize = 100;
+/// Asset records a page may hold before it is split (between full refreshes, when new assets
+/// arrive: `copy::insert_assets`): ~300 B each, ~120 KiB.
+pub const ASSET_PAGE_SPLIT: usize = 4 * ASSET_PAGE_ENTRIES;
 /// Assignment entries per copy shard (target; ~20-60 B each: ~160-480 KiB). (Before: 4,096;
 /// a copy written with it stays readable, its index records its shard count, and the next full
 /// refresh writes the new size.)
@@ -376,6 +379,31 @@ pub fn asset_page_of(asset_key: &str, pages: u32) -> u32 {
     shard_of(asset_key, pages)
 }
 
+/// The page of `asset_key` in a copy whose asset pages grew from `base` (0: never split) to
+/// `pages` by splitting one page at a time (linear hashing, `copy::split_next_page`): with
+/// `b = base × 2^L ≤ pages < 2b`, pages below `pages - b` are split and use `shard_of(k, 2b)`,
+/// the others `shard_of(k, b)`. With `base` 0 (or equal to `pages`) this is
+/// [`asset_page_of`], so a copy that never split reads as before.
+pub fn asset_page_in(asset_key: &str, pages: u32, base: u32) -> u32 {
+    let b = asset_page_level(pages, base);
+    let p = shard_of(asset_key, b);
+    if p < pages.max(1) - b {
+        shard_of(asset_key, 2 * b)
+    } else {
+        p
+    }
+}
+
+/// The level size `b` of [`asset_page_in`]: `base × 2^L`, the largest not above `pages`.
+pub fn asset_page_level(pages: u32, base: u32) -> u32 {
+    let n = pages.max(1);
+    let mut b = if base == 0 { n } else { base.min(n) };
+    while b.saturating_mul(2) <= n {
+        b *= 2;
+    }
+    b
+}
+
 /// The `i`-th copy shard of an asset (its `i`-th page of assignments).
 pub fn asset_copy_shard(asset_key: &str, i: u32, copy_shards: u32) -> u32 {
     let c = copy_shards.max(1);
@@ -435,6 +463,28 @@ mod tests {
         // Every ring page stays far under the value limit.
         assert!(RING_PAGE_BYTES * 2 < VALUE_LIMIT);
         assert!(JOB_DONE_PAGE * (JOB_DONE_PAGES as usize) >= KEPT_JOBS);
+    }
+
+    #[test]
+    fn split_pages_keep_every_asset_on_one_page_and_move_only_the_split_half() {
+        let ks: Vec<String> = (0..2000).map(|i| format!("{i}:STDQ")).collect();
+        for k in &ks {
+            assert_eq!(asset_page_in(k, 3, 0), asset_page_of(k, 3));
+        }
+        // From 3 pages to 13, one split at a time: an asset moves only off the page split, to
+        // the new page.
+        for n in 3..13u32 {
+            for k in &ks {
+                let before = asset_page_in(k, n, 3);
+                let after = asset_page_in(k, n + 1, 3);
+                let split = n - asset_page_level(n, 3);
+                assert!(after < n + 1);
+                assert!(
+                    after == before || (before == split && after == n),
+                    "{k} {n}"
+                );
+            }
+        }
     }
 
     #[test]
