@@ -322,7 +322,7 @@ fn an_incremental_refresh_of_100_changes_makes_three_calls_and_rewrites_only_the
     let apple = location(2_000, 60_000, 1000);
     run_refresh(&kv, &apple, true, 500);
     let before = copy::index(&kv, ACCOUNT).unwrap();
-    assert!(before.copy_shards > 10);
+    assert!(before.copy_shards > 5, "{before:?}");
     // 100 new assignments at Apple, on 5 assets.
     {
         let mut loc = apple.lock().unwrap();
