@@ -313,8 +313,18 @@ pub fn slice_seconds(raw: Option<&str>) -> Result<i64, String> {
 pub fn recent(kv: &impl Kv, limit: usize) -> Result<Vec<Job>, StoreError> {
     let list: Vec<JobSummary> = get_json(kv, &keys::jobs())?.unwrap_or_default();
     let mut out = Vec::new();
+    // Each page of finished jobs is read once however many of its jobs are listed.
+    let mut pages: BTreeMap<u32, DonePage> = BTreeMap::new();
     for s in list.iter().rev().take(limit) {
-        if let Some(j) = load(kv, &s.id)? {
+        if let Some(j) = get_json::<Job>(kv, &keys::job(&s.id))? {
+            out.push(j);
+            continue;
+        }
+        let n = done_page_of(&s.id);
+        if let std::collections::btree_map::Entry::Vacant(e) = pages.entry(n) {
+            e.insert(get_json(kv, &keys::jobs_done_page(n))?.unwrap_or_default());
+        }
+        if let Some(j) = pages.get_mut(&n).and_then(|p| p.remove(&s.id)) {
             out.push(j);
         }
     }

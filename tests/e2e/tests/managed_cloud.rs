@@ -209,7 +209,10 @@ async fn finished_jobs_are_packed_in_a_few_keys_on_the_managed_cloud_profile() {
     }
     let keys = env.keys();
     let own: Vec<&String> = keys.iter().filter(|k| k.starts_with("job/")).collect();
-    assert!(own.is_empty(), "finished jobs keep no key of their own: {own:?}");
+    assert!(
+        own.is_empty(),
+        "finished jobs keep no key of their own: {own:?}"
+    );
     let pages = keys.iter().filter(|k| k.starts_with("jobs/done/")).count();
     assert!(pages <= JOB_DONE_PAGES, "{pages} pages");
     // The newest job reads back whole by its id, and the list shows the kept ones.
