@@ -607,7 +607,7 @@ pub async fn delete<G: Gateway>(
         Ok((Some(list), dropped))
     })?;
     for j in dropped {
-        kv.delete(&keys::job(&j))?;
+        crate::job::forget(kv, &j)?;
     }
     gw.forget(id).await?;
     kv.delete(&keys::token(id))?;

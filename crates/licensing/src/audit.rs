@@ -2,7 +2,10 @@
 //!
 //! Records are appended to pages of [`keys::AUDIT_PAGE`] records; `audit` holds the number of
 //! the page being filled. Only the newest [`RETAINED_PAGES`] pages are kept, so the key count
-//! stays bounded. Reads go newest page first, a page per call.
+//! stays bounded. Reads go newest page first, a page per call. A page is also full at
+//! [`keys::RING_PAGE_BYTES`]. When the ring is made smaller (50 pages of 200 before), the first
+//! page move deletes every page older than the new ring (`drop_pages_from` walks back while
+//! pages exist), so a store written by the previous layout shrinks on its own.
 
 use crate::error::ApiError;
 use chrono::{DateTime, Utc};
@@ -37,16 +40,21 @@ struct Head {
 
 /// Append one record. Concurrent writers are safe (compare-and-swap on the page and the head).
 pub fn record(kv: &impl Kv, rec: &AuditRecord) -> Result<(), StoreError> {
-    record_keeping(kv, rec, RETAINED_PAGES)
+    record_keeping(kv, rec, RETAINED_PAGES, keys::AUDIT_PAGE)
 }
 
-fn record_keeping(kv: &impl Kv, rec: &AuditRecord, retained: u64) -> Result<(), StoreError> {
+fn record_keeping(
+    kv: &impl Kv,
+    rec: &AuditRecord,
+    retained: u64,
+    page_records: usize,
+) -> Result<(), StoreError> {
     for _ in 0..vpp_store::MAX_SWAP_ATTEMPTS {
         let head: Head = vpp_store::get_json(kv, &keys::audit_head())?.unwrap_or_default();
         let appended =
             update::<Vec<AuditRecord>, bool>(kv, &keys::audit_page(head.page), |page| {
                 let mut page = page.unwrap_or_default();
-                if page.len() >= keys::AUDIT_PAGE {
+                if page.len() >= page_records || page_bytes(&page) >= keys::RING_PAGE_BYTES {
                     return Ok((None, false));
                 }
                 page.push(rec.clone());
@@ -70,6 +78,22 @@ fn record_keeping(kv: &impl Kv, rec: &AuditRecord, retained: u64) -> Result<(), 
     Err(StoreError::Contended {
         key: keys::audit_head(),
     })
+}
+
+/// The stored size of a page, from above: a page is full at [`keys::AUDIT_PAGE`] records or
+/// [`keys::RING_PAGE_BYTES`] bytes, whichever comes first (long actions or targets never push a
+/// page towards the value limit). Counted from the fields' lengths, not by encoding the page.
+fn page_bytes(page: &[AuditRecord]) -> usize {
+    // Field names, quotes, the timestamp and the status: ~120 B; strings may be escaped (×2).
+    page.iter()
+        .map(|r| {
+            let text = r.actor.len()
+                + r.action.len()
+                + r.target.as_ref().map_or(0, String::len)
+                + r.error.as_ref().map_or(0, String::len);
+            120 + 2 * text
+        })
+        .sum()
 }
 
 /// Delete `page` and any older page still stored (one left behind by a crash between moving the
@@ -114,6 +138,9 @@ mod tests {
     use super::*;
     use vpp_store::MemoryKv;
 
+    /// Pages of a few records, for the ring's own tests (the real size: `keys::AUDIT_PAGE`).
+    const SMALL: usize = 20;
+
     fn rec(i: usize) -> AuditRecord {
         AuditRecord {
             at: Utc::now(),
@@ -145,10 +172,43 @@ mod tests {
     }
 
     #[test]
+    fn a_page_is_full_at_its_byte_bound_too() {
+        let kv = MemoryKv::default();
+        let mut long = rec(0);
+        long.target = Some("t".repeat(20_000));
+        for _ in 0..(keys::RING_PAGE_BYTES / 20_000 + 5) {
+            record(&kv, &long).unwrap();
+        }
+        let head: Head = vpp_store::get_json(&kv, &keys::audit_head())
+            .unwrap()
+            .unwrap();
+        assert!(head.page >= 1, "the page moved on by bytes");
+        for k in kv.keys() {
+            let v = kv.get(&k).unwrap().unwrap();
+            assert!(v.len() < keys::RING_PAGE_BYTES + 25_000, "{k}: {}", v.len());
+        }
+    }
+
+    #[test]
+    fn a_ring_written_by_the_previous_layout_shrinks_at_the_next_page_move() {
+        let kv = MemoryKv::default();
+        // The previous layout: 50 pages kept, head at page 60 (pages 11..=60 stored).
+        for p in 11..=60u64 {
+            vpp_store::set_json(&kv, &keys::audit_page(p), &vec![rec(p as usize)]).unwrap();
+        }
+        vpp_store::set_json(&kv, &keys::audit_head(), &Head { page: 60 }).unwrap();
+        for i in 0..SMALL {
+            record_keeping(&kv, &rec(i), RETAINED_PAGES, SMALL).unwrap();
+        }
+        let pages = kv.keys().iter().filter(|k| k.starts_with("audit/")).count() as u64;
+        assert_eq!(pages, RETAINED_PAGES);
+    }
+
+    #[test]
     fn old_pages_are_dropped() {
         let kv = MemoryKv::default();
-        for i in 0..(keys::AUDIT_PAGE * 5) {
-            record_keeping(&kv, &rec(i), 3).unwrap();
+        for i in 0..(SMALL * 5) {
+            record_keeping(&kv, &rec(i), 3, SMALL).unwrap();
         }
         let pages = kv.keys().iter().filter(|k| k.starts_with("audit/")).count() as u64;
         assert_eq!(pages, 3, "pages kept");
@@ -157,13 +217,13 @@ mod tests {
     #[test]
     fn a_page_left_behind_by_a_crash_is_dropped_later() {
         let kv = MemoryKv::default();
-        for i in 0..(keys::AUDIT_PAGE * 4) {
-            record_keeping(&kv, &rec(i), 3).unwrap();
+        for i in 0..(SMALL * 4) {
+            record_keeping(&kv, &rec(i), 3, SMALL).unwrap();
         }
         // As if a crash had come between moving the head and deleting page 0.
         kv.set(&keys::audit_page(0), b"[]").unwrap();
-        for i in 0..(keys::AUDIT_PAGE * 2) {
-            record_keeping(&kv, &rec(i), 3).unwrap();
+        for i in 0..(SMALL * 2) {
+            record_keeping(&kv, &rec(i), 3, SMALL).unwrap();
         }
         let pages = kv.keys().iter().filter(|k| k.starts_with("audit/")).count() as u64;
         assert_eq!(pages, 3, "pages kept");

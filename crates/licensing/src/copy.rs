@@ -181,6 +181,14 @@ pub struct CopyIndex {
     /// The raw pages have been packed into asset pages.
     #[serde(default)]
     pub packed: bool,
+    /// The page count before the first split since this generation was written (0: never
+    /// split); see `keys::asset_page_in`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub base_pages: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Default for CopyIndex {
@@ -194,13 +202,14 @@ impl Default for CopyIndex {
             assignments: 0,
             raw_pages: 0,
             packed: true,
+            base_pages: 0,
         }
     }
 }
 
 impl CopyIndex {
     pub fn page_of(&self, asset_key: &str) -> u32 {
-        keys::asset_page_of(asset_key, self.asset_pages)
+        keys::asset_page_in(asset_key, self.asset_pages, self.base_pages)
     }
 
     fn view(&self, assets: Vec<AssetRecord>) -> AssetsDoc {
@@ -401,65 +410,209 @@ pub fn all_assets(kv: &impl Kv, account: &str) -> Result<AssetsDoc, StoreError> 
 }
 
 /// Change the records of `asset_keys` in the current generation, one compare-and-swap per page;
-/// `f` may run more than once per record (a lost race re-reads). Returns the keys found.
+/// `f` may run more than once per record (a lost race re-reads). Returns the keys found. A key
+/// not found where the index said is looked for again when the index changed meanwhile (its
+/// page was split: [`split_next_page`]).
 pub fn update_assets(
     kv: &impl Kv,
     account: &str,
     asset_keys: &[String],
     mut f: impl FnMut(&mut AssetRecord),
 ) -> Result<BTreeSet<String>, StoreError> {
-    let ix = index(kv, account)?;
-    let mut by_page: BTreeMap<u32, Vec<&String>> = BTreeMap::new();
-    for k in asset_keys {
-        by_page.entry(ix.page_of(k)).or_default().push(k);
-    }
+    let mut ix = index(kv, account)?;
     let mut found = BTreeSet::new();
-    for (p, wanted) in by_page {
-        let hit = update::<AssetPage, Vec<String>>(
-            kv,
-            &keys::asset_page(account, ix.generation, p),
-            |cur| {
-                let Some(mut records) = cur else {
-                    return Ok((None, Vec::new()));
-                };
-                let mut hit = Vec::new();
-                for k in &wanted {
-                    if let Some(r) = records.get_mut(k.as_str()) {
-                        f(r);
-                        hit.push(k.to_string());
+    let mut rest: Vec<&String> = asset_keys.iter().collect();
+    for _ in 0..vpp_store::MAX_SWAP_ATTEMPTS {
+        let mut by_page: BTreeMap<u32, Vec<&String>> = BTreeMap::new();
+        for k in &rest {
+            by_page.entry(ix.page_of(k)).or_default().push(k);
+        }
+        for (p, wanted) in by_page {
+            let hit = update::<AssetPage, Vec<String>>(
+                kv,
+                &keys::asset_page(account, ix.generation, p),
+                |cur| {
+                    let Some(mut records) = cur else {
+                        return Ok((None, Vec::new()));
+                    };
+                    let mut hit = Vec::new();
+                    for k in &wanted {
+                        if let Some(r) = records.get_mut(k.as_str()) {
+                            f(r);
+                            hit.push(k.to_string());
+                        }
                     }
-                }
-                Ok(((!hit.is_empty()).then_some(records), hit))
-            },
-        )?;
-        found.extend(hit);
+                    Ok(((!hit.is_empty()).then_some(records), hit))
+                },
+            )?;
+            found.extend(hit);
+        }
+        rest.retain(|k| !found.contains(k.as_str()));
+        if rest.is_empty() {
+            break;
+        }
+        let now = index(kv, account)?;
+        if now.generation != ix.generation || now.asset_pages == ix.asset_pages {
+            break;
+        }
+        ix = now;
     }
     Ok(found)
 }
 
+/// The key holding the index of generation `ix` when it is the current copy (the one that
+/// may be split); `None` for a full refresh's staging generation, whose pages the refresh sized
+/// from Apple's whole asset list and whose index it rewrites itself.
+fn splittable_index(
+    kv: &impl Kv,
+    account: &str,
+    ix: &CopyIndex,
+) -> Result<Option<String>, StoreError> {
+    if staging(kv, account)?.is_some_and(|s| s.generation == ix.generation) {
+        return Ok(None);
+    }
+    Ok(Some(keys::assets(account)))
+}
+
 /// Add records the copy does not have yet (an asset Apple listed after the copy was built)
-/// to generation `ix`; existing records are left alone.
+/// to generation `ix`; existing records are left alone. A page that would hold more than
+/// [`keys::ASSET_PAGE_SPLIT`] records is not written past it: the pages are split one at a
+/// time ([`split_next_page`]) until every record has room, so an account that grows between
+/// full refreshes keeps small pages.
 pub fn insert_assets(
     kv: &impl Kv,
     account: &str,
     ix: &CopyIndex,
     records: Vec<AssetRecord>,
 ) -> Result<(), StoreError> {
-    let mut by_page: BTreeMap<u32, Vec<AssetRecord>> = BTreeMap::new();
-    for r in records {
-        by_page.entry(ix.page_of(&r.key())).or_default().push(r);
-    }
-    for (p, list) in by_page {
-        update::<AssetPage, ()>(kv, &keys::asset_page(account, ix.generation, p), |cur| {
-            let mut records = cur.unwrap_or_default();
-            let mut changed = false;
-            for r in &list {
-                if let std::collections::btree_map::Entry::Vacant(e) = records.entry(r.key()) {
-                    e.insert(r.clone());
-                    changed = true;
+    let key = splittable_index(kv, account, ix)?;
+    let room_of = |len: usize| match key {
+        Some(_) => keys::ASSET_PAGE_SPLIT.saturating_sub(len),
+        None => usize::MAX,
+    };
+    let mut rest = records;
+    // Each round stores records or splits one page; splitting every page twice is the most
+    // any batch needs.
+    let mut rounds = 0u32;
+    while !rest.is_empty() {
+        let cur = match &key {
+            Some(k) => get_json::<CopyIndex>(kv, k)?.filter(|c| c.generation == ix.generation),
+            None => None,
+        }
+        .unwrap_or_else(|| ix.clone());
+        let mut by_page: BTreeMap<u32, Vec<AssetRecord>> = BTreeMap::new();
+        for r in rest.drain(..) {
+            by_page.entry(cur.page_of(&r.key())).or_default().push(r);
+        }
+        let mut full = false;
+        for (p, list) in by_page {
+            let page_key = keys::asset_page(account, cur.generation, p);
+            let left = update::<AssetPage, Vec<AssetRecord>>(kv, &page_key, |now| {
+                let mut records = now.unwrap_or_default();
+                let fresh: Vec<&AssetRecord> = list
+                    .iter()
+                    .filter(|r| !records.contains_key(&r.key()))
+                    .collect();
+                if fresh.is_empty() {
+                    return Ok((None, Vec::new()));
                 }
+                let room = room_of(records.len());
+                let left: Vec<AssetRecord> =
+                    fresh.iter().skip(room).map(|r| (*r).clone()).collect();
+                for r in fresh.into_iter().take(room) {
+                    records.insert(r.key(), r.clone());
+                }
+                Ok((Some(records), left))
+            })?;
+            full |= !left.is_empty();
+            rest.extend(left);
+        }
+        if let (true, Some(k)) = (full, &key) {
+            rounds += 1;
+            if rounds > 2 * cur.asset_pages.max(1) + 8 {
+                return Err(StoreError::Contended { key: k.clone() });
             }
-            Ok((changed.then_some(records), ()))
+            split_next_page(kv, account, k, &cur)?;
+        }
+    }
+    Ok(())
+}
+
+/// Split the next asset page of generation `ix` (whose index is at `index_key`) in two:
+/// linear hashing, one page at a time (`keys::asset_page_in`). Safe against readers and
+/// writers in between, like [`respread`]: the records that move are first copied to the new
+/// page, then the index switches to one more page (one compare-and-swap; readers and writers
+/// follow it; a writer that missed a record looks again after reading the new index), then the
+/// moved records leave the old page, carrying over any record changed there meanwhile.
+pub fn split_next_page(
+    kv: &impl Kv,
+    account: &str,
+    index_key: &str,
+    ix: &CopyIndex,
+) -> Result<(), StoreError> {
+    let n = ix.asset_pages.max(1);
+    let b = keys::asset_page_level(n, ix.base_pages);
+    let split = n - b;
+    let from = keys::asset_page(account, ix.generation, split);
+    let to = keys::asset_page(account, ix.generation, n);
+    let stays = |k: &str| keys::shard_of(k, 2 * b) == split;
+    // 1. Copy what moves.
+    let old: AssetPage = get_json(kv, &from)?.unwrap_or_default();
+    let moving: AssetPage = old.into_iter().filter(|(k, _)| !stays(k)).collect();
+    update::<AssetPage, ()>(kv, &to, |cur| {
+        let mut page = cur.unwrap_or_default();
+        for (k, r) in &moving {
+            page.entry(k.clone()).or_insert_with(|| r.clone());
+        }
+        Ok((Some(page), ()))
+    })?;
+    // 2. Switch the index.
+    let switched = update::<CopyIndex, bool>(kv, index_key, |cur| {
+        let Some(mut c) = cur else {
+            return Ok((None, false));
+        };
+        if c.generation != ix.generation || c.asset_pages != ix.asset_pages {
+            return Ok((None, false));
+        }
+        if c.base_pages == 0 {
+            c.base_pages = n;
+        }
+        c.asset_pages = n + 1;
+        Ok((Some(c), true))
+    })?;
+    if !switched {
+        // Another writer split first (page `n` is theirs too), or the generation went.
+        let now: Option<CopyIndex> = get_json(kv, index_key)?;
+        if !now.is_some_and(|c| c.generation == ix.generation && c.asset_pages > n) {
+            kv.delete(&to)?;
+        }
+        return Ok(());
+    }
+    // 3. Clear the moved records from the old page, carrying over what changed there.
+    let carried = update::<AssetPage, Vec<(String, AssetRecord)>>(kv, &from, |cur| {
+        let Some(mut page) = cur else {
+            return Ok((None, Vec::new()));
+        };
+        let mut carry = Vec::new();
+        let before = page.len();
+        page.retain(|k, r| {
+            if stays(k) {
+                return true;
+            }
+            if moving.get(k) != Some(r) {
+                carry.push((k.clone(), r.clone()));
+            }
+            false
+        });
+        Ok(((page.len() != before).then_some(page), carry))
+    })?;
+    if !carried.is_empty() {
+        update::<AssetPage, ()>(kv, &to, |cur| {
+            let mut page = cur.unwrap_or_default();
+            for (k, r) in &carried {
+                page.insert(k.clone(), r.clone());
+            }
+            Ok((Some(page), ()))
         })?;
     }
     Ok(())
@@ -919,6 +1072,7 @@ pub fn write_generation(
         assignments,
         raw_pages: 0,
         packed: true,
+        base_pages: 0,
     };
     for r in records.iter_mut() {
         r.shards = keys::asset_copy_pages_for(r.in_use.max(0) as usize, ix.copy_shards);

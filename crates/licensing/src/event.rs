@@ -31,7 +31,7 @@ pub const FIRST_POLL_AFTER_SECS: i64 = 5;
 /// Apple: still PENDING after 10 minutes → send the request again.
 pub const RESEND_AFTER_SECS: i64 = 600;
 /// Ended events whose records are kept per account (for `GET /api/events/{id}`).
-pub const KEPT_DONE_EVENTS: usize = 500;
+pub const KEPT_DONE_EVENTS: usize = vpp_store::keys::EVENTS_DONE_KEPT;
 /// An event sent again is still polled (Apple may yet apply it) for this long.
 pub const GIVE_UP_AFTER_SECS: i64 = 86_400;
 

@@ -6,6 +6,7 @@ use crate::model::Failure;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::collections::BTreeMap;
 use vpp_store::{get_json, keys, set_json, update, Kv, StoreError};
 
 /// Finished jobs kept in the index (running jobs are never dropped): see `keys::KEPT_JOBS`.
@@ -119,13 +120,71 @@ pub struct JobSummary {
     pub created_at: DateTime<Utc>,
 }
 
+/// A job's record: a running job (or one of the previous layout) under `job/{id}`, a finished
+/// one in its page of finished jobs (`keys::jobs_done_page`). Two reads at most.
 pub fn load(kv: &impl Kv, id: &str) -> Result<Option<Job>, StoreError> {
-    get_json(kv, &keys::job(id))
+    if let Some(j) = get_json(kv, &keys::job(id))? {
+        return Ok(Some(j));
+    }
+    let page: Option<DonePage> = get_json(kv, &keys::jobs_done_page(done_page_of(id)))?;
+    Ok(page.and_then(|mut p| p.remove(id)))
+}
+
+/// Finished jobs of one page: id → record.
+type DonePage = BTreeMap<String, Job>;
+
+fn done_page_of(id: &str) -> u32 {
+    keys::shard_of(id, keys::JOB_DONE_PAGES)
 }
 
 /// Save a job's state (one writer at a time: the lease holder or the request that created it).
+/// A running job has a key of its own; a finished one moves into its page of finished jobs (a
+/// ring of [`keys::JOB_DONE_PAGE`] records and [`keys::RING_PAGE_BYTES`], oldest out first) and
+/// its own key goes, so finished jobs cost [`keys::JOB_DONE_PAGES`] keys however many are kept.
 pub fn save(kv: &impl Kv, job: &Job) -> Result<(), StoreError> {
-    set_json(kv, &keys::job(&job.id), job)
+    if job.is_running() {
+        return set_json(kv, &keys::job(&job.id), job);
+    }
+    update::<DonePage, ()>(kv, &keys::jobs_done_page(done_page_of(&job.id)), |cur| {
+        let mut page = cur.unwrap_or_default();
+        page.insert(job.id.clone(), job.clone());
+        trim_done_page(&mut page, &job.id);
+        Ok((Some(page), ()))
+    })?;
+    kv.delete(&keys::job(&job.id))?;
+    Ok(())
+}
+
+/// Drop the oldest finished records of a page (never `keep`, the one just written) until it
+/// holds at most [`keys::JOB_DONE_PAGE`] records and [`keys::RING_PAGE_BYTES`] bytes.
+fn trim_done_page(page: &mut DonePage, keep: &str) {
+    let bytes = |j: &Job| serde_json::to_vec(j).map(|v| v.len()).unwrap_or(0);
+    let mut total: usize = page.values().map(bytes).sum();
+    while page.len() > 1 && (page.len() > keys::JOB_DONE_PAGE || total > keys::RING_PAGE_BYTES) {
+        let oldest = page
+            .values()
+            .filter(|j| j.id != keep)
+            .min_by_key(|j| (j.finished_at.unwrap_or(j.updated_at), j.id.clone()))
+            .map(|j| j.id.clone());
+        let Some(id) = oldest else { break };
+        if let Some(j) = page.remove(&id) {
+            total = total.saturating_sub(bytes(&j));
+        }
+    }
+}
+
+/// Delete a job's record wherever it is (its own key and its page of finished jobs).
+pub fn forget(kv: &impl Kv, id: &str) -> Result<(), StoreError> {
+    kv.delete(&keys::job(id))?;
+    update::<DonePage, ()>(kv, &keys::jobs_done_page(done_page_of(id)), |cur| {
+        let Some(mut page) = cur else {
+            return Ok((None, ()));
+        };
+        if page.remove(id).is_none() {
+            return Ok((None, ()));
+        }
+        Ok((Some(page), ()))
+    })
 }
 
 /// Store a new job and list it. Beyond [`KEPT_JOBS`], the oldest *finished* jobs are dropped
@@ -140,7 +199,7 @@ pub fn create(kv: &impl Kv, job: &Job) -> Result<(), StoreError> {
         Ok((Some(list), dropped))
     })?;
     for d in dropped {
-        kv.delete(&keys::job(&d))?;
+        forget(kv, &d)?;
     }
     Ok(())
 }
@@ -199,7 +258,7 @@ pub fn start(kv: &impl Kv, job: &Job) -> Result<Started, StoreError> {
     match outcome {
         Ok(dropped) => {
             for d in dropped {
-                kv.delete(&keys::job(&d))?;
+                forget(kv, &d)?;
             }
             Ok(Started::Created(job.clone()))
         }
@@ -254,8 +313,18 @@ pub fn slice_seconds(raw: Option<&str>) -> Result<i64, String> {
 pub fn recent(kv: &impl Kv, limit: usize) -> Result<Vec<Job>, StoreError> {
     let list: Vec<JobSummary> = get_json(kv, &keys::jobs())?.unwrap_or_default();
     let mut out = Vec::new();
+    // Each page of finished jobs is read once however many of its jobs are listed.
+    let mut pages: BTreeMap<u32, DonePage> = BTreeMap::new();
     for s in list.iter().rev().take(limit) {
-        if let Some(j) = load(kv, &s.id)? {
+        if let Some(j) = get_json::<Job>(kv, &keys::job(&s.id))? {
+            out.push(j);
+            continue;
+        }
+        let n = done_page_of(&s.id);
+        if let std::collections::btree_map::Entry::Vacant(e) = pages.entry(n) {
+            e.insert(get_json(kv, &keys::jobs_done_page(n))?.unwrap_or_default());
+        }
+        if let Some(j) = pages.get_mut(&n).and_then(|p| p.remove(&s.id)) {
             out.push(j);
         }
     }
@@ -409,6 +478,58 @@ mod tests {
         let r = running(&kv, "refresh", Some("a")).unwrap().unwrap();
         assert_eq!(r.id, format!("j{}", KEPT_JOBS + 2));
         assert!(running(&kv, "cleanup", Some("a")).unwrap().is_none());
+    }
+
+    #[test]
+    fn finished_jobs_are_packed_in_a_few_pages_and_stay_readable() {
+        let kv = MemoryKv::default();
+        let t = Utc::now();
+        let many = KEPT_JOBS * 3;
+        for i in 0..many {
+            let mut j = Job::new(&format!("j{i}"), "refresh", Some("a"), "admin", t);
+            j.checkpoint = serde_json::json!({"pad": "x".repeat(500)});
+            create(&kv, &j).unwrap();
+            j.succeed(serde_json::json!({"n": i}), t + Duration::seconds(i as i64));
+            save(&kv, &j).unwrap();
+        }
+        // A job of the previous layout (its own key, finished) still reads.
+        let mut legacy = Job::new("legacy", "cleanup", Some("a"), "admin", t);
+        legacy.succeed(serde_json::json!("old"), t);
+        set_json(&kv, &keys::job("legacy"), &legacy).unwrap();
+        assert_eq!(load(&kv, "legacy").unwrap(), Some(legacy));
+        kv.delete(&keys::job("legacy")).unwrap();
+        let stored = kv.keys();
+        assert!(stored.iter().all(|k| !k.starts_with("job/")), "{stored:?}");
+        let pages = stored
+            .iter()
+            .filter(|k| k.starts_with("jobs/done/"))
+            .count();
+        assert!(pages <= keys::JOB_DONE_PAGES as usize, "{pages} pages");
+        assert_eq!(
+            stored.len(),
+            pages + 1,
+            "the pages and the index: {stored:?}"
+        );
+        for k in &stored {
+            let v = kv.get(k).unwrap().unwrap();
+            assert!(
+                v.len() <= keys::RING_PAGE_BYTES + 2_000,
+                "{k}: {} bytes",
+                v.len()
+            );
+        }
+        // The newest finished jobs read back whole, newest first.
+        let newest = recent(&kv, 20).unwrap();
+        assert_eq!(newest.len(), 20);
+        assert_eq!(newest[0].id, format!("j{}", many - 1));
+        assert_eq!(newest[0].result, Some(serde_json::json!({"n": many - 1})));
+        assert!(load(&kv, "j0").unwrap().is_none());
+        // A running job has its own key until it ends.
+        let r = Job::new("run", "refresh", Some("b"), "admin", t);
+        create(&kv, &r).unwrap();
+        assert!(kv.exists(&keys::job("run")).unwrap());
+        forget(&kv, "run").unwrap();
+        assert!(load(&kv, "run").unwrap().is_none());
     }
 
     #[test]

@@ -160,7 +160,7 @@ fn at(s: i64) -> DateTime<Utc> {
 
 /// The open values of an account: assets are hashed over this many (a fixed number of keys,
 /// created before any asset is assignable; see [`prepare`]).
-pub const OPEN_SHARDS: u32 = 16;
+pub const OPEN_SHARDS: u32 = keys::LEDGER_OPEN_VALUES;
 /// Open entries one open value holds at most, over all its assets (~45 B each: ≤ ~540 KiB).
 pub const MAX_OPEN_PER_SHARD: usize = 12_000;
 

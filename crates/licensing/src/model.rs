@@ -213,7 +213,7 @@ pub enum LedgerState {
 pub type LedgerShard = BTreeMap<String, BTreeMap<String, LedgerEntry>>;
 
 /// How many ledger shards an account has (fixed, so every writer agrees).
-pub const LEDGER_SHARDS: u32 = 32;
+pub const LEDGER_SHARDS: u32 = vpp_store::keys::LEDGER_SHARDS;
 
 /// The ledger shard that holds (asset, subject).
 pub fn ledger_shard_of(asset_key: &str, subject: &Subject) -> u32 {

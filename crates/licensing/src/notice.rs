@@ -700,7 +700,10 @@ mod tests {
         assert_eq!(newest.notices.len(), 3);
         assert_eq!(newest.next_page, Some(0));
         assert_eq!(newest.undelivered, keys::NOTICE_PAGE as u64 + 3);
-        assert_eq!(newest.notices[0].serial_number.as_deref(), Some("S202"));
+        assert_eq!(
+            newest.notices[0].serial_number.as_deref(),
+            Some(format!("S{}", keys::NOTICE_PAGE + 2).as_str())
+        );
         assert_eq!(list(&kv, Some(0)).unwrap().notices.len(), keys::NOTICE_PAGE);
         assert!(list(&kv, Some(5)).is_err());
     }

@@ -785,6 +785,7 @@ fn pack(kv: &impl Kv, account_id: &str, st: &RefreshState) -> Result<(), StepErr
     ix.assets = records.len() as u64;
     ix.assignments = assignments;
     ix.asset_pages = keys::asset_pages_for(records.len());
+    ix.base_pages = 0;
     ix.copy_shards = keys::copy_shards_for(assignments as usize);
     for r in records.values_mut() {
         r.shards = keys::asset_copy_pages_for(r.in_use.max(0) as usize, ix.copy_shards);

@@ -328,7 +328,7 @@ fn an_incremental_refresh_of_100_changes_makes_three_calls_and_rewrites_only_the
     let apple = location(2_000, 60_000, 1000);
     run_refresh(&kv, &apple, true, 500);
     let before = copy::index(&kv, ACCOUNT).unwrap();
-    assert!(before.copy_shards > 10);
+    assert!(before.copy_shards > 5, "{before:?}");
     // 100 new assignments at Apple, on 5 assets.
     {
         let mut loc = apple.lock().unwrap();
@@ -574,4 +574,306 @@ fn the_licenses_list_pages_with_a_cursor_through_every_asset() {
     assert!(pages >= 5);
     assert_eq!(seen["100000"], 3);
     assert!(licenses::list_page(&kv, &filter, Some("nonsense"), 10).is_err());
+}
+
+/// Keys of the store whose name starts with `prefix`.
+fn count_prefix(kv: &MemoryKv, prefix: &str) -> usize {
+    kv.keys().iter().filter(|k| k.starts_with(prefix)).count()
+}
+
+/// Fill every ring of the app to (past) its bound, through the code that writes it: jobs
+/// (finished and one running per kind and scope), events (ended and pending), audit, notices,
+/// notified ids, users, policies, leases.
+fn fill_every_ring(kv: &MemoryKv, pending_events: usize, policies: usize) {
+    use vpp_licensing::{audit, event, job, notice, settings, users};
+    let t = Utc.with_ymd_and_hms(2025, 6, 1, 0, 0, 0).unwrap();
+    // Jobs: twice the finished jobs kept, then one running job per kind and scope.
+    for i in 0..2 * keys::KEPT_JOBS {
+        let mut j = Job::new(&format!("done{i:04}"), "refresh", Some(ACCOUNT), "test", t);
+        j.checkpoint = json!({"phase": "x".repeat(300)});
+        job::create(kv, &j).unwrap();
+        j.succeed(json!({"assets": i, "assignments": i * 10}), t);
+        job::save(kv, &j).unwrap();
+    }
+    for kind in ["cleanup", "ledger", "refresh"] {
+        let j = Job::new(&format!("run-{kind}"), kind, Some(ACCOUNT), "test", t);
+        assert!(job::start(kv, &j).unwrap().created());
+    }
+    for kind in ["daily", "reconcile"] {
+        let j = Job::new(&format!("run-{kind}"), kind, None, "test", t);
+        assert!(job::start(kv, &j).unwrap().created());
+    }
+    for scope in [ACCOUNT, "daily", "reconcile"] {
+        assert!(job::acquire_lease(kv, scope, "holder", t).unwrap());
+    }
+    // Events: more ended than the ring keeps, and `pending_events` pending.
+    let asset = vpp_apple::AssetRef::new("100000", vpp_apple::PricingParam::Stdq);
+    let ended = keys::EVENTS_DONE_KEPT + 50;
+    for i in 0..ended + pending_events {
+        let subjects = (0..20)
+            .map(|s| Subject::SerialNumber(format!("SER{i:05}{s:03}")))
+            .collect();
+        let r = event::new_record(
+            &format!("ev-{i:05}-0000-4000-8000-000000000000"),
+            ACCOUNT,
+            EventKind::Associate,
+            "api",
+            vec![asset.clone()],
+            subjects,
+            t,
+        );
+        event::track(kv, &r).unwrap();
+        if i < ended {
+            let done = event::Terminal {
+                state: EventState::Complete,
+                num_requested: Some(20),
+                num_completed: Some(20),
+                failures: Vec::new(),
+            };
+            event::apply_outcome(
+                kv,
+                ACCOUNT,
+                EventKind::Associate,
+                Some(&r.id),
+                &[],
+                Some(done),
+                t,
+            )
+            .unwrap();
+        }
+    }
+    // Audit: the ring full (its pages as the code fills them), then one more page move.
+    let rec = |i: usize| audit::AuditRecord {
+        at: t,
+        actor: "admin:1a2b3c4d".into(),
+        action: "POST /api/assignments".into(),
+        target: Some(format!("{ACCOUNT}-{i}")),
+        status: 202,
+        error: None,
+    };
+    let full: Vec<audit::AuditRecord> = (0..keys::AUDIT_PAGE).map(rec).collect();
+    let head = keys::AUDIT_PAGES_KEPT + 3;
+    for p in 0..=head {
+        set_json(kv, &keys::audit_page(p), &full).unwrap();
+    }
+    set_json(kv, &keys::audit_head(), &json!({"page": head})).unwrap();
+    audit::record(kv, &rec(0)).unwrap();
+    // Notices: more removals than the ring keeps, with no webhook (nothing delivered).
+    settings::put(kv, br#"{"licenseRemovalNotification": true}"#).unwrap();
+    let removed: Vec<(String, Subject)> = (0..(keys::NOTICE_PAGES_KEPT as usize + 2)
+        * keys::NOTICE_PAGE)
+        .map(|i| {
+            (
+                "100000:STDQ".to_string(),
+                Subject::SerialNumber(format!("GONE{i:07}")),
+            )
+        })
+        .collect();
+    notice::record_removals(kv, ACCOUNT, &removed, "reconcile", t).unwrap();
+    // Notified ids: the dedupe ring full.
+    let ids: Vec<String> = (0..keys::NOTIFIED_IDS)
+        .map(|i| format!("{i:08}-aaaa-4bbb-8ccc-dddddddddddd"))
+        .collect();
+    set_json(kv, &keys::notified(ACCOUNT), &json!({ "ids": ids })).unwrap();
+    // Users: every shard written.
+    let list: Vec<vpp_apple::User> = (0..20_000)
+        .map(|i| {
+            serde_json::from_value(json!({
+                "clientUserId": format!("user-{i:06}"), "email": format!("u{i}@school.example"),
+                "status": "Registered", "idHash": format!("{i:040}"),
+            }))
+            .unwrap()
+        })
+        .collect();
+    users::apply_from_apple(kv, ACCOUNT, &list, false, false, None, t).unwrap();
+    assert_eq!(
+        count_prefix(kv, &format!("users/{ACCOUNT}/")),
+        keys::USER_SHARDS as usize
+    );
+    // Policies: the supported number, each at its largest (20,000 subjects).
+    let mut index = Vec::new();
+    for p in 0..policies {
+        let id = format!("policy-{p:03}");
+        let serials: Vec<String> = (0..20_000).map(|s| format!("C02{p:03}{s:06}")).collect();
+        let body = json!({"id": id, "name": id, "accountId": ACCOUNT,
+            "assets": [{"adamId": "100000", "pricingParam": "STDQ"}],
+            "serialNumbers": serials, "clientUserIds": [],
+            "createdAt": "2025-01-01T00:00:00Z", "updatedAt": "2025-01-01T00:00:00Z"});
+        set_json(kv, &keys::policy(&id), &body).unwrap();
+        index.push(json!({"id": id, "name": id, "accountId": ACCOUNT}));
+    }
+    set_json(kv, &keys::policies(), &index).unwrap();
+}
+
+/// A full refresh of `assets` and `assignments` with every ring full, then a second full
+/// refresh in invocations of a few calls (two generations of the copy at once): the most keys
+/// seen after any invocation, and the largest value.
+fn peak_with_every_ring_full(assets: usize, assignments: usize) -> (usize, usize, keys::Shape) {
+    let kv = MemoryKv::default();
+    account(&kv);
+    let apple = location(assets, assignments, 1000);
+    // The runner saves a job when its slice ends (a finished one goes to its page).
+    let first = run_refresh(&kv, &apple, true, 500);
+    vpp_licensing::job::save(&kv, &first).unwrap();
+    let shape = keys::Shape {
+        accounts: 1,
+        assets,
+        assignments,
+        pending_events: keys::SUPPORTED_PENDING_EVENTS,
+        policies: keys::SUPPORTED_POLICIES,
+    };
+    fill_every_ring(&kv, shape.pending_events, shape.policies);
+    // Each ring holds what its line of the budget says.
+    let jobs = count_prefix(&kv, "job/");
+    assert_eq!(jobs, keys::RUNNING_JOBS_PER_ACCOUNT + 2, "running jobs");
+    assert!(count_prefix(&kv, "jobs/done/") <= keys::JOB_DONE_PAGES as usize);
+    assert_eq!(
+        count_prefix(&kv, "event/"),
+        keys::EVENTS_DONE_KEPT + shape.pending_events
+    );
+    assert!(count_prefix(&kv, "audit/") <= keys::AUDIT_PAGES_KEPT as usize + 1);
+    // Notice pages, and the outbox.
+    assert!(count_prefix(&kv, "notices/") <= keys::NOTICE_PAGES_KEPT as usize + 2);
+    let mut peak = kv.keys().len();
+    let mut largest = largest_value(&kv);
+    // The second full refresh, invocation by invocation.
+    {
+        let mut loc = apple.lock().unwrap();
+        loc.version = 2;
+    }
+    let acc: Account = get_json(&kv, &keys::account(ACCOUNT)).unwrap().unwrap();
+    let now = Utc.with_ymd_and_hms(2025, 6, 2, 0, 0, 0).unwrap();
+    let mut job = Job::new("job2", "refresh", Some(ACCOUNT), "test", now);
+    job.checkpoint =
+        serde_json::to_value(refresh::initial_state(&kv, &acc, true, now).unwrap()).unwrap();
+    let mut done = false;
+    for _ in 0..10_000 {
+        let c = client(&apple);
+        let mut budget = Budget::new(c.clock().now(), 3600, 5);
+        let end = block_on(refresh::run_slice(
+            &kv,
+            &c,
+            &mut job,
+            "our-mdm",
+            &mut budget,
+        ))
+        .unwrap();
+        peak = peak.max(kv.keys().len());
+        largest = largest.max(largest_value(&kv));
+        match end {
+            SliceEnd::Paused => continue,
+            SliceEnd::Done => {
+                done = true;
+                break;
+            }
+            SliceEnd::Failed(f) => panic!("refresh failed: {f:?}"),
+        }
+    }
+    assert!(done, "the second full refresh did not finish");
+    (peak, largest, shape)
+}
+
+#[test]
+fn every_ring_full_on_a_full_refresh_stays_within_the_key_budget() {
+    // The supported shape (10,000 assets, 1,000,000 assignments, one account) by the formula.
+    let supported = keys::key_budget(&keys::SUPPORTED);
+    assert!(supported <= keys::CLOUD_KEYS, "{supported}");
+    let (peak_a, largest_a, shape_a) = peak_with_every_ring_full(1_000, 40_000);
+    let (peak_b, largest_b, shape_b) = peak_with_every_ring_full(4_000, 40_000);
+    for (peak, largest, shape) in [(peak_a, largest_a, shape_a), (peak_b, largest_b, shape_b)] {
+        let budget = keys::key_budget(&shape);
+        assert!(
+            peak <= budget,
+            "{peak} keys at the peak, budget {budget} for {shape:?}"
+        );
+        assert!(peak <= keys::CLOUD_KEYS, "{peak} keys");
+        assert!(largest < keys::VALUE_LIMIT, "largest value {largest}");
+        eprintln!(
+            "{shape:?}: {peak} keys at the peak (budget {budget}), largest value {largest} B"
+        );
+    }
+    // Four times the assets add no more keys than the copy's formula says (its bytes / page).
+    let grown = keys::copy_peak_keys(4_000, 40_000) - keys::copy_peak_keys(1_000, 40_000);
+    assert!(
+        peak_b <= peak_a + grown,
+        "{peak_a} -> {peak_b} keys; the copy's formula allows {grown} more"
+    );
+}
+
+#[test]
+fn assets_added_between_full_refreshes_split_their_pages() {
+    // A copy built for 50 assets (one page), then 3,000 new assets at Apple read by an
+    // incremental refresh: before, all went to that one page (~1 MB); now the pages split.
+    let kv = MemoryKv::default();
+    account(&kv);
+    let apple = location(50, 500, 1000);
+    run_refresh(&kv, &apple, true, 500);
+    assert_eq!(copy::index(&kv, ACCOUNT).unwrap().asset_pages, 1);
+    {
+        let mut loc = apple.lock().unwrap();
+        loc.version = 2;
+        for i in 0..3_000 {
+            loc.assets.push(format!("{}", 500_000 + i));
+        }
+    }
+    run_refresh(&kv, &apple, false, 500);
+    let ix = copy::index(&kv, ACCOUNT).unwrap();
+    assert!(
+        ix.asset_pages >= 3_050 / keys::ASSET_PAGE_SPLIT as u32,
+        "{ix:?}"
+    );
+    let mut seen = BTreeSet::new();
+    for p in 0..ix.asset_pages {
+        let page = copy::page(&kv, ACCOUNT, &ix, p).unwrap();
+        assert!(
+            page.len() <= keys::ASSET_PAGE_SPLIT,
+            "page {p}: {}",
+            page.len()
+        );
+        for k in page.keys() {
+            assert_eq!(ix.page_of(k), p, "{k} is on the page the index names");
+            assert!(seen.insert(k.clone()));
+        }
+    }
+    assert_eq!(seen.len(), 3_050, "every asset once");
+    assert!(largest_value(&kv) < keys::VALUE_LIMIT / 4);
+    // Reads and writes find every asset on its page.
+    let all = copy::all_assets(&kv, ACCOUNT).unwrap();
+    assert_eq!(all.assets.len(), 3_050);
+    let some: Vec<String> = (0..3_000)
+        .step_by(7)
+        .map(|i| format!("{}:STDQ", 500_000 + i))
+        .collect();
+    let found = copy::update_assets(&kv, ACCOUNT, &some, |a| a.in_use += 1).unwrap();
+    assert_eq!(found.len(), some.len());
+}
+
+#[test]
+fn after_every_page_split_reads_and_writes_find_each_record_once() {
+    let kv = MemoryKv::default();
+    account(&kv);
+    let apple = location(300, 300, 1000);
+    run_refresh(&kv, &apple, true, 500);
+    let before = copy::index(&kv, ACCOUNT).unwrap();
+    // Split every page once.
+    for _ in 0..before.asset_pages {
+        let ix = copy::index(&kv, ACCOUNT).unwrap();
+        copy::split_next_page(&kv, ACCOUNT, &keys::assets(ACCOUNT), &ix).unwrap();
+    }
+    let after = copy::index(&kv, ACCOUNT).unwrap();
+    assert_eq!(after.asset_pages, 2 * before.asset_pages);
+    let moved: Vec<String> = (0..300)
+        .map(|i| format!("{}:STDQ", 100_000 + i))
+        .filter(|k| before.page_of(k) != after.page_of(k))
+        .collect();
+    assert!(!moved.is_empty());
+    // A record moved by a split is found on its new page by reads and writes.
+    let found = copy::update_assets(&kv, ACCOUNT, &moved, |a| a.in_use = 7).unwrap();
+    assert_eq!(found.len(), moved.len());
+    let doc = copy::all_assets(&kv, ACCOUNT).unwrap();
+    assert_eq!(doc.assets.len(), 300);
+    assert_eq!(
+        doc.assets.iter().filter(|a| a.in_use == 7).count(),
+        moved.len()
+    );
 }

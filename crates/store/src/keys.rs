@@ -17,7 +17,6 @@
 //! | `apple/{id}` | ownership, last Apple error, backoff seen by the Apple component | apple (CAS) |
 //! | `apple/{id}/pace` | request timestamps of the last second for pacing | apple (CAS) |
 //! | `apple/service-config` | Apple's service config and when it was read | apple |
-//! | `apple/metadata/{adamId}` | name and icon of an asset | apple |
 //! | `assets/{id}` | the copy's index: generation, sync time, page and shard counts (~200 B) | refresh (one write switches generations) |
 //! | `assets/{id}/staging` | the index of the generation a full refresh is building | refresh |
 //! | `assets/{id}/{gen}/{page}` | a page of the account's assets with counts: asset key → record | refresh, events, notifications (CAS) |
@@ -28,13 +27,13 @@
 //! | `ledger/{id}/open-assets` | asset keys that may have open ledger entries (added after each admission, removed by settling when empty, repaired by settling; ≤ one per asset with entries in flight, ~20 B each) | licenses, jobs (CAS) |
 //! | `event/{eventId}` | an Apple event we track | licenses, jobs, notifications (CAS) |
 //! | `events/{id}` | index: ids of the account's pending events (polled by `event::poll_due`) | licenses, jobs (CAS) |
-//! | `events/{id}/done` | ring: ids of the account's last 500 ended events; an event evicted from it has its `event/{eventId}` record deleted | licenses, jobs, notifications (CAS) |
+//! | `events/{id}/done` | ring: ids of the account's last [`EVENTS_DONE_KEPT`] ended events; an event evicted from it has its `event/{eventId}` record deleted | licenses, jobs, notifications (CAS) |
 //! | `policies`, `policy/{id}` | app policies: index of summaries, one value per policy (≤ 20,000 subjects) | licenses (CAS) |
 //! | `settings` | license settings (notification switch, low-license threshold, webhook URL + secret) | licenses (CAS) |
 //! | `notices/{page}`, `notices` | license-removal notices, pages of [`NOTICE_PAGE`] + head; ring of [`NOTICE_PAGES_KEPT`] pages | licenses, jobs (CAS) |
 //! | `notices/outbox` | delivery cursor (first notice not yet delivered), backoff, and notices dropped undelivered with why (fixed size) | licenses, jobs (CAS) |
 //! | `users/{id}/{shard}` | managed users of an account: clientUserId → user; shard = `shard_of(clientUserId, USER_SHARDS)` | accounts (users API, refresh), notifications (CAS) |
-//! | `jobs`, `job/{id}`, `lease/{id}` | job index, job state machines, per-account leases; at most one running job per account and kind; [`KEPT_JOBS`] finished jobs kept (running ones never dropped) | accounts, licenses (CAS) |
+//! | `jobs`, `job/{id}`, `jobs/done/{n}`, `lease/{id}` | job index, running job state machines, finished job records in [`JOB_DONE_PAGES`] pages (`n = shard_of(jobId, JOB_DONE_PAGES)`), per-account leases; at most one running job per account and kind; [`KEPT_JOBS`] finished jobs kept (running ones never dropped) | accounts, licenses (CAS) |
 //! | `audit/{page}`, `audit` | audit records, pages of [`AUDIT_PAGE`] + head; ring of [`AUDIT_PAGES_KEPT`] pages | every HTTP component (CAS) |
 //! | `notified/{id}` | recent Apple `notificationId`s of an account (dedupe ring of [`NOTIFIED_IDS`]) | licenses (CAS) |
 //! | `daily/last` | the newest daily run: job id, started, finished, state (due-ness) | licenses, under `lease/daily` |
@@ -53,39 +52,183 @@
 //   `copy_shard_of(k, t, n, C)`. Small assets share shards; a big one is spread over `n` of
 //   them, ~[`ASSET_COPY_PAGE`] of its entries on each, so page `i` of an asset's assignments is
 //   one read. Entries are compact (foreign `0`, ours `[eventId, unixSeconds]`: ~20-60 B), a
-//   shard holds ~[`COPY_SHARD_ENTRIES`] of them (~80-250 KiB).
-// - Bounds: 10,000 assets and 1,000,000 assignments make 100 asset pages and 245 copy shards
-//   (plus as many again while a full refresh builds the next generation): < 720 keys at
-//   the peak, the largest value ~250 KiB. Nothing in the copy grows with the number of assets
+//   shard holds ~[`COPY_SHARD_ENTRIES`] of them (~160-480 KiB).
+// - Bounds: 10,000 assets and 1,000,000 assignments make 100 asset pages and 123 copy shards
+//   (plus as many again while a full refresh builds the next generation, and 10 raw pages):
+//   456 keys at the peak ([`copy_peak_keys`]), the largest value ~260 KiB. Nothing in the copy grows with the number of assets
 //   or assignments except through their bytes.
 // - Growth between full refreshes: an incremental refresh that would put more than
 //   ~[`ASSET_COPY_PAGE`] of one asset's entries on a shard first spreads the asset over more of
 //   the generation's shards (`copy::respread`).
 
+// ## The key budget: every key of the whole app, with every ring full
+//
+// Fermyon Cloud holds at most [`CLOUD_KEYS`] keys in a store. Each family's maximum, with `A`
+// accounts (per account: `a` assets, `n` assignments, `u` users, `e` pending events) and `p`
+// policies; [`key_budget`] sums it:
+//
+// | family | keys at most |
+// |---|---|
+// | app: `instance`, `accounts`, `apple/service-config`, `settings`, `policies`, `notices`, `notices/outbox`, `jobs`, `audit`, `daily/last`, `lease/daily`, `lease/reconcile` | [`APP_FIXED_KEYS`] = 12 |
+// | audit ring | [`AUDIT_PAGES_KEPT`] + 1 (a page a crash left behind until the next page move) |
+// | notice ring | [`NOTICE_PAGES_KEPT`] + 1 (the same) |
+// | finished jobs | [`JOB_DONE_PAGES`] |
+// | running jobs | [`RUNNING_JOBS_PER_ACCOUNT`] × A + 2 (one per kind and scope: refresh, clean up, ledger per account; daily and reconcile) |
+// | policies | p (one value each, ≤ 20,000 subjects) |
+// | per account: `account`, `token`, `apple/{id}`, `apple/{id}/pace`, `assets/{id}`, `assets/{id}/staging`, `events/{id}`, `events/{id}/done`, `ledger/{id}/open-assets`, `notified/{id}`, `lease/{id}` | [`ACCOUNT_FIXED_KEYS`] = 11 |
+// | the copy at its peak (two generations while a full refresh builds the next, plus Apple's raw asset pages) | 2 × (`asset_pages_for(a)` + `copy_shards_for(n)`) + ⌈a / 1,000⌉ |
+// | ledger | [`LEDGER_SHARDS`] + [`LEDGER_OPEN_VALUES`] |
+// | users | [`USER_SHARDS`] (fixed; `u` only fills them: 100,000 users ≈ 300 KiB a shard) |
+// | events | [`EVENTS_DONE_KEPT`] ended + e pending (one record each) |
+//
+// Supported on Fermyon Cloud ([`SUPPORTED`]): one account of 10,000 assets, 1,000,000
+// assignments and 100,000 users, with up to [`SUPPORTED_PENDING_EVENTS`] events pending at
+// once and [`SUPPORTED_POLICIES`] policies: [`SUPPORTED_BUDGET`] keys (asserted ≤ 90% of
+// [`CLOUD_KEYS`] below). Several small accounts fit too: [`accounts_that_fit`] says how many
+// of a shape (e.g. 3 accounts of 1,000 assets and 20,000 assignments). Self-hosted Spin and
+// Redis have no key limit; there the same formula is the store's size, not a cap.
+// Not enforced by a constant: pending events (one key each while Apple works on them, minutes;
+// a burst of more than [`SUPPORTED_PENDING_EVENTS`] at once is over the budget until they end)
+// and policies (the API admits up to 1,000; on Fermyon Cloud each is a key).
+
+/// Fermyon Cloud's key limit per store.
+pub const CLOUD_KEYS: usize = 1024;
+/// App-wide keys that are always there (see the budget table).
+pub const APP_FIXED_KEYS: usize = 12;
+/// Keys of an account apart from its copy, ledger, users and events.
+pub const ACCOUNT_FIXED_KEYS: usize = 11;
+/// Job kinds that run per account, at most one running each (refresh, clean up, ledger).
+pub const RUNNING_JOBS_PER_ACCOUNT: usize = 3;
+/// Settled ledger shards per account (`ledger/{id}/{shard}`).
+pub const LEDGER_SHARDS: u32 = 32;
+/// Open ledger values per account (`ledger/{id}/open/{n}`).
+pub const LEDGER_OPEN_VALUES: u32 = 16;
+/// Ended events whose records are kept per account (for `GET /api/events/{id}`). (Before: 500;
+/// the next event to end evicts the excess.)
+pub const EVENTS_DONE_KEPT: usize = 100;
+/// Assets per page Apple serves (the raw pages a full refresh keeps until it packs them).
+pub const APPLE_ASSET_PAGE: usize = 1000;
+/// Pending events the supported shape allows for at once.
+pub const SUPPORTED_PENDING_EVENTS: usize = 100;
+/// Policies the supported shape allows for.
+pub const SUPPORTED_POLICIES: usize = 50;
+
+/// What a deployment holds, for [`key_budget`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub accounts: usize,
+    /// Per account.
+    pub assets: usize,
+    /// Per account.
+    pub assignments: usize,
+    /// Per account, events pending at once.
+    pub pending_events: usize,
+    /// App-wide.
+    pub policies: usize,
+}
+
+/// The shape supported on Fermyon Cloud.
+pub const SUPPORTED: Shape = Shape {
+    accounts: 1,
+    assets: 10_000,
+    assignments: 1_000_000,
+    pending_events: SUPPORTED_PENDING_EVENTS,
+    policies: SUPPORTED_POLICIES,
+};
+
+/// Keys of the app-wide families with every ring full (running jobs of `accounts` included).
+pub const fn app_keys(accounts: usize, policies: usize) -> usize {
+    APP_FIXED_KEYS
+        + (AUDIT_PAGES_KEPT as usize + 1)
+        + (NOTICE_PAGES_KEPT as usize + 1)
+        + JOB_DONE_PAGES as usize
+        + RUNNING_JOBS_PER_ACCOUNT * accounts
+        + 2
+        + policies
+}
+
+/// Keys of a copy of `assets` and `assignments` at its peak (a full refresh: two generations,
+/// Apple's raw asset pages, both indexes).
+pub const fn copy_peak_keys(assets: usize, assignments: usize) -> usize {
+    2 * (asset_pages_for(assets) as usize + copy_shards_for(assignments) as usize)
+        + assets.div_ceil(APPLE_ASSET_PAGE)
+}
+
+/// Keys of one account with every ring full and its copy at its peak.
+pub const fn account_keys(assets: usize, assignments: usize, pending_events: usize) -> usize {
+    ACCOUNT_FIXED_KEYS
+        + copy_peak_keys(assets, assignments)
+        + LEDGER_SHARDS as usize
+        + LEDGER_OPEN_VALUES as usize
+        + USER_SHARDS as usize
+        + EVENTS_DONE_KEPT
+        + pending_events
+}
+
+/// The most keys the whole app holds for `shape`, every ring full, at a full refresh's peak.
+pub const fn key_budget(shape: &Shape) -> usize {
+    app_keys(shape.accounts, shape.policies)
+        + shape.accounts * account_keys(shape.assets, shape.assignments, shape.pending_events)
+}
+
+/// The budget of the supported shape.
+pub const SUPPORTED_BUDGET: usize = key_budget(&SUPPORTED);
+const _: () = assert!(
+    SUPPORTED_BUDGET * 10 <= CLOUD_KEYS * 9,
+    "no room left on Fermyon Cloud"
+);
+
+/// How many accounts of `assets`, `assignments` and `pending_events` each fit in
+/// [`CLOUD_KEYS`] with [`SUPPORTED_POLICIES`] policies (running jobs and all).
+pub const fn accounts_that_fit(assets: usize, assignments: usize, pending_events: usize) -> usize {
+    let per = account_keys(assets, assignments, pending_events) + RUNNING_JOBS_PER_ACCOUNT;
+    let fixed = app_keys(0, SUPPORTED_POLICIES);
+    if fixed >= CLOUD_KEYS {
+        return 0;
+    }
+    (CLOUD_KEYS - fixed) / per
+}
+
 /// The largest value any writer may store (Fermyon Cloud: 1 MB per value).
 pub const VALUE_LIMIT: usize = 1_000_000;
 /// Asset records per asset page (target).
 pub const ASSET_PAGE_ENTRIES: usize = 100;
-/// Assignment entries per copy shard (target).
-pub const COPY_SHARD_ENTRIES: usize = 4096;
+/// Asset records a page may hold before it is split (between full refreshes, when new assets
+/// arrive: `copy::insert_assets`): ~300 B each, ~120 KiB.
+pub const ASSET_PAGE_SPLIT: usize = 4 * ASSET_PAGE_ENTRIES;
+/// Assignment entries per copy shard (target; ~20-60 B each: ~160-480 KiB). (Before: 4,096;
+/// a copy written with it stays readable, its index records its shard count, and the next full
+/// refresh writes the new size.)
+pub const COPY_SHARD_ENTRIES: usize = 8192;
 /// An asset's entries per copy shard it owns (and per page of its assignments).
 pub const ASSET_COPY_PAGE: usize = 1000;
 
 /// Shards of an account's managed users (fixed: 100,000 users at ~200 B stay ~300 KiB a shard).
 pub const USER_SHARDS: u32 = 64;
-/// Audit records per audit page.
-pub const AUDIT_PAGE: usize = 200;
-/// Notices per notice page.
-pub const NOTICE_PAGE: usize = 200;
+/// The byte bound of a page of a ring (audit, jobs, ended events): a page is full at its count
+/// or at this many bytes, whichever comes first, so a ring page stays far under [`VALUE_LIMIT`].
+pub const RING_PAGE_BYTES: usize = 256 * 1024;
+/// Audit records per audit page (~150-300 B each; full earlier at [`RING_PAGE_BYTES`]).
+pub const AUDIT_PAGE: usize = 1000;
+/// Notices per notice page (~250-400 B each: ≤ ~200 KiB; a notice's fields are bounded by the
+/// copy's keys and subjects).
+pub const NOTICE_PAGE: usize = 500;
 
 // Bounds of what accumulates: rings, so the key count and every value stay fixed.
-/// Audit pages kept ([`AUDIT_PAGE`] records each): 10,000 records.
-pub const AUDIT_PAGES_KEPT: u64 = 50;
+/// Audit pages kept ([`AUDIT_PAGE`] records each): 10,000 records. (Before: 50 pages of 200;
+/// the first page move deletes the pages older than the ring.)
+pub const AUDIT_PAGES_KEPT: u64 = 10;
 /// Notice pages kept ([`NOTICE_PAGE`] notices each): 20,000 notices. A page leaves the ring
 /// even when its notices were never delivered; the outbox then counts them as dropped, with why.
-pub const NOTICE_PAGES_KEPT: u64 = 100;
+/// (Before: 100 pages of 200; the first page move deletes the pages older than the ring.)
+pub const NOTICE_PAGES_KEPT: u64 = 40;
 /// Finished jobs kept in the job index (running jobs are never dropped).
 pub const KEPT_JOBS: usize = 200;
+/// Pages of finished job records (`jobs/done/{n}`, `n = shard_of(jobId, JOB_DONE_PAGES)`).
+pub const JOB_DONE_PAGES: u32 = 8;
+/// Finished job records per page at most (twice the even share of [`KEPT_JOBS`], for hashing's
+/// unevenness); a page is also full at [`RING_PAGE_BYTES`], oldest out first.
+pub const JOB_DONE_PAGE: usize = 2 * KEPT_JOBS / JOB_DONE_PAGES as usize;
 /// Apple `notificationId`s remembered per account for deduplication (Apple retries within
 /// minutes; ~40 B each).
 pub const NOTIFIED_IDS: usize = 2000;
@@ -189,6 +332,10 @@ pub fn jobs() -> String {
 pub fn job(id: &str) -> String {
     format!("job/{id}")
 }
+/// Page `n` of finished job records.
+pub fn jobs_done_page(n: u32) -> String {
+    format!("jobs/done/{n}")
+}
 pub fn lease(account: &str) -> String {
     format!("lease/{account}")
 }
@@ -218,13 +365,15 @@ pub fn shard_of(subject: &str, shards: u32) -> u32 {
 }
 
 /// Asset pages for `count` assets (at least one).
-pub fn asset_pages_for(count: usize) -> u32 {
-    count.div_ceil(ASSET_PAGE_ENTRIES).max(1) as u32
+pub const fn asset_pages_for(count: usize) -> u32 {
+    let n = count.div_ceil(ASSET_PAGE_ENTRIES);
+    (if n == 0 { 1 } else { n }) as u32
 }
 
 /// Copy shards for `count` assignments (at least one).
-pub fn copy_shards_for(count: usize) -> u32 {
-    count.div_ceil(COPY_SHARD_ENTRIES).max(1) as u32
+pub const fn copy_shards_for(count: usize) -> u32 {
+    let n = count.div_ceil(COPY_SHARD_ENTRIES);
+    (if n == 0 { 1 } else { n }) as u32
 }
 
 /// Copy shards (and assignment pages) of an asset with `in_use` assignments, of `copy_shards`.
@@ -235,6 +384,31 @@ pub fn asset_copy_pages_for(in_use: usize, copy_shards: u32) -> u32 {
 /// The page of the asset `asset_key` among `pages` asset pages.
 pub fn asset_page_of(asset_key: &str, pages: u32) -> u32 {
     shard_of(asset_key, pages)
+}
+
+/// The page of `asset_key` in a copy whose asset pages grew from `base` (0: never split) to
+/// `pages` by splitting one page at a time (linear hashing, `copy::split_next_page`): with
+/// `b = base × 2^L ≤ pages < 2b`, pages below `pages - b` are split and use `shard_of(k, 2b)`,
+/// the others `shard_of(k, b)`. With `base` 0 (or equal to `pages`) this is
+/// [`asset_page_of`], so a copy that never split reads as before.
+pub fn asset_page_in(asset_key: &str, pages: u32, base: u32) -> u32 {
+    let b = asset_page_level(pages, base);
+    let p = shard_of(asset_key, b);
+    if p < pages.max(1) - b {
+        shard_of(asset_key, 2 * b)
+    } else {
+        p
+    }
+}
+
+/// The level size `b` of [`asset_page_in`]: `base × 2^L`, the largest not above `pages`.
+pub fn asset_page_level(pages: u32, base: u32) -> u32 {
+    let n = pages.max(1);
+    let mut b = if base == 0 { n } else { base.min(n) };
+    while b.saturating_mul(2) <= n {
+        b *= 2;
+    }
+    b
 }
 
 /// The `i`-th copy shard of an asset (its `i`-th page of assignments).
@@ -262,7 +436,7 @@ mod tests {
         assert_eq!(copy_shards_for(0), 1);
         assert_eq!(copy_shards_for(COPY_SHARD_ENTRIES), 1);
         assert_eq!(copy_shards_for(COPY_SHARD_ENTRIES + 1), 2);
-        assert_eq!(copy_shards_for(1_000_000), 245);
+        assert_eq!(copy_shards_for(1_000_000), 123);
         assert_eq!(asset_pages_for(10_000), 100);
         assert_eq!(asset_copy_pages_for(0, 245), 1);
         assert_eq!(asset_copy_pages_for(100_000, 245), 100);
@@ -279,6 +453,44 @@ mod tests {
         }
         for w in owned.windows(2) {
             assert_eq!(w[1], (w[0] + 1) % c);
+        }
+    }
+
+    #[test]
+    fn the_supported_shape_fits_fermyon_cloud_with_room() {
+        assert_eq!(copy_peak_keys(10_000, 1_000_000), 456);
+        assert_eq!(key_budget(&SUPPORTED), 906);
+        assert!(key_budget(&SUPPORTED) <= CLOUD_KEYS * 9 / 10);
+        // Several smaller accounts: how many fit.
+        assert_eq!(
+            accounts_that_fit(10_000, 1_000_000, SUPPORTED_PENDING_EVENTS),
+            1
+        );
+        assert!(accounts_that_fit(1_000, 20_000, 20) >= 3);
+        // Every ring page stays far under the value limit.
+        const { assert!(RING_PAGE_BYTES * 2 < VALUE_LIMIT) };
+        const { assert!(JOB_DONE_PAGE * (JOB_DONE_PAGES as usize) >= KEPT_JOBS) };
+    }
+
+    #[test]
+    fn split_pages_keep_every_asset_on_one_page_and_move_only_the_split_half() {
+        let ks: Vec<String> = (0..2000).map(|i| format!("{i}:STDQ")).collect();
+        for k in &ks {
+            assert_eq!(asset_page_in(k, 3, 0), asset_page_of(k, 3));
+        }
+        // From 3 pages to 13, one split at a time: an asset moves only off the page split, to
+        // the new page.
+        for n in 3..13u32 {
+            for k in &ks {
+                let before = asset_page_in(k, n, 3);
+                let after = asset_page_in(k, n + 1, 3);
+                let split = n - asset_page_level(n, 3);
+                assert!(after < n + 1);
+                assert!(
+                    after == before || (before == split && after == n),
+                    "{k} {n}"
+                );
+            }
         }
     }
 

@@ -65,8 +65,19 @@ impl<K: Kv + ?Sized> Kv for &K {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {
     Kv(KvError),
-    Corrupt { key: String, reason: String },
-    Contended { key: String },
+    Corrupt {
+        key: String,
+        reason: String,
+    },
+    Contended {
+        key: String,
+    },
+    /// The value a writer built is over [`keys::VALUE_LIMIT`]: refused before anything is
+    /// written (Fermyon Cloud refuses values over 1 MB; nothing is ever cut to fit).
+    TooLarge {
+        key: String,
+        bytes: usize,
+    },
 }
 
 impl fmt::Display for StoreError {
@@ -77,6 +88,11 @@ impl fmt::Display for StoreError {
                 write!(f, "stored value at {key} is unreadable: {reason}")
             }
             StoreError::Contended { key } => write!(f, "too many concurrent writers on {key}"),
+            StoreError::TooLarge { key, bytes } => write!(
+                f,
+                "the value for {key} would be {bytes} bytes, over the store's limit of {} bytes; nothing was written",
+                keys::VALUE_LIMIT
+            ),
         }
     }
 }
@@ -116,8 +132,20 @@ fn decode_or_absent<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<Opti
 }
 
 pub fn set_json<T: Serialize>(kv: &impl Kv, key: &str, value: &T) -> Result<(), StoreError> {
-    kv.set(key, &encode(key, value)?)?;
+    kv.set(key, &within_limit(key, encode(key, value)?)?)?;
     Ok(())
+}
+
+/// The size guard of every typed write: a value over [`keys::VALUE_LIMIT`] is an error
+/// ([`StoreError::TooLarge`]) and nothing is written.
+pub fn within_limit(key: &str, bytes: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+    if bytes.len() > keys::VALUE_LIMIT {
+        return Err(StoreError::TooLarge {
+            key: key.to_string(),
+            bytes: bytes.len(),
+        });
+    }
+    Ok(bytes)
 }
 
 fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
@@ -162,7 +190,7 @@ where
         let (next, out) = f(current)?;
         let Some(next) = next else { return Ok(out) };
         let revision = mark::new_revision();
-        let bytes = mark::append(encode(key, &next)?, revision, &before);
+        let bytes = within_limit(key, mark::append(encode(key, &next)?, revision, &before))?;
         if kv.swap(key, raw.as_deref(), &bytes)? {
             return Ok(out);
         }
@@ -180,6 +208,32 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_value_over_the_limit_is_refused_and_nothing_is_written() {
+        let kv = MemoryKv::default();
+        set_json(&kv, "k", &"small").unwrap();
+        let big = "x".repeat(keys::VALUE_LIMIT);
+        let err = set_json(&kv, "k", &big).unwrap_err();
+        assert!(
+            matches!(err, StoreError::TooLarge { ref key, bytes } if key == "k" && bytes > keys::VALUE_LIMIT)
+        );
+        assert!(err.to_string().contains("nothing was written"), "{err}");
+        assert_eq!(
+            get_json::<String>(&kv, "k").unwrap().as_deref(),
+            Some("small")
+        );
+        let err = update::<String, ()>(&kv, "k", |_| Ok((Some(big.clone()), ()))).unwrap_err();
+        assert!(matches!(err, StoreError::TooLarge { .. }), "{err:?}");
+        assert_eq!(
+            get_json::<String>(&kv, "k").unwrap().as_deref(),
+            Some("small")
+        );
+        // Just under the limit (with the write mark) still goes in.
+        let fits = "y".repeat(keys::VALUE_LIMIT - 1_000);
+        update::<String, ()>(&kv, "k", |_| Ok((Some(fits.clone()), ()))).unwrap();
+        assert_eq!(get_json::<String>(&kv, "k").unwrap(), Some(fits));
+    }
 
     #[test]
     fn json_round_trip_and_corrupt_value() {

@@ -56,13 +56,29 @@ async fn post_until_done(env: &Env, pause: Duration, between: impl Fn(u32)) -> (
     panic!("daily run did not finish: {}", daily(env).await);
 }
 
+/// Job records of `kind`: running ones under `job/{id}`, finished ones in the pages
+/// `jobs/done/{n}` (id → record).
 fn jobs_of_kind(env: &Env, kind: &str) -> Vec<Value> {
-    env.keys()
-        .into_iter()
-        .filter(|k| k.starts_with("job/"))
-        .filter_map(|k| serde_json::from_slice::<Value>(&env.app.kv_get("default", &k)?).ok())
-        .filter(|j| j["kind"] == kind)
-        .collect()
+    let mut out = Vec::new();
+    for k in env.keys() {
+        let page = k.starts_with("jobs/done/");
+        if !page && !k.starts_with("job/") {
+            continue;
+        }
+        let Some(v) = env
+            .app
+            .kv_get("default", &k)
+            .and_then(|v| serde_json::from_slice::<Value>(&v).ok())
+        else {
+            continue;
+        };
+        match v.as_object() {
+            Some(m) if page => out.extend(m.values().cloned()),
+            _ => out.push(v),
+        }
+    }
+    out.retain(|j| j["kind"] == kind);
+    out
 }
 
 fn outcomes(job: &Value) -> Vec<String> {

@@ -191,6 +191,39 @@ async fn core_scenarios_pass_on_the_managed_cloud_profile() {
     }
 }
 
+/// Finished jobs cost a few keys however many are kept (`keys::JOB_DONE_PAGES` pages of
+/// finished records; `keys::KEPT_JOBS` listed): more refreshes than the index keeps, through the
+/// real components without atomics, leave no key per job, and every finished job listed reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_jobs_are_packed_in_a_few_keys_on_the_managed_cloud_profile() {
+    // vpp_store::keys: KEPT_JOBS = 200, JOB_DONE_PAGES = 8.
+    const KEPT_JOBS: usize = 200;
+    const JOB_DONE_PAGES: usize = 8;
+    let env = managed_env().await;
+    let token = seed_location(&env.sim, "HQ", &[("100", 10)], &[("100", "F1")]);
+    let id = env.add_account("HQ", &token).await;
+    let mut last = Value::Null;
+    for _ in 0..KEPT_JOBS + 20 {
+        last = env.refresh(&id).await;
+        assert_eq!(last["state"], "succeeded", "{last}");
+    }
+    let keys = env.keys();
+    let own: Vec<&String> = keys.iter().filter(|k| k.starts_with("job/")).collect();
+    assert!(
+        own.is_empty(),
+        "finished jobs keep no key of their own: {own:?}"
+    );
+    let pages = keys.iter().filter(|k| k.starts_with("jobs/done/")).count();
+    assert!(pages <= JOB_DONE_PAGES, "{pages} pages");
+    // The newest job reads back whole by its id, and the list shows the kept ones.
+    let got = env
+        .get(&format!("/api/jobs/{}", last["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.json()["state"], "succeeded");
+    assert!(keys.len() <= 1024, "{} keys", keys.len());
+}
+
 /// The default build imports `wasi:keyvalue/atomics`: it does not load on the managed clouds.
 #[test]
 fn the_default_build_does_not_load_there() {

@@ -44,15 +44,26 @@ async fn admin(app: &App, method: &str, path: &str, body: Option<&Value>) -> Res
     request(app, method, path, body, Some(ADMIN_KEY)).await
 }
 
-/// Every job record in the store, by kind.
+/// Every job record in the store, by kind: running ones under `job/{id}`, finished ones in the
+/// pages `jobs/done/{n}` (id → record).
 fn jobs(env: &Env) -> BTreeMap<String, Vec<Value>> {
     let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    for k in env.keys().into_iter().filter(|k| k.starts_with("job/")) {
-        if let Some(j) = env
-            .app
-            .kv_get("default", &k)
+    for k in env.keys() {
+        let Some(v) = (k.starts_with("job/") || k.starts_with("jobs/done/"))
+            .then(|| env.app.kv_get("default", &k))
+            .flatten()
             .and_then(|v| serde_json::from_slice::<Value>(&v).ok())
-        {
+        else {
+            continue;
+        };
+        let records = if k.starts_with("job/") {
+            vec![v]
+        } else {
+            v.as_object()
+                .map(|m| m.values().cloned().collect())
+                .unwrap_or_default()
+        };
+        for j in records {
             out.entry(j["kind"].as_str().unwrap_or("").to_string())
                 .or_default()
                 .push(j);
