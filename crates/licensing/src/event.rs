@@ -249,8 +249,23 @@ pub fn apply_outcome(
                 for (s, by) in done.taken {
                     taken.push(((ak.to_string(), s), by));
                 }
+                // An assignment we cannot place in time (an event we never learned of), of a
+                // subject we hold no claim on and whose removal we reported lately: it may be a
+                // late report of an assignment that removal ended (a request of ours whose
+                // answer was lost). Put in the copy, a later report of that removal would
+                // count the license twice; a refresh decides.
+                let unclaimed: Vec<Subject> = ok
+                    .iter()
+                    .zip(&done.flags)
+                    .filter(|(_, f)| !ours && **f == Some(false))
+                    .map(|(i, _)| items[*i].subject.clone())
+                    .collect();
+                let ended = notice::noticed_recently(kv, account_id, ak, &unclaimed)?;
                 for (i, f) in ok.iter().zip(done.flags) {
                     match f {
+                        Some(false) if !ours && ended.contains(&items[*i].subject.tag()) => {
+                            stale[*i] = true
+                        }
                         Some(f) => was_ours[*i] = f,
                         // Stale: the ledger has moved on (revoked or gone since); the copy
                         // and counts stay as they are.
