@@ -1110,11 +1110,13 @@ fn every_removal_has_exactly_one_notice() {
 /// notification of an associate we never learned of (its answer was lost) put a license back
 /// in the copy after a revoke of ours had taken it and sent the notice, and a later report of
 /// a removal found it there and sent a second one (see
-/// `a_late_associate_we_never_learned_of_does_not_revive_a_removed_license`). Seed 43, not yet
-/// traced: a removal event whose id we never learned (reason `apple`) sends a notice for a
-/// foreign license (`100/F0`), which only a clean up of ours takes away.
+/// `a_late_associate_we_never_learned_of_does_not_revive_a_removed_license`). Seed 43: the
+/// count is right but the reason is not: a foreign license (`100/F0`, which only a clean up of
+/// ours takes away) was taken by a removal event whose id we never learned (a clean up whose
+/// answer was lost), and its notification, read first, gave the one notice the reason `apple`
+/// rather than `cleanup`.
 /// Run with `cargo test -p vpp-licensing --test ledger_model -- --ignored every_removal_has_exactly_one_notice_wide`.
-#[ignore = "seed 43 of 60 still fails: a late removal we never learned of notices a foreign license (see the doc comment)"]
+#[ignore = "seed 43 of 60 still fails: a clean up whose answer was lost gets a notice with reason `apple` (see the doc comment)"]
 #[test]
 fn every_removal_has_exactly_one_notice_wide() {
     exactly_one_notice(&(1..=60).collect::<Vec<_>>())
