@@ -1093,7 +1093,7 @@ fn exactly_one_notice(seeds: &[u64]) {
 /// since, a copy entry made by a later associate, or an open entry when the removal is an
 /// event we cannot place in time), an associate stopped before it was tracked, a late
 /// associate we never learned of putting a license back in the copy after its removal was
-/// noticed.
+/// noticed, a revoke whose entry a new assignment took over before its outcome was read.
 #[test]
 fn every_removal_has_exactly_one_notice() {
     match env_u64("LEDGER_MODEL_SEED") {
@@ -2475,4 +2475,89 @@ fn a_late_associate_we_never_learned_of_does_not_revive_a_removed_license() {
     assert_eq!(notices(&run), once);
     let doc: AssetsDoc = copy::all_assets(&run.kv, ACCOUNT).unwrap();
     assert_eq!(doc.find("200", "STDQ").unwrap().in_use, 0);
+}
+
+/// Found by `ledger_matches_apple_after_random_operations_and_faults` (seed 113): a revoke of a
+/// license we held, still outstanding when the device was assigned the license again. Apple
+/// applied the revoke (it took the license), then the new associate. When the associate's
+/// outcome was read first, it confirmed the entry over the revoke's, and the revoke's outcome
+/// then found an entry newer than itself and kept it: the removal had no notice. The newer
+/// request taking the entry over writes the notice the revoke owes on its record.
+#[test]
+fn a_revoke_overtaken_by_a_new_assignment_keeps_its_notice() {
+    let mut run = Run::new(16);
+    let step = |run: &mut Run, secs: u64| {
+        run.clock.advance(std::time::Duration::from_secs(secs));
+        (run.now(), run.budget())
+    };
+    let (now, mut b) = step(&mut run, 0);
+    block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    {
+        let mut w = run.world.lock().unwrap();
+        for id in std::mem::take(&mut w.scheduled) {
+            w.apply(&id);
+        }
+        w.notes.clear();
+    }
+    let (now, mut b) = step(&mut run, 60);
+    block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    assert_eq!(state_of(&run, "200", "D1"), Some("confirmed"));
+    // Revoked; Apple applies the revoke (its outcome is not read yet) and a full refresh sees
+    // the license gone; the device is assigned it again, and Apple applies that too.
+    let apply = |run: &Run| {
+        let mut w = run.world.lock().unwrap();
+        for id in std::mem::take(&mut w.scheduled) {
+            w.apply(&id);
+        }
+    };
+    let body = assign_body("200", &["D1".into()]);
+    let (now, mut b) = step(&mut run, 10);
+    block_on(assignment::revoke(
+        &run.kv,
+        &run.client(),
+        &body,
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    apply(&run);
+    run.clock.advance(std::time::Duration::from_secs(10));
+    run.refresh(true);
+    assert_eq!(state_of(&run, "200", "D1"), Some("revoking"));
+    let (now, mut b) = step(&mut run, 10);
+    block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &body,
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    assert_eq!(state_of(&run, "200", "D1"), Some("pending"));
+    apply(&run);
+    // The associate's outcome is read first.
+    let notes: Vec<Outgoing> = std::mem::take(&mut run.world.lock().unwrap().notes);
+    assert_eq!(notes.len(), 2);
+    for n in notes.iter().rev() {
+        let (now, _) = step(&mut run, 5);
+        assert!(deliver(&run.kv, n, now));
+    }
+    assert_eq!(
+        state_of(&run, "200", "D1"),
+        Some("confirmed"),
+        "assigned again"
+    );
+    let once = vec![("200".to_string(), "D1".to_string(), "api".to_string())];
+    assert_eq!(notices(&run), once, "the revoke's removal, once");
+    run.clock.advance(std::time::Duration::from_secs(60));
+    run.refresh(true);
+    assert_eq!(notices(&run), once);
+    assert_eq!(state_of(&run, "200", "D1"), Some("confirmed"));
 }
