@@ -270,6 +270,14 @@ struct Run {
     counts_before_refresh: Vec<String>,
 }
 
+/// Where every run's clocks start: a fixed time, so a seed replays exactly (the time of day
+/// and the date decide, e.g., when the daily work is due).
+fn model_epoch() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-11-30T08:00:00Z")
+        .expect("a fixed time")
+        .with_timezone(&Utc)
+}
+
 fn sha256(s: &str) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(s.as_bytes())
@@ -307,7 +315,7 @@ impl Run {
             rng: Rng(seed ^ 0x9e37_79b9_7f4a_7c15),
             fault_rate: 0,
             scheduled: Vec::new(),
-            now: Utc::now(),
+            now: model_epoch(),
             accepted_at: BTreeMap::new(),
             notes: Vec::new(),
             forced: Default::default(),
@@ -318,7 +326,7 @@ impl Run {
         }));
         world.lock().unwrap().observe();
         let kv = KillableKv::default();
-        let start = Utc::now() - Duration::days(30);
+        let start = model_epoch() - Duration::days(30);
         let account: Account = serde_json::from_value(json!({
             "id": ACCOUNT, "name": "School", "organization": "Org", "location": "Main",
             "locationId": null, "country": "US", "defaultPlatform": "volumestore",
