@@ -140,6 +140,21 @@ pub fn asset_ref_key(a: &AssetRef) -> String {
     crate::model::asset_key(&a.adam_id, a.pricing_param.as_str())
 }
 
+/// A removal of ours (`id`, not yet applied) owes the notice of `pair` when its outcome is
+/// read (see [`EventRecord::owed_notices`]).
+pub fn owe_notice(kv: &impl Kv, id: &str, pair: (String, Subject)) -> Result<(), StoreError> {
+    update::<EventRecord, ()>(kv, &keys::event(id), |cur| match cur {
+        Some(mut r) if !r.applied && r.kind != EventKind::Associate => {
+            if r.owed_notices.contains(&pair) {
+                return Ok((None, ()));
+            }
+            r.owed_notices.push(pair.clone());
+            Ok((Some(r), ()))
+        }
+        _ => Ok((None, ())),
+    })
+}
+
 /// Apply per-(asset, subject) results of an event (from a notification or a status poll) and,
 /// when given, its final state. `event_id` `None`: an event we did not make (a notification of
 /// another MDM's or Apple's own change): the copy and counts still follow it. Returns the event
@@ -228,6 +243,8 @@ pub fn apply_outcome(
     let mut was_ours = vec![false; items.len()];
     let mut prev: Vec<Option<LedgerState>> = vec![None; items.len()];
     let mut stale = vec![false; items.len()];
+    // Removal: kept because the entry records a newer request of ours (see `ledger::gone`).
+    let mut kept = vec![false; items.len()];
     let mut taken: Vec<((String, Subject), String)> = Vec::new();
     for (ak, idx) in &by_asset {
         let ok: Vec<usize> = idx
@@ -249,8 +266,23 @@ pub fn apply_outcome(
                 for (s, by) in done.taken {
                     taken.push(((ak.to_string(), s), by));
                 }
+                // An assignment we cannot place in time (an event we never learned of), of a
+                // subject we hold no claim on and whose removal we reported lately: it may be a
+                // late report of an assignment that removal ended (a request of ours whose
+                // answer was lost). Put in the copy, a later report of that removal would
+                // count the license twice; a refresh decides.
+                let unclaimed: Vec<Subject> = ok
+                    .iter()
+                    .zip(&done.flags)
+                    .filter(|(_, f)| !ours && **f == Some(false))
+                    .map(|(i, _)| items[*i].subject.clone())
+                    .collect();
+                let ended = notice::noticed_recently(kv, account_id, ak, &unclaimed)?;
                 for (i, f) in ok.iter().zip(done.flags) {
                     match f {
+                        Some(false) if !ours && ended.contains(&items[*i].subject.tag()) => {
+                            stale[*i] = true
+                        }
                         Some(f) => was_ours[*i] = f,
                         // Stale: the ledger has moved on (revoked or gone since); the copy
                         // and counts stay as they are.
@@ -302,6 +334,7 @@ pub fn apply_outcome(
                     }
                     // An assignment of ours this removal may have come before: a full
                     // refresh decides; the copy, counts and notices stay as they are.
+                    kept[*i] = g.kept;
                     stale[*i] =
                         g.kept || (g.before.is_none() && open.contains(&items[*i].subject.tag()));
                 }
@@ -421,9 +454,11 @@ pub fn apply_outcome(
     match event_id.filter(|_| ours) {
         Some(id) => {
             for pair in owed_before {
+                // Owed: it was held when asked for; a newer request of ours that keeps its
+                // entry came after it (Apple applies them in the order it accepted them).
                 let ok = items.iter().enumerate().any(|(i, it)| {
                     it.failure.is_none()
-                        && !stale[i]
+                        && (!stale[i] || kept[i])
                         && it.asset_key == pair.0
                         && it.subject == pair.1
                 });

@@ -699,6 +699,21 @@ pub fn confirm(
             None => None,
         }
     })?;
+    // A revoke of ours still outstanding, asked while the license was held: this later request
+    // took its entry over, and Apple applies the revoke first (it accepted it first). What the
+    // revoke takes is the license it was asked for; its outcome owes that notice, also though
+    // the entry now records this newer assignment.
+    for s in &fresh {
+        let Some(Some(e)) = before.get(&s.tag()) else {
+            continue;
+        };
+        if e.state != LedgerState::Revoking || !concerns(&s.tag()) {
+            continue;
+        }
+        if let Some(revoke) = e.event_id.as_deref().filter(|r| Some(*r) != event_id) {
+            event::owe_notice(kv, revoke, (asset_key.to_string(), s.clone()))?;
+        }
+    }
     let taken_subjects: Vec<Subject> = subjects
         .iter()
         .filter(|s| taken.contains_key(&s.tag()))

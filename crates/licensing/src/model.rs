@@ -285,7 +285,8 @@ pub struct EventRecord {
     /// A removal's outcome, written before it moves the ledger or the copy: the (asset key,
     /// subject) pairs it found held, whose notices it owes. An invocation killed between its
     /// writes finds them here when the outcome is read again (the notices are keyed by event, so
-    /// none is sent twice).
+    /// none is sent twice). Also written before the outcome is read, when a newer request of
+    /// ours takes over the entry this revoke was asked for (see `ledger::confirm`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub owed_notices: Vec<(String, Subject)>,
 }

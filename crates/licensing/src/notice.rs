@@ -224,6 +224,41 @@ fn recorded_for(kv: &impl Kv, event_id: &str) -> Result<BTreeSet<(String, String
     Ok(out)
 }
 
+/// Of `subjects`, those (by tag) with a removal notice for `asset_key` of `account_id` in the
+/// recent pages (the head page and the one before it): a removal of theirs was reported lately.
+pub fn noticed_recently(
+    kv: &impl Kv,
+    account_id: &str,
+    asset_key: &str,
+    subjects: &[Subject],
+) -> Result<BTreeSet<String>, StoreError> {
+    let mut out = BTreeSet::new();
+    if subjects.is_empty() {
+        return Ok(out);
+    }
+    let (adam_id, pricing) = asset_key.split_once(':').unwrap_or((asset_key, "STDQ"));
+    let head: Head = get_json(kv, &keys::notices_head())?.unwrap_or_default();
+    for page in [head.page.checked_sub(1), Some(head.page)]
+        .into_iter()
+        .flatten()
+    {
+        let list: Vec<Notice> = get_json(kv, &keys::notices_page(page))?.unwrap_or_default();
+        for n in list.iter().filter(|n| {
+            n.account_id == account_id && n.adam_id == adam_id && n.pricing_param == pricing
+        }) {
+            for s in subjects {
+                let (serial, user) = subject_fields(s);
+                if (serial.is_some() && n.serial_number == serial)
+                    || (user.is_some() && n.client_user_id == user)
+                {
+                    out.insert(s.tag());
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn record_keeping(
     kv: &impl Kv,
     account_id: &str,
