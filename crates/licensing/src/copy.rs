@@ -21,15 +21,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use vpp_store::{get_json, keys, set_json, update, Kv, StoreError};
 
-/// Which entries of a JSON object [`pick`] decodes.
-pub(crate) enum Wanted<'w> {
-    /// These keys.
-    Keys(&'w BTreeSet<&'w str>),
-    /// Keys after this one (in the object's order, which is sorted: the copy's values are
-    /// `BTreeMap`s), at most `n` of them.
-    After(&'w str, usize),
-}
-
 /// The members of a JSON object as raw text (key with its quotes, value), found by a byte scan
 /// that tracks only strings and nesting: far cheaper than decoding, and exact for the valid JSON
 /// `serde_json` writes. `None` when the text is not an object.
@@ -116,12 +107,13 @@ pub(crate) fn members(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
     }
 }
 
-/// Decode only the wanted entries of the object stored at `key` (the others are skipped by a
-/// byte scan, never decoded): a read of one asset of a page or of a shard costs a scan.
+/// Decode only the entries named in `wanted` of the object stored at `key` (the others are
+/// skipped by a byte scan, never decoded): a read of one asset of a page or of a shard costs a
+/// scan.
 pub(crate) fn pick<T: DeserializeOwned>(
     kv: &impl Kv,
     key: &str,
-    wanted: Wanted<'_>,
+    wanted: &BTreeSet<&str>,
 ) -> Result<BTreeMap<String, T>, StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt {
         key: key.to_string(),
@@ -133,26 +125,12 @@ pub(crate) fn pick<T: DeserializeOwned>(
     let list = members(&bytes).ok_or_else(|| corrupt("not a JSON object".into()))?;
     let mut out = BTreeMap::new();
     // Keys as serde_json writes them (quoted, escaped): compared without decoding.
-    let encoded: Option<BTreeSet<String>> = match &wanted {
-        Wanted::Keys(k) => Some(
-            k.iter()
-                .map(|s| serde_json::to_string(s).unwrap_or_default())
-                .collect(),
-        ),
-        Wanted::After(..) => None,
-    };
+    let encoded: BTreeSet<String> = wanted
+        .iter()
+        .map(|s| serde_json::to_string(s).unwrap_or_default())
+        .collect();
     for (k, v) in list {
-        let take = match (&wanted, &encoded) {
-            (Wanted::Keys(_), Some(enc)) => std::str::from_utf8(k).is_ok_and(|k| enc.contains(k)),
-            (Wanted::After(after, limit), _) => {
-                if out.len() >= *limit {
-                    break;
-                }
-                let name: String = serde_json::from_slice(k).map_err(|e| corrupt(e.to_string()))?;
-                name.as_str() > *after
-            }
-            _ => false,
-        };
+        let take = std::str::from_utf8(k).is_ok_and(|k| encoded.contains(k));
         if take {
             let name: String = serde_json::from_slice(k).map_err(|e| corrupt(e.to_string()))?;
             let value: T = serde_json::from_slice(v).map_err(|e| corrupt(e.to_string()))?;
@@ -306,31 +284,10 @@ pub fn assets_in(
     let mut out = Vec::new();
     for (p, wanted) in by_page {
         let wanted: BTreeSet<&str> = wanted.into_iter().map(String::as_str).collect();
-        let records: AssetPage = pick(
-            kv,
-            &keys::asset_page(account, ix.generation, p),
-            Wanted::Keys(&wanted),
-        )?;
+        let records: AssetPage = pick(kv, &keys::asset_page(account, ix.generation, p), &wanted)?;
         out.extend(records.into_values());
     }
     Ok(ix.view(out))
-}
-
-/// At most `n` records of asset page `page` after the asset key `after` (`""`: from the
-/// start), in the page's order: only those are decoded.
-pub fn page_after(
-    kv: &impl Kv,
-    account: &str,
-    ix: &CopyIndex,
-    page: u32,
-    after: &str,
-    n: usize,
-) -> Result<AssetPage, StoreError> {
-    pick(
-        kv,
-        &keys::asset_page(account, ix.generation, page),
-        Wanted::After(after, n),
-    )
 }
 
 /// Records of an asset page as stored (their JSON text, never decoded here): what a list page
@@ -352,7 +309,7 @@ impl RawPage {
 }
 
 /// At most `n` records of asset page `page` after the asset key `after` (`""`: from the
-/// start), in the page's order, as stored: [`page_after`] without decoding the records.
+/// start), in the page's order, as stored (never decoded).
 pub fn page_after_raw(
     kv: &impl Kv,
     account: &str,
@@ -684,20 +641,12 @@ fn entries_held(
         .collect();
     if shards.len() == 1 {
         let n = shards.into_iter().next().unwrap_or_default();
-        let shard: CopyShard = pick(
-            kv,
-            &keys::copy_shard(account, ix.generation, n),
-            Wanted::Keys(&only),
-        )?;
+        let shard: CopyShard = pick(kv, &keys::copy_shard(account, ix.generation, n), &only)?;
         return Ok(shard.get(&ak).map_or(0, BTreeMap::len));
     }
     let mut tags: BTreeSet<String> = BTreeSet::new();
     for n in shards {
-        let mut shard: CopyShard = pick(
-            kv,
-            &keys::copy_shard(account, ix.generation, n),
-            Wanted::Keys(&only),
-        )?;
+        let mut shard: CopyShard = pick(kv, &keys::copy_shard(account, ix.generation, n), &only)?;
         if let Some(m) = shard.remove(&ak) {
             tags.extend(m.into_keys());
         }
@@ -729,11 +678,7 @@ pub fn held(
     let mut out = BTreeMap::new();
     let only = BTreeSet::from([ak.as_str()]);
     for (n, tags) in by_shard {
-        let shard: CopyShard = pick(
-            kv,
-            &keys::copy_shard(account, doc.generation, n),
-            Wanted::Keys(&only),
-        )?;
+        let shard: CopyShard = pick(kv, &keys::copy_shard(account, doc.generation, n), &only)?;
         if let Some(m) = shard.get(&ak) {
             for t in tags {
                 if let Some(h) = m.get(&t) {
@@ -826,11 +771,7 @@ pub fn asset_assignments(
     let n = keys::asset_copy_shard(&asset.key(), page, doc.copy_shards);
     let ak = asset.key();
     let only = BTreeSet::from([ak.as_str()]);
-    let mut shard: CopyShard = pick(
-        kv,
-        &keys::copy_shard(account, doc.generation, n),
-        Wanted::Keys(&only),
-    )?;
+    let mut shard: CopyShard = pick(kv, &keys::copy_shard(account, doc.generation, n), &only)?;
     let pages = asset.shards.max(1);
     Ok(shard
         .remove(&ak)
@@ -877,11 +818,8 @@ pub fn respread(
     let mut copied: BTreeMap<String, (u32, Held)> = BTreeMap::new();
     for i in 0..old {
         let from = keys::asset_copy_shard(asset_key, i, c);
-        let mut shard: CopyShard = pick(
-            kv,
-            &keys::copy_shard(account, ix.generation, from),
-            Wanted::Keys(&only),
-        )?;
+        let mut shard: CopyShard =
+            pick(kv, &keys::copy_shard(account, ix.generation, from), &only)?;
         for (tag, h) in shard.remove(asset_key).unwrap_or_default() {
             copied.insert(tag, (from, h));
         }
@@ -1167,28 +1105,20 @@ mod tests {
         set_json(&kv, "k", &shard).unwrap();
         for ak in odd {
             let only = BTreeSet::from([ak]);
-            let got: CopyShard = pick(&kv, "k", Wanted::Keys(&only)).unwrap();
+            let got: CopyShard = pick(&kv, "k", &only).unwrap();
             assert_eq!(got.get(ak), shard.get(ak), "{ak:?}");
             assert_eq!(got.len(), 1);
         }
-        let after: CopyShard = pick(&kv, "k", Wanted::After("[y],", 2)).unwrap();
-        let want: Vec<&String> = shard
-            .keys()
-            .filter(|k| k.as_str() > "[y],")
-            .take(2)
-            .collect();
-        assert_eq!(after.keys().collect::<Vec<_>>(), want);
-        let none: CopyShard = pick(&kv, "absent", Wanted::After("", 9)).unwrap();
+        let none: CopyShard = pick(&kv, "absent", &BTreeSet::from(["a"])).unwrap();
         assert!(none.is_empty());
         // Whitespace between tokens (any writer's JSON) and a value that is not an object.
         kv.set("w", b" { \"a\" : [1, {\"b\": \"}\"}] ,\n \"c\" : 2 } ")
             .unwrap();
-        let got: BTreeMap<String, Value> =
-            pick(&kv, "w", Wanted::Keys(&BTreeSet::from(["a", "c"]))).unwrap();
+        let got: BTreeMap<String, Value> = pick(&kv, "w", &BTreeSet::from(["a", "c"])).unwrap();
         assert_eq!(got["a"], serde_json::json!([1, {"b": "}"}]));
         assert_eq!(got["c"], serde_json::json!(2));
         kv.set("bad", b"[1,2]").unwrap();
-        assert!(pick::<Value>(&kv, "bad", Wanted::After("", 1)).is_err());
+        assert!(pick::<Value>(&kv, "bad", &BTreeSet::from(["a"])).is_err());
     }
 
     #[test]

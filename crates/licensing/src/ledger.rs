@@ -178,11 +178,7 @@ fn open_key(account: &str, asset_key: &str) -> String {
 
 pub fn open_doc(kv: &impl Kv, account: &str, asset_key: &str) -> Result<OpenDoc, StoreError> {
     let only = BTreeSet::from([asset_key]);
-    let mut shard: OpenShard = crate::copy::pick(
-        kv,
-        &open_key(account, asset_key),
-        crate::copy::Wanted::Keys(&only),
-    )?;
+    let mut shard: OpenShard = crate::copy::pick(kv, &open_key(account, asset_key), &only)?;
     Ok(shard.remove(asset_key).unwrap_or_default())
 }
 
