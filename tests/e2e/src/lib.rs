@@ -377,6 +377,13 @@ impl Env {
         self.admin("GET", path, None).await
     }
 
+    /// Turns license removal notices on (`PUT /api/settings`), and checks it was accepted.
+    pub async fn notices_on(&self) {
+        let body = json!({"licenseRemovalNotification": true});
+        let r = self.admin("PUT", "/api/settings", Some(&body)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+
     /// Keys in the app's default store.
     pub fn keys(&self) -> Vec<String> {
         self.app.kv_keys("default")

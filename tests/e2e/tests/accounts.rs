@@ -652,14 +652,7 @@ async fn statuses_expiring_soon_and_apple_unreachable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_license_found_gone_at_refresh_yields_a_notice() {
     let env = Env::start().await;
-    let r = env
-        .admin(
-            "PUT",
-            "/api/settings",
-            Some(&json!({"licenseRemovalNotification": true})),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    env.notices_on().await;
     let token = seed_location(&env.sim, "HQ", &[("100", 5)], &[]);
     let id = env.add_account("HQ", &token).await;
     env.refresh(&id).await;

@@ -79,14 +79,7 @@ impl Run {
                 env.finish_job(&j).await;
             }
         }
-        let r = env
-            .admin(
-                "PUT",
-                "/api/settings",
-                Some(&json!({"licenseRemovalNotification": true})),
-            )
-            .await;
-        assert_eq!(r.status, 200, "{}", r.text());
+        env.notices_on().await;
         Run {
             env,
             token,

@@ -387,14 +387,7 @@ async fn revoke_takes_one_asset_and_yields_a_notice() {
         &[("200", "S1")],
     );
     let id = account(&env, "Main", &token).await;
-    let r = env
-        .admin(
-            "PUT",
-            "/api/settings",
-            Some(&json!({"licenseRemovalNotification": true})),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    env.notices_on().await;
     let r = env
         .admin(
             "POST",
