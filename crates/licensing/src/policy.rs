@@ -3,18 +3,29 @@
 //! allow, reporting the shortfall); a device or user taken out of every policy keeps its license
 //! until reconcile takes it back.
 //!
-//! Layout: `policies` (index of summaries, one read for the list and for "which policies use
-//! this account") and `policy/{id}` (the full policy, at most [`MAX_POLICY_SUBJECTS`] subjects).
+//! Layout (`keys.rs`): `policies`, the index (one summary per policy: its page and size), and
+//! `policies/page/{n}`, pages of whole policies packed first-fit up to
+//! [`keys::POLICY_PAGE_BYTES`], so the number of keys grows with the policies' bytes, not their
+//! number. A policy is at most [`keys::POLICY_MAX_BYTES`] (413 otherwise). The pages are the
+//! truth for a policy's content; the index says which page holds it.
+//!
+//! A put writes the policy on a page (its own page when it still fits, else the first with room),
+//! then points the index at it, then removes it from the page it left. A kill in between leaves
+//! the old policy in force (index unchanged) or the new one (index moved) plus a stale copy no
+//! index entry points at; stale copies older than [`STALE_AFTER_MINUTES`] are dropped by the next
+//! write of their page. `policy/{id}` values of earlier versions are read until the policy is
+//! next put or deleted.
 
 use crate::assignment::{self, validate_adam_id, validate_pricing, validate_subjects};
 use crate::error::ApiError;
 use crate::model::{asset_key, AssetsDoc, Subject};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use serde_json::value::{to_raw_value, RawValue};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use vpp_apple::{Client, Clock, Transport};
-use vpp_store::{get_json, keys, set_json, update, Kv, StoreError};
+use vpp_store::{get_json, keys, update, Kv, StoreError};
 
 pub const MAX_POLICY_SUBJECTS: usize = 20_000;
 pub const MAX_POLICY_ASSETS: usize = 200;
@@ -67,7 +78,41 @@ pub struct PolicySummary {
     pub id: String,
     pub name: String,
     pub account_id: String,
+    /// The page holding the policy; absent: the `policy/{id}` value of an earlier version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page: Option<u32>,
+    /// The policy's stored size (bytes of JSON), for choosing a page with room.
+    #[serde(default)]
+    pub bytes: usize,
 }
+
+/// A page of policies: id → the policy's JSON, kept as text so that writing one policy does not
+/// decode (or re-encode) the others.
+type PolicyPage = BTreeMap<String, Box<RawValue>>;
+
+/// What a page write needs of a policy it keeps: when it was last put.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Stamp {
+    updated_at: DateTime<Utc>,
+}
+
+fn stamp(raw: &RawValue) -> Option<DateTime<Utc>> {
+    serde_json::from_str::<Stamp>(raw.get())
+        .ok()
+        .map(|s| s.updated_at)
+}
+
+fn decode(n: u32, raw: &RawValue) -> Result<Policy, StoreError> {
+    serde_json::from_str(raw.get()).map_err(|e| StoreError::Corrupt {
+        key: keys::policy_page(n),
+        reason: e.to_string(),
+    })
+}
+
+/// A copy of a policy that no index entry points at (a put or delete killed halfway) is dropped
+/// when its page is next written, once it is this old (a put takes seconds).
+pub const STALE_AFTER_MINUTES: i64 = 10;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -100,27 +145,58 @@ pub fn index(kv: &impl Kv) -> Result<Vec<PolicySummary>, StoreError> {
     Ok(get_json(kv, &keys::policies())?.unwrap_or_default())
 }
 
-pub fn load(kv: &impl Kv, id: &str) -> Result<Option<Policy>, StoreError> {
-    get_json(kv, &keys::policy(id))
+fn page(kv: &impl Kv, n: u32) -> Result<PolicyPage, StoreError> {
+    Ok(get_json(kv, &keys::policy_page(n))?.unwrap_or_default())
 }
 
-/// Every policy, in index order.
+/// The policy a summary points at.
+fn load_summary(kv: &impl Kv, s: &PolicySummary) -> Result<Option<Policy>, StoreError> {
+    match s.page {
+        Some(n) => page(kv, n)?
+            .remove(&s.id)
+            .map(|raw| decode(n, &raw))
+            .transpose(),
+        None => get_json(kv, &keys::policy(&s.id)),
+    }
+}
+
+pub fn load(kv: &impl Kv, id: &str) -> Result<Option<Policy>, StoreError> {
+    match index(kv)?.into_iter().find(|s| s.id == id) {
+        Some(s) => load_summary(kv, &s),
+        None => Ok(None),
+    }
+}
+
+/// Every policy, in index order (each page read once).
 pub fn list(kv: &impl Kv) -> Result<Vec<Policy>, StoreError> {
+    let summaries = index(kv)?;
+    let mut pages: BTreeMap<u32, PolicyPage> = BTreeMap::new();
     let mut out = Vec::new();
-    for s in index(kv)? {
-        if let Some(p) = load(kv, &s.id)? {
-            out.push(p);
-        }
+    for s in summaries {
+        let found = match s.page {
+            Some(n) => {
+                let pg = match pages.entry(n) {
+                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(e) => e.insert(page(kv, n)?),
+                };
+                match pg.remove(&s.id) {
+                    Some(raw) => Some(decode(n, &raw)?),
+                    None => None,
+                }
+            }
+            None => get_json(kv, &keys::policy(&s.id))?,
+        };
+        out.extend(found);
     }
     Ok(out)
 }
 
 /// Names of the policies that use `account_id` (account deletion refuses while any does).
 pub fn names_using_account(kv: &impl Kv, account_id: &str) -> Result<Vec<String>, ApiError> {
-    Ok(index(kv)?
+    Ok(list(kv)?
         .into_iter()
-        .filter(|s| s.account_id == account_id)
-        .map(|s| s.name)
+        .filter(|p| p.account_id == account_id)
+        .map(|p| p.name)
         .collect())
 }
 
@@ -130,20 +206,158 @@ pub fn desired(
     account_id: &str,
 ) -> Result<BTreeMap<String, BTreeSet<String>>, StoreError> {
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for s in index(kv)?
-        .into_iter()
-        .filter(|s| s.account_id == account_id)
-    {
-        if let Some(p) = load(kv, &s.id)? {
-            let tags: Vec<String> = p.subjects().iter().map(Subject::tag).collect();
-            for a in &p.assets {
-                out.entry(asset_key(&a.adam_id, &a.pricing_param))
-                    .or_default()
-                    .extend(tags.iter().cloned());
-            }
+    for p in list(kv)?.into_iter().filter(|p| p.account_id == account_id) {
+        let tags: Vec<String> = p.subjects().iter().map(Subject::tag).collect();
+        for a in &p.assets {
+            out.entry(asset_key(&a.adam_id, &a.pricing_param))
+                .or_default()
+                .extend(tags.iter().cloned());
         }
     }
     Ok(out)
+}
+
+fn too_many() -> ApiError {
+    ApiError::new(
+        crate::ErrorCode::Conflict,
+        format!("at most {MAX_POLICIES} policies"),
+    )
+}
+
+/// Write `policy` on page `n` if it fits there, dropping stale copies (see the module doc) the
+/// page holds. Returns whether it was written.
+fn write_on_page(
+    kv: &impl Kv,
+    n: u32,
+    policy: &Policy,
+    summaries: &[PolicySummary],
+    now: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    let stale_before = now - chrono::Duration::minutes(STALE_AFTER_MINUTES);
+    let raw = to_raw_value(policy).map_err(|e| StoreError::Corrupt {
+        key: keys::policy_page(n),
+        reason: e.to_string(),
+    })?;
+    update::<PolicyPage, bool>(kv, &keys::policy_page(n), |cur| {
+        let mut pg = cur.unwrap_or_default();
+        pg.retain(|id, p| {
+            id == &policy.id
+                || summaries.iter().any(|s| &s.id == id && s.page == Some(n))
+                || stamp(p).is_none_or(|at| at >= stale_before)
+        });
+        pg.insert(policy.id.clone(), raw.clone());
+        // The page's JSON: `{`, `"id":policy` joined by `,`, `}` (ids need no escapes).
+        let bytes = 2 + pg
+            .iter()
+            .map(|(k, v)| k.len() + 4 + v.get().len())
+            .sum::<usize>();
+        if bytes > keys::POLICY_PAGE_BYTES {
+            return Ok((None, false));
+        }
+        Ok((Some(pg), true))
+    })
+}
+
+/// Remove policy `id` from page `n` if the copy there is not newer than `until`.
+fn remove_from_page(
+    kv: &impl Kv,
+    n: u32,
+    id: &str,
+    until: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    update::<PolicyPage, ()>(kv, &keys::policy_page(n), |cur| {
+        let Some(mut pg) = cur else {
+            return Ok((None, ()));
+        };
+        match pg.get(id).and_then(|p| stamp(p)) {
+            Some(at) if at <= until => {
+                pg.remove(id);
+                Ok((Some(pg), ()))
+            }
+            _ => Ok((None, ())),
+        }
+    })
+}
+
+/// Store `policy` (already validated, at most [`keys::POLICY_MAX_BYTES`]): on a page, then in
+/// the index, then off the page it left.
+pub fn store(kv: &impl Kv, policy: &Policy, now: DateTime<Utc>) -> Result<(), ApiError> {
+    let bytes = serde_json::to_vec(policy)
+        .map_err(ApiError::internal)?
+        .len();
+    let summaries = index(kv)?;
+    let current = summaries.iter().find(|s| s.id == policy.id).cloned();
+    if current.is_none() && summaries.len() >= MAX_POLICIES {
+        return Err(too_many());
+    }
+    let home = current.as_ref().and_then(|s| s.page);
+    // Its own page first; then pages by the room the index says they have, lowest first; then
+    // new pages (a page may hold stale copies the index does not count).
+    let mut used: BTreeMap<u32, usize> = BTreeMap::new();
+    for s in &summaries {
+        if let Some(n) = s.page {
+            *used.entry(n).or_default() += s.bytes;
+        }
+    }
+    let next = used.keys().next_back().map_or(0, |n| n + 1);
+    let mut candidates: Vec<u32> = home.into_iter().collect();
+    candidates.extend((0..next).filter(|n| {
+        Some(*n) != home && used.get(n).copied().unwrap_or(0) + bytes <= keys::POLICY_PAGE_BYTES
+    }));
+    candidates.extend(next..next + 4);
+    let mut placed = None;
+    for n in candidates {
+        if write_on_page(kv, n, policy, &summaries, now)? {
+            placed = Some(n);
+            break;
+        }
+    }
+    let Some(page_no) = placed else {
+        return Err(ApiError::store("no policy page has room"));
+    };
+    let summary = PolicySummary {
+        id: policy.id.clone(),
+        name: policy.name.clone(),
+        account_id: policy.account_id.clone(),
+        page: Some(page_no),
+        bytes,
+    };
+    let left = update::<Vec<PolicySummary>, Result<Option<PolicySummary>, ()>>(
+        kv,
+        &keys::policies(),
+        |cur| {
+            let mut list = cur.unwrap_or_default();
+            let full = list.len() >= MAX_POLICIES;
+            match list.iter_mut().find(|s| s.id == summary.id) {
+                Some(s) => {
+                    let old = std::mem::replace(s, summary.clone());
+                    Ok((Some(list), Ok(Some(old))))
+                }
+                None if full => Ok((None, Err(()))),
+                None => {
+                    list.push(summary.clone());
+                    Ok((Some(list), Ok(None)))
+                }
+            }
+        },
+    )?;
+    match left {
+        Err(()) => {
+            remove_from_page(kv, page_no, &policy.id, policy.updated_at)?;
+            Err(too_many())
+        }
+        Ok(Some(old)) if old.page != Some(page_no) => {
+            // Only copies older than this put: a newer put of the same policy may have landed
+            // there meanwhile.
+            let older = policy.updated_at - chrono::Duration::nanoseconds(1);
+            match old.page {
+                Some(n) => remove_from_page(kv, n, &policy.id, older)?,
+                None => kv.delete(&keys::policy(&policy.id))?,
+            }
+            Ok(())
+        }
+        Ok(_) => Ok(()),
+    }
 }
 
 /// Check a body against the account's assets; nothing is written. The policy returned is
@@ -230,19 +444,30 @@ pub fn validate(
             })
             .collect()
     };
-    Ok((
-        Policy {
-            id: id.to_string(),
-            name: name.to_string(),
-            account_id: account.id,
-            assets,
-            serial_numbers: strip(serials),
-            client_user_ids: strip(users),
-            created_at: now,
-            updated_at: now,
-        },
-        doc,
-    ))
+    let policy = Policy {
+        id: id.to_string(),
+        name: name.to_string(),
+        account_id: account.id,
+        assets,
+        serial_numbers: strip(serials),
+        client_user_ids: strip(users),
+        created_at: now,
+        updated_at: now,
+    };
+    let bytes = serde_json::to_vec(&policy)
+        .map_err(ApiError::internal)?
+        .len();
+    if bytes > keys::POLICY_MAX_BYTES {
+        return Err(ApiError::new(
+            crate::ErrorCode::PayloadTooLarge,
+            format!(
+                "the policy takes {bytes} bytes stored; at most {} (split it into several policies)",
+                keys::POLICY_MAX_BYTES
+            ),
+        )
+        .with_details(json!({"field": "serialNumbers", "bytes": bytes, "limitBytes": keys::POLICY_MAX_BYTES})));
+    }
+    Ok((policy, doc))
 }
 
 /// `PUT /api/policies/{id}`: store the policy, then assign what is missing, as far as licenses
@@ -260,28 +485,7 @@ pub async fn put<T: Transport, C: Clock>(
     let existing = load(kv, id)?;
     policy.created_at = existing.as_ref().map(|p| p.created_at).unwrap_or(now);
     policy.updated_at = now;
-    let summary = PolicySummary {
-        id: policy.id.clone(),
-        name: policy.name.clone(),
-        account_id: policy.account_id.clone(),
-    };
-    let too_many = update::<Vec<PolicySummary>, bool>(kv, &keys::policies(), |cur| {
-        let mut list = cur.unwrap_or_default();
-        let full = list.len() >= MAX_POLICIES;
-        match list.iter_mut().find(|s| s.id == summary.id) {
-            Some(s) => *s = summary.clone(),
-            None if full => return Ok((None, true)),
-            None => list.push(summary.clone()),
-        }
-        Ok((Some(list), false))
-    })?;
-    if too_many {
-        return Err(ApiError::new(
-            crate::ErrorCode::Conflict,
-            format!("at most {MAX_POLICIES} policies"),
-        ));
-    }
-    set_json(kv, &keys::policy(id), &policy)?;
+    store(kv, &policy, now)?;
     let subjects = policy.subjects();
     let mut report = Vec::new();
     let mut queued = 0usize;
@@ -345,14 +549,21 @@ pub async fn put<T: Transport, C: Clock>(
 
 pub fn delete(kv: &impl Kv, id: &str) -> Result<(), ApiError> {
     validate_id(id)?;
-    if load(kv, id)?.is_none() {
+    let Some(gone) = load(kv, id)? else {
         return Err(ApiError::not_found(format!("policy {id}")));
+    };
+    let removed =
+        update::<Vec<PolicySummary>, Option<PolicySummary>>(kv, &keys::policies(), |cur| {
+            let mut list = cur.unwrap_or_default();
+            let Some(at) = list.iter().position(|s| s.id == id) else {
+                return Ok((None, None));
+            };
+            let s = list.remove(at);
+            Ok((Some(list), Some(s)))
+        })?;
+    match removed.and_then(|s| s.page) {
+        Some(n) => remove_from_page(kv, n, id, gone.updated_at)?,
+        None => kv.delete(&keys::policy(id))?,
     }
-    update::<Vec<PolicySummary>, ()>(kv, &keys::policies(), |cur| {
-        let mut list = cur.unwrap_or_default();
-        list.retain(|s| s.id != id);
-        Ok((Some(list), ()))
-    })?;
-    kv.delete(&keys::policy(id))?;
     Ok(())
 }

@@ -12,7 +12,7 @@ use vpp_licensing::model::*;
 use vpp_licensing::{
     copy, event, job, notice, notification, policy, reconcile, settings, ErrorCode,
 };
-use vpp_store::{get_json, keys, set_json, MemoryKv};
+use vpp_store::{get_json, keys, set_json, Kv, MemoryKv};
 
 const ACCOUNT: &str = "acc1";
 const SECRET: &str = "notification-secret-1";
@@ -729,4 +729,232 @@ fn revoke_yields_notices_when_the_setting_is_on() {
     assert_eq!(page.notices[0].serial_number.as_deref(), Some("A"));
     assert_eq!(page.notices[0].reason, "api");
     assert_eq!(counts(&kv, "100"), (0, 3));
+}
+
+// ---- Policies packed into pages (keys grow with their bytes, not their number) ----
+
+fn serials(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|s| format!("{prefix}S{s:05}")).collect()
+}
+
+fn put_serials(
+    kv: &MemoryKv,
+    client: &Client<ScriptedTransport, FakeClock>,
+    id: &str,
+    serials: Vec<String>,
+    at: chrono::DateTime<Utc>,
+) -> Result<Value, vpp_licensing::ApiError> {
+    let b: policy::PolicyBody = serde_json::from_value(json!({
+        "name": format!("Policy {id}"), "accountId": ACCOUNT,
+        "assets": [{"adamId": "100", "pricingParam": "STDQ"}], "serialNumbers": serials,
+    }))
+    .unwrap();
+    block_on(policy::put(kv, client, id, &b, at, &mut budget())).map(|(_, v)| v)
+}
+
+fn policy_pages(kv: &MemoryKv) -> Vec<String> {
+    kv.keys()
+        .into_iter()
+        .filter(|k| k.starts_with("policies/page/"))
+        .collect()
+}
+
+/// Page number → the policy ids it holds.
+fn page_holders(kv: &MemoryKv) -> BTreeMap<String, Vec<String>> {
+    policy_pages(kv)
+        .into_iter()
+        .map(|k| {
+            let page: BTreeMap<String, Value> = get_json(kv, &k).unwrap().unwrap();
+            (k, page.into_keys().collect())
+        })
+        .collect()
+}
+
+fn snapshot(kv: &MemoryKv) -> MemoryKv {
+    let copy = MemoryKv::default();
+    for k in kv.keys() {
+        copy.set(&k, &kv.get(&k).unwrap().unwrap()).unwrap();
+    }
+    copy
+}
+
+#[test]
+fn policies_pack_into_pages_by_their_bytes() {
+    // No licenses left: a put stores the policy and reports the shortfall, no Apple call.
+    let kv = setup(vec![asset("100", 0, 0)]);
+    let (_apple, client) = apple();
+    for p in 0..80 {
+        put_serials(
+            &kv,
+            &client,
+            &format!("p{p}"),
+            serials(&format!("P{p:03}"), 1_000),
+            t0(),
+        )
+        .unwrap();
+    }
+    let index = policy::index(&kv).unwrap();
+    let bytes: usize = index.iter().map(|s| s.bytes).sum();
+    let pages = policy_pages(&kv);
+    // ~13 KB each, ~1 MB in all: two pages, not 80 keys.
+    assert!(bytes > 1_000_000, "{bytes}");
+    assert!(pages.len() <= keys::policy_pages_for(bytes), "{pages:?}");
+    assert!(pages.len() <= 3, "{pages:?}");
+    assert!(kv.keys().iter().all(|k| !k.starts_with("policy/")));
+    for k in &pages {
+        assert!(kv.get(k).unwrap().unwrap().len() <= keys::POLICY_PAGE_BYTES);
+    }
+    // Each reads back as put, in order.
+    let all = policy::list(&kv).unwrap();
+    assert_eq!(all.len(), 80);
+    assert_eq!(all[7].id, "p7");
+    assert_eq!(all[7].serial_numbers, serials("P007", 1_000));
+    assert_eq!(
+        policy::load(&kv, "p79").unwrap().unwrap().serial_numbers,
+        serials("P079", 1_000)
+    );
+    // Deleting frees room that the next policy reuses: no new page.
+    for p in 0..40 {
+        policy::delete(&kv, &format!("p{p}")).unwrap();
+    }
+    put_serials(&kv, &client, "new", serials("NEW", 1_000), t0()).unwrap();
+    assert_eq!(policy_pages(&kv).len(), pages.len());
+    assert_eq!(policy::list(&kv).unwrap().len(), 41);
+    assert_eq!(policy::names_using_account(&kv, ACCOUNT).unwrap().len(), 41);
+}
+
+/// Fill page 0 close to full, with `p1` small on it; growing `p1` must move it.
+fn nearly_full_page(client: &Client<ScriptedTransport, FakeClock>) -> MemoryKv {
+    let kv = setup(vec![asset("100", 0, 0)]);
+    put_serials(&kv, client, "p1", serials("ONE", 10), t0()).unwrap();
+    // 13 KB each: 62 of them and p1 grown to 10,000 serials (130 KB) pass 900 KB.
+    for p in 0..62 {
+        put_serials(
+            &kv,
+            client,
+            &format!("f{p}"),
+            serials(&format!("F{p:03}"), 1_000),
+            t0(),
+        )
+        .unwrap();
+    }
+    assert_eq!(policy_pages(&kv).len(), 1);
+    kv
+}
+
+#[test]
+fn a_policy_that_outgrows_its_page_moves_whole() {
+    let (_apple, client) = apple();
+    let kv = nearly_full_page(&client);
+    let later = t0() + Duration::minutes(1);
+    put_serials(&kv, &client, "p1", serials("ONE", 10_000), later).unwrap();
+    let p1 = policy::load(&kv, "p1").unwrap().unwrap();
+    assert_eq!(p1.serial_numbers, serials("ONE", 10_000));
+    assert_eq!(p1.created_at, t0());
+    let holders = page_holders(&kv);
+    assert_eq!(holders.len(), 2);
+    // Only on its new page.
+    assert!(!holders["policies/page/0"].contains(&"p1".to_string()));
+    assert_eq!(holders["policies/page/1"], vec!["p1".to_string()]);
+    assert_eq!(policy::list(&kv).unwrap().len(), 63);
+}
+
+#[test]
+fn a_put_killed_at_any_write_leaves_the_old_policy_or_the_new_and_stale_copies_go() {
+    let (_apple, client) = apple();
+    let base = nearly_full_page(&client);
+    let old = policy::load(&base, "p1").unwrap().unwrap();
+    let later = t0() + Duration::minutes(1);
+    let mut outcomes = BTreeMap::new();
+    for n in 0..8 {
+        let kv = snapshot(&base);
+        kv.fail_writes_after(n);
+        let finished = put_serials(&kv, &client, "p1", serials("ONE", 10_000), later).is_ok();
+        kv.heal();
+        let now = policy::load(&kv, "p1").unwrap().unwrap();
+        let moved = now.serial_numbers.len() == 10_000;
+        assert!(
+            moved || now == old,
+            "kill after {n} writes: neither old nor new"
+        );
+        assert!(!finished || moved);
+        let listed: Vec<_> = policy::list(&kv)
+            .unwrap()
+            .into_iter()
+            .filter(|p| p.id == "p1")
+            .collect();
+        assert_eq!(listed.len(), 1, "kill after {n} writes");
+        // A write of each page 11 minutes later drops every copy the index does not point at.
+        let much_later = later + Duration::minutes(11);
+        put_serials(&kv, &client, "f0", serials("F000", 1_000), much_later).unwrap();
+        put_serials(&kv, &client, "big", serials("BIG", 10_000), much_later).unwrap();
+        let on: Vec<String> = page_holders(&kv)
+            .into_iter()
+            .filter(|(_, ids)| ids.contains(&"p1".to_string()))
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(on.len(), 1, "kill after {n} writes: p1 on {on:?}");
+        outcomes.insert(n, moved);
+    }
+    // Early kills keep the old policy, late ones the new: both were exercised.
+    assert!(outcomes.values().any(|m| *m) && outcomes.values().any(|m| !*m));
+}
+
+#[test]
+fn a_policy_of_an_earlier_version_is_read_then_moved_on_its_next_put() {
+    let kv = setup(vec![asset("100", 0, 0)]);
+    let (_apple, client) = apple();
+    let legacy = json!({
+        "id": "old", "name": "Old", "accountId": ACCOUNT,
+        "assets": [{"adamId": "100", "pricingParam": "STDQ"}], "serialNumbers": ["A1"],
+        "clientUserIds": [], "createdAt": "2024-06-01T00:00:00Z", "updatedAt": "2024-06-01T00:00:00Z",
+    });
+    set_json(&kv, &keys::policy("old"), &legacy).unwrap();
+    set_json(
+        &kv,
+        &keys::policies(),
+        &json!([{"id": "old", "name": "Old", "accountId": ACCOUNT}]),
+    )
+    .unwrap();
+    assert_eq!(
+        policy::load(&kv, "old").unwrap().unwrap().serial_numbers,
+        vec!["A1"]
+    );
+    assert_eq!(policy::list(&kv).unwrap().len(), 1);
+    assert_eq!(
+        policy::names_using_account(&kv, ACCOUNT).unwrap(),
+        vec!["Old"]
+    );
+    put_serials(&kv, &client, "old", vec!["A1".into(), "A2".into()], t0()).unwrap();
+    assert!(kv.get(&keys::policy("old")).unwrap().is_none());
+    let p = policy::load(&kv, "old").unwrap().unwrap();
+    assert_eq!(p.serial_numbers, vec!["A1", "A2"]);
+    assert_eq!(p.created_at.to_rfc3339(), "2024-06-01T00:00:00+00:00");
+    // And a legacy policy is deleted with its value.
+    set_json(&kv, &keys::policy("old2"), &json!({"id": "old2", "name": "Old 2", "accountId": ACCOUNT,
+        "assets": [{"adamId": "100"}], "createdAt": "2024-06-01T00:00:00Z", "updatedAt": "2024-06-01T00:00:00Z"})).unwrap();
+    let mut index: Vec<Value> = get_json(&kv, &keys::policies()).unwrap().unwrap();
+    index.push(json!({"id": "old2", "name": "Old 2", "accountId": ACCOUNT}));
+    set_json(&kv, &keys::policies(), &index).unwrap();
+    policy::delete(&kv, "old2").unwrap();
+    assert!(kv.get(&keys::policy("old2")).unwrap().is_none());
+    assert_eq!(policy::list(&kv).unwrap().len(), 1);
+}
+
+#[test]
+fn a_policy_too_large_to_store_is_refused_with_413_and_nothing_written() {
+    let kv = setup(vec![asset("100", 0, 0)]);
+    let (apple, client) = apple();
+    // 20,000 serial numbers of 100 characters: ~2 MB stored.
+    let long: Vec<String> = (0..20_000).map(|s| format!("{s:0100}")).collect();
+    let before = kv.keys();
+    let e = put_serials(&kv, &client, "huge", long, t0()).unwrap_err();
+    assert_eq!(e.code, ErrorCode::PayloadTooLarge);
+    assert_eq!(e.status(), 413);
+    assert_eq!(
+        e.body()["error"]["details"]["limitBytes"],
+        keys::POLICY_MAX_BYTES
+    );
+    assert_eq!(kv.keys(), before);
+    assert!(apple.posts.lock().unwrap().is_empty());
 }

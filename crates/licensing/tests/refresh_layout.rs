@@ -584,7 +584,7 @@ fn count_prefix(kv: &MemoryKv, prefix: &str) -> usize {
 /// Fill every ring of the app to (past) its bound, through the code that writes it: jobs
 /// (finished and one running per kind and scope), events (ended and pending), audit, notices,
 /// notified ids, users, policies, leases.
-fn fill_every_ring(kv: &MemoryKv, pending_events: usize, policies: usize) {
+fn fill_every_ring(kv: &MemoryKv, pending_events: usize, policy_bytes: usize) {
     use vpp_licensing::{audit, event, job, notice, settings, users};
     let t = Utc.with_ymd_and_hms(2025, 6, 1, 0, 0, 0).unwrap();
     // Jobs: twice the finished jobs kept, then one running job per kind and scope.
@@ -690,19 +690,28 @@ fn fill_every_ring(kv: &MemoryKv, pending_events: usize, policies: usize) {
         count_prefix(kv, &format!("users/{ACCOUNT}/")),
         keys::USER_SHARDS as usize
     );
-    // Policies: the supported number, each at its largest (20,000 subjects).
-    let mut index = Vec::new();
-    for p in 0..policies {
+    // Policies: the supported bytes, each at its largest (20,000 subjects, ~300 KB), stored
+    // through the code that stores them (packed in pages).
+    let t = Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap();
+    let mut stored = 0;
+    for p in 0.. {
         let id = format!("policy-{p:03}");
         let serials: Vec<String> = (0..20_000).map(|s| format!("C02{p:03}{s:06}")).collect();
-        let body = json!({"id": id, "name": id, "accountId": ACCOUNT,
+        let policy: vpp_licensing::policy::Policy = serde_json::from_value(json!({
+            "id": id, "name": id, "accountId": ACCOUNT,
             "assets": [{"adamId": "100000", "pricingParam": "STDQ"}],
             "serialNumbers": serials, "clientUserIds": [],
-            "createdAt": "2025-01-01T00:00:00Z", "updatedAt": "2025-01-01T00:00:00Z"});
-        set_json(kv, &keys::policy(&id), &body).unwrap();
-        index.push(json!({"id": id, "name": id, "accountId": ACCOUNT}));
+            "createdAt": t, "updatedAt": t}))
+        .unwrap();
+        let bytes = serde_json::to_vec(&policy).unwrap().len();
+        if stored + bytes > policy_bytes {
+            break;
+        }
+        vpp_licensing::policy::store(kv, &policy, t).unwrap();
+        stored += bytes;
     }
-    set_json(kv, &keys::policies(), &index).unwrap();
+    assert!(stored * 10 > policy_bytes * 9, "{stored}");
+    assert!(count_prefix(kv, "policies/page/") <= keys::policy_pages_for(stored));
 }
 
 /// A full refresh of `assets` and `assignments` with every ring full, then a second full
@@ -720,9 +729,9 @@ fn peak_with_every_ring_full(assets: usize, assignments: usize) -> (usize, usize
         assets,
         assignments,
         pending_events: keys::SUPPORTED_PENDING_EVENTS,
-        policies: keys::SUPPORTED_POLICIES,
+        policy_bytes: keys::SUPPORTED_POLICY_BYTES,
     };
-    fill_every_ring(&kv, shape.pending_events, shape.policies);
+    fill_every_ring(&kv, shape.pending_events, shape.policy_bytes);
     // Each ring holds what its line of the budget says.
     let jobs = count_prefix(&kv, "job/");
     assert_eq!(jobs, keys::RUNNING_JOBS_PER_ACCOUNT + 2, "running jobs");

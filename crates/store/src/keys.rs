@@ -28,7 +28,7 @@
 //! | `event/{eventId}` | an Apple event we track | licenses, jobs, notifications (CAS) |
 //! | `events/{id}` | index: ids of the account's pending events (polled by `event::poll_due`) | licenses, jobs (CAS) |
 //! | `events/{id}/done` | ring: ids of the account's last [`EVENTS_DONE_KEPT`] ended events; an event evicted from it has its `event/{eventId}` record deleted | licenses, jobs, notifications (CAS) |
-//! | `policies`, `policy/{id}` | app policies: index of summaries, one value per policy (≤ 20,000 subjects) | licenses (CAS) |
+//! | `policies`, `policies/page/{n}` | app policies: the index (id, name, account, the page it lives on, its size) and pages of whole policies, packed first-fit up to [`POLICY_PAGE_BYTES`] (a policy ≤ [`POLICY_MAX_BYTES`]); `policy/{id}` is the one-value-per-policy layout of earlier versions, read until the policy is next put (moved to a page) or deleted | licenses (CAS) |
 //! | `settings` | license settings (notification switch, low-license threshold, webhook URL + secret) | licenses (CAS) |
 //! | `notices/{page}`, `notices` | license-removal notices, pages of [`NOTICE_PAGE`] + head; ring of [`NOTICE_PAGES_KEPT`] pages | licenses, jobs (CAS) |
 //! | `notices/outbox` | delivery cursor (first notice not yet delivered), backoff, and notices dropped undelivered with why (fixed size) | licenses, jobs (CAS) |
@@ -64,8 +64,8 @@
 // ## The key budget: every key of the whole app, with every ring full
 //
 // Fermyon Cloud holds at most [`CLOUD_KEYS`] keys in a store. Each family's maximum, with `A`
-// accounts (per account: `a` assets, `n` assignments, `u` users, `e` pending events) and `p`
-// policies; [`key_budget`] sums it:
+// accounts (per account: `a` assets, `n` assignments, `u` users, `e` pending events) and `b`
+// bytes of policies; [`key_budget`] sums it:
 //
 // | family | keys at most |
 // |---|---|
@@ -74,7 +74,7 @@
 // | notice ring | [`NOTICE_PAGES_KEPT`] + 1 (the same) |
 // | finished jobs | [`JOB_DONE_PAGES`] |
 // | running jobs | [`RUNNING_JOBS_PER_ACCOUNT`] × A + 2 (one per kind and scope: refresh, clean up, ledger per account; daily and reconcile) |
-// | policies | p (one value each, ≤ 20,000 subjects) |
+// | policy pages | `policy_pages_for(b)` = ⌈2b / [`POLICY_PAGE_BYTES`]⌉ + 1 (first fit with policies of at most half a page: every page but one is more than half full; the most bytes ever held counts, pages emptied by deletes are reused, not removed) |
 // | per account: `account`, `token`, `apple/{id}`, `apple/{id}/pace`, `assets/{id}`, `assets/{id}/staging`, `events/{id}`, `events/{id}/done`, `ledger/{id}/open-assets`, `notified/{id}`, `lease/{id}` | [`ACCOUNT_FIXED_KEYS`] = 11 |
 // | the copy at its peak (two generations while a full refresh builds the next, plus Apple's raw asset pages) | 2 × (`asset_pages_for(a)` + `copy_shards_for(n)`) + ⌈a / 1,000⌉ |
 // | ledger | [`LEDGER_SHARDS`] + [`LEDGER_OPEN_VALUES`] |
@@ -83,13 +83,13 @@
 //
 // Supported on Fermyon Cloud ([`SUPPORTED`]): one account of 10,000 assets, 1,000,000
 // assignments and 100,000 users, with up to [`SUPPORTED_PENDING_EVENTS`] events pending at
-// once and [`SUPPORTED_POLICIES`] policies: [`SUPPORTED_BUDGET`] keys (asserted ≤ 90% of
+// once and [`SUPPORTED_POLICY_BYTES`] of policies (up to `policy::MAX_POLICIES`, 1,000):
+// [`SUPPORTED_BUDGET`] keys (asserted ≤ 90% of
 // [`CLOUD_KEYS`] below). Several small accounts fit too: [`accounts_that_fit`] says how many
 // of a shape (e.g. 3 accounts of 1,000 assets and 20,000 assignments). Self-hosted Spin and
 // Redis have no key limit; there the same formula is the store's size, not a cap.
 // Not enforced by a constant: pending events (one key each while Apple works on them, minutes;
-// a burst of more than [`SUPPORTED_PENDING_EVENTS`] at once is over the budget until they end)
-// and policies (the API admits up to 1,000; on Fermyon Cloud each is a key).
+// a burst of more than [`SUPPORTED_PENDING_EVENTS`] at once is over the budget until they end).
 
 /// Fermyon Cloud's key limit per store.
 pub const CLOUD_KEYS: usize = 1024;
@@ -110,8 +110,19 @@ pub const EVENTS_DONE_KEPT: usize = 100;
 pub const APPLE_ASSET_PAGE: usize = 1000;
 /// Pending events the supported shape allows for at once.
 pub const SUPPORTED_PENDING_EVENTS: usize = 100;
-/// Policies the supported shape allows for.
-pub const SUPPORTED_POLICIES: usize = 50;
+/// Bytes of policies the supported shape allows for (e.g. 1,000 policies of ~700 devices each,
+/// or 30 of 20,000).
+pub const SUPPORTED_POLICY_BYTES: usize = 10_000_000;
+/// A page of policies is full at this many bytes (under [`VALUE_LIMIT`]).
+pub const POLICY_PAGE_BYTES: usize = 900_000;
+/// The largest policy (its stored JSON): half a page, so first fit keeps pages more than half
+/// full. 20,000 serial numbers of 12 characters take ~300 KB.
+pub const POLICY_MAX_BYTES: usize = POLICY_PAGE_BYTES / 2;
+
+/// Policy pages that `bytes` of policies take at most (first fit, see the budget table).
+pub const fn policy_pages_for(bytes: usize) -> usize {
+    (2 * bytes).div_ceil(POLICY_PAGE_BYTES) + 1
+}
 
 /// What a deployment holds, for [`key_budget`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,8 +134,8 @@ pub struct Shape {
     pub assignments: usize,
     /// Per account, events pending at once.
     pub pending_events: usize,
-    /// App-wide.
-    pub policies: usize,
+    /// App-wide: the most bytes of policies ever held.
+    pub policy_bytes: usize,
 }
 
 /// The shape supported on Fermyon Cloud.
@@ -133,18 +144,18 @@ pub const SUPPORTED: Shape = Shape {
     assets: 10_000,
     assignments: 1_000_000,
     pending_events: SUPPORTED_PENDING_EVENTS,
-    policies: SUPPORTED_POLICIES,
+    policy_bytes: SUPPORTED_POLICY_BYTES,
 };
 
 /// Keys of the app-wide families with every ring full (running jobs of `accounts` included).
-pub const fn app_keys(accounts: usize, policies: usize) -> usize {
+pub const fn app_keys(accounts: usize, policy_bytes: usize) -> usize {
     APP_FIXED_KEYS
         + (AUDIT_PAGES_KEPT as usize + 1)
         + (NOTICE_PAGES_KEPT as usize + 1)
         + JOB_DONE_PAGES as usize
         + RUNNING_JOBS_PER_ACCOUNT * accounts
         + 2
-        + policies
+        + policy_pages_for(policy_bytes)
 }
 
 /// Keys of a copy of `assets` and `assignments` at its peak (a full refresh: two generations,
@@ -167,7 +178,7 @@ pub const fn account_keys(assets: usize, assignments: usize, pending_events: usi
 
 /// The most keys the whole app holds for `shape`, every ring full, at a full refresh's peak.
 pub const fn key_budget(shape: &Shape) -> usize {
-    app_keys(shape.accounts, shape.policies)
+    app_keys(shape.accounts, shape.policy_bytes)
         + shape.accounts * account_keys(shape.assets, shape.assignments, shape.pending_events)
 }
 
@@ -179,10 +190,10 @@ const _: () = assert!(
 );
 
 /// How many accounts of `assets`, `assignments` and `pending_events` each fit in
-/// [`CLOUD_KEYS`] with [`SUPPORTED_POLICIES`] policies (running jobs and all).
+/// [`CLOUD_KEYS`] with [`SUPPORTED_POLICY_BYTES`] of policies (running jobs and all).
 pub const fn accounts_that_fit(assets: usize, assignments: usize, pending_events: usize) -> usize {
     let per = account_keys(assets, assignments, pending_events) + RUNNING_JOBS_PER_ACCOUNT;
-    let fixed = app_keys(0, SUPPORTED_POLICIES);
+    let fixed = app_keys(0, SUPPORTED_POLICY_BYTES);
     if fixed >= CLOUD_KEYS {
         return 0;
     }
@@ -308,8 +319,13 @@ pub fn ledger_open(account: &str, n: u32) -> String {
 pub fn policies() -> String {
     "policies".into()
 }
+/// A policy in the layout of earlier versions (one value each); read until moved to a page.
 pub fn policy(id: &str) -> String {
     format!("policy/{id}")
+}
+/// A page of policies (id → policy).
+pub fn policy_page(n: u32) -> String {
+    format!("policies/page/{n}")
 }
 pub fn settings() -> String {
     "settings".into()
@@ -459,7 +475,11 @@ mod tests {
     #[test]
     fn the_supported_shape_fits_fermyon_cloud_with_room() {
         assert_eq!(copy_peak_keys(10_000, 1_000_000), 456);
-        assert_eq!(key_budget(&SUPPORTED), 906);
+        assert_eq!(key_budget(&SUPPORTED), 880);
+        // Policies count by their bytes: 10 MB of them in at most 24 pages.
+        assert_eq!(policy_pages_for(SUPPORTED_POLICY_BYTES), 24);
+        assert_eq!(policy_pages_for(0), 1);
+        const { assert!(POLICY_PAGE_BYTES < VALUE_LIMIT) };
         assert!(key_budget(&SUPPORTED) <= CLOUD_KEYS * 9 / 10);
         // Several smaller accounts: how many fit.
         assert_eq!(
