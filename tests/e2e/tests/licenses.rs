@@ -743,3 +743,39 @@ async fn managed_users_create_invite_link_associate_and_retire() {
     let users = serde_json::to_value(&st.users).unwrap();
     assert_eq!(users[0]["status"], "Retired", "{users}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_too_large_to_store_is_refused_and_changes_nothing() {
+    let env = Env::start().await;
+    let token = seed_location(&env.sim, "Main", &[("100", 10)], &[]);
+    let id = account(&env, "Main", &token).await;
+    put_policy(&env, "small", &id, &["A"]).await;
+    let before = env.get("/api/policies").await.json();
+    // 5,000 serial numbers of 100 characters: a 530 KB body, under the request limit, over
+    // what one policy may take stored.
+    let serials: Vec<String> = (0..5_000).map(|s| format!("{s:0100}")).collect();
+    let r = env
+        .admin(
+            "PUT",
+            "/api/policies/big",
+            Some(&json!({"name": "Big", "accountId": id,
+                "assets": [{"adamId": "100", "pricingParam": "STDQ"}], "serialNumbers": serials})),
+        )
+        .await;
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!(r.code(), "payload_too_large");
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("split it"));
+    assert_eq!(env.get("/api/policies/big").await.status, 404);
+    assert_eq!(env.get("/api/policies").await.json(), before);
+    env.sim_idle().await;
+    let associates = env
+        .sim
+        .calls()
+        .iter()
+        .filter(|c| c.path.contains("assets/associate"))
+        .count();
+    assert_eq!(associates, 1, "only the small policy's");
+}
