@@ -427,7 +427,8 @@ pub async fn disassociate<T: Transport, C: Clock>(
     for (i, req) in requests.iter().enumerate() {
         let part = ledger::subjects_of(req);
         let now = client.clock().now();
-        if !budget.take_call(now) {
+        // Too many of the account's events pending: the rest stays `revoking`, sent later.
+        if !event::has_room(kv, account_id)? || !budget.take_call(now) {
             out.queued += requests[i..]
                 .iter()
                 .map(|r| ledger::subjects_of(r).len())

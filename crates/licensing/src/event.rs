@@ -70,6 +70,15 @@ pub fn track(kv: &impl Kv, record: &EventRecord) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// May the account send another request to Apple now? Not while
+/// [`keys::MAX_PENDING_EVENTS`] of its events are pending (each is a key until it ends): what
+/// waits stays queued, and polls or notifications make room.
+pub fn has_room(kv: &impl Kv, account_id: &str) -> Result<bool, StoreError> {
+    let pending =
+        get_json::<Vec<String>>(kv, &keys::account_events(account_id))?.map_or(0, |ids| ids.len());
+    Ok(pending < keys::MAX_PENDING_EVENTS)
+}
+
 pub fn load(kv: &impl Kv, event_id: &str) -> Result<Option<EventRecord>, StoreError> {
     get_json(kv, &keys::event(event_id))
 }

@@ -1131,9 +1131,12 @@ pub async fn send_associate<T: Transport, C: Clock>(
         &limits,
     );
     let mut stop = false;
+    let mut full = false;
     for req in &requests {
         let part = subjects_of(req);
-        if stop || !budget.take_call(client.clock().now()) {
+        // Too many of the account's events pending: the rest waits, queued, like a spent budget.
+        full = full || !event::has_room(kv, account)?;
+        if stop || full || !budget.take_call(client.clock().now()) {
             out.queued.extend(part);
             continue;
         }
@@ -1444,6 +1447,11 @@ pub async fn run_slice<T: Transport, C: Clock>(
         .clone()
         .ok_or_else(|| ApiError::internal("ledger job without an account"))?;
     let now = client.clock().now();
+    if !event::has_room(kv, &account)? {
+        // Sends wait for room: end what Apple finished first (the daily run polls otherwise).
+        let mut polled = event::PollReport::default();
+        event::poll_account(kv, client, &account, now, budget, &mut polled).await?;
+    }
     let r = settle(kv, client, &account, now, budget, 0).await?;
     job.slices += 1;
     job.updated_at = now;

@@ -958,3 +958,89 @@ fn a_policy_too_large_to_store_is_refused_with_413_and_nothing_written() {
     assert_eq!(kv.keys(), before);
     assert!(apple.posts.lock().unwrap().is_empty());
 }
+
+// ---- Pending events are bounded (one key each): sends wait, queued, for room ----
+
+#[test]
+fn sends_wait_queued_while_the_account_has_its_most_pending_events_and_the_ledger_job_makes_room() {
+    let kv = setup(vec![asset("100", 1_000, 0), asset("200", 10, 0)]);
+    let (apple, client) = apple();
+    // A one-asset confirmed license to revoke later.
+    block_on(assignment::assign(
+        &kv,
+        &client,
+        &body("200", &["R1"]),
+        t0(),
+        &mut budget(),
+    ))
+    .unwrap();
+    confirm_all(&kv);
+    apple.posts.lock().unwrap().clear();
+    // maxSerialNumbers 2: 204 serial numbers are 102 requests; room for 100 events.
+    let many: Vec<String> = (0..204).map(|s| format!("M{s:03}")).collect();
+    let many_refs: Vec<&str> = many.iter().map(String::as_str).collect();
+    let out = block_on(assignment::assign(
+        &kv,
+        &client,
+        &body("100", &many_refs),
+        t0(),
+        &mut job::Budget::new(t0(), 20, 500),
+    ))
+    .unwrap();
+    assert_eq!(out.events.len(), keys::MAX_PENDING_EVENTS);
+    assert_eq!(out.queued, 4);
+    assert_eq!(apple.posts.lock().unwrap().len(), keys::MAX_PENDING_EVENTS);
+    let pending: Vec<String> = get_json(&kv, &keys::account_events(ACCOUNT))
+        .unwrap()
+        .unwrap();
+    assert_eq!(pending.len(), keys::MAX_PENDING_EVENTS);
+    // A revoke waits too: nothing sent, the entry stays `revoking`, reported queued.
+    let r = block_on(assignment::revoke(
+        &kv,
+        &client,
+        &body("200", &["R1"]),
+        t0(),
+        &mut budget(),
+    ))
+    .unwrap();
+    assert_eq!((r.events.len(), r.queued), (0, 1));
+    assert_eq!(apple.posts.lock().unwrap().len(), keys::MAX_PENDING_EVENTS);
+    assert_eq!(
+        ledger(&kv, "200", "R1").unwrap().state,
+        LedgerState::Revoking
+    );
+
+    // Apple finished every event; the account's ledger job polls them (they end, room is made)
+    // and sends what waited.
+    for id in &pending {
+        apple.statuses.lock().unwrap().insert(
+            id.clone(),
+            json!({"eventStatus": "COMPLETE", "numCompleted": 2, "numRequested": 2}),
+        );
+    }
+    client.clock().advance(std::time::Duration::from_secs(40));
+    let (mut j, _) =
+        vpp_licensing::ledger::start_job(&kv, "ledger-1", ACCOUNT, "admin", t0()).unwrap();
+    block_on(vpp_licensing::ledger::run_slice(
+        &kv,
+        &client,
+        &mut j,
+        &mut job::Budget::new(t0() + Duration::seconds(40), 20, 500),
+    ))
+    .unwrap();
+    let posts = apple.posts.lock().unwrap().clone();
+    let sent: Vec<&Value> = posts[keys::MAX_PENDING_EVENTS..]
+        .iter()
+        .filter(|(p, _)| p.contains("associate") && !p.contains("dis"))
+        .map(|(_, b)| b)
+        .collect();
+    assert_eq!(sent.len(), 2, "{posts:?}");
+    let left: Vec<String> = get_json(&kv, &keys::account_events(ACCOUNT))
+        .unwrap()
+        .unwrap();
+    assert_eq!(left.len(), 2, "the 100 ended; the 2 new ones pending");
+    assert_eq!(
+        ledger(&kv, "100", "M203").unwrap().state,
+        LedgerState::Pending
+    );
+}

@@ -88,8 +88,10 @@
 // [`CLOUD_KEYS`] below). Several small accounts fit too: [`accounts_that_fit`] says how many
 // of a shape (e.g. 3 accounts of 1,000 assets and 20,000 assignments). Self-hosted Spin and
 // Redis have no key limit; there the same formula is the store's size, not a cap.
-// Not enforced by a constant: pending events (one key each while Apple works on them, minutes;
-// a burst of more than [`SUPPORTED_PENDING_EVENTS`] at once is over the budget until they end).
+// Pending events are one key each while Apple works on them (seconds to minutes): an account
+// sends no more requests to Apple while [`MAX_PENDING_EVENTS`] of its events are pending; what
+// waits stays queued in the ledger (`event::has_room`). Senders that check at the same moment
+// may pass it by one each.
 
 /// Fermyon Cloud's key limit per store.
 pub const CLOUD_KEYS: usize = 1024;
@@ -108,8 +110,10 @@ pub const LEDGER_OPEN_VALUES: u32 = 16;
 pub const EVENTS_DONE_KEPT: usize = 100;
 /// Assets per page Apple serves (the raw pages a full refresh keeps until it packs them).
 pub const APPLE_ASSET_PAGE: usize = 1000;
+/// Pending events an account may have at once; sends wait (queued) beyond it.
+pub const MAX_PENDING_EVENTS: usize = 100;
 /// Pending events the supported shape allows for at once.
-pub const SUPPORTED_PENDING_EVENTS: usize = 100;
+pub const SUPPORTED_PENDING_EVENTS: usize = MAX_PENDING_EVENTS;
 /// Bytes of policies the supported shape allows for (e.g. 1,000 policies of ~700 devices each,
 /// or 30 of 20,000).
 pub const SUPPORTED_POLICY_BYTES: usize = 10_000_000;
