@@ -232,6 +232,27 @@ pub fn noticed_recently(
     asset_key: &str,
     subjects: &[Subject],
 ) -> Result<BTreeSet<String>, StoreError> {
+    noticed_in_recent_pages(kv, account_id, asset_key, subjects, false)
+}
+
+/// [`noticed_recently`], counting only notices an event of ours gave (the outcome of a
+/// removal we asked for, keyed by its event).
+pub fn noticed_by_ours_recently(
+    kv: &impl Kv,
+    account_id: &str,
+    asset_key: &str,
+    subjects: &[Subject],
+) -> Result<BTreeSet<String>, StoreError> {
+    noticed_in_recent_pages(kv, account_id, asset_key, subjects, true)
+}
+
+fn noticed_in_recent_pages(
+    kv: &impl Kv,
+    account_id: &str,
+    asset_key: &str,
+    subjects: &[Subject],
+    by_ours: bool,
+) -> Result<BTreeSet<String>, StoreError> {
     let mut out = BTreeSet::new();
     if subjects.is_empty() {
         return Ok(out);
@@ -244,7 +265,10 @@ pub fn noticed_recently(
     {
         let list: Vec<Notice> = get_json(kv, &keys::notices_page(page))?.unwrap_or_default();
         for n in list.iter().filter(|n| {
-            n.account_id == account_id && n.adam_id == adam_id && n.pricing_param == pricing
+            n.account_id == account_id
+                && n.adam_id == adam_id
+                && n.pricing_param == pricing
+                && (!by_ours || n.event_id.is_some())
         }) {
             for s in subjects {
                 let (serial, user) = subject_fields(s);

@@ -568,6 +568,10 @@ impl Run {
                         "notification {}: ok={r} {}",
                         n.notification_id, n.envelope["notification"]
                     ));
+                    if !r {
+                        // Not taken (an error answer): Apple sends it again later.
+                        self.world.lock().unwrap().notes.push(n);
+                    }
                 }
             }
             94 if self.rng.chance(40) => {
@@ -654,9 +658,12 @@ impl Run {
                     Some(&format!("Bearer {SECRET}")),
                     &serde_json::to_vec(&n.envelope).unwrap_or_default(),
                     self.now(),
-                )
-                .map(|v| v.to_string())
-                .unwrap_or_else(|e| e.message);
+                );
+                if r.is_err() {
+                    // Apple sends it again later.
+                    self.world.lock().unwrap().notes.push(n.clone());
+                }
+                let r = r.map(|v| v.to_string()).unwrap_or_else(|e| e.message);
                 self.log(format!(
                     "settle: notification {}: {r} {}",
                     n.notification_id, n.envelope["notification"]
@@ -2568,4 +2575,126 @@ fn a_revoke_overtaken_by_a_new_assignment_keeps_its_notice() {
     run.refresh(true);
     assert_eq!(notices(&run), once);
     assert_eq!(state_of(&run, "200", "D1"), Some("confirmed"));
+}
+
+/// `notification::handle` remembered a `notificationId` before applying it: an invocation
+/// killed between the two lost the notification for good (Apple's retry was answered as a
+/// duplicate, and an outcome only a notification reports was never applied). Now it is
+/// remembered after it was applied to its end: killed after any number of writes, Apple's
+/// retry applies it, once (one notice), and a retry after that is a duplicate.
+#[test]
+fn a_notification_killed_after_any_write_is_applied_by_apples_retry() {
+    let mut killed_once = false;
+    for n in 0..16 {
+        let mut run = Run::new(8);
+        {
+            let mut w = run.world.lock().unwrap();
+            let token = w.token.clone();
+            w.model
+                .add_assignments(&token, vec![AssignmentSpec::device("100", "F0")])
+                .unwrap();
+            w.observe();
+        }
+        run.refresh(true);
+        clean_up(&mut run);
+        let notes: Vec<Outgoing> = {
+            let mut w = run.world.lock().unwrap();
+            for id in w.model.pending_events() {
+                w.apply(&id);
+            }
+            std::mem::take(&mut w.notes)
+        };
+        assert_eq!(notes.len(), 1, "the clean up's notification");
+        let body = serde_json::to_vec(&notes[0].envelope).unwrap();
+        let handle = |run: &Run| {
+            notification::handle(
+                &run.kv,
+                ACCOUNT,
+                Some(&format!("Bearer {SECRET}")),
+                &body,
+                run.now(),
+            )
+        };
+        run.kv.left.set(Some(n));
+        let first = handle(&run);
+        run.kv.left.set(None);
+        killed_once |= first.is_err();
+        if first.is_err() {
+            // Apple retries a notification we did not take.
+            let retry = handle(&run).expect("the retry is applied");
+            assert!(retry.get("applied").is_some(), "kill after {n}: {retry}");
+        }
+        let again = handle(&run).unwrap();
+        assert_eq!(again["duplicate"], true, "kill after {n}: {again}");
+        assert_eq!(copy_made_by(&run, "100", "F0"), None, "kill after {n}");
+        assert_eq!(
+            notices(&run),
+            vec![("100".to_string(), "F0".to_string(), "cleanup".to_string())],
+            "kill after {n}"
+        );
+        let doc: AssetsDoc = copy::all_assets(&run.kv, ACCOUNT).unwrap();
+        assert_eq!(doc.find("100", "STDQ").unwrap().in_use, 0, "kill after {n}");
+    }
+    assert!(killed_once);
+}
+
+/// Found by `every_removal_has_exactly_one_notice_wide` (seed 43): a clean up's disassociate
+/// whose answer was lost is sent again by the client, and Apple accepts both (we learn only the
+/// second event's id). The first one takes the foreign license; its notification, read first,
+/// is of an event we cannot place, and the one notice had the reason `apple` (only a clean up
+/// takes a foreign license). The removal is now the pending clean up's: its reason, keyed by
+/// its event, and reading the clean up's own outcome adds no second notice.
+#[test]
+fn a_clean_up_sent_twice_after_a_lost_answer_has_one_cleanup_notice() {
+    let mut run = Run::new(8);
+    {
+        let mut w = run.world.lock().unwrap();
+        let token = w.token.clone();
+        w.model
+            .add_assignments(&token, vec![AssignmentSpec::device("100", "F0")])
+            .unwrap();
+        w.observe();
+    }
+    run.refresh(true);
+    assert_eq!(copy_made_by(&run, "100", "F0"), Some(MadeBy::Foreign));
+    run.world
+        .lock()
+        .unwrap()
+        .forced
+        .push_back(Fault::AppliedThenDropped);
+    clean_up(&mut run);
+    let mut events = run.world.lock().unwrap().model.pending_events();
+    assert_eq!(
+        events.len(),
+        2,
+        "asked twice: the answer to the first was lost"
+    );
+    // Apple applies both in order (the one we never learned of first); its notification
+    // arrives first.
+    events.sort_by_key(|id| event::load(&run.kv, id).unwrap().is_some());
+    assert!(event::load(&run.kv, &events[0]).unwrap().is_none());
+    assert!(event::load(&run.kv, &events[1]).unwrap().is_some());
+    let notes: Vec<Outgoing> = {
+        let mut w = run.world.lock().unwrap();
+        for id in &events {
+            w.apply(id);
+        }
+        std::mem::take(&mut w.notes)
+    };
+    assert_eq!(notes.len(), 2);
+    for n in &notes {
+        assert!(deliver(&run.kv, n, run.now()));
+    }
+    assert_eq!(copy_made_by(&run, "100", "F0"), None);
+    assert_eq!(
+        notices(&run),
+        vec![("100".to_string(), "F0".to_string(), "cleanup".to_string())]
+    );
+    // The clean up's own outcome, polled, adds nothing.
+    run.clock.advance(std::time::Duration::from_secs(60));
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    run.refresh(true);
+    assert_eq!(notices(&run).len(), 1, "{:?}", notices(&run));
 }
