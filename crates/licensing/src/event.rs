@@ -241,7 +241,7 @@ pub fn apply_outcome(
     // removal's outcome is read (or this one again).
     if record.is_none() && removing {
         let held = held_before_removal(kv, account_id, &doc, items, false, None)?;
-        for ((ak, tag), (id, _)) in pending_removals(kv, account_id, &held)? {
+        for ((ak, tag), (id, _, _)) in pending_removals(kv, account_id, &held)? {
             if let Some(s) = Subject::from_tag(&tag) {
                 owe_notice(kv, &id, (ak, s))?;
             }
@@ -291,7 +291,7 @@ pub fn apply_outcome(
                     .filter(|(_, f)| !ours && **f == Some(false))
                     .map(|(i, _)| items[*i].subject.clone())
                     .collect();
-                let ended = notice::noticed_recently(kv, account_id, ak, &unclaimed)?;
+                let ended = notice::noticed_recently(kv, account_id, ak, &unclaimed, now)?;
                 for (i, f) in ok.iter().zip(done.flags) {
                     match f {
                         Some(false) if !ours && ended.contains(&items[*i].subject.tag()) => {
@@ -353,7 +353,7 @@ pub fn apply_outcome(
                             .filter(|s| held.get(&s.tag()) == Some(&MadeBy::Foreign))
                             .cloned()
                             .collect();
-                        notice::noticed_by_ours_recently(kv, account_id, ak, &foreign)?
+                        notice::noticed_by_ours_recently(kv, account_id, ak, &foreign, now)?
                     }
                     _ => BTreeSet::new(),
                 };
@@ -499,9 +499,10 @@ pub fn apply_outcome(
                     removed.push(pair);
                 }
             }
-            notice::record_event_removals(kv, account_id, &removed, &source, id, now)?;
+            let event = (id, record.as_ref().map_or(now, |r| r.created_at));
+            notice::record_event_removals(kv, account_id, &removed, &source, event, now)?;
             for (by, pairs) in by_source {
-                notice::record_event_removals(kv, account_id, &pairs, &by, id, now)?;
+                notice::record_event_removals(kv, account_id, &pairs, &by, event, now)?;
             }
         }
         None => {
@@ -514,8 +515,8 @@ pub fn apply_outcome(
             } else {
                 BTreeMap::new()
             };
-            let mut by_removal: BTreeMap<(String, String), Vec<(String, Subject)>> =
-                BTreeMap::new();
+            type Removal = (String, String, DateTime<Utc>);
+            let mut by_removal: BTreeMap<Removal, Vec<(String, Subject)>> = BTreeMap::new();
             let mut rest = Vec::new();
             for pair in removed {
                 match asking.get(&(pair.0.clone(), pair.1.tag())) {
@@ -523,8 +524,8 @@ pub fn apply_outcome(
                     None => rest.push(pair),
                 }
             }
-            for ((id, by), pairs) in by_removal {
-                notice::record_event_removals(kv, account_id, &pairs, &by, &id, now)?;
+            for ((id, by, at), pairs) in by_removal {
+                notice::record_event_removals(kv, account_id, &pairs, &by, (&id, at), now)?;
             }
             notice::record_removals(kv, account_id, &rest, &source, now)?;
             for (by, pairs) in by_source {
@@ -598,14 +599,15 @@ pub fn apply_outcome(
 }
 
 /// Of `pairs` (asset key, subject), those a removal of ours Apple accepted and whose outcome is
-/// not yet read asks for, as (asset key, subject tag) → (its event id, its source); the oldest
-/// such removal when several do.
+/// not yet read asks for, as (asset key, subject tag) → (its event id, its source, when Apple
+/// accepted it); the oldest such removal when several do.
+#[allow(clippy::type_complexity)]
 fn pending_removals(
     kv: &impl Kv,
     account_id: &str,
     pairs: &[(String, Subject)],
-) -> Result<BTreeMap<(String, String), (String, String)>, StoreError> {
-    let mut out: BTreeMap<(String, String), (String, String)> = BTreeMap::new();
+) -> Result<BTreeMap<(String, String), (String, String, DateTime<Utc>)>, StoreError> {
+    let mut out = BTreeMap::new();
     if pairs.is_empty() {
         return Ok(out);
     }
@@ -625,7 +627,10 @@ fn pending_removals(
                 && (r.assets.is_empty() || r.assets.iter().any(|a| asset_ref_key(a) == *ak))
         });
         if let Some(r) = ours {
-            out.insert((ak.clone(), s.tag()), (r.id.clone(), r.source.clone()));
+            out.insert(
+                (ak.clone(), s.tag()),
+                (r.id.clone(), r.source.clone(), r.created_at),
+            );
         }
     }
     Ok(out)
