@@ -486,6 +486,8 @@ pub fn apply_outcome(
     }
     match event_id.filter(|_| ours) {
         Some(id) => {
+            let asked_at = record.as_ref().map_or(now, |r| r.created_at);
+            let mut owed = Vec::new();
             for pair in owed_before {
                 // Owed: it was held when asked for; a newer request of ours that keeps its
                 // entry came after it (Apple applies them in the order it accepted them).
@@ -496,6 +498,24 @@ pub fn apply_outcome(
                         && it.subject == pair.1
                 });
                 if ok && !removed.contains(&pair) {
+                    owed.push(pair);
+                }
+            }
+            // An owed license another removal of ours, accepted before this one, reported
+            // taking since this one was accepted: Apple applied that one first, so it took the
+            // license (the ledger found it held when this one was asked, and owed it here);
+            // this one found nothing left.
+            let noticed = notice::noticed_by_events_since(kv, account_id, &owed, id, asked_at)?;
+            for pair in owed {
+                let mut earlier = false;
+                for e in noticed.get(&pair).into_iter().flatten() {
+                    if load(kv, e)?
+                        .is_some_and(|r| r.kind != EventKind::Associate && r.created_at < asked_at)
+                    {
+                        earlier = true;
+                    }
+                }
+                if !earlier {
                     removed.push(pair);
                 }
             }

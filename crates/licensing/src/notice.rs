@@ -286,6 +286,45 @@ pub fn noticed_by_ours_recently(
     noticed_in_recent_pages(kv, account_id, asset_key, subjects, true, now)
 }
 
+/// Of `pairs` (asset key, subject), the events of ours (other than `except`) whose notice for
+/// the pair was recorded at or after `since` in `account_id`, as pair → event ids.
+pub fn noticed_by_events_since(
+    kv: &impl Kv,
+    account_id: &str,
+    pairs: &[(String, Subject)],
+    except: &str,
+    since: DateTime<Utc>,
+) -> Result<BTreeMap<(String, Subject), Vec<String>>, StoreError> {
+    let mut out: BTreeMap<(String, Subject), Vec<String>> = BTreeMap::new();
+    if pairs.is_empty() {
+        return Ok(out);
+    }
+    for list in pages_since(kv, since)? {
+        for n in list
+            .iter()
+            .filter(|n| n.account_id == account_id && n.at >= since)
+        {
+            let Some(e) = n.event_id.as_deref().filter(|e| *e != except) else {
+                continue;
+            };
+            for (ak, s) in pairs {
+                let (adam_id, pricing) = ak.split_once(':').unwrap_or((ak, "STDQ"));
+                let (serial, user) = subject_fields(s);
+                if n.adam_id == adam_id
+                    && n.pricing_param == pricing
+                    && n.serial_number == serial
+                    && n.client_user_id == user
+                {
+                    out.entry((ak.clone(), s.clone()))
+                        .or_default()
+                        .push(e.to_string());
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn noticed_in_recent_pages(
     kv: &impl Kv,
     account_id: &str,

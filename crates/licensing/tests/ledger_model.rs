@@ -1045,8 +1045,11 @@ fn run_seed_checking(seed: u64, steps: usize, notices: Notices) -> Result<(), St
                         })
                     };
                     let copied = copy_made_by(&run, adam, serial);
+                    let settled =
+                        ledger::settled(&run.kv, ACCOUNT, &format!("{adam}:STDQ"), &d(serial))
+                            .unwrap();
                     now.push_str(&format!(
-                        "WATCH {adam}/{serial}: ledger {e:?} copy {copied:?} apple holds {held}"
+                        "WATCH {adam}/{serial}: ledger {e:?} settled {settled:?} copy {copied:?} apple holds {held}"
                     ));
                 }
             }
@@ -2871,7 +2874,7 @@ fn a_late_twin_of_a_clean_up_does_not_take_a_license_assigned_again() {
 /// notice (`apple`). Settling now takes it out of the copy too.
 #[test]
 fn a_revoke_verified_gone_leaves_nothing_for_its_late_notification() {
-    let mut run = Run::new(14);
+    let run = Run::new(14);
     let now = run.now();
     let mut b = run.budget();
     block_on(assignment::assign(
@@ -2933,4 +2936,87 @@ fn a_revoke_verified_gone_leaves_nothing_for_its_late_notification() {
         notices(&run),
         vec![("200".to_string(), "D1".to_string(), "reconcile".to_string())]
     );
+}
+
+/// Found by `every_removal_has_exactly_one_notice` (seed 71 of 61..200): the associate's
+/// outcome was read partly (killed after it confirmed the entry, before it closed the open
+/// one), a revoke R1 sent while it was pending took the license at Apple, and a second revoke
+/// R3, asked after that partial reading, marked the entry `revoking`. Reading the associate
+/// again owed R3 the notice (it took the entry over); R1's outcome gave its own. Two notices
+/// for one removal. An owed notice that a removal of ours accepted earlier reported since is
+/// that one's.
+#[test]
+fn an_owed_notice_an_earlier_revoke_gave_is_not_given_twice() {
+    let mut reproduced = false;
+    for n in 0..16 {
+        let mut run = Run::new(16);
+        let step = |run: &mut Run, secs: u64| {
+            run.clock.advance(std::time::Duration::from_secs(secs));
+            (run.now(), run.budget())
+        };
+        let apply = |run: &Run| {
+            let mut w = run.world.lock().unwrap();
+            for id in std::mem::take(&mut w.scheduled) {
+                w.apply(&id);
+            }
+            w.notes.clear();
+        };
+        let body = assign_body("200", &["D1".into()]);
+        let (now, mut b) = step(&mut run, 0);
+        block_on(assignment::assign(
+            &run.kv,
+            &run.client(),
+            &body,
+            now,
+            &mut b,
+        ))
+        .unwrap();
+        apply(&run);
+        run.clock.advance(std::time::Duration::from_secs(10));
+        run.refresh(true);
+        let (now, mut b) = step(&mut run, 10);
+        block_on(assignment::revoke(
+            &run.kv,
+            &run.client(),
+            &body,
+            now,
+            &mut b,
+        ))
+        .unwrap();
+        // The associate's outcome, read partly.
+        let (now, mut b) = step(&mut run, 60);
+        run.kv.left.set(Some(n));
+        let _ = block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b));
+        run.kv.left.set(None);
+        let settled = ledger::settled(&run.kv, ACCOUNT, "200:STDQ", &d("D1")).unwrap();
+        let open = ledger::open_subjects(&run.kv, ACCOUNT, "200:STDQ").unwrap();
+        if !(settled.is_some_and(|e| e.state == LedgerState::Confirmed) && open.contains("s:D1")) {
+            continue;
+        }
+        reproduced = true;
+        apply(&run); // R1 takes the license.
+        let (now, mut b) = step(&mut run, 10);
+        block_on(assignment::revoke(
+            &run.kv,
+            &run.client(),
+            &body,
+            now,
+            &mut b,
+        ))
+        .unwrap();
+        apply(&run); // R3: nothing left to take.
+        for _ in 0..3 {
+            let (now, mut b) = step(&mut run, 60);
+            block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+        }
+        run.refresh(true);
+        let removals = run.world.lock().unwrap().removals.clone();
+        assert_eq!(removals.values().sum::<u32>(), 1, "Apple took it once");
+        assert_eq!(
+            notices(&run),
+            vec![("200".to_string(), "D1".to_string(), "api".to_string())],
+            "killed after {n} writes"
+        );
+    }
+    assert!(reproduced, "a kill left the entry confirmed and still open");
 }
