@@ -1086,12 +1086,12 @@ fn ledger_matches_apple_after_random_operations_and_faults() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
-/// Seeds on which `every_removal_has_exactly_one_notice` holds at 150 steps (CI runs them,
-/// about 15 s): 1..=17, and 18, 23, 30, 51, 52 (fixed with 6 and 11 by
-/// `a_late_associate_we_never_learned_of_does_not_revive_a_removed_license`; see
-/// `every_removal_has_exactly_one_notice_wide` for the one seed of 1..=60 that still fails).
-const EXACT_NOTICE_SEEDS: [u64; 22] = [
-    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 23, 30, 51, 52,
+/// Seeds on which `every_removal_has_exactly_one_notice` holds at 150 steps, as CI runs them:
+/// 1..=40, 51 and 52 (about 25 s on a loaded 2-core machine; seeds 19..=40 added about 10 s).
+/// `every_removal_has_exactly_one_notice_wide` runs 1..=60.
+const EXACT_NOTICE_SEEDS: [u64; 42] = [
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26,
+    27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 51, 52,
 ];
 
 fn exactly_one_notice(seeds: &[u64]) {
@@ -1127,18 +1127,22 @@ fn every_removal_has_exactly_one_notice() {
     }
 }
 
-/// [`every_removal_has_exactly_one_notice`] over seeds 1..=60: 1 of 60 still fails (seed 43;
-/// it was 32, then 8 of 60). Seeds 6, 11, 18, 23, 30, 51 and 52 were one cause: a late
-/// notification of an associate we never learned of (its answer was lost) put a license back
-/// in the copy after a revoke of ours had taken it and sent the notice, and a later report of
-/// a removal found it there and sent a second one (see
-/// `a_late_associate_we_never_learned_of_does_not_revive_a_removed_license`). Seed 43: the
-/// count is right but the reason is not: a foreign license (`100/F0`, which only a clean up of
-/// ours takes away) was taken by a removal event whose id we never learned (a clean up whose
-/// answer was lost), and its notification, read first, gave the one notice the reason `apple`
-/// rather than `cleanup`.
-/// Run with `cargo test -p vpp-licensing --test ledger_model -- --ignored every_removal_has_exactly_one_notice_wide`.
-#[ignore = "seed 43 of 60 still fails: a clean up whose answer was lost gets a notice with reason `apple` (see the doc comment)"]
+/// [`every_removal_has_exactly_one_notice`] over seeds 1..=60: all 60 pass (it was 32 failing,
+/// then 8, then 1). Seeds 6, 11, 18, 23, 30, 51 and 52 were one cause: a late notification of
+/// an associate we never learned of put a license back in the copy after a revoke of ours had
+/// taken it (see `a_late_associate_we_never_learned_of_does_not_revive_a_removed_license`).
+/// Seed 43 was a clean up whose answer was lost: the client sent it again, Apple accepted both,
+/// and the first one's notification (an event we cannot place) gave the one notice the reason
+/// `apple` (see `a_clean_up_sent_twice_after_a_lost_answer_has_one_cleanup_notice`; once
+/// Apple's retry of a notification we failed was modelled, it also needed
+/// `a_lost_answers_removal_killed_before_its_notice_owes_it_on_the_pending_revoke` and
+/// `a_late_twin_of_a_clean_up_does_not_take_a_license_assigned_again`). Seeds 61..=200: all but
+/// seed 71 pass (93 was `a_revoke_verified_gone_leaves_nothing_for_its_late_notification`, 71's
+/// first problem `an_owed_notice_an_earlier_revoke_gave_is_not_given_twice`; its second, a
+/// refresh notice for a license whose two removals both had theirs, is open).
+/// Not in CI (about 35 s, past what CI's budget allows); run with
+/// `cargo test -p vpp-licensing --test ledger_model -- --ignored every_removal_has_exactly_one_notice_wide`.
+#[ignore = "about 35 s: run by hand (CI runs EXACT_NOTICE_SEEDS)"]
 #[test]
 fn every_removal_has_exactly_one_notice_wide() {
     exactly_one_notice(&(1..=60).collect::<Vec<_>>())
