@@ -1538,7 +1538,7 @@ async fn settle_revoking<T: Transport, C: Clock>(
                         }
                     })?;
                 if had.first().is_some_and(Option::is_some) {
-                    crate::copy::recount(kv, account, doc.generation, &[ak.clone()])?;
+                    crate::copy::recount(kv, account, doc.generation, std::slice::from_ref(&ak))?;
                 }
                 let prev = gone(kv, account, &ak, std::slice::from_ref(&s), None, now)?;
                 if prev.first().and_then(|g| g.before) == Some(LedgerState::Revoking) {

@@ -225,7 +225,7 @@ fn pages_since(kv: &impl Kv, since: DateTime<Utc>) -> Result<Vec<Vec<Notice>>, S
             break; // left the ring
         };
         let newest = list.iter().map(|n| n.at).max();
-        if out.len() >= 2 && !newest.is_some_and(|t| t >= since) {
+        if out.len() >= 2 && newest.is_none_or(|t| t < since) {
             break;
         }
         out.push(list);
