@@ -243,6 +243,20 @@ pub fn apply_outcome(
         }
     }
 
+    // 0'. A removal we cannot place in time, of what a removal of ours still pending asks for
+    // (most likely that request, sent again after its answer was lost: see step 4): the
+    // notices of what it finds held are owed on that removal's record before anything moves,
+    // so an invocation killed between the moves and the notices finds them when that
+    // removal's outcome is read (or this one again).
+    if record.is_none() && removing {
+        let held = held_before_removal(kv, account_id, &doc, items, false, None)?;
+        for ((ak, tag), (id, _, _)) in pending_removals(kv, account_id, &held)? {
+            if let Some(s) = Subject::from_tag(&tag) {
+                owe_notice(kv, &id, (ak, s))?;
+            }
+        }
+    }
+
     // 1. Ledger (its own moves): per asset, which items were ours before this outcome.
     let mut by_asset: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, it) in items.iter().enumerate() {
@@ -286,7 +300,7 @@ pub fn apply_outcome(
                     .filter(|(_, f)| !ours && **f == Some(false))
                     .map(|(i, _)| items[*i].subject.clone())
                     .collect();
-                let ended = notice::noticed_recently(kv, account_id, ak, &unclaimed)?;
+                let ended = notice::noticed_recently(kv, account_id, ak, &unclaimed, now)?;
                 for (i, f) in ok.iter().zip(done.flags) {
                     match f {
                         Some(false) if !ours && ended.contains(&items[*i].subject.tag()) => {
@@ -335,6 +349,23 @@ pub fn apply_outcome(
                     }
                     _ => BTreeSet::new(),
                 };
+                // A foreign license in the copy that a removal of ours reported taking lately,
+                // named by a removal we cannot place in time: a late report of that removal's
+                // twin (sent again after a lost answer), and the license in the copy was
+                // assigned again since; or someone else's removal of it. A refresh decides; the
+                // copy, counts and notices stay as they are.
+                let foreign_taken = match (asked_at, doc.assets.iter().find(|a| a.key() == *ak)) {
+                    (None, Some(asset)) => {
+                        let held = crate::copy::held(kv, account_id, &doc, asset, &ok_subjects)?;
+                        let foreign: Vec<Subject> = ok_subjects
+                            .iter()
+                            .filter(|s| held.get(&s.tag()) == Some(&MadeBy::Foreign))
+                            .cloned()
+                            .collect();
+                        notice::noticed_by_ours_recently(kv, account_id, ak, &foreign, now)?
+                    }
+                    _ => BTreeSet::new(),
+                };
                 for (i, g) in ok.iter().zip(states) {
                     prev[*i] = g.before;
                     if g.before.is_none() && later.contains(&items[*i].subject.tag()) {
@@ -344,8 +375,10 @@ pub fn apply_outcome(
                     // An assignment of ours this removal may have come before: a full
                     // refresh decides; the copy, counts and notices stay as they are.
                     kept[*i] = g.kept;
-                    stale[*i] =
-                        g.kept || (g.before.is_none() && open.contains(&items[*i].subject.tag()));
+                    let tag = items[*i].subject.tag();
+                    stale[*i] = g.kept
+                        || (g.before.is_none()
+                            && (open.contains(&tag) || foreign_taken.contains(&tag)));
                 }
             }
             for i in &bad {
@@ -462,6 +495,8 @@ pub fn apply_outcome(
     }
     match event_id.filter(|_| ours) {
         Some(id) => {
+            let asked_at = record.as_ref().map_or(now, |r| r.created_at);
+            let mut owed = Vec::new();
             for pair in owed_before {
                 // Owed: it was held when asked for; a newer request of ours that keeps its
                 // entry came after it (Apple applies them in the order it accepted them).
@@ -472,16 +507,56 @@ pub fn apply_outcome(
                         && it.subject == pair.1
                 });
                 if ok && !removed.contains(&pair) {
+                    owed.push(pair);
+                }
+            }
+            // An owed license another removal of ours, accepted before this one, reported
+            // taking since this one was accepted: Apple applied that one first, so it took the
+            // license (the ledger found it held when this one was asked, and owed it here);
+            // this one found nothing left.
+            let noticed = notice::noticed_by_events_since(kv, account_id, &owed, id, asked_at)?;
+            for pair in owed {
+                let mut earlier = false;
+                for e in noticed.get(&pair).into_iter().flatten() {
+                    if load(kv, e)?
+                        .is_some_and(|r| r.kind != EventKind::Associate && r.created_at < asked_at)
+                    {
+                        earlier = true;
+                    }
+                }
+                if !earlier {
                     removed.push(pair);
                 }
             }
-            notice::record_event_removals(kv, account_id, &removed, &source, id, now)?;
+            let event = (id, record.as_ref().map_or(now, |r| r.created_at));
+            notice::record_event_removals(kv, account_id, &removed, &source, event, now)?;
             for (by, pairs) in by_source {
-                notice::record_event_removals(kv, account_id, &pairs, &by, id, now)?;
+                notice::record_event_removals(kv, account_id, &pairs, &by, event, now)?;
             }
         }
         None => {
-            notice::record_removals(kv, account_id, &removed, &source, now)?;
+            // A removal we cannot place in time of what a removal of ours still pending asks
+            // for: most likely that request itself, sent again after its answer was lost
+            // (Apple accepted it twice; we know only the second event). The notice is that
+            // removal's: its reason, keyed by its event (reading its own outcome adds none).
+            let asking = if removing {
+                pending_removals(kv, account_id, &removed)?
+            } else {
+                BTreeMap::new()
+            };
+            type Removal = (String, String, DateTime<Utc>);
+            let mut by_removal: BTreeMap<Removal, Vec<(String, Subject)>> = BTreeMap::new();
+            let mut rest = Vec::new();
+            for pair in removed {
+                match asking.get(&(pair.0.clone(), pair.1.tag())) {
+                    Some(ours) => by_removal.entry(ours.clone()).or_default().push(pair),
+                    None => rest.push(pair),
+                }
+            }
+            for ((id, by, at), pairs) in by_removal {
+                notice::record_event_removals(kv, account_id, &pairs, &by, (&id, at), now)?;
+            }
+            notice::record_removals(kv, account_id, &rest, &source, now)?;
             for (by, pairs) in by_source {
                 notice::record_removals(kv, account_id, &pairs, &by, now)?;
             }
@@ -550,6 +625,44 @@ pub fn apply_outcome(
         }
     }
     Ok(updated)
+}
+
+/// Of `pairs` (asset key, subject), those a removal of ours Apple accepted and whose outcome is
+/// not yet read asks for, as (asset key, subject tag) → (its event id, its source, when Apple
+/// accepted it); the oldest such removal when several do.
+#[allow(clippy::type_complexity)]
+fn pending_removals(
+    kv: &impl Kv,
+    account_id: &str,
+    pairs: &[(String, Subject)],
+) -> Result<BTreeMap<(String, String), (String, String, DateTime<Utc>)>, StoreError> {
+    let mut out = BTreeMap::new();
+    if pairs.is_empty() {
+        return Ok(out);
+    }
+    let ids: Vec<String> = get_json(kv, &keys::account_events(account_id))?.unwrap_or_default();
+    let mut records: Vec<EventRecord> = Vec::new();
+    for id in ids {
+        if let Some(r) = load(kv, &id)? {
+            if r.kind != EventKind::Associate && !r.applied && r.account_id == account_id {
+                records.push(r);
+            }
+        }
+    }
+    records.sort_by_key(|r| r.created_at);
+    for (ak, s) in pairs {
+        let ours = records.iter().find(|r| {
+            r.subjects.contains(s)
+                && (r.assets.is_empty() || r.assets.iter().any(|a| asset_ref_key(a) == *ak))
+        });
+        if let Some(r) = ours {
+            out.insert(
+                (ak.clone(), s.tag()),
+                (r.id.clone(), r.source.clone(), r.created_at),
+            );
+        }
+    }
+    Ok(out)
 }
 
 /// The (asset key, subject) pairs a removal's outcome finds held before it moves anything: what

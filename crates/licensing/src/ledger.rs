@@ -1489,7 +1489,7 @@ async fn settle_revoking<T: Transport, C: Clock>(
     budget: &mut Budget,
     report: &mut SettleReport,
 ) -> Result<(), StoreError> {
-    let mut stale: Vec<(String, Subject)> = Vec::new();
+    let mut stale: Vec<(String, Subject, DateTime<Utc>)> = Vec::new();
     for shard in 0..LEDGER_SHARDS {
         let l: LedgerShard = get_json(kv, &keys::ledger_shard(account, shard))?.unwrap_or_default();
         for (ak, m) in l {
@@ -1513,13 +1513,13 @@ async fn settle_revoking<T: Transport, C: Clock>(
                 };
                 if !waited_on {
                     if let Some(s) = Subject::from_tag(&tag) {
-                        stale.push((ak.clone(), s));
+                        stale.push((ak.clone(), s, e.at));
                     }
                 }
             }
         }
     }
-    for (ak, s) in stale {
+    for (ak, s, asked) in stale {
         let Some(asset) = doc.assets.iter().find(|a| a.key() == ak) else {
             continue;
         };
@@ -1530,6 +1530,24 @@ async fn settle_revoking<T: Transport, C: Clock>(
         match held_at_apple(client, asset, &s).await {
             Ok(true) => revoke_refused(kv, account, &ak, std::slice::from_ref(&s), None, now)?,
             Ok(false) => {
+                // Apple does not hold it: out of the copy too (unless the copy records an
+                // assignment of ours made after the revoke was asked), so a late report of the
+                // removal (a sending whose answer was lost) finds nothing left to take and
+                // sends no second notice. The copy first: a kill after it leaves the entry
+                // `revoking`, verified again (the notice follows the entry).
+                let had =
+                    crate::copy::edit_assignments(kv, account, doc, &[(asset, &s)], |_, cur| {
+                        match cur {
+                            Some(crate::model::MadeBy::Ours { at: Some(t), .. }) if *t > asked => {
+                                crate::copy::Edit::Keep
+                            }
+                            Some(_) => crate::copy::Edit::Remove,
+                            None => crate::copy::Edit::Keep,
+                        }
+                    })?;
+                if had.first().is_some_and(Option::is_some) {
+                    crate::copy::recount(kv, account, doc.generation, std::slice::from_ref(&ak))?;
+                }
                 let prev = gone(kv, account, &ak, std::slice::from_ref(&s), None, now)?;
                 if prev.first().and_then(|g| g.before) == Some(LedgerState::Revoking) {
                     crate::notice::record_removals(

@@ -185,7 +185,7 @@ pub fn record_event_removals(
     account_id: &str,
     removed: &[(String, Subject)],
     reason: &str,
-    event_id: &str,
+    event: (&str, DateTime<Utc>),
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     record_keeping(
@@ -193,22 +193,59 @@ pub fn record_event_removals(
         account_id,
         removed,
         reason,
-        Some(event_id),
+        Some(event),
         now,
         RETAINED_PAGES,
     )
 }
 
-/// Notices already recorded for `event_id`, as (asset key, subject tag): the head page and the
-/// one before it (an outcome is read again within minutes, long before its page leaves).
-fn recorded_for(kv: &impl Kv, event_id: &str) -> Result<BTreeSet<(String, String)>, StoreError> {
+/// Clocks of several instances may differ this much: a notice's `at` is its writer's time.
+const CLOCK_SKEW_SECS: i64 = 300;
+/// How late a report of a removal may come and still be matched with its notice (a late
+/// notification, or an event polled again): an event is followed for a day at most
+/// (`event::GIVE_UP_AFTER_SECS`).
+pub const RECENT_SECS: i64 = 86_400;
+
+/// The notice pages that may hold notices recorded at or after `since`, newest first: the
+/// head page, the one before it, and further back while a page's newest notice is not older
+/// than `since` (pages fill in order: an older page holds nothing newer). Bounded by the ring:
+/// a page that left it is gone (more than [`RETAINED_PAGES`] pages of notices since `since`).
+///
+/// This is what makes "was it noticed already?" sound: a window of a fixed number of pages
+/// (it was the newest two) misses a notice when more than a page or two of others were
+/// recorded after it (a bulk revoke of thousands), and the removal then gets a second notice.
+fn pages_since(kv: &impl Kv, since: DateTime<Utc>) -> Result<Vec<Vec<Notice>>, StoreError> {
+    let since = since - Duration::seconds(CLOCK_SKEW_SECS);
     let head: Head = get_json(kv, &keys::notices_head())?.unwrap_or_default();
+    let mut out = Vec::new();
+    let mut page = head.page;
+    loop {
+        let list: Option<Vec<Notice>> = get_json(kv, &keys::notices_page(page))?;
+        let Some(list) = list.or_else(|| (page == head.page).then(Vec::new)) else {
+            break; // left the ring
+        };
+        let newest = list.iter().map(|n| n.at).max();
+        if out.len() >= 2 && newest.is_none_or(|t| t < since) {
+            break;
+        }
+        out.push(list);
+        if page == 0 || out.len() as u64 > RETAINED_PAGES {
+            break;
+        }
+        page -= 1;
+    }
+    Ok(out)
+}
+
+/// Notices already recorded for the event `event_id` Apple accepted at `asked_at`, as (asset
+/// key, subject tag): every page written since it was accepted ([`pages_since`]).
+fn recorded_for(
+    kv: &impl Kv,
+    event_id: &str,
+    asked_at: DateTime<Utc>,
+) -> Result<BTreeSet<(String, String)>, StoreError> {
     let mut out = BTreeSet::new();
-    for page in [head.page.checked_sub(1), Some(head.page)]
-        .into_iter()
-        .flatten()
-    {
-        let list: Vec<Notice> = get_json(kv, &keys::notices_page(page))?.unwrap_or_default();
+    for list in pages_since(kv, asked_at)? {
         for n in list
             .iter()
             .filter(|n| n.event_id.as_deref() == Some(event_id))
@@ -224,27 +261,90 @@ fn recorded_for(kv: &impl Kv, event_id: &str) -> Result<BTreeSet<(String, String
     Ok(out)
 }
 
-/// Of `subjects`, those (by tag) with a removal notice for `asset_key` of `account_id` in the
-/// recent pages (the head page and the one before it): a removal of theirs was reported lately.
+/// Of `subjects`, those (by tag) with a removal notice for `asset_key` of `account_id` recorded
+/// in the last [`RECENT_SECS`] before `now` ([`pages_since`]): a removal of theirs was
+/// reported lately.
 pub fn noticed_recently(
     kv: &impl Kv,
     account_id: &str,
     asset_key: &str,
     subjects: &[Subject],
+    now: DateTime<Utc>,
+) -> Result<BTreeSet<String>, StoreError> {
+    noticed_in_recent_pages(kv, account_id, asset_key, subjects, false, now)
+}
+
+/// [`noticed_recently`], counting only notices an event of ours gave (the outcome of a
+/// removal we asked for, keyed by its event).
+pub fn noticed_by_ours_recently(
+    kv: &impl Kv,
+    account_id: &str,
+    asset_key: &str,
+    subjects: &[Subject],
+    now: DateTime<Utc>,
+) -> Result<BTreeSet<String>, StoreError> {
+    noticed_in_recent_pages(kv, account_id, asset_key, subjects, true, now)
+}
+
+/// Of `pairs` (asset key, subject), the events of ours (other than `except`) whose notice for
+/// the pair was recorded at or after `since` in `account_id`, as pair → event ids.
+pub fn noticed_by_events_since(
+    kv: &impl Kv,
+    account_id: &str,
+    pairs: &[(String, Subject)],
+    except: &str,
+    since: DateTime<Utc>,
+) -> Result<BTreeMap<(String, Subject), Vec<String>>, StoreError> {
+    let mut out: BTreeMap<(String, Subject), Vec<String>> = BTreeMap::new();
+    if pairs.is_empty() {
+        return Ok(out);
+    }
+    for list in pages_since(kv, since)? {
+        for n in list
+            .iter()
+            .filter(|n| n.account_id == account_id && n.at >= since)
+        {
+            let Some(e) = n.event_id.as_deref().filter(|e| *e != except) else {
+                continue;
+            };
+            for (ak, s) in pairs {
+                let (adam_id, pricing) = ak.split_once(':').unwrap_or((ak, "STDQ"));
+                let (serial, user) = subject_fields(s);
+                if n.adam_id == adam_id
+                    && n.pricing_param == pricing
+                    && n.serial_number == serial
+                    && n.client_user_id == user
+                {
+                    out.entry((ak.clone(), s.clone()))
+                        .or_default()
+                        .push(e.to_string());
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn noticed_in_recent_pages(
+    kv: &impl Kv,
+    account_id: &str,
+    asset_key: &str,
+    subjects: &[Subject],
+    by_ours: bool,
+    now: DateTime<Utc>,
 ) -> Result<BTreeSet<String>, StoreError> {
     let mut out = BTreeSet::new();
     if subjects.is_empty() {
         return Ok(out);
     }
     let (adam_id, pricing) = asset_key.split_once(':').unwrap_or((asset_key, "STDQ"));
-    let head: Head = get_json(kv, &keys::notices_head())?.unwrap_or_default();
-    for page in [head.page.checked_sub(1), Some(head.page)]
-        .into_iter()
-        .flatten()
-    {
-        let list: Vec<Notice> = get_json(kv, &keys::notices_page(page))?.unwrap_or_default();
+    let since = now - Duration::seconds(RECENT_SECS);
+    for list in pages_since(kv, since)? {
         for n in list.iter().filter(|n| {
-            n.account_id == account_id && n.adam_id == adam_id && n.pricing_param == pricing
+            n.account_id == account_id
+                && n.adam_id == adam_id
+                && n.pricing_param == pricing
+                && (!by_ours || n.event_id.is_some())
         }) {
             for s in subjects {
                 let (serial, user) = subject_fields(s);
@@ -264,17 +364,18 @@ fn record_keeping(
     account_id: &str,
     removed: &[(String, Subject)],
     reason: &str,
-    event_id: Option<&str>,
+    event: Option<(&str, DateTime<Utc>)>,
     now: DateTime<Utc>,
     retained: u64,
 ) -> Result<(), StoreError> {
+    let event_id = event.map(|(id, _)| id);
     if removed.is_empty() || !settings::load(kv)?.license_removal_notification {
         return Ok(());
     }
     let fresh: Vec<(String, Subject)>;
     let mut rest: &[(String, Subject)] = removed;
-    if let Some(id) = event_id {
-        let done = recorded_for(kv, id)?;
+    if let Some((id, asked_at)) = event {
+        let done = recorded_for(kv, id, asked_at)?;
         let mut seen = BTreeSet::new();
         fresh = removed
             .iter()
@@ -883,6 +984,53 @@ mod tests {
         kv.set(&keys::notices_outbox(), br#"{"pending":[]}"#)
             .unwrap();
         assert_eq!(list(&kv, None).unwrap().undelivered, 0);
+    }
+
+    /// "Noticed already?" looked at the newest two pages only: an event's outcome read again
+    /// (an invocation killed between its writes) after more than a page of other notices got
+    /// a second notice, and a removal reported before them was not "noticed lately". It now
+    /// looks at every page written since the event was accepted (or within [`RECENT_SECS`]).
+    #[test]
+    fn noticed_already_holds_past_many_pages_of_other_notices() {
+        let kv = MemoryKv::default();
+        on(&kv);
+        let t = Utc::now();
+        let pair = vec![("7:STDQ".to_string(), Subject::SerialNumber("X".into()))];
+        record_event_removals(&kv, "a", &pair, "api", ("ev-1", t), t).unwrap();
+        let later = t + Duration::minutes(1);
+        record_removals(&kv, "a", &removed(3 * keys::NOTICE_PAGE), "refresh", later).unwrap();
+        // Read again: no second notice.
+        let again = t + Duration::minutes(2);
+        record_event_removals(&kv, "a", &pair, "api", ("ev-1", t), again).unwrap();
+        let mut found = 0;
+        let mut page = None;
+        loop {
+            let l = list(&kv, page).unwrap();
+            found += l
+                .notices
+                .iter()
+                .filter(|n| n.serial_number.as_deref() == Some("X"))
+                .count();
+            match l.next_page {
+                Some(p) => page = Some(p),
+                None => break,
+            }
+        }
+        assert_eq!(found, 1);
+        let subjects = [Subject::SerialNumber("X".into())];
+        assert_eq!(
+            noticed_recently(&kv, "a", "7:STDQ", &subjects, again).unwrap(),
+            BTreeSet::from([subjects[0].tag()])
+        );
+        assert_eq!(
+            noticed_by_ours_recently(&kv, "a", "7:STDQ", &subjects, again).unwrap(),
+            BTreeSet::from([subjects[0].tag()])
+        );
+        // Long after (a day and more): not "lately", and only the newest pages are read.
+        let much_later = t + Duration::seconds(RECENT_SECS + CLOCK_SKEW_SECS + 600);
+        assert!(noticed_recently(&kv, "a", "7:STDQ", &subjects, much_later)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

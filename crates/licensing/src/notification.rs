@@ -2,8 +2,14 @@
 //! account's notification secret (Apple sends it as the bearer; we keep only its SHA-256).
 //!
 //! A wrong bearer gets 401 and changes nothing. Each `notificationId` is applied once: it is
-//! claimed in `notified/{account}` (compare-and-swap) before anything changes, and released
-//! again if applying fails, so Apple's retry can apply it.
+//! remembered in `notified/{account}` (compare-and-swap) only after applying it has finished,
+//! and a notification already remembered is answered as a duplicate. An invocation killed at
+//! any point before that leaves it unremembered, so Apple's retry applies it again: applying
+//! is safe to repeat (an outcome is a set of per-(asset, subject) state transitions, each made
+//! once, and an event's notices are recorded once per event; see [`crate::event`]), as it
+//! already is for an outcome read both by a status poll and by a notification. The one
+//! exception is `ASSET_COUNT`, a delta: it is remembered before it is applied (at most once; a
+//! count a kill lost is put right by the next refresh, which reads Apple's counts).
 
 use crate::auth::constant_time_eq;
 use crate::error::{ApiError, ErrorCode};
@@ -72,26 +78,23 @@ pub fn authenticate(
     Ok(account)
 }
 
-fn claim(kv: &impl Kv, account_id: &str, id: &str) -> Result<bool, StoreError> {
-    update::<Seen, bool>(kv, &keys::notified(account_id), |cur| {
+/// Was this notification applied to its end already?
+fn seen(kv: &impl Kv, account_id: &str, id: &str) -> Result<bool, StoreError> {
+    Ok(get_json::<Seen>(kv, &keys::notified(account_id))?
+        .is_some_and(|s| s.ids.iter().any(|x| x == id)))
+}
+
+/// Remember a notification applied to its end (the last write of its handling).
+fn remember(kv: &impl Kv, account_id: &str, id: &str) -> Result<(), StoreError> {
+    update::<Seen, ()>(kv, &keys::notified(account_id), |cur| {
         let mut s = cur.unwrap_or_default();
         if s.ids.iter().any(|x| x == id) {
-            return Ok((None, false));
+            return Ok((None, ()));
         }
         s.ids.push_back(id.to_string());
         while s.ids.len() > REMEMBERED_IDS {
             s.ids.pop_front();
         }
-        Ok((Some(s), true))
-    })
-}
-
-fn release(kv: &impl Kv, account_id: &str, id: &str) -> Result<(), StoreError> {
-    update::<Seen, ()>(kv, &keys::notified(account_id), |cur| {
-        let Some(mut s) = cur else {
-            return Ok((None, ()));
-        };
-        s.ids.retain(|x| x != id);
         Ok((Some(s), ()))
     })
 }
@@ -121,20 +124,27 @@ pub fn handle(
     if matches!(payload, Notification::Test) {
         return Ok(json!({"received": env.notification_id, "type": "TEST_NOTIFICATION"}));
     }
-    if !claim(kv, &account.id, &env.notification_id)? {
+    if seen(kv, &account.id, &env.notification_id)? {
         return Ok(json!({"received": env.notification_id, "duplicate": true}));
     }
-    match apply(kv, &account, &payload, now) {
-        Ok(summary) => Ok(json!({
-            "received": env.notification_id,
-            "type": env.notification_type.as_str(),
-            "applied": summary,
-        })),
-        Err(e) => {
-            release(kv, &account.id, &env.notification_id)?;
-            Err(ApiError::store(e))
-        }
-    }
+    let summary = if matches!(payload, Notification::AssetCount(_)) {
+        // A count change is a delta, not a state: applied twice it would count twice. It is
+        // remembered first (at most once: a kill between the two loses it, and the next
+        // refresh, which reads Apple's counts, puts them right).
+        remember(kv, &account.id, &env.notification_id).map_err(ApiError::store)?;
+        apply(kv, &account, &payload, now).map_err(ApiError::store)?
+    } else {
+        // Applied first, remembered after: a failure or a kill anywhere in between leaves it
+        // unremembered, and Apple's retry (we answer an error) applies it again.
+        let summary = apply(kv, &account, &payload, now).map_err(ApiError::store)?;
+        remember(kv, &account.id, &env.notification_id).map_err(ApiError::store)?;
+        summary
+    };
+    Ok(json!({
+        "received": env.notification_id,
+        "type": env.notification_type.as_str(),
+        "applied": summary,
+    }))
 }
 
 fn subject_of(a: &vpp_apple::Assignment) -> Option<Subject> {

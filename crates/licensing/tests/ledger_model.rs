@@ -568,6 +568,10 @@ impl Run {
                         "notification {}: ok={r} {}",
                         n.notification_id, n.envelope["notification"]
                     ));
+                    if !r {
+                        // Not taken (an error answer): Apple sends it again later.
+                        self.world.lock().unwrap().notes.push(n);
+                    }
                 }
             }
             94 if self.rng.chance(40) => {
@@ -654,9 +658,12 @@ impl Run {
                     Some(&format!("Bearer {SECRET}")),
                     &serde_json::to_vec(&n.envelope).unwrap_or_default(),
                     self.now(),
-                )
-                .map(|v| v.to_string())
-                .unwrap_or_else(|e| e.message);
+                );
+                if r.is_err() {
+                    // Apple sends it again later.
+                    self.world.lock().unwrap().notes.push(n.clone());
+                }
+                let r = r.map(|v| v.to_string()).unwrap_or_else(|e| e.message);
                 self.log(format!(
                     "settle: notification {}: {r} {}",
                     n.notification_id, n.envelope["notification"]
@@ -893,9 +900,13 @@ impl Run {
                     n.serial_number.clone().unwrap_or_default(),
                 );
                 noticed_at.entry(key.clone()).or_default().push(format!(
-                    "{} {}",
+                    "{} {}{}",
                     n.reason,
-                    n.at.format("%H:%M:%S")
+                    n.at.format("%H:%M:%S"),
+                    n.event_id
+                        .as_deref()
+                        .map(|e| format!(" ({e})"))
+                        .unwrap_or_default()
                 ));
                 noticed.entry(key).or_default().push(n.reason.clone());
             }
@@ -1034,8 +1045,11 @@ fn run_seed_checking(seed: u64, steps: usize, notices: Notices) -> Result<(), St
                         })
                     };
                     let copied = copy_made_by(&run, adam, serial);
+                    let settled =
+                        ledger::settled(&run.kv, ACCOUNT, &format!("{adam}:STDQ"), &d(serial))
+                            .unwrap();
                     now.push_str(&format!(
-                        "WATCH {adam}/{serial}: ledger {e:?} copy {copied:?} apple holds {held}"
+                        "WATCH {adam}/{serial}: ledger {e:?} settled {settled:?} copy {copied:?} apple holds {held}"
                     ));
                 }
             }
@@ -1072,12 +1086,12 @@ fn ledger_matches_apple_after_random_operations_and_faults() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
-/// Seeds on which `every_removal_has_exactly_one_notice` holds at 150 steps (CI runs them,
-/// about 15 s): 1..=17, and 18, 23, 30, 51, 52 (fixed with 6 and 11 by
-/// `a_late_associate_we_never_learned_of_does_not_revive_a_removed_license`; see
-/// `every_removal_has_exactly_one_notice_wide` for the one seed of 1..=60 that still fails).
-const EXACT_NOTICE_SEEDS: [u64; 22] = [
-    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 23, 30, 51, 52,
+/// Seeds on which `every_removal_has_exactly_one_notice` holds at 150 steps, as CI runs them:
+/// 1..=40, 51 and 52 (about 25 s on a loaded 2-core machine; seeds 19..=40 added about 10 s).
+/// `every_removal_has_exactly_one_notice_wide` runs 1..=60.
+const EXACT_NOTICE_SEEDS: [u64; 42] = [
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26,
+    27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 51, 52,
 ];
 
 fn exactly_one_notice(seeds: &[u64]) {
@@ -1113,18 +1127,22 @@ fn every_removal_has_exactly_one_notice() {
     }
 }
 
-/// [`every_removal_has_exactly_one_notice`] over seeds 1..=60: 1 of 60 still fails (seed 43;
-/// it was 32, then 8 of 60). Seeds 6, 11, 18, 23, 30, 51 and 52 were one cause: a late
-/// notification of an associate we never learned of (its answer was lost) put a license back
-/// in the copy after a revoke of ours had taken it and sent the notice, and a later report of
-/// a removal found it there and sent a second one (see
-/// `a_late_associate_we_never_learned_of_does_not_revive_a_removed_license`). Seed 43: the
-/// count is right but the reason is not: a foreign license (`100/F0`, which only a clean up of
-/// ours takes away) was taken by a removal event whose id we never learned (a clean up whose
-/// answer was lost), and its notification, read first, gave the one notice the reason `apple`
-/// rather than `cleanup`.
-/// Run with `cargo test -p vpp-licensing --test ledger_model -- --ignored every_removal_has_exactly_one_notice_wide`.
-#[ignore = "seed 43 of 60 still fails: a clean up whose answer was lost gets a notice with reason `apple` (see the doc comment)"]
+/// [`every_removal_has_exactly_one_notice`] over seeds 1..=60: all 60 pass (it was 32 failing,
+/// then 8, then 1). Seeds 6, 11, 18, 23, 30, 51 and 52 were one cause: a late notification of
+/// an associate we never learned of put a license back in the copy after a revoke of ours had
+/// taken it (see `a_late_associate_we_never_learned_of_does_not_revive_a_removed_license`).
+/// Seed 43 was a clean up whose answer was lost: the client sent it again, Apple accepted both,
+/// and the first one's notification (an event we cannot place) gave the one notice the reason
+/// `apple` (see `a_clean_up_sent_twice_after_a_lost_answer_has_one_cleanup_notice`; once
+/// Apple's retry of a notification we failed was modelled, it also needed
+/// `a_lost_answers_removal_killed_before_its_notice_owes_it_on_the_pending_revoke` and
+/// `a_late_twin_of_a_clean_up_does_not_take_a_license_assigned_again`). Seeds 61..=200: all but
+/// seed 71 pass (93 was `a_revoke_verified_gone_leaves_nothing_for_its_late_notification`, 71's
+/// first problem `an_owed_notice_an_earlier_revoke_gave_is_not_given_twice`; its second, a
+/// refresh notice for a license whose two removals both had theirs, is open).
+/// Not in CI (about 35 s, past what CI's budget allows); run with
+/// `cargo test -p vpp-licensing --test ledger_model -- --ignored every_removal_has_exactly_one_notice_wide`.
+#[ignore = "about 35 s: run by hand (CI runs EXACT_NOTICE_SEEDS)"]
 #[test]
 fn every_removal_has_exactly_one_notice_wide() {
     exactly_one_notice(&(1..=60).collect::<Vec<_>>())
@@ -2568,4 +2586,441 @@ fn a_revoke_overtaken_by_a_new_assignment_keeps_its_notice() {
     run.refresh(true);
     assert_eq!(notices(&run), once);
     assert_eq!(state_of(&run, "200", "D1"), Some("confirmed"));
+}
+
+/// `notification::handle` remembered a `notificationId` before applying it: an invocation
+/// killed between the two lost the notification for good (Apple's retry was answered as a
+/// duplicate, and an outcome only a notification reports was never applied). Now it is
+/// remembered after it was applied to its end: killed after any number of writes, Apple's
+/// retry applies it, once (one notice), and a retry after that is a duplicate.
+#[test]
+fn a_notification_killed_after_any_write_is_applied_by_apples_retry() {
+    let mut killed_once = false;
+    for n in 0..16 {
+        let mut run = Run::new(8);
+        {
+            let mut w = run.world.lock().unwrap();
+            let token = w.token.clone();
+            w.model
+                .add_assignments(&token, vec![AssignmentSpec::device("100", "F0")])
+                .unwrap();
+            w.observe();
+        }
+        run.refresh(true);
+        clean_up(&mut run);
+        let notes: Vec<Outgoing> = {
+            let mut w = run.world.lock().unwrap();
+            for id in w.model.pending_events() {
+                w.apply(&id);
+            }
+            std::mem::take(&mut w.notes)
+        };
+        assert_eq!(notes.len(), 1, "the clean up's notification");
+        let body = serde_json::to_vec(&notes[0].envelope).unwrap();
+        let handle = |run: &Run| {
+            notification::handle(
+                &run.kv,
+                ACCOUNT,
+                Some(&format!("Bearer {SECRET}")),
+                &body,
+                run.now(),
+            )
+        };
+        run.kv.left.set(Some(n));
+        let first = handle(&run);
+        run.kv.left.set(None);
+        killed_once |= first.is_err();
+        if first.is_err() {
+            // Apple retries a notification we did not take.
+            let retry = handle(&run).expect("the retry is applied");
+            assert!(retry.get("applied").is_some(), "kill after {n}: {retry}");
+        }
+        let again = handle(&run).unwrap();
+        assert_eq!(again["duplicate"], true, "kill after {n}: {again}");
+        assert_eq!(copy_made_by(&run, "100", "F0"), None, "kill after {n}");
+        assert_eq!(
+            notices(&run),
+            vec![("100".to_string(), "F0".to_string(), "cleanup".to_string())],
+            "kill after {n}"
+        );
+        let doc: AssetsDoc = copy::all_assets(&run.kv, ACCOUNT).unwrap();
+        assert_eq!(doc.find("100", "STDQ").unwrap().in_use, 0, "kill after {n}");
+    }
+    assert!(killed_once);
+}
+
+/// Found by `every_removal_has_exactly_one_notice_wide` (seed 43): a clean up's disassociate
+/// whose answer was lost is sent again by the client, and Apple accepts both (we learn only the
+/// second event's id). The first one takes the foreign license; its notification, read first,
+/// is of an event we cannot place, and the one notice had the reason `apple` (only a clean up
+/// takes a foreign license). The removal is now the pending clean up's: its reason, keyed by
+/// its event, and reading the clean up's own outcome adds no second notice.
+#[test]
+fn a_clean_up_sent_twice_after_a_lost_answer_has_one_cleanup_notice() {
+    let mut run = Run::new(8);
+    {
+        let mut w = run.world.lock().unwrap();
+        let token = w.token.clone();
+        w.model
+            .add_assignments(&token, vec![AssignmentSpec::device("100", "F0")])
+            .unwrap();
+        w.observe();
+    }
+    run.refresh(true);
+    assert_eq!(copy_made_by(&run, "100", "F0"), Some(MadeBy::Foreign));
+    run.world
+        .lock()
+        .unwrap()
+        .forced
+        .push_back(Fault::AppliedThenDropped);
+    clean_up(&mut run);
+    let mut events = run.world.lock().unwrap().model.pending_events();
+    assert_eq!(
+        events.len(),
+        2,
+        "asked twice: the answer to the first was lost"
+    );
+    // Apple applies both in order (the one we never learned of first); its notification
+    // arrives first.
+    events.sort_by_key(|id| event::load(&run.kv, id).unwrap().is_some());
+    assert!(event::load(&run.kv, &events[0]).unwrap().is_none());
+    assert!(event::load(&run.kv, &events[1]).unwrap().is_some());
+    let notes: Vec<Outgoing> = {
+        let mut w = run.world.lock().unwrap();
+        for id in &events {
+            w.apply(id);
+        }
+        std::mem::take(&mut w.notes)
+    };
+    assert_eq!(notes.len(), 2);
+    for n in &notes {
+        assert!(deliver(&run.kv, n, run.now()));
+    }
+    assert_eq!(copy_made_by(&run, "100", "F0"), None);
+    assert_eq!(
+        notices(&run),
+        vec![("100".to_string(), "F0".to_string(), "cleanup".to_string())]
+    );
+    // The clean up's own outcome, polled, adds nothing.
+    run.clock.advance(std::time::Duration::from_secs(60));
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    run.refresh(true);
+    assert_eq!(notices(&run).len(), 1, "{:?}", notices(&run));
+}
+
+/// Our license D1, confirmed; a revoke whose answer is lost, sent again by the client: Apple
+/// accepts both (we know only the second). Returns the two events, the unknown one first.
+fn revoke_sent_twice(run: &mut Run) -> Vec<String> {
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    {
+        let mut w = run.world.lock().unwrap();
+        for id in std::mem::take(&mut w.scheduled) {
+            w.apply(&id);
+        }
+        w.notes.clear();
+    }
+    run.clock.advance(std::time::Duration::from_secs(60));
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    assert_eq!(state_of(run, "200", "D1"), Some("confirmed"));
+    run.world
+        .lock()
+        .unwrap()
+        .forced
+        .push_back(Fault::AppliedThen500);
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(assignment::revoke(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    let mut events = run.world.lock().unwrap().model.pending_events();
+    assert_eq!(
+        events.len(),
+        2,
+        "asked twice: the answer to the first was lost"
+    );
+    events.sort_by_key(|id| event::load(&run.kv, id).unwrap().is_some());
+    assert!(event::load(&run.kv, &events[0]).unwrap().is_none());
+    events
+}
+
+/// Found by `every_removal_has_exactly_one_notice_wide` (seed 43, once Apple's retry of a
+/// notification we failed was modelled): the notification of a removal we cannot place (a
+/// revoke's first sending, whose answer was lost) was killed after it took the ledger entry
+/// and before its notice; a full refresh then dropped the license from the copy, and neither
+/// its retry nor the revoke's own outcome found anything held: no notice. The notice is now
+/// owed on the pending revoke's record before anything moves.
+#[test]
+fn a_lost_answers_removal_killed_before_its_notice_owes_it_on_the_pending_revoke() {
+    let mut failed_before_notice = 0;
+    for n in 0..12 {
+        let mut run = Run::new(14);
+        let events = revoke_sent_twice(&mut run);
+        let notes: Vec<Outgoing> = {
+            let mut w = run.world.lock().unwrap();
+            for id in &events {
+                w.apply(id);
+            }
+            std::mem::take(&mut w.notes)
+        };
+        let unknown = notes
+            .iter()
+            .find(|n| n.envelope["notification"]["eventId"] == events[0].as_str())
+            .unwrap();
+        run.kv.left.set(Some(n));
+        let ok = deliver(&run.kv, unknown, run.now());
+        run.kv.left.set(None);
+        if !ok && notices(&run).is_empty() {
+            failed_before_notice += 1;
+        }
+        // A full refresh before anything else: Apple holds nothing of D1.
+        run.clock.advance(std::time::Duration::from_secs(20));
+        run.refresh(true);
+        assert_eq!(copy_made_by(&run, "200", "D1"), None);
+        // Apple's retry, the revoke's own notification, and its poll.
+        for note in &notes {
+            deliver(&run.kv, note, run.now());
+        }
+        run.clock.advance(std::time::Duration::from_secs(60));
+        let now = run.now();
+        let mut b = run.budget();
+        block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+        run.refresh(true);
+        assert_eq!(
+            notices(&run),
+            vec![("200".to_string(), "D1".to_string(), "api".to_string())],
+            "killed after {n} writes"
+        );
+    }
+    assert!(failed_before_notice > 0, "some kill came before the notice");
+}
+
+/// The other half of `a_clean_up_sent_twice_after_a_lost_answer_has_one_cleanup_notice`: the
+/// clean up's own outcome is read first (its notice), another MDM assigns the license again,
+/// a refresh lists it as foreign, and then the late notification of the clean up's first
+/// sending arrives. It took the license away from the copy (Apple holds it) with a second
+/// notice (`apple`). A foreign license a removal of ours reported taking lately, named by a
+/// removal we cannot place, is now left to a refresh.
+#[test]
+fn a_late_twin_of_a_clean_up_does_not_take_a_license_assigned_again() {
+    let mut run = Run::new(8);
+    let foreign = |run: &mut Run| {
+        let mut w = run.world.lock().unwrap();
+        let token = w.token.clone();
+        w.model
+            .add_assignments(&token, vec![AssignmentSpec::device("100", "F0")])
+            .unwrap();
+        w.observe();
+    };
+    foreign(&mut run);
+    run.refresh(true);
+    run.world
+        .lock()
+        .unwrap()
+        .forced
+        .push_back(Fault::AppliedThenDropped);
+    clean_up(&mut run);
+    let mut events = run.world.lock().unwrap().model.pending_events();
+    assert_eq!(events.len(), 2);
+    events.sort_by_key(|id| event::load(&run.kv, id).unwrap().is_some());
+    let notes: Vec<Outgoing> = {
+        let mut w = run.world.lock().unwrap();
+        for id in &events {
+            w.apply(id);
+        }
+        std::mem::take(&mut w.notes)
+    };
+    run.clock.advance(std::time::Duration::from_secs(60));
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    assert_eq!(
+        notices(&run),
+        vec![("100".to_string(), "F0".to_string(), "cleanup".to_string())]
+    );
+    foreign(&mut run);
+    run.clock.advance(std::time::Duration::from_secs(60));
+    run.refresh(true);
+    assert_eq!(copy_made_by(&run, "100", "F0"), Some(MadeBy::Foreign));
+    for n in &notes {
+        assert!(deliver(&run.kv, n, run.now()));
+    }
+    assert_eq!(copy_made_by(&run, "100", "F0"), Some(MadeBy::Foreign));
+    assert_eq!(
+        notices(&run),
+        vec![("100".to_string(), "F0".to_string(), "cleanup".to_string())]
+    );
+    let doc: AssetsDoc = copy::all_assets(&run.kv, ACCOUNT).unwrap();
+    assert_eq!(doc.find("100", "STDQ").unwrap().in_use, 1);
+}
+
+/// Found by `every_removal_has_exactly_one_notice` (seed 93 of 61..200): a revoke whose answer
+/// was lost (the proxy's retries spent) stays `revoking` without an event; settling verified at
+/// Apple that the license is gone and sent the notice (`reconcile`), but left it in the copy.
+/// The late notification of the revoke Apple did apply then found it there and sent a second
+/// notice (`apple`). Settling now takes it out of the copy too.
+#[test]
+fn a_revoke_verified_gone_leaves_nothing_for_its_late_notification() {
+    let run = Run::new(14);
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    {
+        let mut w = run.world.lock().unwrap();
+        for id in std::mem::take(&mut w.scheduled) {
+            w.apply(&id);
+        }
+        w.notes.clear();
+    }
+    run.clock.advance(std::time::Duration::from_secs(60));
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    assert_eq!(state_of(&run, "200", "D1"), Some("confirmed"));
+    run.world
+        .lock()
+        .unwrap()
+        .forced
+        .push_back(Fault::AppliedThen500);
+    let now = run.now();
+    let mut b = run.budget();
+    let r = block_on(assignment::revoke(
+        &run.kv,
+        &run.client_once(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    assert_eq!(r.unknown.len(), 1, "the answer was lost");
+    let notes: Vec<Outgoing> = {
+        let mut w = run.world.lock().unwrap();
+        for id in w.model.pending_events() {
+            w.apply(&id);
+        }
+        std::mem::take(&mut w.notes)
+    };
+    assert_eq!(notes.len(), 1);
+    // Settling verifies at Apple: gone, one notice, and out of the copy.
+    run.clock.advance(std::time::Duration::from_secs(120));
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(ledger::settle_all(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    assert_eq!(state_of(&run, "200", "D1"), None);
+    assert_eq!(copy_made_by(&run, "200", "D1"), None);
+    let doc: AssetsDoc = copy::all_assets(&run.kv, ACCOUNT).unwrap();
+    assert_eq!(doc.find("200", "STDQ").unwrap().in_use, 0);
+    // The revoke's late notification adds nothing.
+    assert!(deliver(&run.kv, &notes[0], run.now()));
+    assert_eq!(
+        notices(&run),
+        vec![("200".to_string(), "D1".to_string(), "reconcile".to_string())]
+    );
+}
+
+/// Found by `every_removal_has_exactly_one_notice` (seed 71 of 61..200): the associate's
+/// outcome was read partly (killed after it confirmed the entry, before it closed the open
+/// one), a revoke R1 sent while it was pending took the license at Apple, and a second revoke
+/// R3, asked after that partial reading, marked the entry `revoking`. Reading the associate
+/// again owed R3 the notice (it took the entry over); R1's outcome gave its own. Two notices
+/// for one removal. An owed notice that a removal of ours accepted earlier reported since is
+/// that one's.
+#[test]
+fn an_owed_notice_an_earlier_revoke_gave_is_not_given_twice() {
+    let mut reproduced = false;
+    for n in 0..16 {
+        let mut run = Run::new(16);
+        let step = |run: &mut Run, secs: u64| {
+            run.clock.advance(std::time::Duration::from_secs(secs));
+            (run.now(), run.budget())
+        };
+        let apply = |run: &Run| {
+            let mut w = run.world.lock().unwrap();
+            for id in std::mem::take(&mut w.scheduled) {
+                w.apply(&id);
+            }
+            w.notes.clear();
+        };
+        let body = assign_body("200", &["D1".into()]);
+        let (now, mut b) = step(&mut run, 0);
+        block_on(assignment::assign(
+            &run.kv,
+            &run.client(),
+            &body,
+            now,
+            &mut b,
+        ))
+        .unwrap();
+        apply(&run);
+        run.clock.advance(std::time::Duration::from_secs(10));
+        run.refresh(true);
+        let (now, mut b) = step(&mut run, 10);
+        block_on(assignment::revoke(
+            &run.kv,
+            &run.client(),
+            &body,
+            now,
+            &mut b,
+        ))
+        .unwrap();
+        // The associate's outcome, read partly.
+        let (now, mut b) = step(&mut run, 60);
+        run.kv.left.set(Some(n));
+        let _ = block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b));
+        run.kv.left.set(None);
+        let settled = ledger::settled(&run.kv, ACCOUNT, "200:STDQ", &d("D1")).unwrap();
+        let open = ledger::open_subjects(&run.kv, ACCOUNT, "200:STDQ").unwrap();
+        if !(settled.is_some_and(|e| e.state == LedgerState::Confirmed) && open.contains("s:D1")) {
+            continue;
+        }
+        reproduced = true;
+        apply(&run); // R1 takes the license.
+        let (now, mut b) = step(&mut run, 10);
+        block_on(assignment::revoke(
+            &run.kv,
+            &run.client(),
+            &body,
+            now,
+            &mut b,
+        ))
+        .unwrap();
+        apply(&run); // R3: nothing left to take.
+        for _ in 0..3 {
+            let (now, mut b) = step(&mut run, 60);
+            block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+        }
+        run.refresh(true);
+        let removals = run.world.lock().unwrap().removals.clone();
+        assert_eq!(removals.values().sum::<u32>(), 1, "Apple took it once");
+        assert_eq!(
+            notices(&run),
+            vec![("200".to_string(), "D1".to_string(), "api".to_string())],
+            "killed after {n} writes"
+        );
+    }
+    assert!(reproduced, "a kill left the entry confirmed and still open");
 }

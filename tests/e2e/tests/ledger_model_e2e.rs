@@ -531,12 +531,10 @@ impl Run {
             }
         }
         // By default: none missing for a license of ours. `LEDGER_E2E_NOTICES=exact`: exactly one
-        // per removal, ours and foreign, none for a license never taken away. Still fails on 12
-        // of seeds 1..40 at 40 steps, all in the domain's notices (see
-        // `every_removal_has_exactly_one_notice` in the ledger's model test): two removal
-        // events for one license (a revoke and a reconcile, or a resend after a lost answer)
-        // each send a notice; a revoke Apple never applied sends one (seed 24); a clean up killed
-        // after Apple took a foreign license sends none (seed 4).
+        // per removal, ours and foreign, none for a license never taken away. At 40 steps it
+        // holds on seeds 1..=40 and on 77 of 1..=80: seeds 48, 58 and 65 each miss one notice
+        // for a license of ours (so the default check fails on them too; the same at main
+        // before the notice fixes of issue 9's second round, still open).
         let exact = std::env::var("LEDGER_E2E_NOTICES").is_ok_and(|v| v == "exact");
         let pairs: BTreeSet<&(String, String)> = removed.keys().chain(noticed.keys()).collect();
         for pair in pairs {
