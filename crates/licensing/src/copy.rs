@@ -107,9 +107,83 @@ pub(crate) fn members(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
     }
 }
 
+/// The end (exclusive) of the JSON value that starts at `start` (no leading whitespace), by
+/// the same byte scan as [`members`]: strings and nesting only.
+fn value_end(bytes: &[u8], start: usize) -> Option<usize> {
+    let n = bytes.len();
+    let mut i = start;
+    let mut depth = 0usize;
+    while i < n {
+        match bytes[i] {
+            b'"' => {
+                i += 1;
+                loop {
+                    match bytes.get(i)? {
+                        b'\\' => i += 2,
+                        b'"' => break,
+                        _ => i += 1,
+                    }
+                }
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                if depth == 0 {
+                    return Some(i);
+                }
+                depth -= 1;
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            b',' | b' ' | b'\n' | b'\r' | b'\t' if depth == 0 => return Some(i),
+            _ => {}
+        }
+        i += 1;
+    }
+    (depth == 0 && i > start).then_some(n)
+}
+
+/// Whether `key` has the form of an asset key (`adamId:pricingParam`: ASCII digits, a colon,
+/// ASCII letters), which no member nested in the copy's and the ledger's tables has: subject
+/// tags begin with `s:` or `u:`, record and entry members have fixed names.
+fn is_asset_key(key: &str) -> bool {
+    key.split_once(':').is_some_and(|(adam, pricing)| {
+        !adam.is_empty()
+            && adam.bytes().all(|b| b.is_ascii_digit())
+            && !pricing.is_empty()
+            && pricing.bytes().all(|b| b.is_ascii_alphabetic())
+    })
+}
+
+/// The stored text of the member `asset_key` of a table of assets (an asset page, a copy shard,
+/// an open ledger value) as `serde_json` writes it (compact: `{"k":v,...}`, then the write
+/// mark's whitespace), found by a substring search for `"k":` after `{` or `,`, without
+/// scanning the members before it. An unescaped quote is always a string's edge in JSON, so a
+/// match is a member's key; being of the asset-key form ([`is_asset_key`]), it is one of the
+/// table's own members, not a nested one. `Some(None)`: not in the table; `None`: the text is
+/// not compact or the key not of that form (the caller scans every member instead).
+fn asset_member<'a>(bytes: &'a [u8], asset_key: &str) -> Option<Option<&'a [u8]>> {
+    if !is_asset_key(asset_key) || !(bytes.starts_with(b"{\"") || bytes.starts_with(b"{}")) {
+        return None;
+    }
+    let needle = format!("\"{asset_key}\":");
+    for at in memchr::memmem::find_iter(bytes, needle.as_bytes()) {
+        if at > 0 && matches!(bytes[at - 1], b'{' | b',') {
+            let start = at + needle.len();
+            let end = value_end(bytes, start)?;
+            return Some(Some(&bytes[start..end]));
+        }
+    }
+    Some(None)
+}
+
 /// Decode only the entries named in `wanted` of the object stored at `key` (the others are
-/// skipped by a byte scan, never decoded): a read of one asset of a page or of a shard costs a
-/// scan.
+/// skipped, never decoded): a read of one asset of a page or of a shard costs a substring
+/// search per wanted asset ([`asset_member`]), or a byte scan of the members when that cannot
+/// decide.
 pub(crate) fn pick<T: DeserializeOwned>(
     kv: &impl Kv,
     key: &str,
@@ -122,6 +196,20 @@ pub(crate) fn pick<T: DeserializeOwned>(
     let Some(bytes) = kv.get(key)? else {
         return Ok(BTreeMap::new());
     };
+    let found: Option<Vec<(&str, Option<&[u8]>)>> = wanted
+        .iter()
+        .map(|w| asset_member(&bytes, w).map(|v| (*w, v)))
+        .collect();
+    if let Some(found) = found {
+        let mut out = BTreeMap::new();
+        for (name, v) in found {
+            if let Some(v) = v {
+                let value: T = serde_json::from_slice(v).map_err(|e| corrupt(e.to_string()))?;
+                out.insert(name.to_string(), value);
+            }
+        }
+        return Ok(out);
+    }
     let list = members(&bytes).ok_or_else(|| corrupt("not a JSON object".into()))?;
     let mut out = BTreeMap::new();
     // Keys as serde_json writes them (quoted, escaped): compared without decoding.
@@ -1119,6 +1207,77 @@ mod tests {
         assert_eq!(got["c"], serde_json::json!(2));
         kv.set("bad", b"[1,2]").unwrap();
         assert!(pick::<Value>(&kv, "bad", &BTreeSet::from(["a"])).is_err());
+    }
+
+    /// The substring search finds exactly the member a scan of every member finds, in tables
+    /// whose nested strings and tags spell other members' keys, written with and without a
+    /// write mark; text that is not compact, or a key not of the asset-key form, is scanned.
+    #[test]
+    fn an_asset_is_found_by_search_exactly_as_by_a_scan() {
+        let kv = MemoryKv::default();
+        let tricky = [
+            "s:7:STDQ",
+            "s:,\"7:STDQ\":{",
+            "u:{\"7:STDQ\":",
+            "s:\\",
+            "u:\"17:STDQ\":{\"x\":1}",
+            "s:é",
+            "s:\"7:STDQ",
+            "u:x\\\"8:STDQ",
+        ];
+        let mut shard: CopyShard = BTreeMap::new();
+        for (i, ak) in ["17:STDQ", "7:PLUS", "7:STDQ", "70:STDQ", "8:STDQ"]
+            .iter()
+            .enumerate()
+        {
+            let mut m = BTreeMap::new();
+            for (j, t) in tricky.iter().enumerate() {
+                let h = match (i + j) % 3 {
+                    0 => Held::Foreign(0),
+                    1 => Held::Ours(Some(format!(",\"{ak}\":{{{j}")), Some(j as i64)),
+                    _ => Held::Ours(None, None),
+                };
+                m.insert(t.to_string(), h);
+            }
+            shard.insert(ak.to_string(), m);
+        }
+        let mut page = AssetPage::new();
+        for ak in ["7:STDQ", "70:PLUS"] {
+            let mut r = rec(ak.split(':').next().unwrap(), 3, 1);
+            r.name = Some(format!("a,\"7:STDQ\":{{\"adamId\":\"9\"}} {ak}"));
+            page.insert(r.key(), r);
+        }
+        set_json(&kv, "shard", &shard).unwrap();
+        update::<CopyShard, ()>(&kv, "marked", |_| Ok((Some(shard.clone()), ()))).unwrap();
+        set_json(&kv, "page", &page).unwrap();
+        set_json(&kv, "empty", &CopyShard::new()).unwrap();
+        let mut pretty = serde_json::to_vec_pretty(&shard).unwrap();
+        pretty.extend_from_slice(b"\n");
+        kv.set("pretty", &pretty).unwrap();
+        let scan = |key: &str, ak: &str| -> Option<Value> {
+            let bytes = kv.get(key).unwrap()?;
+            let list = members(&bytes).unwrap();
+            let quoted = serde_json::to_string(ak).unwrap();
+            list.into_iter()
+                .find(|(k, _)| *k == quoted.as_bytes())
+                .map(|(_, v)| serde_json::from_slice(v).unwrap())
+        };
+        for key in ["shard", "marked", "page", "empty", "pretty"] {
+            let bytes = kv.get(key).unwrap().unwrap();
+            for ak in [
+                "7:STDQ", "7:PLUS", "17:STDQ", "70:PLUS", "8:STDQ", "9:STDQ", "7",
+            ] {
+                let got: BTreeMap<String, Value> = pick(&kv, key, &BTreeSet::from([ak])).unwrap();
+                assert_eq!(got.get(ak).cloned(), scan(key, ak), "{key} {ak}");
+                let searched = asset_member(&bytes, ak).is_some();
+                assert_eq!(searched, key != "pretty" && ak != "7", "{key} {ak}");
+            }
+            let two: BTreeMap<String, Value> =
+                pick(&kv, key, &BTreeSet::from(["7:STDQ", "8:STDQ"])).unwrap();
+            assert_eq!(two.get("8:STDQ").cloned(), scan(key, "8:STDQ"), "{key}");
+        }
+        kv.set("bad", b"{\"7:STDQ\":{\"s:1\":0").unwrap();
+        assert!(pick::<Value>(&kv, "bad", &BTreeSet::from(["7:STDQ"])).is_err());
     }
 
     #[test]
