@@ -422,7 +422,17 @@ pub fn page_after_raw(
             if entries.len() >= n {
                 break;
             }
-            let name: String = serde_json::from_slice(k).map_err(|e| corrupt(e.to_string()))?;
+            // A key without escapes is its text between the quotes (asset keys are digits,
+            // a colon and letters): no decode per record.
+            let plain = k
+                .strip_prefix(b"\"")
+                .and_then(|t| t.strip_suffix(b"\""))
+                .filter(|t| !t.contains(&b'\\'))
+                .and_then(|t| std::str::from_utf8(t).ok());
+            let name: String = match plain {
+                Some(text) => text.to_string(),
+                None => serde_json::from_slice(k).map_err(|e| corrupt(e.to_string()))?,
+            };
             if name.as_str() > after {
                 let start = v.as_ptr() as usize - base;
                 entries.push((name, start..start + v.len()));
