@@ -189,16 +189,25 @@ pub(crate) fn pick<T: DeserializeOwned>(
     key: &str,
     wanted: &BTreeSet<&str>,
 ) -> Result<BTreeMap<String, T>, StoreError> {
+    pick_in(key, kv.get(key)?.as_deref(), wanted)
+}
+
+/// [`pick`] from the bytes read from `key` (`None`: the key is absent).
+pub(crate) fn pick_in<T: DeserializeOwned>(
+    key: &str,
+    stored: Option<&[u8]>,
+    wanted: &BTreeSet<&str>,
+) -> Result<BTreeMap<String, T>, StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt {
         key: key.to_string(),
         reason,
     };
-    let Some(bytes) = kv.get(key)? else {
+    let Some(bytes) = stored else {
         return Ok(BTreeMap::new());
     };
     let found: Option<Vec<(&str, Option<&[u8]>)>> = wanted
         .iter()
-        .map(|w| asset_member(&bytes, w).map(|v| (*w, v)))
+        .map(|w| asset_member(bytes, w).map(|v| (*w, v)))
         .collect();
     if let Some(found) = found {
         let mut out = BTreeMap::new();
@@ -210,7 +219,7 @@ pub(crate) fn pick<T: DeserializeOwned>(
         }
         return Ok(out);
     }
-    let list = members(&bytes).ok_or_else(|| corrupt("not a JSON object".into()))?;
+    let list = members(bytes).ok_or_else(|| corrupt("not a JSON object".into()))?;
     let mut out = BTreeMap::new();
     // Keys as serde_json writes them (quoted, escaped): compared without decoding.
     let encoded: BTreeSet<String> = wanted
@@ -869,9 +878,55 @@ pub fn asset_assignments(
     let n = keys::asset_copy_shard(&asset.key(), page, doc.copy_shards);
     let ak = asset.key();
     let only = BTreeSet::from([ak.as_str()]);
-    let mut shard: CopyShard = pick(kv, &keys::copy_shard(account, doc.generation, n), &only)?;
+    let shard: CopyShard = pick(kv, &keys::copy_shard(account, doc.generation, n), &only)?;
+    Ok(page_entries(shard, asset, page))
+}
+
+/// An asset's record and the entries of one page of its assignments.
+pub type AssetWithPage = (AssetRecord, Vec<(String, MadeBy)>);
+
+/// An asset of generation `ix` with page `page` of its assignments, and the values of `also`,
+/// read in one call ([`Kv::get_many`]: the asset page and the copy shard of that page are
+/// both known from the index and the asset key). `None` when the generation has no such
+/// asset. A page at or past the asset's page count gives no entries (the caller says 404).
+pub fn asset_with_page(
+    kv: &impl Kv,
+    account: &str,
+    ix: &CopyIndex,
+    asset_key: &str,
+    page: u32,
+    also: &[&str],
+) -> Result<(Option<AssetWithPage>, Vec<Option<Vec<u8>>>), StoreError> {
+    let page_key = keys::asset_page(account, ix.generation, ix.page_of(asset_key));
+    let shard_key = keys::copy_shard(
+        account,
+        ix.generation,
+        keys::asset_copy_shard(asset_key, page, ix.copy_shards),
+    );
+    let mut wanted_keys = vec![page_key.as_str(), shard_key.as_str()];
+    wanted_keys.extend_from_slice(also);
+    let mut got = kv.get_many(&wanted_keys)?.into_iter();
+    let (stored_page, stored_shard) = (got.next().flatten(), got.next().flatten());
+    let rest: Vec<Option<Vec<u8>>> = got.collect();
+    let only = BTreeSet::from([asset_key]);
+    let mut records: AssetPage = pick_in(&page_key, stored_page.as_deref(), &only)?;
+    let Some(asset) = records.remove(asset_key) else {
+        return Ok((None, rest));
+    };
+    let entries = if page < asset.shards.max(1) {
+        let shard: CopyShard = pick_in(&shard_key, stored_shard.as_deref(), &only)?;
+        page_entries(shard, &asset, page)
+    } else {
+        Vec::new()
+    };
+    Ok((Some((asset, entries)), rest))
+}
+
+/// The entries of page `page` of `asset` in a copy shard read for it.
+fn page_entries(mut shard: CopyShard, asset: &AssetRecord, page: u32) -> Vec<(String, MadeBy)> {
+    let ak = asset.key();
     let pages = asset.shards.max(1);
-    Ok(shard
+    shard
         .remove(&ak)
         .unwrap_or_default()
         .into_iter()
@@ -882,7 +937,7 @@ pub fn asset_assignments(
             let by = MadeBy::from(&h);
             (tag, by)
         })
-        .collect())
+        .collect()
 }
 
 /// Spread an asset's assignments over `pages` copy shards of generation `ix` (capped at the

@@ -11,7 +11,7 @@
 
 use crate::copy::{self, CopyIndex};
 use crate::error::{ApiError, ErrorCode};
-use crate::model::{asset_key, Account, AssetRecord, MadeBy, Subject};
+use crate::model::{asset_key, Account, AssetRecord, AssetsDoc, MadeBy, Subject};
 use crate::{event, settings};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -594,31 +594,52 @@ pub fn assignments(
     page: Option<u64>,
 ) -> Result<Value, ApiError> {
     crate::assignment::validate_adam_id(adam_id)?;
-    let account = crate::assignment::load_account(kv, account_id)?;
-    let not_found = || ApiError::not_found(format!("asset {adam_id} in account {account_id}"));
-    let (doc, asset) = match pricing {
-        Some(p) => {
-            let p = crate::assignment::validate_pricing(Some(p))?;
-            let (doc, found) = copy::asset(kv, &account.id, &asset_key(adam_id, &p))?;
-            let asset = match found {
-                Some(a) => a,
-                None => crate::assignment::find_asset(&doc, account_id, adam_id, &p)?,
-            };
-            (doc, asset)
-        }
-        None => {
-            // STDQ unless the asset only has PLUS: one asset page read in the usual case.
-            let (doc, found) = copy::asset(kv, &account.id, &asset_key(adam_id, "STDQ"))?;
-            match found {
-                Some(a) => (doc, a),
-                None => {
-                    let (doc, found) = copy::asset(kv, &account.id, &asset_key(adam_id, "PLUS"))?;
-                    (doc, found.ok_or_else(not_found)?)
-                }
-            }
-        }
-    };
+    let first_pricing = crate::assignment::validate_pricing(pricing)?;
+    if account_id.is_empty() {
+        // What `load_account` says.
+        crate::assignment::load_account(kv, account_id)?;
+    }
     let page = page.unwrap_or(0);
+    let page32 = u32::try_from(page).unwrap_or(u32::MAX);
+    // Two calls to the store in the usual case: the account with the copy's index, then the
+    // asset's page with the copy shard of the page asked for and the asset's open ledger
+    // value (STDQ first unless pricingParam says; PLUS read after when STDQ is not there).
+    let (account_key, index_key) = (keys::account(account_id), keys::assets(account_id));
+    let got = kv.get_many(&[account_key.as_str(), index_key.as_str()])?;
+    let account: Account = vpp_store::from_stored(&account_key, got[0].as_deref())?
+        .ok_or_else(|| ApiError::not_found(format!("account {account_id}")))?;
+    let ix: CopyIndex = vpp_store::from_stored(&index_key, got[1].as_deref())?.unwrap_or_default();
+    let mut found = None;
+    let mut tried = vec![first_pricing];
+    if pricing.is_none() {
+        tried.push("PLUS".into());
+    }
+    for p in &tried {
+        let ak = asset_key(adam_id, p);
+        let open_key = crate::ledger::open_key(&account.id, &ak);
+        let wants_open = page == 0;
+        let also: Vec<&str> = wants_open
+            .then_some(open_key.as_str())
+            .into_iter()
+            .collect();
+        let (hit, rest) = copy::asset_with_page(kv, &account.id, &ix, &ak, page32, &also)?;
+        if let Some(hit) = hit {
+            let open_bytes = rest.into_iter().next().flatten();
+            found = Some((hit, wants_open.then_some((open_key, open_bytes))));
+            break;
+        }
+    }
+    let Some(((asset, entries), open)) = found else {
+        return Err(match pricing {
+            Some(_) => {
+                let none = AssetsDoc::default();
+                crate::assignment::find_asset(&none, account_id, adam_id, &tried[0])
+                    .err()
+                    .unwrap_or_else(|| ApiError::not_found(format!("asset {adam_id}")))
+            }
+            None => ApiError::not_found(format!("asset {adam_id} in account {account_id}")),
+        });
+    };
     if page >= u64::from(asset.shards) {
         return Err(ApiError::not_found(format!(
             "page {page} (the asset's assignments have {} pages)",
@@ -626,7 +647,6 @@ pub fn assignments(
         ))
         .with_details(json!({"field": "page"})));
     }
-    let entries = copy::asset_assignments(kv, &account.id, &doc, &asset, page as u32)?;
     let list: Vec<Value> = entries
         .iter()
         .filter_map(|(tag, by)| {
@@ -645,8 +665,8 @@ pub fn assignments(
         .collect();
     // Our open entries (not yet in Apple's copy): shown with their state, on the first page.
     let mut pending = Vec::new();
-    if page == 0 {
-        let open = crate::ledger::open_doc(kv, &account.id, &asset.key())?;
+    if let Some((open_key, bytes)) = open {
+        let open = crate::ledger::open_doc_in(&open_key, bytes.as_deref(), &asset.key())?;
         for (tag, o) in &open.entries {
             let Some(subject) = Subject::from_tag(tag) else {
                 continue;
