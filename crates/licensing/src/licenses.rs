@@ -726,6 +726,179 @@ mod tests {
         assert_eq!(e.body()["error"]["details"]["field"], "cursor");
     }
 
+    /// A store whose `get_many` is one call, counting calls.
+    struct Calls<'a>(&'a vpp_store::MemoryKv, std::cell::Cell<usize>);
+
+    impl Kv for Calls<'_> {
+        fn get(&self, key: &str) -> Result<Option<Vec<u8>>, vpp_store::KvError> {
+            self.1.set(self.1.get() + 1);
+            self.0.get(key)
+        }
+        fn set(&self, key: &str, value: &[u8]) -> Result<(), vpp_store::KvError> {
+            self.0.set(key, value)
+        }
+        fn delete(&self, key: &str) -> Result<(), vpp_store::KvError> {
+            self.0.delete(key)
+        }
+        fn swap(
+            &self,
+            key: &str,
+            expected: Option<&[u8]>,
+            new: &[u8],
+        ) -> Result<bool, vpp_store::KvError> {
+            self.0.swap(key, expected, new)
+        }
+        fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Vec<u8>>>, vpp_store::KvError> {
+            self.1.set(self.1.get() + 1);
+            keys.iter().map(|k| self.0.get(k)).collect()
+        }
+    }
+
+    /// An asset's assignments page is the asset's record and its entries on that page as the
+    /// copy holds them, read in two store calls (STDQ, or the asset asked for); a PLUS-only
+    /// asset is found without pricingParam; what is not there is a 404 that says what.
+    #[test]
+    fn an_assignments_page_is_the_copy_read_in_two_calls() {
+        use crate::model::Account;
+        use vpp_store::{set_json, MemoryKv};
+        let kv = MemoryKv::default();
+        let account: Account = serde_json::from_value(json!({
+            "id": "a1", "name": "School", "organization": "Org", "location": "Main",
+            "locationId": "uid1", "country": "US", "defaultPlatform": "volumestore",
+            "websiteUrl": null, "tokenExpiresAt": "2030-01-01T00:00:00Z",
+            "createdAt": "2025-01-01T00:00:00Z", "updatedAt": "2025-01-01T00:00:00Z",
+        }))
+        .unwrap();
+        set_json(&kv, &keys::account("a1"), &account).unwrap();
+        let record = |adam: u32, pricing: &str, in_use: i64| AssetRecord {
+            adam_id: adam.to_string(),
+            pricing_param: pricing.into(),
+            product_type: "App".into(),
+            name: None,
+            icon_url: None,
+            total: 10_000,
+            available: 10_000 - in_use,
+            in_use,
+            retired: 0,
+            device_assignable: true,
+            revocable: true,
+            supported_platforms: Vec::new(),
+            shards: 1,
+        };
+        let mut records: Vec<AssetRecord> =
+            (0..300).map(|i| record(1000 + i, "STDQ", 20)).collect();
+        records.push(record(5, "PLUS", 3));
+        records.push(record(7, "STDQ", 2_500));
+        copy::write_generation(&kv, "a1", 1, None, records).unwrap();
+        for (adam, pricing, n) in [
+            (1000, "STDQ", 20),
+            (1001, "STDQ", 20),
+            (5, "PLUS", 3),
+            (7, "STDQ", 2_500),
+        ] {
+            let (doc, a) = copy::asset(&kv, "a1", &asset_key(&adam.to_string(), pricing)).unwrap();
+            let a = a.unwrap();
+            let subjects: Vec<Subject> = (0..n)
+                .map(|i| Subject::SerialNumber(format!("S{adam}-{i}")))
+                .collect();
+            let entries: Vec<(&AssetRecord, &Subject)> = subjects.iter().map(|s| (&a, s)).collect();
+            copy::edit_assignments(&kv, "a1", &doc, &entries, |i, _| {
+                copy::Edit::Put(if i % 2 == 0 {
+                    MadeBy::Foreign
+                } else {
+                    MadeBy::Ours {
+                        event_id: Some(format!("e{i}")),
+                        at: None,
+                    }
+                })
+            })
+            .unwrap();
+        }
+        let calls = Calls(&kv, std::cell::Cell::new(0));
+        for (adam, pricing, pages, want_calls) in [
+            ("1000", None, 1, 2),
+            ("1001", Some("STDQ"), 1, 2),
+            ("5", None, 1, 3),
+            ("5", Some("PLUS"), 1, 2),
+            ("7", None, 2, 2),
+        ] {
+            let (doc, a) = copy::asset(
+                &kv,
+                "a1",
+                &asset_key(
+                    adam,
+                    pricing.unwrap_or(if adam == "5" { "PLUS" } else { "STDQ" }),
+                ),
+            )
+            .unwrap();
+            let a = a.unwrap();
+            assert_eq!(a.shards, pages, "{adam}");
+            let mut seen = 0;
+            for p in 0..pages {
+                calls.1.set(0);
+                let got = assignments(&calls, "a1", adam, pricing, Some(u64::from(p))).unwrap();
+                if p == 0 {
+                    assert_eq!(calls.1.get(), want_calls, "{adam} {pricing:?}");
+                }
+                let want = copy::asset_assignments(&kv, "a1", &doc, &a, p).unwrap();
+                let tags: Vec<String> = got["assignments"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| format!("s:{}", v["serialNumber"].as_str().unwrap()))
+                    .collect();
+                let want_tags: Vec<String> = want.iter().map(|(t, _)| t.clone()).collect();
+                assert_eq!(tags, want_tags, "{adam} page {p}");
+                assert_eq!(got["inUse"], a.in_use);
+                assert_eq!(got["pages"], pages);
+                assert_eq!(got["pricingParam"], a.pricing_param);
+                assert_eq!(
+                    got["nextPage"],
+                    if p + 1 < pages {
+                        json!(p + 1)
+                    } else {
+                        Value::Null
+                    }
+                );
+                seen += tags.len();
+            }
+            assert_eq!(seen as i64, a.in_use, "{adam}");
+            let e = assignments(&calls, "a1", adam, pricing, Some(u64::from(pages))).unwrap_err();
+            assert_eq!(
+                (e.status(), e.body()["error"]["details"]["field"].clone()),
+                (404, json!("page"))
+            );
+        }
+        let e = assignments(&calls, "a1", "1000", Some("PLUS"), None).unwrap_err();
+        assert_eq!(e.status(), 404);
+        assert_eq!(e.body()["error"]["details"]["pricingParam"], "PLUS");
+        let e = assignments(&calls, "a1", "99", None, None).unwrap_err();
+        assert_eq!(e.status(), 404);
+        let e = assignments(&calls, "nope", "1000", None, None).unwrap_err();
+        assert!(e.body()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("account nope"));
+        assert_eq!(
+            assignments(&calls, "", "1000", None, None)
+                .unwrap_err()
+                .status(),
+            400
+        );
+        assert_eq!(
+            assignments(&calls, "a1", "x", None, None)
+                .unwrap_err()
+                .status(),
+            400
+        );
+        assert_eq!(
+            assignments(&calls, "a1", "1000", Some("X"), None)
+                .unwrap_err()
+                .status(),
+            400
+        );
+    }
+
     #[test]
     fn the_csv_export_in_chunks_is_the_whole_document() {
         use crate::model::Account;
