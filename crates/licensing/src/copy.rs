@@ -192,6 +192,9 @@ pub(crate) fn pick<T: DeserializeOwned>(
     pick_in(key, kv.get(key)?.as_deref(), wanted)
 }
 
+/// A wanted member and its stored text (`None`: not in the table).
+type Member<'a, 'b> = (&'a str, Option<&'b [u8]>);
+
 /// [`pick`] from the bytes read from `key` (`None`: the key is absent).
 pub(crate) fn pick_in<T: DeserializeOwned>(
     key: &str,
@@ -205,7 +208,7 @@ pub(crate) fn pick_in<T: DeserializeOwned>(
     let Some(bytes) = stored else {
         return Ok(BTreeMap::new());
     };
-    let found: Option<Vec<(&str, Option<&[u8]>)>> = wanted
+    let found: Option<Vec<Member>> = wanted
         .iter()
         .map(|w| asset_member(bytes, w).map(|v| (*w, v)))
         .collect();
@@ -882,6 +885,9 @@ pub fn asset_assignments(
     Ok(page_entries(shard, asset, page))
 }
 
+/// A value as read from the store (`None`: the key is absent).
+pub type Stored = Option<Vec<u8>>;
+
 /// An asset's record and the entries of one page of its assignments.
 pub type AssetWithPage = (AssetRecord, Vec<(String, MadeBy)>);
 
@@ -896,7 +902,7 @@ pub fn asset_with_page(
     asset_key: &str,
     page: u32,
     also: &[&str],
-) -> Result<(Option<AssetWithPage>, Vec<Option<Vec<u8>>>), StoreError> {
+) -> Result<(Option<AssetWithPage>, Vec<Stored>), StoreError> {
     let page_key = keys::asset_page(account, ix.generation, ix.page_of(asset_key));
     let shard_key = keys::copy_shard(
         account,
@@ -907,7 +913,7 @@ pub fn asset_with_page(
     wanted_keys.extend_from_slice(also);
     let mut got = kv.get_many(&wanted_keys)?.into_iter();
     let (stored_page, stored_shard) = (got.next().flatten(), got.next().flatten());
-    let rest: Vec<Option<Vec<u8>>> = got.collect();
+    let rest: Vec<Stored> = got.collect();
     let only = BTreeSet::from([asset_key]);
     let mut records: AssetPage = pick_in(&page_key, stored_page.as_deref(), &only)?;
     let Some(asset) = records.remove(asset_key) else {
