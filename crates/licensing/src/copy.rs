@@ -107,22 +107,122 @@ pub(crate) fn members(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
     }
 }
 
+/// The end (exclusive) of the JSON value that starts at `start` (no leading whitespace), by
+/// the same byte scan as [`members`]: strings and nesting only.
+fn value_end(bytes: &[u8], start: usize) -> Option<usize> {
+    let n = bytes.len();
+    let mut i = start;
+    let mut depth = 0usize;
+    while i < n {
+        match bytes[i] {
+            b'"' => {
+                i += 1;
+                loop {
+                    match bytes.get(i)? {
+                        b'\\' => i += 2,
+                        b'"' => break,
+                        _ => i += 1,
+                    }
+                }
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                if depth == 0 {
+                    return Some(i);
+                }
+                depth -= 1;
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            b',' | b' ' | b'\n' | b'\r' | b'\t' if depth == 0 => return Some(i),
+            _ => {}
+        }
+        i += 1;
+    }
+    (depth == 0 && i > start).then_some(n)
+}
+
+/// Whether `key` has the form of an asset key (`adamId:pricingParam`: ASCII digits, a colon,
+/// ASCII letters), which no member nested in the copy's and the ledger's tables has: subject
+/// tags begin with `s:` or `u:`, record and entry members have fixed names.
+fn is_asset_key(key: &str) -> bool {
+    key.split_once(':').is_some_and(|(adam, pricing)| {
+        !adam.is_empty()
+            && adam.bytes().all(|b| b.is_ascii_digit())
+            && !pricing.is_empty()
+            && pricing.bytes().all(|b| b.is_ascii_alphabetic())
+    })
+}
+
+/// The stored text of the member `asset_key` of a table of assets (an asset page, a copy shard,
+/// an open ledger value) as `serde_json` writes it (compact: `{"k":v,...}`, then the write
+/// mark's whitespace), found by a substring search for `"k":` after `{` or `,`, without
+/// scanning the members before it. An unescaped quote is always a string's edge in JSON, so a
+/// match is a member's key; being of the asset-key form ([`is_asset_key`]), it is one of the
+/// table's own members, not a nested one. `Some(None)`: not in the table; `None`: the text is
+/// not compact or the key not of that form (the caller scans every member instead).
+fn asset_member<'a>(bytes: &'a [u8], asset_key: &str) -> Option<Option<&'a [u8]>> {
+    if !is_asset_key(asset_key) || !(bytes.starts_with(b"{\"") || bytes.starts_with(b"{}")) {
+        return None;
+    }
+    let needle = format!("\"{asset_key}\":");
+    for at in memchr::memmem::find_iter(bytes, needle.as_bytes()) {
+        if at > 0 && matches!(bytes[at - 1], b'{' | b',') {
+            let start = at + needle.len();
+            let end = value_end(bytes, start)?;
+            return Some(Some(&bytes[start..end]));
+        }
+    }
+    Some(None)
+}
+
 /// Decode only the entries named in `wanted` of the object stored at `key` (the others are
-/// skipped by a byte scan, never decoded): a read of one asset of a page or of a shard costs a
-/// scan.
+/// skipped, never decoded): a read of one asset of a page or of a shard costs a substring
+/// search per wanted asset ([`asset_member`]), or a byte scan of the members when that cannot
+/// decide.
 pub(crate) fn pick<T: DeserializeOwned>(
     kv: &impl Kv,
     key: &str,
+    wanted: &BTreeSet<&str>,
+) -> Result<BTreeMap<String, T>, StoreError> {
+    pick_in(key, kv.get(key)?.as_deref(), wanted)
+}
+
+/// A wanted member and its stored text (`None`: not in the table).
+type Member<'a, 'b> = (&'a str, Option<&'b [u8]>);
+
+/// [`pick`] from the bytes read from `key` (`None`: the key is absent).
+pub(crate) fn pick_in<T: DeserializeOwned>(
+    key: &str,
+    stored: Option<&[u8]>,
     wanted: &BTreeSet<&str>,
 ) -> Result<BTreeMap<String, T>, StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt {
         key: key.to_string(),
         reason,
     };
-    let Some(bytes) = kv.get(key)? else {
+    let Some(bytes) = stored else {
         return Ok(BTreeMap::new());
     };
-    let list = members(&bytes).ok_or_else(|| corrupt("not a JSON object".into()))?;
+    let found: Option<Vec<Member>> = wanted
+        .iter()
+        .map(|w| asset_member(bytes, w).map(|v| (*w, v)))
+        .collect();
+    if let Some(found) = found {
+        let mut out = BTreeMap::new();
+        for (name, v) in found {
+            if let Some(v) = v {
+                let value: T = serde_json::from_slice(v).map_err(|e| corrupt(e.to_string()))?;
+                out.insert(name.to_string(), value);
+            }
+        }
+        return Ok(out);
+    }
+    let list = members(bytes).ok_or_else(|| corrupt("not a JSON object".into()))?;
     let mut out = BTreeMap::new();
     // Keys as serde_json writes them (quoted, escaped): compared without decoding.
     let encoded: BTreeSet<String> = wanted
@@ -334,7 +434,17 @@ pub fn page_after_raw(
             if entries.len() >= n {
                 break;
             }
-            let name: String = serde_json::from_slice(k).map_err(|e| corrupt(e.to_string()))?;
+            // A key without escapes is its text between the quotes (asset keys are digits,
+            // a colon and letters): no decode per record.
+            let plain = k
+                .strip_prefix(b"\"")
+                .and_then(|t| t.strip_suffix(b"\""))
+                .filter(|t| !t.contains(&b'\\'))
+                .and_then(|t| std::str::from_utf8(t).ok());
+            let name: String = match plain {
+                Some(text) => text.to_string(),
+                None => serde_json::from_slice(k).map_err(|e| corrupt(e.to_string()))?,
+            };
             if name.as_str() > after {
                 let start = v.as_ptr() as usize - base;
                 entries.push((name, start..start + v.len()));
@@ -771,9 +881,58 @@ pub fn asset_assignments(
     let n = keys::asset_copy_shard(&asset.key(), page, doc.copy_shards);
     let ak = asset.key();
     let only = BTreeSet::from([ak.as_str()]);
-    let mut shard: CopyShard = pick(kv, &keys::copy_shard(account, doc.generation, n), &only)?;
+    let shard: CopyShard = pick(kv, &keys::copy_shard(account, doc.generation, n), &only)?;
+    Ok(page_entries(shard, asset, page))
+}
+
+/// A value as read from the store (`None`: the key is absent).
+pub type Stored = Option<Vec<u8>>;
+
+/// An asset's record and the entries of one page of its assignments.
+pub type AssetWithPage = (AssetRecord, Vec<(String, MadeBy)>);
+
+/// An asset of generation `ix` with page `page` of its assignments, and the values of `also`,
+/// read in one call ([`Kv::get_many`]: the asset page and the copy shard of that page are
+/// both known from the index and the asset key). `None` when the generation has no such
+/// asset. A page at or past the asset's page count gives no entries (the caller says 404).
+pub fn asset_with_page(
+    kv: &impl Kv,
+    account: &str,
+    ix: &CopyIndex,
+    asset_key: &str,
+    page: u32,
+    also: &[&str],
+) -> Result<(Option<AssetWithPage>, Vec<Stored>), StoreError> {
+    let page_key = keys::asset_page(account, ix.generation, ix.page_of(asset_key));
+    let shard_key = keys::copy_shard(
+        account,
+        ix.generation,
+        keys::asset_copy_shard(asset_key, page, ix.copy_shards),
+    );
+    let mut wanted_keys = vec![page_key.as_str(), shard_key.as_str()];
+    wanted_keys.extend_from_slice(also);
+    let mut got = kv.get_many(&wanted_keys)?.into_iter();
+    let (stored_page, stored_shard) = (got.next().flatten(), got.next().flatten());
+    let rest: Vec<Stored> = got.collect();
+    let only = BTreeSet::from([asset_key]);
+    let mut records: AssetPage = pick_in(&page_key, stored_page.as_deref(), &only)?;
+    let Some(asset) = records.remove(asset_key) else {
+        return Ok((None, rest));
+    };
+    let entries = if page < asset.shards.max(1) {
+        let shard: CopyShard = pick_in(&shard_key, stored_shard.as_deref(), &only)?;
+        page_entries(shard, &asset, page)
+    } else {
+        Vec::new()
+    };
+    Ok((Some((asset, entries)), rest))
+}
+
+/// The entries of page `page` of `asset` in a copy shard read for it.
+fn page_entries(mut shard: CopyShard, asset: &AssetRecord, page: u32) -> Vec<(String, MadeBy)> {
+    let ak = asset.key();
     let pages = asset.shards.max(1);
-    Ok(shard
+    shard
         .remove(&ak)
         .unwrap_or_default()
         .into_iter()
@@ -784,7 +943,7 @@ pub fn asset_assignments(
             let by = MadeBy::from(&h);
             (tag, by)
         })
-        .collect())
+        .collect()
 }
 
 /// Spread an asset's assignments over `pages` copy shards of generation `ix` (capped at the
@@ -1119,6 +1278,77 @@ mod tests {
         assert_eq!(got["c"], serde_json::json!(2));
         kv.set("bad", b"[1,2]").unwrap();
         assert!(pick::<Value>(&kv, "bad", &BTreeSet::from(["a"])).is_err());
+    }
+
+    /// The substring search finds exactly the member a scan of every member finds, in tables
+    /// whose nested strings and tags spell other members' keys, written with and without a
+    /// write mark; text that is not compact, or a key not of the asset-key form, is scanned.
+    #[test]
+    fn an_asset_is_found_by_search_exactly_as_by_a_scan() {
+        let kv = MemoryKv::default();
+        let tricky = [
+            "s:7:STDQ",
+            "s:,\"7:STDQ\":{",
+            "u:{\"7:STDQ\":",
+            "s:\\",
+            "u:\"17:STDQ\":{\"x\":1}",
+            "s:é",
+            "s:\"7:STDQ",
+            "u:x\\\"8:STDQ",
+        ];
+        let mut shard: CopyShard = BTreeMap::new();
+        for (i, ak) in ["17:STDQ", "7:PLUS", "7:STDQ", "70:STDQ", "8:STDQ"]
+            .iter()
+            .enumerate()
+        {
+            let mut m = BTreeMap::new();
+            for (j, t) in tricky.iter().enumerate() {
+                let h = match (i + j) % 3 {
+                    0 => Held::Foreign(0),
+                    1 => Held::Ours(Some(format!(",\"{ak}\":{{{j}")), Some(j as i64)),
+                    _ => Held::Ours(None, None),
+                };
+                m.insert(t.to_string(), h);
+            }
+            shard.insert(ak.to_string(), m);
+        }
+        let mut page = AssetPage::new();
+        for ak in ["7:STDQ", "70:PLUS"] {
+            let mut r = rec(ak.split(':').next().unwrap(), 3, 1);
+            r.name = Some(format!("a,\"7:STDQ\":{{\"adamId\":\"9\"}} {ak}"));
+            page.insert(r.key(), r);
+        }
+        set_json(&kv, "shard", &shard).unwrap();
+        update::<CopyShard, ()>(&kv, "marked", |_| Ok((Some(shard.clone()), ()))).unwrap();
+        set_json(&kv, "page", &page).unwrap();
+        set_json(&kv, "empty", &CopyShard::new()).unwrap();
+        let mut pretty = serde_json::to_vec_pretty(&shard).unwrap();
+        pretty.extend_from_slice(b"\n");
+        kv.set("pretty", &pretty).unwrap();
+        let scan = |key: &str, ak: &str| -> Option<Value> {
+            let bytes = kv.get(key).unwrap()?;
+            let list = members(&bytes).unwrap();
+            let quoted = serde_json::to_string(ak).unwrap();
+            list.into_iter()
+                .find(|(k, _)| *k == quoted.as_bytes())
+                .map(|(_, v)| serde_json::from_slice(v).unwrap())
+        };
+        for key in ["shard", "marked", "page", "empty", "pretty"] {
+            let bytes = kv.get(key).unwrap().unwrap();
+            for ak in [
+                "7:STDQ", "7:PLUS", "17:STDQ", "70:PLUS", "8:STDQ", "9:STDQ", "7",
+            ] {
+                let got: BTreeMap<String, Value> = pick(&kv, key, &BTreeSet::from([ak])).unwrap();
+                assert_eq!(got.get(ak).cloned(), scan(key, ak), "{key} {ak}");
+                let searched = asset_member(&bytes, ak).is_some();
+                assert_eq!(searched, key != "pretty" && ak != "7", "{key} {ak}");
+            }
+            let two: BTreeMap<String, Value> =
+                pick(&kv, key, &BTreeSet::from(["7:STDQ", "8:STDQ"])).unwrap();
+            assert_eq!(two.get("8:STDQ").cloned(), scan(key, "8:STDQ"), "{key}");
+        }
+        kv.set("bad", b"{\"7:STDQ\":{\"s:1\":0").unwrap();
+        assert!(pick::<Value>(&kv, "bad", &BTreeSet::from(["7:STDQ"])).is_err());
     }
 
     #[test]

@@ -172,13 +172,23 @@ pub fn open_shard_of(asset_key: &str) -> u32 {
     keys::shard_of(asset_key, OPEN_SHARDS)
 }
 
-fn open_key(account: &str, asset_key: &str) -> String {
+pub(crate) fn open_key(account: &str, asset_key: &str) -> String {
     keys::ledger_open(account, open_shard_of(asset_key))
 }
 
 pub fn open_doc(kv: &impl Kv, account: &str, asset_key: &str) -> Result<OpenDoc, StoreError> {
+    let key = open_key(account, asset_key);
+    open_doc_in(&key, kv.get(&key)?.as_deref(), asset_key)
+}
+
+/// [`open_doc`] from the bytes read from the asset's open value `key`.
+pub(crate) fn open_doc_in(
+    key: &str,
+    stored: Option<&[u8]>,
+    asset_key: &str,
+) -> Result<OpenDoc, StoreError> {
     let only = BTreeSet::from([asset_key]);
-    let mut shard: OpenShard = crate::copy::pick(kv, &open_key(account, asset_key), &only)?;
+    let mut shard: OpenShard = crate::copy::pick_in(key, stored, &only)?;
     Ok(shard.remove(asset_key).unwrap_or_default())
 }
 

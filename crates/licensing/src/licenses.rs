@@ -11,7 +11,7 @@
 
 use crate::copy::{self, CopyIndex};
 use crate::error::{ApiError, ErrorCode};
-use crate::model::{asset_key, Account, AssetRecord, MadeBy, Subject};
+use crate::model::{asset_key, Account, AssetRecord, AssetsDoc, MadeBy, Subject};
 use crate::{event, settings};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -594,31 +594,52 @@ pub fn assignments(
     page: Option<u64>,
 ) -> Result<Value, ApiError> {
     crate::assignment::validate_adam_id(adam_id)?;
-    let account = crate::assignment::load_account(kv, account_id)?;
-    let not_found = || ApiError::not_found(format!("asset {adam_id} in account {account_id}"));
-    let (doc, asset) = match pricing {
-        Some(p) => {
-            let p = crate::assignment::validate_pricing(Some(p))?;
-            let (doc, found) = copy::asset(kv, &account.id, &asset_key(adam_id, &p))?;
-            let asset = match found {
-                Some(a) => a,
-                None => crate::assignment::find_asset(&doc, account_id, adam_id, &p)?,
-            };
-            (doc, asset)
-        }
-        None => {
-            // STDQ unless the asset only has PLUS: one asset page read in the usual case.
-            let (doc, found) = copy::asset(kv, &account.id, &asset_key(adam_id, "STDQ"))?;
-            match found {
-                Some(a) => (doc, a),
-                None => {
-                    let (doc, found) = copy::asset(kv, &account.id, &asset_key(adam_id, "PLUS"))?;
-                    (doc, found.ok_or_else(not_found)?)
-                }
-            }
-        }
-    };
+    let first_pricing = crate::assignment::validate_pricing(pricing)?;
+    if account_id.is_empty() {
+        // What `load_account` says.
+        crate::assignment::load_account(kv, account_id)?;
+    }
     let page = page.unwrap_or(0);
+    let page32 = u32::try_from(page).unwrap_or(u32::MAX);
+    // Two calls to the store in the usual case: the account with the copy's index, then the
+    // asset's page with the copy shard of the page asked for and the asset's open ledger
+    // value (STDQ first unless pricingParam says; PLUS read after when STDQ is not there).
+    let (account_key, index_key) = (keys::account(account_id), keys::assets(account_id));
+    let got = kv.get_many(&[account_key.as_str(), index_key.as_str()])?;
+    let account: Account = vpp_store::from_stored(&account_key, got[0].as_deref())?
+        .ok_or_else(|| ApiError::not_found(format!("account {account_id}")))?;
+    let ix: CopyIndex = vpp_store::from_stored(&index_key, got[1].as_deref())?.unwrap_or_default();
+    let mut found = None;
+    let mut tried = vec![first_pricing];
+    if pricing.is_none() {
+        tried.push("PLUS".into());
+    }
+    for p in &tried {
+        let ak = asset_key(adam_id, p);
+        let open_key = crate::ledger::open_key(&account.id, &ak);
+        let wants_open = page == 0;
+        let also: Vec<&str> = wants_open
+            .then_some(open_key.as_str())
+            .into_iter()
+            .collect();
+        let (hit, rest) = copy::asset_with_page(kv, &account.id, &ix, &ak, page32, &also)?;
+        if let Some(hit) = hit {
+            let open_bytes = rest.into_iter().next().flatten();
+            found = Some((hit, wants_open.then_some((open_key, open_bytes))));
+            break;
+        }
+    }
+    let Some(((asset, entries), open)) = found else {
+        return Err(match pricing {
+            Some(_) => {
+                let none = AssetsDoc::default();
+                crate::assignment::find_asset(&none, account_id, adam_id, &tried[0])
+                    .err()
+                    .unwrap_or_else(|| ApiError::not_found(format!("asset {adam_id}")))
+            }
+            None => ApiError::not_found(format!("asset {adam_id} in account {account_id}")),
+        });
+    };
     if page >= u64::from(asset.shards) {
         return Err(ApiError::not_found(format!(
             "page {page} (the asset's assignments have {} pages)",
@@ -626,7 +647,6 @@ pub fn assignments(
         ))
         .with_details(json!({"field": "page"})));
     }
-    let entries = copy::asset_assignments(kv, &account.id, &doc, &asset, page as u32)?;
     let list: Vec<Value> = entries
         .iter()
         .filter_map(|(tag, by)| {
@@ -645,8 +665,8 @@ pub fn assignments(
         .collect();
     // Our open entries (not yet in Apple's copy): shown with their state, on the first page.
     let mut pending = Vec::new();
-    if page == 0 {
-        let open = crate::ledger::open_doc(kv, &account.id, &asset.key())?;
+    if let Some((open_key, bytes)) = open {
+        let open = crate::ledger::open_doc_in(&open_key, bytes.as_deref(), &asset.key())?;
         for (tag, o) in &open.entries {
             let Some(subject) = Subject::from_tag(tag) else {
                 continue;
@@ -704,6 +724,179 @@ mod tests {
         let e = list_page(&kv, &all, Some(stale), 10).unwrap_err();
         assert_eq!((e.status(), e.code.as_str()), (409, "conflict"));
         assert_eq!(e.body()["error"]["details"]["field"], "cursor");
+    }
+
+    /// A store whose `get_many` is one call, counting calls.
+    struct Calls<'a>(&'a vpp_store::MemoryKv, std::cell::Cell<usize>);
+
+    impl Kv for Calls<'_> {
+        fn get(&self, key: &str) -> Result<Option<Vec<u8>>, vpp_store::KvError> {
+            self.1.set(self.1.get() + 1);
+            self.0.get(key)
+        }
+        fn set(&self, key: &str, value: &[u8]) -> Result<(), vpp_store::KvError> {
+            self.0.set(key, value)
+        }
+        fn delete(&self, key: &str) -> Result<(), vpp_store::KvError> {
+            self.0.delete(key)
+        }
+        fn swap(
+            &self,
+            key: &str,
+            expected: Option<&[u8]>,
+            new: &[u8],
+        ) -> Result<bool, vpp_store::KvError> {
+            self.0.swap(key, expected, new)
+        }
+        fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Vec<u8>>>, vpp_store::KvError> {
+            self.1.set(self.1.get() + 1);
+            keys.iter().map(|k| self.0.get(k)).collect()
+        }
+    }
+
+    /// An asset's assignments page is the asset's record and its entries on that page as the
+    /// copy holds them, read in two store calls (STDQ, or the asset asked for); a PLUS-only
+    /// asset is found without pricingParam; what is not there is a 404 that says what.
+    #[test]
+    fn an_assignments_page_is_the_copy_read_in_two_calls() {
+        use crate::model::Account;
+        use vpp_store::{set_json, MemoryKv};
+        let kv = MemoryKv::default();
+        let account: Account = serde_json::from_value(json!({
+            "id": "a1", "name": "School", "organization": "Org", "location": "Main",
+            "locationId": "uid1", "country": "US", "defaultPlatform": "volumestore",
+            "websiteUrl": null, "tokenExpiresAt": "2030-01-01T00:00:00Z",
+            "createdAt": "2025-01-01T00:00:00Z", "updatedAt": "2025-01-01T00:00:00Z",
+        }))
+        .unwrap();
+        set_json(&kv, &keys::account("a1"), &account).unwrap();
+        let record = |adam: u32, pricing: &str, in_use: i64| AssetRecord {
+            adam_id: adam.to_string(),
+            pricing_param: pricing.into(),
+            product_type: "App".into(),
+            name: None,
+            icon_url: None,
+            total: 10_000,
+            available: 10_000 - in_use,
+            in_use,
+            retired: 0,
+            device_assignable: true,
+            revocable: true,
+            supported_platforms: Vec::new(),
+            shards: 1,
+        };
+        let mut records: Vec<AssetRecord> =
+            (0..300).map(|i| record(1000 + i, "STDQ", 20)).collect();
+        records.push(record(5, "PLUS", 3));
+        records.push(record(7, "STDQ", 2_500));
+        copy::write_generation(&kv, "a1", 1, None, records).unwrap();
+        for (adam, pricing, n) in [
+            (1000, "STDQ", 20),
+            (1001, "STDQ", 20),
+            (5, "PLUS", 3),
+            (7, "STDQ", 2_500),
+        ] {
+            let (doc, a) = copy::asset(&kv, "a1", &asset_key(&adam.to_string(), pricing)).unwrap();
+            let a = a.unwrap();
+            let subjects: Vec<Subject> = (0..n)
+                .map(|i| Subject::SerialNumber(format!("S{adam}-{i}")))
+                .collect();
+            let entries: Vec<(&AssetRecord, &Subject)> = subjects.iter().map(|s| (&a, s)).collect();
+            copy::edit_assignments(&kv, "a1", &doc, &entries, |i, _| {
+                copy::Edit::Put(if i % 2 == 0 {
+                    MadeBy::Foreign
+                } else {
+                    MadeBy::Ours {
+                        event_id: Some(format!("e{i}")),
+                        at: None,
+                    }
+                })
+            })
+            .unwrap();
+        }
+        let calls = Calls(&kv, std::cell::Cell::new(0));
+        for (adam, pricing, pages, want_calls) in [
+            ("1000", None, 1, 2),
+            ("1001", Some("STDQ"), 1, 2),
+            ("5", None, 1, 3),
+            ("5", Some("PLUS"), 1, 2),
+            ("7", None, 2, 2),
+        ] {
+            let (doc, a) = copy::asset(
+                &kv,
+                "a1",
+                &asset_key(
+                    adam,
+                    pricing.unwrap_or(if adam == "5" { "PLUS" } else { "STDQ" }),
+                ),
+            )
+            .unwrap();
+            let a = a.unwrap();
+            assert_eq!(a.shards, pages, "{adam}");
+            let mut seen = 0;
+            for p in 0..pages {
+                calls.1.set(0);
+                let got = assignments(&calls, "a1", adam, pricing, Some(u64::from(p))).unwrap();
+                if p == 0 {
+                    assert_eq!(calls.1.get(), want_calls, "{adam} {pricing:?}");
+                }
+                let want = copy::asset_assignments(&kv, "a1", &doc, &a, p).unwrap();
+                let tags: Vec<String> = got["assignments"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| format!("s:{}", v["serialNumber"].as_str().unwrap()))
+                    .collect();
+                let want_tags: Vec<String> = want.iter().map(|(t, _)| t.clone()).collect();
+                assert_eq!(tags, want_tags, "{adam} page {p}");
+                assert_eq!(got["inUse"], a.in_use);
+                assert_eq!(got["pages"], pages);
+                assert_eq!(got["pricingParam"], a.pricing_param);
+                assert_eq!(
+                    got["nextPage"],
+                    if p + 1 < pages {
+                        json!(p + 1)
+                    } else {
+                        Value::Null
+                    }
+                );
+                seen += tags.len();
+            }
+            assert_eq!(seen as i64, a.in_use, "{adam}");
+            let e = assignments(&calls, "a1", adam, pricing, Some(u64::from(pages))).unwrap_err();
+            assert_eq!(
+                (e.status(), e.body()["error"]["details"]["field"].clone()),
+                (404, json!("page"))
+            );
+        }
+        let e = assignments(&calls, "a1", "1000", Some("PLUS"), None).unwrap_err();
+        assert_eq!(e.status(), 404);
+        assert_eq!(e.body()["error"]["details"]["pricingParam"], "PLUS");
+        let e = assignments(&calls, "a1", "99", None, None).unwrap_err();
+        assert_eq!(e.status(), 404);
+        let e = assignments(&calls, "nope", "1000", None, None).unwrap_err();
+        assert!(e.body()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("account nope"));
+        assert_eq!(
+            assignments(&calls, "", "1000", None, None)
+                .unwrap_err()
+                .status(),
+            400
+        );
+        assert_eq!(
+            assignments(&calls, "a1", "x", None, None)
+                .unwrap_err()
+                .status(),
+            400
+        );
+        assert_eq!(
+            assignments(&calls, "a1", "1000", Some("X"), None)
+                .unwrap_err()
+                .status(),
+            400
+        );
     }
 
     #[test]

@@ -53,6 +53,20 @@ impl Kv for SpinKv {
         }
     }
 
+    /// One `wasi:keyvalue/batch.get-many` call. Spin's stores answer with the keys that exist
+    /// only (SQLite's `IN`), so the values are matched to `keys` by name.
+    #[cfg(feature = "atomics")]
+    fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Vec<u8>>>, KvError> {
+        let list: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+        let got = spin_sdk::wit::wasi::keyvalue::batch::get_many(&self.bucket, &list)
+            .map_err(|e| KvError(format!("{e:?}")))?;
+        let mut found: std::collections::BTreeMap<String, Vec<u8>> = got
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect();
+        Ok(keys.iter().map(|k| found.remove(*k)).collect())
+    }
+
     #[cfg(not(feature = "atomics"))]
     fn swap(&self, key: &str, expected: Option<&[u8]>, new: &[u8]) -> Result<bool, KvError> {
         if self.get(key)?.as_deref() != expected {

@@ -40,6 +40,12 @@ pub trait Kv {
         Ok(self.get(key)?.is_some())
     }
     fn swap(&self, key: &str, expected: Option<&[u8]>, new: &[u8]) -> Result<bool, KvError>;
+    /// The values of `keys`, in their order, in one call to the store where it has one
+    /// (`wasi:keyvalue/batch.get-many`); one `get` each otherwise. Not a snapshot: each value
+    /// is as one `get` would read it.
+    fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Vec<u8>>>, KvError> {
+        keys.iter().map(|k| self.get(k)).collect()
+    }
 }
 
 impl<K: Kv + ?Sized> Kv for &K {
@@ -57,6 +63,9 @@ impl<K: Kv + ?Sized> Kv for &K {
     }
     fn swap(&self, key: &str, expected: Option<&[u8]>, new: &[u8]) -> Result<bool, KvError> {
         (**self).swap(key, expected, new)
+    }
+    fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Vec<u8>>>, KvError> {
+        (**self).get_many(keys)
     }
 }
 
@@ -109,9 +118,17 @@ impl From<KvError> for StoreError {
 pub const MAX_SWAP_ATTEMPTS: usize = 16;
 
 pub fn get_json<T: DeserializeOwned>(kv: &impl Kv, key: &str) -> Result<Option<T>, StoreError> {
-    match kv.get(key)? {
+    from_stored(key, kv.get(key)?.as_deref())
+}
+
+/// What [`get_json`] makes of the bytes read from `key` (by [`Kv::get_many`], say).
+pub fn from_stored<T: DeserializeOwned>(
+    key: &str,
+    stored: Option<&[u8]>,
+) -> Result<Option<T>, StoreError> {
+    match stored {
         None => Ok(None),
-        Some(bytes) => decode_or_absent(key, &bytes),
+        Some(bytes) => decode_or_absent(key, bytes),
     }
 }
 
