@@ -54,12 +54,16 @@ impl Kv for SpinKv {
     }
 
     /// One `wasi:keyvalue/batch.get-many` call. Spin's stores answer with the keys that exist
-    /// only (SQLite's `IN`), so the values are matched to `keys` by name.
+    /// only (SQLite's `IN`), so the values are matched to `keys` by name. Spin's Redis store
+    /// sends `KEYS` with the keys as patterns, which Redis refuses (spinframework/spin
+    /// `crates/key-value-redis/src/store.rs`, 4.0.2 and main): on any error the keys are read
+    /// one by one, as on the stores without `batch`.
     #[cfg(feature = "atomics")]
     fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Vec<u8>>>, KvError> {
         let list: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
-        let got = spin_sdk::wit::wasi::keyvalue::batch::get_many(&self.bucket, &list)
-            .map_err(|e| KvError(format!("{e:?}")))?;
+        let Ok(got) = spin_sdk::wit::wasi::keyvalue::batch::get_many(&self.bucket, &list) else {
+            return keys.iter().map(|k| self.get(k)).collect();
+        };
         let mut found: std::collections::BTreeMap<String, Vec<u8>> = got
             .into_iter()
             .filter_map(|(k, v)| v.map(|v| (k, v)))
