@@ -114,6 +114,8 @@ fn associate_status_and_notifications_over_http() {
     assert!(got
         .iter()
         .all(|g| g.body["uId"] == json!(sim.location_uid(&t).unwrap())));
+    // The receiver answers before the simulator records the delivery: wait for the record.
+    assert!(sim.wait_idle(Duration::from_secs(5)));
     assert_eq!(sim.notifications().len(), 3);
     assert!(sim.notifications().iter().all(|n| n.delivered));
 }
