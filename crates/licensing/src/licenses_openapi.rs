@@ -118,7 +118,7 @@ pub fn paths() -> Value {
             "get": {"operationId": "getPolicy", "summary": "One app policy",
                 "responses": {"200": ok(r("Policy")), "400": err(&["invalid_request"]), "404": err(&["not_found"])}},
             "put": {"operationId": "putPolicy", "x-apple": true,
-                "summary": "Create or replace a policy (the desired state); assigns what is missing as far as licenses allow. What is not sent within the request stays queued in the ledger and goes on in the linked ledger job (`job`)",
+                "summary": "Create or replace a policy (the desired state); assigns what is missing as far as licenses allow. What is not sent within the request stays queued in the ledger and goes on in the linked ledger job (`job`). A policy names up to 200 assets and 20,000 devices or users and takes at most 450 KB stored (413 `payload_too_large` beyond); at most 1,000 policies (409)",
                 "requestBody": body("PolicyRequest"),
                 "responses": {"200": ok(r("PolicyResult")), "201": ok(r("PolicyResult")),
                     "404": err(&["not_found"]), "409": err(&["conflict"]), "422": err(&["unprocessable"])}},
