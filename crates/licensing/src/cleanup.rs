@@ -154,8 +154,22 @@ pub async fn run_slice<T: Transport, C: Clock>(
         if batches.len() as u32 > budget.apple_calls || budget.exhausted(client.clock().now()) {
             break SliceEnd::Paused;
         }
+        if !crate::event::has_room(kv, &account_id)? {
+            // As many events pending as an account may have (one key each): end what Apple
+            // finished, else wait for the next slice.
+            let mut polled = crate::event::PollReport::default();
+            let now = client.clock().now();
+            crate::event::poll_account(kv, client, &account_id, now, budget, &mut polled).await?;
+            if !crate::event::has_room(kv, &account_id)? {
+                break SliceEnd::Paused;
+            }
+        }
         let mut paused = false;
         for batch in batches {
+            if !crate::event::has_room(kv, &account_id)? {
+                paused = true;
+                break;
+            }
             budget.take_call(client.clock().now());
             let events = match client.disassociate(&batch).await {
                 Ok(ev) => ev,

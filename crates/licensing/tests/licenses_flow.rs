@@ -1044,3 +1044,81 @@ fn sends_wait_queued_while_the_account_has_its_most_pending_events_and_the_ledge
         LedgerState::Pending
     );
 }
+
+#[test]
+fn a_clean_up_waits_for_room_among_pending_events_and_polls_to_make_it() {
+    use vpp_licensing::cleanup;
+    let kv = setup(vec![asset("100", 300, 210)]);
+    let (apple, client) = apple();
+    let doc = copy::all_assets(&kv, ACCOUNT).unwrap();
+    let a = doc.assets[0].clone();
+    let foreign: Vec<Subject> = (0..210)
+        .map(|s| Subject::SerialNumber(format!("F{s:03}")))
+        .collect();
+    let pairs: Vec<(&AssetRecord, &Subject)> = foreign.iter().map(|s| (&a, s)).collect();
+    copy::edit_assignments(&kv, ACCOUNT, &doc, &pairs, |_, _| {
+        copy::Edit::Put(MadeBy::Foreign)
+    })
+    .unwrap();
+    // 99 events of ours already pending: room for one more.
+    for n in 0..(keys::MAX_PENDING_EVENTS - 1) {
+        let rec = event::new_record(
+            &format!("old{n}"),
+            ACCOUNT,
+            EventKind::Disassociate,
+            "api",
+            vec![],
+            vec![],
+            t0(),
+        );
+        event::track(&kv, &rec).unwrap();
+    }
+    let st = cleanup::initial_state(&kv, ACCOUNT).unwrap();
+    let mut j = job::Job::new("cleanup-1", "cleanup", Some(ACCOUNT), "admin", t0());
+    j.checkpoint = serde_json::to_value(&st).unwrap();
+    let end = block_on(cleanup::run_slice(
+        &kv,
+        &client,
+        &mut j,
+        &mut job::Budget::new(t0(), 20, 500),
+    ))
+    .unwrap();
+    assert_eq!(end, vpp_licensing::refresh::SliceEnd::Paused);
+    let sent = || {
+        apple
+            .posts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| p.contains("disassociate"))
+            .count()
+    };
+    assert_eq!(sent(), 1, "one request, then no room");
+    // Apple finished them all: the next slice polls, which makes room, and goes on until the
+    // account is full again.
+    let pending: Vec<String> = get_json(&kv, &keys::account_events(ACCOUNT))
+        .unwrap()
+        .unwrap();
+    for id in &pending {
+        apple
+            .statuses
+            .lock()
+            .unwrap()
+            .insert(id.clone(), json!({"eventStatus": "COMPLETE"}));
+    }
+    client.clock().advance(std::time::Duration::from_secs(40));
+    let later = t0() + Duration::seconds(40);
+    let end = block_on(cleanup::run_slice(
+        &kv,
+        &client,
+        &mut j,
+        &mut job::Budget::new(later, 20, 500),
+    ))
+    .unwrap();
+    assert_eq!(end, vpp_licensing::refresh::SliceEnd::Paused);
+    assert_eq!(sent(), 1 + keys::MAX_PENDING_EVENTS);
+    let pending: Vec<String> = get_json(&kv, &keys::account_events(ACCOUNT))
+        .unwrap()
+        .unwrap();
+    assert_eq!(pending.len(), keys::MAX_PENDING_EVENTS);
+}
