@@ -156,13 +156,10 @@ pub async fn run_slice<T: Transport, C: Clock>(
         }
         if !crate::event::has_room(kv, &account_id)? {
             // As many events pending as an account may have (one key each): end what Apple
-            // finished, else wait for the next slice.
+            // finished; a batch that still finds no room waits for the next slice.
             let mut polled = crate::event::PollReport::default();
             let now = client.clock().now();
             crate::event::poll_account(kv, client, &account_id, now, budget, &mut polled).await?;
-            if !crate::event::has_room(kv, &account_id)? {
-                break SliceEnd::Paused;
-            }
         }
         let mut paused = false;
         for batch in batches {

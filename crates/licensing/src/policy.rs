@@ -149,44 +149,35 @@ fn page(kv: &impl Kv, n: u32) -> Result<PolicyPage, StoreError> {
     Ok(get_json(kv, &keys::policy_page(n))?.unwrap_or_default())
 }
 
-/// The policy a summary points at.
-fn load_summary(kv: &impl Kv, s: &PolicySummary) -> Result<Option<Policy>, StoreError> {
-    match s.page {
-        Some(n) => page(kv, n)?
-            .remove(&s.id)
-            .map(|raw| decode(n, &raw))
-            .transpose(),
-        None => get_json(kv, &keys::policy(&s.id)),
-    }
+/// The policy a summary points at, its page read once into `pages`.
+fn take(
+    kv: &impl Kv,
+    pages: &mut BTreeMap<u32, PolicyPage>,
+    s: &PolicySummary,
+) -> Result<Option<Policy>, StoreError> {
+    let Some(n) = s.page else {
+        return get_json(kv, &keys::policy(&s.id));
+    };
+    let pg = match pages.entry(n) {
+        std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::btree_map::Entry::Vacant(e) => e.insert(page(kv, n)?),
+    };
+    pg.remove(&s.id).map(|raw| decode(n, &raw)).transpose()
 }
 
 pub fn load(kv: &impl Kv, id: &str) -> Result<Option<Policy>, StoreError> {
     match index(kv)?.into_iter().find(|s| s.id == id) {
-        Some(s) => load_summary(kv, &s),
+        Some(s) => take(kv, &mut BTreeMap::new(), &s),
         None => Ok(None),
     }
 }
 
 /// Every policy, in index order (each page read once).
 pub fn list(kv: &impl Kv) -> Result<Vec<Policy>, StoreError> {
-    let summaries = index(kv)?;
-    let mut pages: BTreeMap<u32, PolicyPage> = BTreeMap::new();
+    let mut pages = BTreeMap::new();
     let mut out = Vec::new();
-    for s in summaries {
-        let found = match s.page {
-            Some(n) => {
-                let pg = match pages.entry(n) {
-                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::btree_map::Entry::Vacant(e) => e.insert(page(kv, n)?),
-                };
-                match pg.remove(&s.id) {
-                    Some(raw) => Some(decode(n, &raw)?),
-                    None => None,
-                }
-            }
-            None => get_json(kv, &keys::policy(&s.id))?,
-        };
-        out.extend(found);
+    for s in index(kv)? {
+        out.extend(take(kv, &mut pages, &s)?);
     }
     Ok(out)
 }
@@ -230,14 +221,11 @@ fn write_on_page(
     kv: &impl Kv,
     n: u32,
     policy: &Policy,
+    raw: &RawValue,
     summaries: &[PolicySummary],
     now: DateTime<Utc>,
 ) -> Result<bool, StoreError> {
     let stale_before = now - chrono::Duration::minutes(STALE_AFTER_MINUTES);
-    let raw = to_raw_value(policy).map_err(|e| StoreError::Corrupt {
-        key: keys::policy_page(n),
-        reason: e.to_string(),
-    })?;
     update::<PolicyPage, bool>(kv, &keys::policy_page(n), |cur| {
         let mut pg = cur.unwrap_or_default();
         pg.retain(|id, p| {
@@ -245,7 +233,7 @@ fn write_on_page(
                 || summaries.iter().any(|s| &s.id == id && s.page == Some(n))
                 || stamp(p).is_none_or(|at| at >= stale_before)
         });
-        pg.insert(policy.id.clone(), raw.clone());
+        pg.insert(policy.id.clone(), raw.to_owned());
         // The page's JSON: `{`, `"id":policy` joined by `,`, `}` (ids need no escapes).
         let bytes = 2 + pg
             .iter()
@@ -282,9 +270,9 @@ fn remove_from_page(
 /// Store `policy` (already validated, at most [`keys::POLICY_MAX_BYTES`]): on a page, then in
 /// the index, then off the page it left.
 pub fn store(kv: &impl Kv, policy: &Policy, now: DateTime<Utc>) -> Result<(), ApiError> {
-    let bytes = serde_json::to_vec(policy)
-        .map_err(ApiError::internal)?
-        .len();
+    // Serialized once: its size chooses the page, its text goes on it.
+    let raw = to_raw_value(policy).map_err(ApiError::internal)?;
+    let bytes = raw.get().len();
     let summaries = index(kv)?;
     let current = summaries.iter().find(|s| s.id == policy.id).cloned();
     if current.is_none() && summaries.len() >= MAX_POLICIES {
@@ -307,7 +295,7 @@ pub fn store(kv: &impl Kv, policy: &Policy, now: DateTime<Utc>) -> Result<(), Ap
     candidates.extend(next..next + 4);
     let mut placed = None;
     for n in candidates {
-        if write_on_page(kv, n, policy, &summaries, now)? {
+        if write_on_page(kv, n, policy, &raw, &summaries, now)? {
             placed = Some(n);
             break;
         }
