@@ -1084,6 +1084,121 @@ mod tests {
         assert_eq!(refreshes, 1);
     }
 
+    /// The store as a second invocation sees it while the first is mid-slice: on the first
+    /// write of a key other than a lease, the second invocation resumes the same job.
+    struct Reentrant<'a> {
+        kv: &'a MemoryKv,
+        gw: &'a TestGateway,
+        job_id: &'a str,
+        armed: Cell<bool>,
+        second: std::cell::RefCell<Option<runner::Ran>>,
+    }
+
+    impl Reentrant<'_> {
+        fn maybe_enter(&self, key: &str) {
+            if !self.armed.get() || key.starts_with(&keys::lease("")) {
+                return;
+            }
+            self.armed.set(false);
+            let now = vpp_apple::Clock::now(&self.gw.clock);
+            let mut budget = Budget::new(now, 20, 1000);
+            let ran = block_on(runner::run(
+                self,
+                self.gw,
+                self.job_id,
+                "our",
+                &mut budget,
+                now,
+            ))
+            .unwrap();
+            *self.second.borrow_mut() = Some(ran);
+        }
+    }
+
+    impl Kv for Reentrant<'_> {
+        fn get(&self, key: &str) -> Result<Option<Vec<u8>>, vpp_store::KvError> {
+            self.kv.get(key)
+        }
+        fn set(&self, key: &str, value: &[u8]) -> Result<(), vpp_store::KvError> {
+            self.maybe_enter(key);
+            self.kv.set(key, value)
+        }
+        fn delete(&self, key: &str) -> Result<(), vpp_store::KvError> {
+            self.maybe_enter(key);
+            self.kv.delete(key)
+        }
+        fn swap(
+            &self,
+            key: &str,
+            expected: Option<&[u8]>,
+            new: &[u8],
+        ) -> Result<bool, vpp_store::KvError> {
+            self.maybe_enter(key);
+            self.kv.swap(key, expected, new)
+        }
+    }
+
+    /// Two invocations resuming one job at once (two instances answering a resume, or a refresh
+    /// request joining the running one): only one works on it, and the job's work is done once.
+    /// They used to share the lease (its holder was the job id) and both ran the refresh from
+    /// one checkpoint, one of them deleting the generation the other was writing.
+    #[test]
+    fn a_job_resumed_from_two_places_at_once_runs_in_one() {
+        let calls_of = |reentrant: bool| {
+            let h = Harness::new(&["a"], 0);
+            let mut manual = Job::new("manual", "refresh", Some("a"), "admin", h.now());
+            let acc: Account = get_json(&h.kv, &keys::account("a")).unwrap().unwrap();
+            manual.checkpoint = serde_json::to_value(
+                crate::refresh::initial_state(&h.kv, &acc, true, h.now()).unwrap(),
+            )
+            .unwrap();
+            job::create(&h.kv, &manual).unwrap();
+            let kv = Reentrant {
+                kv: &h.kv,
+                gw: &h.gw,
+                job_id: "manual",
+                armed: Cell::new(reentrant),
+                second: Default::default(),
+            };
+            let mut budget = Budget::new(h.now(), 20, 1000);
+            let first = block_on(runner::run(
+                &kv,
+                &h.gw,
+                "manual",
+                "our",
+                &mut budget,
+                h.now(),
+            ))
+            .unwrap();
+            assert!(first.worked && !first.job.is_running(), "{:?}", first.job);
+            assert_eq!(first.job.state, job::JobState::Succeeded, "{:?}", first.job);
+            if reentrant {
+                let second = kv
+                    .second
+                    .borrow_mut()
+                    .take()
+                    .expect("the second invocation ran");
+                assert!(!second.worked, "the second invocation stays out");
+            }
+            // A call after the job ended does nothing more, and no lease is left behind.
+            let calls = h.gw.calls.load(Ordering::SeqCst);
+            let again = block_on(runner::run(
+                &h.kv,
+                &h.gw,
+                "manual",
+                "our",
+                &mut budget,
+                h.now(),
+            ))
+            .unwrap();
+            assert!(!again.worked);
+            assert_eq!(h.gw.calls.load(Ordering::SeqCst), calls);
+            assert!(!h.kv.exists(&keys::lease("a")).unwrap());
+            calls
+        };
+        assert_eq!(calls_of(true), calls_of(false), "Apple was read once");
+    }
+
     #[test]
     fn full_refresh_by_calendar_days() {
         let mut a: Account = serde_json::from_value(json!({

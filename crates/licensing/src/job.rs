@@ -376,6 +376,14 @@ pub struct Lease {
     pub until: DateTime<Utc>,
 }
 
+/// A lease holder for one invocation's work on `job_id`: the job id with a fresh random part.
+/// Two invocations working on one job (two instances resuming it, or joining it, at once) are
+/// two holders, so only one of them gets the lease; with the job id alone as the holder, both
+/// did, and both ran the job at once from the same checkpoint.
+pub fn invocation_holder(job_id: &str) -> String {
+    format!("{job_id}@{:016x}", vpp_store::mark::new_revision())
+}
+
 /// Take (or renew) the lease on `scope` (usually an account id) for `holder`. Returns false when
 /// another holder has it and it has not expired: that work is going on elsewhere right now.
 pub fn acquire_lease(

@@ -96,9 +96,39 @@ pub async fn run_slice<T: Transport, C: Clock>(
     if !job.is_running() {
         return Ok(true);
     }
-    if !job::acquire_lease(kv, LEASE_SCOPE, &job.id, now)? {
+    let holder = job::invocation_holder(&job.id);
+    if !job::acquire_lease(kv, LEASE_SCOPE, &holder, now)? {
         return Ok(false);
     }
+    // Read again under the lease: another invocation may have moved the job on (or ended it)
+    // since the caller read it, and a slice from the older checkpoint would redo its work.
+    match job::load(kv, &job.id) {
+        Ok(Some(j)) => *job = j,
+        Ok(None) => {}
+        Err(e) => {
+            job::release_lease(kv, LEASE_SCOPE, &holder)?;
+            return Err(e.into());
+        }
+    }
+    let result = if job.is_running() {
+        run_held(kv, job, client_for_account, now, budget).await
+    } else {
+        Ok(true)
+    };
+    // The lease goes back whatever happened: a slice that failed midway leaves its work to
+    // the next call, not to the lease's expiry.
+    job::release_lease(kv, LEASE_SCOPE, &holder)?;
+    result
+}
+
+/// One slice under the lease.
+async fn run_held<T: Transport, C: Clock>(
+    kv: &impl Kv,
+    job: &mut Job,
+    client_for_account: impl Fn(&str) -> Client<T, C>,
+    now: DateTime<Utc>,
+    budget: &mut Budget,
+) -> Result<bool, ApiError> {
     let mut st: State = serde_json::from_value(job.checkpoint.clone()).unwrap_or_default();
     job.slices += 1;
     let mut paused = false;
@@ -214,6 +244,5 @@ pub async fn run_slice<T: Transport, C: Clock>(
         );
     }
     job::save(kv, job)?;
-    job::release_lease(kv, LEASE_SCOPE, &job.id)?;
     Ok(finished)
 }

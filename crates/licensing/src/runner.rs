@@ -32,19 +32,35 @@ pub async fn run<G: Gateway>(
     budget: &mut Budget,
     now: DateTime<Utc>,
 ) -> Result<Ran, ApiError> {
-    let mut job =
-        job::load(kv, job_id)?.ok_or_else(|| ApiError::not_found(format!("job {job_id}")))?;
+    let job = job::load(kv, job_id)?.ok_or_else(|| ApiError::not_found(format!("job {job_id}")))?;
     if !job.is_running() {
         return Ok(Ran { job, worked: false });
     }
     let scope = scope(&job);
-    if !job::acquire_lease(kv, &scope, &job.id, now)? {
+    let holder = job::invocation_holder(&job.id);
+    if !job::acquire_lease(kv, &scope, &holder, now)? {
         return Ok(Ran { job, worked: false });
     }
+    // Read again under the lease: another invocation may have moved the job on (or ended it)
+    // between the read above and the lease, and a slice from the older checkpoint would redo
+    // its work.
+    let mut job = match job::load(kv, job_id) {
+        Ok(Some(j)) if j.is_running() => j,
+        other => {
+            job::release_lease(kv, &scope, &holder)?;
+            return match other? {
+                Some(j) => Ok(Ran {
+                    job: j,
+                    worked: false,
+                }),
+                None => Err(ApiError::not_found(format!("job {job_id}"))),
+            };
+        }
+    };
     let result = run_held(kv, gw, &mut job, our_id, budget).await;
     // Save what was done even when the slice failed midway, then let the lease go.
     let saved = job::save(kv, &job);
-    job::release_lease(kv, &scope, &job.id)?;
+    job::release_lease(kv, &scope, &holder)?;
     result?;
     saved?;
     Ok(Ran { job, worked: true })
