@@ -135,6 +135,55 @@ async fn settle(env: &Env, apps: [&App; 2], event: &Value) {
     panic!("event {id} still pending");
 }
 
+/// What a failure needs to be understood: each asset's assignments page (with the events its
+/// entries name), every job record, the policies, and Apple's state and removal calls.
+async fn print_books(env: &Env, app: &App, assets: &[(&str, &str, &str)]) {
+    for (account, token, adam) in assets {
+        let page = admin(
+            app,
+            "GET",
+            &format!("/api/licenses/{account}/{adam}/assignments"),
+            None,
+        )
+        .await
+        .json();
+        eprintln!("PAGE {adam}: {page}");
+        let events: BTreeSet<&str> = page["assignments"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["eventId"].as_str())
+            .collect();
+        for id in events {
+            let ev = admin(app, "GET", &format!("/api/events/{id}"), None).await;
+            eprintln!("EVENT {id}: {}", ev.text());
+        }
+        let held: Vec<String> = held_at_apple(env, token, adam).into_iter().collect();
+        eprintln!("APPLE HOLDS {adam}: {held:?}");
+    }
+    let mut seen = BTreeSet::new();
+    for (_, token, _) in assets {
+        if seen.insert(*token) {
+            for c in env.sim.calls_for(token) {
+                if c.method == "POST" {
+                    eprintln!(
+                        "APPLE CALL {} {} {} {}",
+                        c.time,
+                        c.path,
+                        c.status,
+                        c.body.map(|b| b.to_string()).unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+    eprintln!("JOBS {:#}", json!(jobs(env)));
+    eprintln!(
+        "POLICIES {}",
+        admin(app, "GET", "/api/policies", None).await.json()
+    );
+}
+
 fn serials(prefix: &str, range: std::ops::Range<u32>) -> Vec<String> {
     range.map(|i| format!("{prefix}{i}")).collect()
 }
@@ -392,6 +441,17 @@ async fn two_instances_on_one_redis_lose_nothing_and_do_nothing_twice() {
     // B0..B5) are gone: reconcile takes back every license we assigned that no app policy targets
     // (PRODUCT.md, "Reconcile licenses"; tests/e2e/tests/daily.rs checks it for one license), and
     // the reconciles above and the daily run's did so once each (their ledger entries are gone).
+    // Shown only when an assertion below fails (the test harness captures it otherwise).
+    print_books(
+        &env,
+        a,
+        &[
+            (&hq_id, &hq, "100"),
+            (&hq_id, &hq, "200"),
+            (&br_id, &branch, "300"),
+        ],
+    )
+    .await;
     let want_100: BTreeSet<String> = BTreeSet::new();
     let want_300: BTreeSet<String> = BTreeSet::new();
     let mut want_200: BTreeSet<String> = serials("P", 1..10).into_iter().collect();
