@@ -397,6 +397,7 @@ pub async fn disassociate<T: Transport, C: Clock>(
     }
     let ak = asset.key();
     let aref = ledger::asset_ref(&ak);
+    ledger::verify_before_removal(kv, client, account_id, asset, subjects, now, budget).await?;
     ledger::begin_revoke(kv, account_id, &ak, subjects, now)?;
     let limits = match client.limits().await {
         Ok(l) => l,

@@ -1620,6 +1620,53 @@ pub async fn held_at_apple<T: Transport, C: Clock>(
     }))
 }
 
+/// Before a removal of ours is sent: each of `subjects` whose assignment of ours has an unknown
+/// outcome (the answer to its associate was lost, no event of it known) is looked up at Apple
+/// first, and confirmed when Apple holds it. The removal then takes a license the books know
+/// of, and its notice is given; sent over an unknown entry, it took a license we could not see
+/// and gave none. Within `budget` (one Apple call each); a lookup that fails leaves the entry
+/// unknown for the usual settling. Returns how many were confirmed.
+pub async fn verify_before_removal<T: Transport, C: Clock>(
+    kv: &impl Kv,
+    client: &Client<T, C>,
+    account: &str,
+    asset: &AssetRecord,
+    subjects: &[Subject],
+    now: DateTime<Utc>,
+    budget: &mut Budget,
+) -> Result<u32, StoreError> {
+    let ak = asset.key();
+    let open = open_doc(kv, account, &ak)?;
+    let unknown: Vec<&Subject> = subjects
+        .iter()
+        .filter(|s| {
+            open.entries
+                .get(&s.tag())
+                .is_some_and(|o| o.state == OpenState::Unknown && o.events.is_empty())
+        })
+        .collect();
+    let mut confirmed = 0;
+    for s in unknown {
+        if !budget.take_call(now) {
+            break;
+        }
+        if let Ok(true) = held_at_apple(client, asset, s).await {
+            confirm(
+                kv,
+                account,
+                &ak,
+                std::slice::from_ref(s),
+                None,
+                true,
+                None,
+                now,
+            )?;
+            confirmed += 1;
+        }
+    }
+    Ok(confirmed)
+}
+
 /// Every account's open entries and due events, within `budget` (the daily run, reconcile).
 pub async fn settle_all<T: Transport, C: Clock>(
     kv: &impl Kv,

@@ -3024,3 +3024,70 @@ fn an_owed_notice_an_earlier_revoke_gave_is_not_given_twice() {
     }
     assert!(reproduced, "a kill left the entry confirmed and still open");
 }
+
+/// The e2e model test's exact mode, seeds 58 and 65: a revoke of a license whose assignment's
+/// answer was lost (Apple applied it; its notification never came) took the license with no
+/// notice: the entry was `unknown`, so neither the ledger nor the copy knew Apple held it when
+/// the removal's outcome was read. A removal of ours now looks an unknown entry up at Apple
+/// before it is sent, and confirms it when Apple holds it.
+#[test]
+fn a_revoke_of_a_license_whose_assign_answer_was_lost_gives_its_notice() {
+    let mut run = Run::new(11);
+    run.world
+        .lock()
+        .unwrap()
+        .forced
+        .push_back(Fault::AppliedThen500);
+    let now = run.now();
+    let mut b = run.budget();
+    let out = block_on(assignment::assign(
+        &run.kv,
+        &run.client_once(),
+        &assign_body("100", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    assert_eq!(out.unknown.len(), 1);
+    assert_eq!(state_of(&run, "100", "D1"), Some("unknown"));
+    // Apple applies the associate; its notification is lost.
+    {
+        let mut w = run.world.lock().unwrap();
+        for id in std::mem::take(&mut w.scheduled) {
+            w.apply(&id);
+        }
+        w.notes.clear();
+    }
+    run.clock.advance(std::time::Duration::from_secs(30));
+    let now = run.now();
+    let mut b = run.budget();
+    let out = block_on(assignment::revoke(
+        &run.kv,
+        &run.client(),
+        &assign_body("100", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    assert_eq!(out.events.len(), 1, "{out:?}");
+    let notes: Vec<Outgoing> = {
+        let mut w = run.world.lock().unwrap();
+        for id in std::mem::take(&mut w.scheduled) {
+            w.apply(&id);
+        }
+        assert_eq!(
+            w.removals.get(&("100".to_string(), "D1".to_string())),
+            Some(&1),
+            "Apple took it away"
+        );
+        std::mem::take(&mut w.notes)
+    };
+    for n in &notes {
+        assert!(deliver(&run.kv, n, run.now()));
+    }
+    assert_eq!(
+        notices(&run),
+        vec![("100".to_string(), "D1".to_string(), "api".to_string())]
+    );
+    assert_eq!(state_of(&run, "100", "D1"), None, "Apple does not hold it");
+}

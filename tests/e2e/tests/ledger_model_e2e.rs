@@ -124,7 +124,14 @@ impl Run {
             }
         }
         let text = r.text();
-        let short: String = text.chars().take(160).collect();
+        let short: String = text
+            .chars()
+            .take(
+                std::env::var("LEDGER_E2E_WIDE")
+                    .map(|_| 20_000)
+                    .unwrap_or(160),
+            )
+            .collect();
         self.log.push(format!("{what}: {} {short}", r.status));
     }
 
