@@ -669,12 +669,17 @@ pub fn confirm(
                 || (own.is_some()
                     && !concerns(tag)
                     && (open.entries.contains_key(tag) || !current.contains_key(tag)))
-                // Unplaced: events of ours decide (the entry's associate, or a revoke).
+                // Unplaced: events of ours decide (the entry's associate, or a revoke, or the
+                // refusal of our last request in an event we placed: a lost answer's twin of
+                // ours was accepted, so applied, before it, and the license was not held then).
                 || (unplaced
                     && ((open.entries.contains_key(tag) && !concerns(tag))
-                        || current
-                            .get(tag)
-                            .is_some_and(|e| e.state == LedgerState::Revoking)))
+                        || current.get(tag).is_some_and(|e| {
+                            e.state == LedgerState::Revoking
+                                || (e.state == LedgerState::Failed
+                                    && e.event_id.is_some()
+                                    && !open.entries.contains_key(tag))
+                        })))
         })
         .collect();
     let fresh: Vec<Subject> = subjects

@@ -3024,3 +3024,166 @@ fn an_owed_notice_an_earlier_revoke_gave_is_not_given_twice() {
     }
     assert!(reproduced, "a kill left the entry confirmed and still open");
 }
+
+/// Apple's notification of an associate we never learned the event of (a request of ours
+/// whose answer was lost), kept back until now.
+fn late_associate(run: &Run, id: &str, serial: &str, result: &str) {
+    let mut n = json!({
+        "assignments": [{"adamId": "200", "pricingParam": "STDQ", "serialNumber": serial}],
+        "eventId": id, "result": result, "type": "ASSOCIATE"
+    });
+    if result == "FAILURE" {
+        n["error"] = json!({"errorNumber": 9709,
+            "errorMessage": "There aren't enough assets available to complete this association."});
+    }
+    let body = json!({
+        "notification": n, "notificationId": format!("late-{id}"),
+        "notificationType": "ASSET_MANAGEMENT", "uId": "1"
+    });
+    notification::handle(
+        &run.kv,
+        ACCOUNT,
+        Some(&format!("Bearer {SECRET}")),
+        body.to_string().as_bytes(),
+        run.now(),
+    )
+    .unwrap();
+}
+
+/// Another MDM takes every license of 200 Apple has left (our copy does not know yet).
+fn others_take_every_license_of_200(run: &Run) {
+    let mut w = run.world.lock().unwrap();
+    let token = w.token.clone();
+    let free = w
+        .model
+        .location_state(&token)
+        .unwrap()
+        .assets
+        .iter()
+        .find(|a| a.adam_id == "200")
+        .map(|a| a.available_count)
+        .unwrap();
+    let specs = (0..free)
+        .map(|i| AssignmentSpec::device("200", &format!("F{i}")))
+        .collect();
+    w.model.add_assignments(&token, specs).unwrap();
+    w.observe();
+}
+
+/// Found by `every_removal_has_exactly_one_notice` (seed 71 of 61..200, its second problem):
+/// an associate of ours whose answer was lost (Apple accepted it twice: we know only the
+/// resend's event) was applied, a revoke took the license away with its notice, and a later
+/// request of ours for the device failed (Apple had no license left): the entry was `failed`.
+/// Then the notification of the lost answer's event arrived, late: an assignment we cannot
+/// place in time turned the failed entry `confirmed`, so the ledger held what Apple did not,
+/// and the next full refresh found it gone and sent a second notice for the one removal. A
+/// refusal of a request of ours is what Apple applied last (the lost answer's twin came before
+/// it): such an assignment changes nothing.
+#[test]
+fn a_late_associate_we_never_learned_of_does_not_confirm_a_failed_entry() {
+    let mut run = Run::new(17);
+    let step = |run: &mut Run, secs: u64| {
+        run.clock.advance(std::time::Duration::from_secs(secs));
+        (run.now(), run.budget())
+    };
+    let apply_all = |run: &Run| {
+        let mut w = run.world.lock().unwrap();
+        for id in std::mem::take(&mut w.scheduled) {
+            w.apply(&id);
+        }
+        w.notes.clear();
+    };
+    let body = assign_body("200", &["D1".into()]);
+    let (now, mut b) = step(&mut run, 0);
+    block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &body,
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    apply_all(&run);
+    let (now, mut b) = step(&mut run, 60);
+    block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    assert_eq!(state_of(&run, "200", "D1"), Some("confirmed"));
+    let (now, mut b) = step(&mut run, 10);
+    block_on(assignment::revoke(
+        &run.kv,
+        &run.client(),
+        &body,
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    apply_all(&run);
+    let (now, mut b) = step(&mut run, 60);
+    block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    assert_eq!(state_of(&run, "200", "D1"), None);
+    let once = vec![("200".to_string(), "D1".to_string(), "api".to_string())];
+    assert_eq!(notices(&run), once);
+    // D1 asked for again; Apple has no license left for it: the entry fails.
+    others_take_every_license_of_200(&run);
+    let (now, mut b) = step(&mut run, 10);
+    block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &body,
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    apply_all(&run);
+    let (now, mut b) = step(&mut run, 60);
+    block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    assert_eq!(state_of(&run, "200", "D1"), Some("failed"));
+    // Late: the success of the first associate's lost-answer twin (applied before the revoke).
+    step(&mut run, 30);
+    late_associate(&run, "lost-answer-5", "D1", "SUCCESS");
+    assert_eq!(
+        state_of(&run, "200", "D1"),
+        Some("failed"),
+        "the refusal came after it"
+    );
+    assert!(copy_made_by(&run, "200", "D1").is_none());
+    run.clock.advance(std::time::Duration::from_secs(60));
+    run.refresh(true);
+    assert_eq!(notices(&run), once, "the revoke's removal, once");
+    let removals = run.world.lock().unwrap().removals.clone();
+    assert_eq!(removals.values().sum::<u32>(), 1, "Apple took it once");
+}
+
+/// The other side of `a_late_associate_we_never_learned_of_does_not_confirm_a_failed_entry`:
+/// a request of ours whose answers were all lost (Apple accepted it twice, we know neither
+/// event) failed in the first event we never learned of; its twin, accepted after, found a
+/// license and was applied. Its success still makes the license ours (the failure was not a
+/// refusal of an event we placed).
+#[test]
+fn a_lost_answers_twin_that_succeeds_after_its_failure_is_ours() {
+    let run = Run::new(18);
+    others_take_every_license_of_200(&run);
+    // Our copy still shows the licenses free: D1 is admitted, the answer lost.
+    run.world
+        .lock()
+        .unwrap()
+        .forced
+        .push_back(Fault::AppliedThenDropped);
+    let now = run.now();
+    let mut b = run.budget();
+    let r = block_on(assignment::assign(
+        &run.kv,
+        &run.client_once(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    assert_eq!(r.unknown.len(), 1, "{}", summary(&Ok(r.clone())));
+    assert_eq!(state_of(&run, "200", "D1"), Some("unknown"));
+    run.clock.advance(std::time::Duration::from_secs(30));
+    late_associate(&run, "lost-answer-6", "D1", "FAILURE");
+    assert_eq!(state_of(&run, "200", "D1"), Some("failed"));
+    run.clock.advance(std::time::Duration::from_secs(30));
+    late_associate(&run, "lost-answer-7", "D1", "SUCCESS");
+    assert_eq!(state_of(&run, "200", "D1"), Some("confirmed"));
+}
