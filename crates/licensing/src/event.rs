@@ -368,7 +368,10 @@ pub fn apply_outcome(
                 };
                 for (i, g) in ok.iter().zip(states) {
                     prev[*i] = g.before;
-                    if g.before.is_none() && later.contains(&items[*i].subject.tag()) {
+                    // No claim of ours (no entry, or a refused request's): the copy's entry
+                    // is that later assignment's.
+                    let unclaimed = g.before.is_none_or(|b| b == LedgerState::Failed);
+                    if unclaimed && later.contains(&items[*i].subject.tag()) {
                         stale[*i] = true;
                         continue;
                     }
@@ -702,7 +705,10 @@ fn held_before_removal(
                 // Kept by step 1: the removal may have come before it (no notice).
                 continue;
             }
-            if entry.is_none() && later.contains(&s.tag()) {
+            let unclaimed = entry
+                .as_ref()
+                .is_none_or(|e| e.state == LedgerState::Failed);
+            if unclaimed && later.contains(&s.tag()) {
                 // An assignment accepted after the removal (no notice).
                 continue;
             }
