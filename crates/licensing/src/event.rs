@@ -269,6 +269,8 @@ pub fn apply_outcome(
     // Removal: kept because the entry records a newer request of ours (see `ledger::gone`).
     let mut kept = vec![false; items.len()];
     let mut taken: Vec<((String, Subject), String)> = Vec::new();
+    // Open entries a later removal took: closed once their notices are recorded (step 4).
+    let mut to_close: Vec<(String, Vec<Subject>)> = Vec::new();
     for (ak, idx) in &by_asset {
         let ok: Vec<usize> = idx
             .iter()
@@ -288,6 +290,9 @@ pub fn apply_outcome(
                     ledger::confirm(kv, account_id, ak, &ok_subjects, event_id, ours, asked, now)?;
                 for (s, by) in done.taken {
                     taken.push(((ak.to_string(), s), by));
+                }
+                if !done.to_close.is_empty() {
+                    to_close.push((ak.to_string(), done.to_close));
                 }
                 // An assignment we cannot place in time (an event we never learned of), of a
                 // subject we hold no claim on and whose removal we reported lately: it may be a
@@ -564,6 +569,10 @@ pub fn apply_outcome(
                 notice::record_removals(kv, account_id, &pairs, &by, now)?;
             }
         }
+    }
+
+    for (ak, subjects) in &to_close {
+        ledger::close_taken(kv, account_id, ak, subjects)?;
     }
 
     // 5. The event record.

@@ -731,7 +731,6 @@ pub fn confirm(
         .cloned()
         .collect();
     close(kv, account, asset_key, &fresh)?;
-    close(kv, account, asset_key, &taken_subjects)?;
     let flags = subjects
         .iter()
         .map(|s| {
@@ -751,15 +750,27 @@ pub fn confirm(
     Ok(Confirmed {
         flags,
         taken: taken_subjects
-            .into_iter()
+            .iter()
             // Its removal already sent the notice.
             .filter(|s| !open.entries.get(&s.tag()).is_some_and(|o| o.taken_noticed))
             .map(|s| {
                 let by = taken.get(&s.tag()).cloned().unwrap_or_default();
-                (s, by)
+                (s.clone(), by)
             })
             .collect(),
+        to_close: taken_subjects,
     })
+}
+
+/// Close the open entries a later removal took ([`Confirmed::to_close`]), once the notices
+/// they owe are recorded.
+pub fn close_taken(
+    kv: &impl Kv,
+    account: &str,
+    asset_key: &str,
+    subjects: &[Subject],
+) -> Result<(), StoreError> {
+    close(kv, account, asset_key, subjects)
 }
 
 /// What [`confirm`] did.
@@ -771,6 +782,10 @@ pub struct Confirmed {
     /// Subjects a later removal of ours took once this event gave them (with its source): each
     /// owes that removal's notice.
     pub taken: Vec<(Subject, String)>,
+    /// The open entries of the subjects taken (with or without a notice owed), left open: the
+    /// caller closes them ([`close_taken`]) once it recorded the notices, so an invocation
+    /// killed before that finds them when the outcome is read again.
+    pub to_close: Vec<Subject>,
 }
 
 /// A removal of ours, accepted at `asked_at` with `source`, was applied for `subjects`: an open

@@ -1087,12 +1087,12 @@ fn ledger_matches_apple_after_random_operations_and_faults() {
 }
 
 /// Seeds on which `every_removal_has_exactly_one_notice` holds at 150 steps, as CI runs them:
-/// 1..=40, 51, 52, 71 and 280 (about 25 s on a loaded 2-core machine; seeds 19..=40 added
-/// about 10 s, 71 and 280 about 0.5 s each). `every_removal_has_exactly_one_notice_wide` runs
-/// 1..=60.
-const EXACT_NOTICE_SEEDS: [u64; 44] = [
+/// 1..=40, 51, 52, 71, 280 and 517 (about 25 s on a loaded 2-core machine; seeds 19..=40
+/// added about 10 s, 71, 280 and 517 about 0.5 s each).
+/// `every_removal_has_exactly_one_notice_wide` runs 1..=60.
+const EXACT_NOTICE_SEEDS: [u64; 45] = [
     1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26,
-    27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 51, 52, 71, 280,
+    27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 51, 52, 71, 280, 517,
 ];
 
 fn exactly_one_notice(seeds: &[u64]) {
@@ -1118,7 +1118,8 @@ fn exactly_one_notice(seeds: &[u64]) {
 /// associate we never learned of putting a license back in the copy after its removal was
 /// noticed, a revoke whose entry a new assignment took over before its outcome was read, a
 /// late associate we never learned of confirming an entry a refusal of ours left failed, a
-/// removal read after a later assignment of ours when the entry was a refused request's.
+/// removal read after a later assignment of ours when the entry was a refused request's, an
+/// associate's outcome killed between closing a taken entry and recording its notice.
 #[test]
 fn every_removal_has_exactly_one_notice() {
     match env_u64("LEDGER_MODEL_SEED") {
@@ -1145,7 +1146,9 @@ fn every_removal_has_exactly_one_notice() {
 /// notice for a license whose two removals both had theirs,
 /// `a_late_associate_we_never_learned_of_does_not_confirm_a_failed_entry`). Seeds 201..=400:
 /// all pass (280 was
-/// `a_removal_read_after_a_later_assignment_takes_nothing_from_a_failed_entry`).
+/// `a_removal_read_after_a_later_assignment_takes_nothing_from_a_failed_entry`). Seeds
+/// 401..=600: all but 407, 413, 424, 450, 502, 508 and 587 pass (517 was
+/// `an_associate_outcome_killed_before_its_taken_notice_keeps_it`); those seven are open.
 /// Not in CI (about 35 s, past what CI's budget allows); run with
 /// `cargo test -p vpp-licensing --test ledger_model -- --ignored every_removal_has_exactly_one_notice_wide`.
 #[ignore = "about 35 s: run by hand (CI runs EXACT_NOTICE_SEEDS)"]
@@ -3300,4 +3303,76 @@ fn a_removal_read_after_a_later_assignment_takes_nothing_from_a_failed_entry() {
         "{removals:?}"
     );
     assert!(copy_made_by(&run, "200", "D1").is_some());
+}
+
+/// Found by `every_removal_has_exactly_one_notice` (seed 517 of 401..600): a revoke sent
+/// while the device's associate was pending took the license once Apple applied both; its
+/// outcome, read first, found nothing in the books to take (the associate's success owes the
+/// notice). Reading the associate's outcome was killed after it closed the open entry and
+/// before it recorded that notice: read again, nothing was left to owe it, and the removal
+/// had none. The open entry is closed only once the notice is recorded.
+#[test]
+fn an_associate_outcome_killed_before_its_taken_notice_keeps_it() {
+    for n in 0..16 {
+        let mut run = Run::new(20);
+        let step = |run: &mut Run, secs: u64| {
+            run.clock.advance(std::time::Duration::from_secs(secs));
+            (run.now(), run.budget())
+        };
+        let apply_all = |run: &Run| -> Vec<Outgoing> {
+            let mut w = run.world.lock().unwrap();
+            for id in std::mem::take(&mut w.scheduled) {
+                w.apply(&id);
+            }
+            std::mem::take(&mut w.notes)
+        };
+        let body = assign_body("200", &["D1".into()]);
+        let (now, mut b) = step(&mut run, 10);
+        let a = block_on(assignment::assign(
+            &run.kv,
+            &run.client(),
+            &body,
+            now,
+            &mut b,
+        ))
+        .unwrap();
+        let a = a.events[0].id.clone();
+        let (now, mut b) = step(&mut run, 10);
+        block_on(assignment::revoke(
+            &run.kv,
+            &run.client(),
+            &body,
+            now,
+            &mut b,
+        ))
+        .unwrap();
+        // Apple applies the associate, then the revoke; the revoke's outcome is read first.
+        let notes = apply_all(&run);
+        let (now, _) = step(&mut run, 30);
+        for note in notes
+            .iter()
+            .filter(|x| x.envelope["notification"]["eventId"] != a.as_str())
+        {
+            assert!(deliver(&run.kv, note, now));
+        }
+        assert_eq!(notices(&run), Vec::new(), "the associate's success owes it");
+        // The associate's outcome, read partly, then again.
+        let (now, mut b) = step(&mut run, 60);
+        run.kv.left.set(Some(n));
+        let _ = block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b));
+        run.kv.left.set(None);
+        for _ in 0..3 {
+            let (now, mut b) = step(&mut run, 60);
+            block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+        }
+        run.refresh(true);
+        let removals = run.world.lock().unwrap().removals.clone();
+        assert_eq!(removals.values().sum::<u32>(), 1, "Apple took it once");
+        assert_eq!(
+            notices(&run),
+            vec![("200".to_string(), "D1".to_string(), "api".to_string())],
+            "killed after {n} writes"
+        );
+        assert_eq!(state_of(&run, "200", "D1"), None);
+    }
 }
