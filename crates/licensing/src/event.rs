@@ -269,6 +269,8 @@ pub fn apply_outcome(
     // Removal: kept because the entry records a newer request of ours (see `ledger::gone`).
     let mut kept = vec![false; items.len()];
     let mut taken: Vec<((String, Subject), String)> = Vec::new();
+    // Open entries a later removal took: closed once their notices are recorded (step 4).
+    let mut to_close: Vec<(String, Vec<Subject>)> = Vec::new();
     for (ak, idx) in &by_asset {
         let ok: Vec<usize> = idx
             .iter()
@@ -288,6 +290,9 @@ pub fn apply_outcome(
                     ledger::confirm(kv, account_id, ak, &ok_subjects, event_id, ours, asked, now)?;
                 for (s, by) in done.taken {
                     taken.push(((ak.to_string(), s), by));
+                }
+                if !done.to_close.is_empty() {
+                    to_close.push((ak.to_string(), done.to_close));
                 }
                 // An assignment we cannot place in time (an event we never learned of), of a
                 // subject we hold no claim on and whose removal we reported lately: it may be a
@@ -368,7 +373,10 @@ pub fn apply_outcome(
                 };
                 for (i, g) in ok.iter().zip(states) {
                     prev[*i] = g.before;
-                    if g.before.is_none() && later.contains(&items[*i].subject.tag()) {
+                    // No claim of ours (no entry, or a refused request's): the copy's entry
+                    // is that later assignment's.
+                    let unclaimed = g.before.is_none_or(|b| b == LedgerState::Failed);
+                    if unclaimed && later.contains(&items[*i].subject.tag()) {
                         stale[*i] = true;
                         continue;
                     }
@@ -563,6 +571,10 @@ pub fn apply_outcome(
         }
     }
 
+    for (ak, subjects) in &to_close {
+        ledger::close_taken(kv, account_id, ak, subjects)?;
+    }
+
     // 5. The event record.
     let Some(id) = event_id.filter(|_| ours) else {
         return Ok(None);
@@ -702,7 +714,10 @@ fn held_before_removal(
                 // Kept by step 1: the removal may have come before it (no notice).
                 continue;
             }
-            if entry.is_none() && later.contains(&s.tag()) {
+            let unclaimed = entry
+                .as_ref()
+                .is_none_or(|e| e.state == LedgerState::Failed);
+            if unclaimed && later.contains(&s.tag()) {
                 // An assignment accepted after the removal (no notice).
                 continue;
             }

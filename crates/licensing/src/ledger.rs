@@ -669,12 +669,17 @@ pub fn confirm(
                 || (own.is_some()
                     && !concerns(tag)
                     && (open.entries.contains_key(tag) || !current.contains_key(tag)))
-                // Unplaced: events of ours decide (the entry's associate, or a revoke).
+                // Unplaced: events of ours decide (the entry's associate, or a revoke, or the
+                // refusal of our last request in an event we placed: a lost answer's twin of
+                // ours was accepted, so applied, before it, and the license was not held then).
                 || (unplaced
                     && ((open.entries.contains_key(tag) && !concerns(tag))
-                        || current
-                            .get(tag)
-                            .is_some_and(|e| e.state == LedgerState::Revoking)))
+                        || current.get(tag).is_some_and(|e| {
+                            e.state == LedgerState::Revoking
+                                || (e.state == LedgerState::Failed
+                                    && e.event_id.is_some()
+                                    && !open.entries.contains_key(tag))
+                        })))
         })
         .collect();
     let fresh: Vec<Subject> = subjects
@@ -726,7 +731,6 @@ pub fn confirm(
         .cloned()
         .collect();
     close(kv, account, asset_key, &fresh)?;
-    close(kv, account, asset_key, &taken_subjects)?;
     let flags = subjects
         .iter()
         .map(|s| {
@@ -746,15 +750,27 @@ pub fn confirm(
     Ok(Confirmed {
         flags,
         taken: taken_subjects
-            .into_iter()
+            .iter()
             // Its removal already sent the notice.
             .filter(|s| !open.entries.get(&s.tag()).is_some_and(|o| o.taken_noticed))
             .map(|s| {
                 let by = taken.get(&s.tag()).cloned().unwrap_or_default();
-                (s, by)
+                (s.clone(), by)
             })
             .collect(),
+        to_close: taken_subjects,
     })
+}
+
+/// Close the open entries a later removal took ([`Confirmed::to_close`]), once the notices
+/// they owe are recorded.
+pub fn close_taken(
+    kv: &impl Kv,
+    account: &str,
+    asset_key: &str,
+    subjects: &[Subject],
+) -> Result<(), StoreError> {
+    close(kv, account, asset_key, subjects)
 }
 
 /// What [`confirm`] did.
@@ -766,6 +782,10 @@ pub struct Confirmed {
     /// Subjects a later removal of ours took once this event gave them (with its source): each
     /// owes that removal's notice.
     pub taken: Vec<(Subject, String)>,
+    /// The open entries of the subjects taken (with or without a notice owed), left open: the
+    /// caller closes them ([`close_taken`]) once it recorded the notices, so an invocation
+    /// killed before that finds them when the outcome is read again.
+    pub to_close: Vec<Subject>,
 }
 
 /// A removal of ours, accepted at `asked_at` with `source`, was applied for `subjects`: an open
@@ -1370,7 +1390,8 @@ async fn settle<T: Transport, C: Clock>(
         }
         if !seen.is_empty() {
             report.confirmed += seen.len() as u32;
-            confirm(kv, account, &ak, &seen, None, true, None, now)?;
+            let c = confirm(kv, account, &ak, &seen, None, true, None, now)?;
+            close(kv, account, &ak, &c.to_close)?;
         }
         if !settled_leftover.is_empty() {
             close(kv, account, &ak, &settled_leftover)?;
@@ -1383,7 +1404,7 @@ async fn settle<T: Transport, C: Clock>(
             match held_at_apple(client, asset, &s).await {
                 Ok(true) => {
                     report.confirmed += 1;
-                    confirm(
+                    let c = confirm(
                         kv,
                         account,
                         &ak,
@@ -1393,6 +1414,7 @@ async fn settle<T: Transport, C: Clock>(
                         None,
                         now,
                     )?;
+                    close(kv, account, &ak, &c.to_close)?;
                 }
                 Ok(false) => {
                     let since = o.sent.unwrap_or(o.since);
@@ -1651,7 +1673,7 @@ pub async fn verify_before_removal<T: Transport, C: Clock>(
             break;
         }
         if let Ok(true) = held_at_apple(client, asset, s).await {
-            confirm(
+            let c = confirm(
                 kv,
                 account,
                 &ak,
@@ -1661,6 +1683,7 @@ pub async fn verify_before_removal<T: Transport, C: Clock>(
                 None,
                 now,
             )?;
+            close(kv, account, &ak, &c.to_close)?;
             confirmed += 1;
         }
     }
