@@ -769,7 +769,9 @@ mod tests {
     use vpp_apple::{AppleRequest, AppleResponse, Client, Target};
     use vpp_store::MemoryKv;
 
-    /// Apple for every account; accounts named `slow*` answer 429 while `storm` > 0.
+    /// Apple for every account; accounts named `slow*` answer 429 while `storm` > 0. Clones
+    /// share the counters and the clock.
+    #[derive(Clone)]
     struct TestGateway {
         storm: Arc<AtomicUsize>,
         calls: Arc<AtomicUsize>,
@@ -1084,67 +1086,13 @@ mod tests {
         assert_eq!(refreshes, 1);
     }
 
-    /// The store as a second invocation sees it while the first is mid-slice: on the first
-    /// write of a key other than a lease, the second invocation resumes the same job.
-    struct Reentrant<'a> {
-        kv: &'a MemoryKv,
-        gw: &'a TestGateway,
-        job_id: &'a str,
-        armed: Cell<bool>,
-        second: std::cell::RefCell<Option<runner::Ran>>,
-    }
-
-    impl Reentrant<'_> {
-        fn maybe_enter(&self, key: &str) {
-            if !self.armed.get() || key.starts_with(&keys::lease("")) {
-                return;
-            }
-            self.armed.set(false);
-            let now = vpp_apple::Clock::now(&self.gw.clock);
-            let mut budget = Budget::new(now, 20, 1000);
-            let ran = block_on(runner::run(
-                self,
-                self.gw,
-                self.job_id,
-                "our",
-                &mut budget,
-                now,
-            ))
-            .unwrap();
-            *self.second.borrow_mut() = Some(ran);
-        }
-    }
-
-    impl Kv for Reentrant<'_> {
-        fn get(&self, key: &str) -> Result<Option<Vec<u8>>, vpp_store::KvError> {
-            self.kv.get(key)
-        }
-        fn set(&self, key: &str, value: &[u8]) -> Result<(), vpp_store::KvError> {
-            self.maybe_enter(key);
-            self.kv.set(key, value)
-        }
-        fn delete(&self, key: &str) -> Result<(), vpp_store::KvError> {
-            self.maybe_enter(key);
-            self.kv.delete(key)
-        }
-        fn swap(
-            &self,
-            key: &str,
-            expected: Option<&[u8]>,
-            new: &[u8],
-        ) -> Result<bool, vpp_store::KvError> {
-            self.maybe_enter(key);
-            self.kv.swap(key, expected, new)
-        }
-    }
-
     /// Two invocations resuming one job at once (two instances answering a resume, or a refresh
     /// request joining the running one): only one works on it, and the job's work is done once.
     /// They used to share the lease (its holder was the job id) and both ran the refresh from
     /// one checkpoint, one of them deleting the generation the other was writing.
     #[test]
     fn a_job_resumed_from_two_places_at_once_runs_in_one() {
-        let calls_of = |reentrant: bool| {
+        let calls_of = |second_enters: bool| {
             let h = Harness::new(&["a"], 0);
             let mut manual = Job::new("manual", "refresh", Some("a"), "admin", h.now());
             let acc: Account = get_json(&h.kv, &keys::account("a")).unwrap().unwrap();
@@ -1153,16 +1101,21 @@ mod tests {
             )
             .unwrap();
             job::create(&h.kv, &manual).unwrap();
-            let kv = Reentrant {
-                kv: &h.kv,
-                gw: &h.gw,
-                job_id: "manual",
-                armed: Cell::new(reentrant),
-                second: Default::default(),
-            };
+            // The second invocation comes in right after the first one's first swap (its lease).
+            let second: Arc<std::sync::Mutex<Option<runner::Ran>>> = Arc::default();
+            if second_enters {
+                let (gw, out) = (h.gw.clone(), second.clone());
+                h.kv.after_next_swap(move |kv| {
+                    let now = vpp_apple::Clock::now(&gw.clock);
+                    let mut budget = Budget::new(now, 20, 1000);
+                    let ran =
+                        block_on(runner::run(kv, &gw, "manual", "our", &mut budget, now)).unwrap();
+                    *out.lock().unwrap() = Some(ran);
+                });
+            }
             let mut budget = Budget::new(h.now(), 20, 1000);
             let first = block_on(runner::run(
-                &kv,
+                &h.kv,
                 &h.gw,
                 "manual",
                 "our",
@@ -1172,10 +1125,10 @@ mod tests {
             .unwrap();
             assert!(first.worked && !first.job.is_running(), "{:?}", first.job);
             assert_eq!(first.job.state, job::JobState::Succeeded, "{:?}", first.job);
-            if reentrant {
-                let second = kv
-                    .second
-                    .borrow_mut()
+            if second_enters {
+                let second = second
+                    .lock()
+                    .unwrap()
                     .take()
                     .expect("the second invocation ran");
                 assert!(!second.worked, "the second invocation stays out");

@@ -1123,59 +1123,6 @@ fn a_clean_up_waits_for_room_among_pending_events_and_polls_to_make_it() {
     assert_eq!(pending.len(), keys::MAX_PENDING_EVENTS);
 }
 
-/// The store as a second call of one reconcile sees it while the first is mid-slice: on the
-/// first write of a key other than a lease, the second call runs a slice of the same job (as
-/// two instances answering `POST /api/reconcile` at once do).
-struct Reentrant<'a> {
-    kv: &'a MemoryKv,
-    job: Mutex<Option<job::Job>>,
-    second: Mutex<Option<bool>>,
-    client: &'a dyn Fn() -> Client<ScriptedTransport, FakeClock>,
-}
-
-impl Reentrant<'_> {
-    fn maybe_enter(&self, key: &str) {
-        if key.starts_with(&keys::lease("")) {
-            return;
-        }
-        let Some(mut j) = self.job.lock().unwrap().take() else {
-            return;
-        };
-        let done = block_on(reconcile::run_slice(
-            self,
-            &mut j,
-            |_| (self.client)(),
-            t0(),
-            &mut budget(),
-        ))
-        .unwrap();
-        *self.second.lock().unwrap() = Some(done);
-    }
-}
-
-impl Kv for Reentrant<'_> {
-    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, vpp_store::KvError> {
-        self.kv.get(key)
-    }
-    fn set(&self, key: &str, value: &[u8]) -> Result<(), vpp_store::KvError> {
-        self.maybe_enter(key);
-        self.kv.set(key, value)
-    }
-    fn delete(&self, key: &str) -> Result<(), vpp_store::KvError> {
-        self.maybe_enter(key);
-        self.kv.delete(key)
-    }
-    fn swap(
-        &self,
-        key: &str,
-        expected: Option<&[u8]>,
-        new: &[u8],
-    ) -> Result<bool, vpp_store::KvError> {
-        self.maybe_enter(key);
-        self.kv.swap(key, expected, new)
-    }
-}
-
 /// Two calls running one reconcile at once: the second stays out while the first holds the
 /// lease, so each license is taken back by one request and the job's record lists every event
 /// (the two used to share the lease, whose holder was the job id; the one that saved last wrote
@@ -1188,8 +1135,7 @@ fn a_reconcile_run_from_two_calls_at_once_takes_back_each_license_once() {
     confirm_all(&kv);
     put_policy(&kv, &client, "p1", &["A"]);
     let posts: Arc<Mutex<Vec<Value>>> = Arc::default();
-    let make = || {
-        let posts = posts.clone();
+    let make = |posts: Arc<Mutex<Vec<Value>>>| {
         let t = ScriptedTransport::new(move |req: &AppleRequest, n| match req.method {
             Method::Post => {
                 let body: Value =
@@ -1204,23 +1150,31 @@ fn a_reconcile_run_from_two_calls_at_once_takes_back_each_license_once() {
             .with_pacer(vpp_apple::Pacer::unlimited())
     };
     let (mut j, _) = reconcile::start(&kv, "job1", "admin", t0()).unwrap();
-    let twice = Reentrant {
-        kv: &kv,
-        job: Mutex::new(Some(j.clone())),
-        second: Mutex::new(None),
-        client: &make,
-    };
+    // The second call comes in right after the first one's first swap (its lease).
+    let second: Arc<Mutex<Option<bool>>> = Arc::default();
+    let (mut twin, out, theirs) = (j.clone(), second.clone(), posts.clone());
+    kv.after_next_swap(move |kv| {
+        let done = block_on(reconcile::run_slice(
+            kv,
+            &mut twin,
+            |_| make(theirs.clone()),
+            t0(),
+            &mut budget(),
+        ))
+        .unwrap();
+        *out.lock().unwrap() = Some(done);
+    });
     let done = block_on(reconcile::run_slice(
-        &twice,
+        &kv,
         &mut j,
-        |_| make(),
+        |_| make(posts.clone()),
         t0(),
         &mut budget(),
     ))
     .unwrap();
     assert!(done);
     assert_eq!(
-        *twice.second.lock().unwrap(),
+        *second.lock().unwrap(),
         Some(false),
         "the second call did not run the job"
     );
