@@ -100,6 +100,13 @@ impl World {
         gone
     }
 
+    /// Apple applies every event it accepted, in the order it accepted them.
+    fn apply_scheduled(&mut self) {
+        for id in std::mem::take(&mut self.scheduled) {
+            self.apply(&id);
+        }
+    }
+
     /// Apple applies one event it accepted.
     fn apply(&mut self, id: &str) {
         let notes = self.model.apply_event(id);
@@ -642,9 +649,7 @@ impl Run {
         for round in 0..12 {
             {
                 let mut w = self.world.lock().unwrap();
-                for id in std::mem::take(&mut w.scheduled) {
-                    w.apply(&id);
-                }
+                w.apply_scheduled();
                 for id in w.model.pending_events() {
                     w.apply(&id);
                 }
@@ -1682,9 +1687,7 @@ fn a_revoke_sent_while_its_associate_is_pending_takes_it_away_once() {
     {
         let mut w = run.world.lock().unwrap();
         // In the order Apple accepted them.
-        for id in std::mem::take(&mut w.scheduled) {
-            w.apply(&id);
-        }
+        w.apply_scheduled();
         w.notes.clear();
     }
     run.clock.advance(std::time::Duration::from_secs(60));
@@ -1890,9 +1893,7 @@ fn a_revoke_read_before_its_pending_associate_takes_it_away_once() {
     let notes: Vec<Outgoing> = {
         let mut w = run.world.lock().unwrap();
         // In the order Apple accepted them.
-        for id in std::mem::take(&mut w.scheduled) {
-            w.apply(&id);
-        }
+        w.apply_scheduled();
         std::mem::take(&mut w.notes)
     };
     assert_eq!(
@@ -2175,9 +2176,7 @@ fn a_removal_read_after_a_later_assignment_takes_nothing() {
     {
         let mut w = run.world.lock().unwrap();
         // In the order Apple accepted them: the revoke finds nothing, the associate assigns.
-        for id in std::mem::take(&mut w.scheduled) {
-            w.apply(&id);
-        }
+        w.apply_scheduled();
         w.notes.clear();
     }
     run.clock.advance(std::time::Duration::from_secs(30));
@@ -2231,9 +2230,7 @@ fn an_associate_stopped_before_it_was_tracked_keeps_its_removal_notice() {
     );
     {
         let mut w = run.world.lock().unwrap();
-        for id in std::mem::take(&mut w.scheduled) {
-            w.apply(&id);
-        }
+        w.apply_scheduled();
         w.notes.clear();
     }
     run.clock.advance(std::time::Duration::from_secs(20));
@@ -2249,9 +2246,7 @@ fn an_associate_stopped_before_it_was_tracked_keeps_its_removal_notice() {
     .unwrap();
     {
         let mut w = run.world.lock().unwrap();
-        for id in std::mem::take(&mut w.scheduled) {
-            w.apply(&id);
-        }
+        w.apply_scheduled();
         w.notes.clear();
     }
     for _ in 0..3 {
@@ -2286,9 +2281,7 @@ fn a_late_associate_we_never_learned_of_does_not_undo_a_pending_revoke() {
     };
     let apply_all = |run: &Run| {
         let mut w = run.world.lock().unwrap();
-        for id in std::mem::take(&mut w.scheduled) {
-            w.apply(&id);
-        }
+        w.apply_scheduled();
         w.notes.clear();
     };
     let (now, mut b) = step(&mut run, 0);
@@ -2386,9 +2379,7 @@ fn a_late_removal_we_never_learned_of_does_not_take_a_license_of_ours() {
     .unwrap();
     {
         let mut w = run.world.lock().unwrap();
-        for id in std::mem::take(&mut w.scheduled) {
-            w.apply(&id);
-        }
+        w.apply_scheduled();
         w.notes.clear();
     }
     run.clock.advance(std::time::Duration::from_secs(60));
@@ -2443,9 +2434,7 @@ fn a_late_associate_we_never_learned_of_does_not_revive_a_removed_license() {
     };
     let apply_all = |run: &Run| {
         let mut w = run.world.lock().unwrap();
-        for id in std::mem::take(&mut w.scheduled) {
-            w.apply(&id);
-        }
+        w.apply_scheduled();
         w.notes.clear();
     };
     let (now, mut b) = step(&mut run, 0);
@@ -2536,9 +2525,7 @@ fn a_revoke_overtaken_by_a_new_assignment_keeps_its_notice() {
     .unwrap();
     {
         let mut w = run.world.lock().unwrap();
-        for id in std::mem::take(&mut w.scheduled) {
-            w.apply(&id);
-        }
+        w.apply_scheduled();
         w.notes.clear();
     }
     let (now, mut b) = step(&mut run, 60);
@@ -2548,9 +2535,7 @@ fn a_revoke_overtaken_by_a_new_assignment_keeps_its_notice() {
     // the license gone; the device is assigned it again, and Apple applies that too.
     let apply = |run: &Run| {
         let mut w = run.world.lock().unwrap();
-        for id in std::mem::take(&mut w.scheduled) {
-            w.apply(&id);
-        }
+        w.apply_scheduled();
     };
     let body = assign_body("200", &["D1".into()]);
     let (now, mut b) = step(&mut run, 10);
@@ -2734,9 +2719,7 @@ fn revoke_sent_twice(run: &mut Run) -> Vec<String> {
     .unwrap();
     {
         let mut w = run.world.lock().unwrap();
-        for id in std::mem::take(&mut w.scheduled) {
-            w.apply(&id);
-        }
+        w.apply_scheduled();
         w.notes.clear();
     }
     run.clock.advance(std::time::Duration::from_secs(60));
@@ -2900,9 +2883,7 @@ fn a_revoke_verified_gone_leaves_nothing_for_its_late_notification() {
     .unwrap();
     {
         let mut w = run.world.lock().unwrap();
-        for id in std::mem::take(&mut w.scheduled) {
-            w.apply(&id);
-        }
+        w.apply_scheduled();
         w.notes.clear();
     }
     run.clock.advance(std::time::Duration::from_secs(60));
@@ -2969,9 +2950,7 @@ fn an_owed_notice_an_earlier_revoke_gave_is_not_given_twice() {
         };
         let apply = |run: &Run| {
             let mut w = run.world.lock().unwrap();
-            for id in std::mem::take(&mut w.scheduled) {
-                w.apply(&id);
-            }
+            w.apply_scheduled();
             w.notes.clear();
         };
         let body = assign_body("200", &["D1".into()]);
@@ -3097,9 +3076,7 @@ fn a_late_associate_we_never_learned_of_does_not_confirm_a_failed_entry() {
     };
     let apply_all = |run: &Run| {
         let mut w = run.world.lock().unwrap();
-        for id in std::mem::take(&mut w.scheduled) {
-            w.apply(&id);
-        }
+        w.apply_scheduled();
         w.notes.clear();
     };
     let body = assign_body("200", &["D1".into()]);
@@ -3214,9 +3191,7 @@ fn a_removal_read_after_a_later_assignment_takes_nothing_from_a_failed_entry() {
     // Apple applies what it accepted; its notifications are returned, not delivered.
     let apply_all = |run: &Run| -> Vec<Outgoing> {
         let mut w = run.world.lock().unwrap();
-        for id in std::mem::take(&mut w.scheduled) {
-            w.apply(&id);
-        }
+        w.apply_scheduled();
         std::mem::take(&mut w.notes)
     };
     let of_event = |notes: &[Outgoing], id: &str| -> Vec<Outgoing> {
@@ -3321,9 +3296,7 @@ fn an_associate_outcome_killed_before_its_taken_notice_keeps_it() {
         };
         let apply_all = |run: &Run| -> Vec<Outgoing> {
             let mut w = run.world.lock().unwrap();
-            for id in std::mem::take(&mut w.scheduled) {
-                w.apply(&id);
-            }
+            w.apply_scheduled();
             std::mem::take(&mut w.notes)
         };
         let body = assign_body("200", &["D1".into()]);
@@ -3405,9 +3378,7 @@ fn a_revoke_of_a_license_whose_assign_answer_was_lost_gives_its_notice() {
     // Apple applies the associate; its notification is lost.
     {
         let mut w = run.world.lock().unwrap();
-        for id in std::mem::take(&mut w.scheduled) {
-            w.apply(&id);
-        }
+        w.apply_scheduled();
         w.notes.clear();
     }
     run.clock.advance(std::time::Duration::from_secs(30));
@@ -3424,9 +3395,7 @@ fn a_revoke_of_a_license_whose_assign_answer_was_lost_gives_its_notice() {
     assert_eq!(out.events.len(), 1, "{out:?}");
     let notes: Vec<Outgoing> = {
         let mut w = run.world.lock().unwrap();
-        for id in std::mem::take(&mut w.scheduled) {
-            w.apply(&id);
-        }
+        w.apply_scheduled();
         assert_eq!(
             w.removals.get(&("100".to_string(), "D1".to_string())),
             Some(&1),
