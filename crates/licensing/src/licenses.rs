@@ -697,6 +697,18 @@ pub fn assignments(
 mod tests {
     use super::*;
 
+    /// Account `a1` named `name`, stored.
+    fn store_account(kv: &vpp_store::MemoryKv, name: &str) {
+        let account: crate::model::Account = serde_json::from_value(json!({
+            "id": "a1", "name": name, "organization": "Org", "location": "Main",
+            "locationId": "uid1", "country": "US", "defaultPlatform": "volumestore",
+            "websiteUrl": null, "tokenExpiresAt": "2030-01-01T00:00:00Z",
+            "createdAt": "2025-01-01T00:00:00Z", "updatedAt": "2025-01-01T00:00:00Z",
+        }))
+        .unwrap();
+        vpp_store::set_json(kv, &keys::account("a1"), &account).unwrap();
+    }
+
     /// The cursor's form is the request's (400); its account missing from the list is the
     /// state's (409, start again), as the OpenAPI document's `cursor` pattern says.
     #[test]
@@ -759,17 +771,9 @@ mod tests {
     /// asset is found without pricingParam; what is not there is a 404 that says what.
     #[test]
     fn an_assignments_page_is_the_copy_read_in_two_calls() {
-        use crate::model::Account;
-        use vpp_store::{set_json, MemoryKv};
+        use vpp_store::MemoryKv;
         let kv = MemoryKv::default();
-        let account: Account = serde_json::from_value(json!({
-            "id": "a1", "name": "School", "organization": "Org", "location": "Main",
-            "locationId": "uid1", "country": "US", "defaultPlatform": "volumestore",
-            "websiteUrl": null, "tokenExpiresAt": "2030-01-01T00:00:00Z",
-            "createdAt": "2025-01-01T00:00:00Z", "updatedAt": "2025-01-01T00:00:00Z",
-        }))
-        .unwrap();
-        set_json(&kv, &keys::account("a1"), &account).unwrap();
+        store_account(&kv, "School");
         let record = |adam: u32, pricing: &str, in_use: i64| AssetRecord {
             adam_id: adam.to_string(),
             pricing_param: pricing.into(),
@@ -901,17 +905,9 @@ mod tests {
 
     #[test]
     fn the_csv_export_in_chunks_is_the_whole_document() {
-        use crate::model::Account;
         use vpp_store::{set_json, MemoryKv};
         let kv = MemoryKv::default();
-        let account: Account = serde_json::from_value(json!({
-            "id": "a1", "name": "School, \"North\"", "organization": "Org", "location": "Main",
-            "locationId": "uid1", "country": "US", "defaultPlatform": "volumestore",
-            "websiteUrl": null, "tokenExpiresAt": "2030-01-01T00:00:00Z",
-            "createdAt": "2025-01-01T00:00:00Z", "updatedAt": "2025-01-01T00:00:00Z",
-        }))
-        .unwrap();
-        set_json(&kv, &keys::account("a1"), &account).unwrap();
+        store_account(&kv, "School, \"North\"");
         set_json(&kv, &keys::accounts(), &vec!["a1".to_string()]).unwrap();
         let records: Vec<AssetRecord> = (0..2_600)
             .map(|i| AssetRecord {
@@ -954,17 +950,9 @@ mod tests {
     /// whatever the records hold (escapes, absent optional members, unlimited, pending, low).
     #[test]
     fn a_page_written_from_stored_text_is_the_rows_serialized() {
-        use crate::model::Account;
         use vpp_store::{set_json, MemoryKv};
         let kv = MemoryKv::default();
-        let account: Account = serde_json::from_value(json!({
-            "id": "a1", "name": "School \"North\" \\ é", "organization": "Org", "location": "Main",
-            "locationId": "uid1", "country": "US", "defaultPlatform": "volumestore",
-            "websiteUrl": null, "tokenExpiresAt": "2030-01-01T00:00:00Z",
-            "createdAt": "2025-01-01T00:00:00Z", "updatedAt": "2025-01-01T00:00:00Z",
-        }))
-        .unwrap();
-        set_json(&kv, &keys::account("a1"), &account).unwrap();
+        store_account(&kv, "School \"North\" \\ é");
         set_json(&kv, &keys::accounts(), &vec!["a1".to_string()]).unwrap();
         let records: Vec<AssetRecord> = (0..260)
             .map(|i| AssetRecord {
