@@ -1066,9 +1066,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn adopts_a_refresh_already_running() {
-        let h = Harness::new(&["a"], 0);
+    /// A full refresh of account `a` an admin started (job `manual`), not yet run.
+    fn manual_refresh(h: &Harness) {
         let mut manual = Job::new("manual", "refresh", Some("a"), "admin", h.now());
         let acc: Account = get_json(&h.kv, &keys::account("a")).unwrap().unwrap();
         manual.checkpoint = serde_json::to_value(
@@ -1076,6 +1075,12 @@ mod tests {
         )
         .unwrap();
         job::create(&h.kv, &manual).unwrap();
+    }
+
+    #[test]
+    fn adopts_a_refresh_already_running() {
+        let h = Harness::new(&["a"], 0);
+        manual_refresh(&h);
         let (job, _) = h.run_to_end(1000);
         assert_eq!(job.result.unwrap()["accounts"][0]["jobId"], "manual");
         let refreshes = job::recent(&h.kv, 50)
@@ -1094,13 +1099,7 @@ mod tests {
     fn a_job_resumed_from_two_places_at_once_runs_in_one() {
         let calls_of = |second_enters: bool| {
             let h = Harness::new(&["a"], 0);
-            let mut manual = Job::new("manual", "refresh", Some("a"), "admin", h.now());
-            let acc: Account = get_json(&h.kv, &keys::account("a")).unwrap().unwrap();
-            manual.checkpoint = serde_json::to_value(
-                crate::refresh::initial_state(&h.kv, &acc, true, h.now()).unwrap(),
-            )
-            .unwrap();
-            job::create(&h.kv, &manual).unwrap();
+            manual_refresh(&h);
             // The second invocation comes in right after the first one's first swap (its lease).
             let second: Arc<std::sync::Mutex<Option<runner::Ran>>> = Arc::default();
             if second_enters {
