@@ -380,8 +380,42 @@ pub struct Lease {
 /// Two invocations working on one job (two instances resuming it, or joining it, at once) are
 /// two holders, so only one of them gets the lease; with the job id alone as the holder, both
 /// did, and both ran the job at once from the same checkpoint.
-pub fn invocation_holder(job_id: &str) -> String {
+fn invocation_holder(job_id: &str) -> String {
     format!("{job_id}@{:016x}", vpp_store::mark::new_revision())
+}
+
+/// What [`take_lease`] found.
+#[derive(Debug)]
+pub enum Leased {
+    /// Another invocation holds the scope's lease: the job is being worked on elsewhere.
+    Busy,
+    /// The job ended (or its record is gone) before the lease was ours; the lease went back.
+    Ended(Option<Job>),
+    /// The lease is this invocation's (`holder`, for [`release_lease`]), and `job` is the
+    /// running job as stored now.
+    Held { holder: String, job: Job },
+}
+
+/// Take the lease on `scope` for one invocation's slice of `job_id`, and read the job again
+/// under it: another invocation may have moved it on (or ended it) since the caller read it,
+/// and a slice from the older checkpoint would redo its work.
+pub fn take_lease(
+    kv: &impl Kv,
+    scope: &str,
+    job_id: &str,
+    now: DateTime<Utc>,
+) -> Result<Leased, StoreError> {
+    let holder = invocation_holder(job_id);
+    if !acquire_lease(kv, scope, &holder, now)? {
+        return Ok(Leased::Busy);
+    }
+    match load(kv, job_id) {
+        Ok(Some(job)) if job.is_running() => Ok(Leased::Held { holder, job }),
+        other => {
+            release_lease(kv, scope, &holder)?;
+            Ok(Leased::Ended(other?))
+        }
+    }
 }
 
 /// Take (or renew) the lease on `scope` (usually an account id) for `holder`. Returns false when

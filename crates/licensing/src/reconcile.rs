@@ -96,25 +96,23 @@ pub async fn run_slice<T: Transport, C: Clock>(
     if !job.is_running() {
         return Ok(true);
     }
-    let holder = job::invocation_holder(&job.id);
-    if !job::acquire_lease(kv, LEASE_SCOPE, &holder, now)? {
-        return Ok(false);
-    }
-    // Read again under the lease: another invocation may have moved the job on (or ended it)
-    // since the caller read it, and a slice from the older checkpoint would redo its work.
-    match job::load(kv, &job.id) {
-        Ok(Some(j)) => *job = j,
-        Ok(None) => {}
-        Err(e) => {
-            job::release_lease(kv, LEASE_SCOPE, &holder)?;
-            return Err(e.into());
+    let holder = match job::take_lease(kv, LEASE_SCOPE, &job.id, now)? {
+        job::Leased::Held {
+            holder,
+            job: current,
+        } => {
+            *job = current;
+            holder
         }
-    }
-    let result = if job.is_running() {
-        run_held(kv, job, client_for_account, now, budget).await
-    } else {
-        Ok(true)
+        job::Leased::Busy => return Ok(false),
+        job::Leased::Ended(current) => {
+            if let Some(current) = current {
+                *job = current;
+            }
+            return Ok(true);
+        }
     };
+    let result = run_held(kv, job, client_for_account, now, budget).await;
     // The lease goes back whatever happened: a slice that failed midway leaves its work to
     // the next call, not to the lease's expiry.
     job::release_lease(kv, LEASE_SCOPE, &holder)?;

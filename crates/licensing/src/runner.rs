@@ -37,25 +37,11 @@ pub async fn run<G: Gateway>(
         return Ok(Ran { job, worked: false });
     }
     let scope = scope(&job);
-    let holder = job::invocation_holder(&job.id);
-    if !job::acquire_lease(kv, &scope, &holder, now)? {
-        return Ok(Ran { job, worked: false });
-    }
-    // Read again under the lease: another invocation may have moved the job on (or ended it)
-    // between the read above and the lease, and a slice from the older checkpoint would redo
-    // its work.
-    let mut job = match job::load(kv, job_id) {
-        Ok(Some(j)) if j.is_running() => j,
-        other => {
-            job::release_lease(kv, &scope, &holder)?;
-            return match other? {
-                Some(j) => Ok(Ran {
-                    job: j,
-                    worked: false,
-                }),
-                None => Err(ApiError::not_found(format!("job {job_id}"))),
-            };
-        }
+    let (holder, mut job) = match job::take_lease(kv, &scope, job_id, now)? {
+        job::Leased::Held { holder, job } => (holder, job),
+        job::Leased::Busy => return Ok(Ran { job, worked: false }),
+        job::Leased::Ended(Some(job)) => return Ok(Ran { job, worked: false }),
+        job::Leased::Ended(None) => return Err(ApiError::not_found(format!("job {job_id}"))),
     };
     let result = run_held(kv, gw, &mut job, our_id, budget).await;
     // Save what was done even when the slice failed midway, then let the lease go.
