@@ -349,14 +349,18 @@ pub fn staging(kv: &impl Kv, account: &str) -> Result<Option<CopyIndex>, StoreEr
     get_json(kv, &keys::assets_staging(account))
 }
 
-/// One asset page of a generation.
+/// One asset page of a generation: the records whose page it is by `ix` (a split killed
+/// before its clean up leaves copies of moved records on the page split; they are not its).
 pub fn page(
     kv: &impl Kv,
     account: &str,
     ix: &CopyIndex,
     page: u32,
 ) -> Result<AssetPage, StoreError> {
-    Ok(get_json(kv, &keys::asset_page(account, ix.generation, page))?.unwrap_or_default())
+    let mut records: AssetPage =
+        get_json(kv, &keys::asset_page(account, ix.generation, page))?.unwrap_or_default();
+    records.retain(|k, _| ix.page_of(k) == page);
+    Ok(records)
 }
 
 /// The records of `asset_keys` (those the copy has) in the current generation: one read for
@@ -409,7 +413,8 @@ impl RawPage {
 }
 
 /// At most `n` records of asset page `page` after the asset key `after` (`""`: from the
-/// start), in the page's order, as stored (never decoded).
+/// start) for which `keep` holds, in the page's order (by key), as stored (never decoded).
+/// Only the page's own records (see [`page`]).
 pub fn page_after_raw(
     kv: &impl Kv,
     account: &str,
@@ -417,6 +422,7 @@ pub fn page_after_raw(
     page: u32,
     after: &str,
     n: usize,
+    keep: impl Fn(&str) -> bool,
 ) -> Result<RawPage, StoreError> {
     let key = keys::asset_page(account, ix.generation, page);
     let corrupt = |reason: String| StoreError::Corrupt {
@@ -445,7 +451,7 @@ pub fn page_after_raw(
                 Some(text) => text.to_string(),
                 None => serde_json::from_slice(k).map_err(|e| corrupt(e.to_string()))?,
             };
-            if name.as_str() > after {
+            if name.as_str() > after && ix.page_of(&name) == page && keep(&name) {
                 let start = v.as_ptr() as usize - base;
                 entries.push((name, start..start + v.len()));
             }
@@ -611,12 +617,17 @@ pub fn insert_assets(
 /// page, then the index switches to one more page (one compare-and-swap; readers and writers
 /// follow it; a writer that missed a record looks again after reading the new index), then the
 /// moved records leave the old page, carrying over any record changed there meanwhile.
+///
+/// An invocation killed between the switch and the clean up leaves copies of the moved records
+/// on the old page: readers ignore them ([`page`], [`page_after_raw`] keep a page's own
+/// records), and the next split clears them first ([`clear_last_split`]).
 pub fn split_next_page(
     kv: &impl Kv,
     account: &str,
     index_key: &str,
     ix: &CopyIndex,
 ) -> Result<(), StoreError> {
+    clear_last_split(kv, account, ix)?;
     let n = ix.asset_pages.max(1);
     let b = keys::asset_page_level(n, ix.base_pages);
     let split = n - b;
@@ -683,6 +694,31 @@ pub fn split_next_page(
         })?;
     }
     Ok(())
+}
+
+/// Clear what the last split of `ix` left on the page it split, if it was killed before its
+/// clean up: the records whose page is now the one split off. Their copies there were written
+/// before the index switched and writes after it went to them, so the old ones are dropped.
+/// One read when there is nothing to clear.
+pub fn clear_last_split(kv: &impl Kv, account: &str, ix: &CopyIndex) -> Result<(), StoreError> {
+    let n = ix.asset_pages.max(1);
+    if ix.base_pages == 0 || n <= ix.base_pages {
+        return Ok(());
+    }
+    let split = (n - 1) - keys::asset_page_level(n - 1, ix.base_pages);
+    let key = keys::asset_page(account, ix.generation, split);
+    let stale = |page: &AssetPage| page.keys().any(|k| ix.page_of(k) != split);
+    if !get_json::<AssetPage>(kv, &key)?.is_some_and(|p| stale(&p)) {
+        return Ok(());
+    }
+    update::<AssetPage, ()>(kv, &key, |cur| {
+        let Some(mut page) = cur else {
+            return Ok((None, ()));
+        };
+        let before = page.len();
+        page.retain(|k, _| ix.page_of(k) == split);
+        Ok(((page.len() != before).then_some(page), ()))
+    })
 }
 
 /// Put in-use (and available, by the same difference) of `asset_keys` in generation

@@ -102,30 +102,61 @@ pub struct ListPage {
 }
 
 /// Where a page of the list starts: an account, its asset page, the last asset key returned.
+///
+/// A walk goes through an account's asset pages as they were laid out when it entered the
+/// account (`layout`: the base and page count, see `keys::asset_pages_holding`): a page split
+/// since, or a full refresh that kept the base, moves assets to other pages, and the walk reads
+/// an old page's assets from wherever they are now, so no asset is returned twice or skipped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Cursor {
     account: String,
     page: u32,
+    /// (base, pages) of the account's layout the walk follows; `None` in a cursor given before
+    /// cursors carried it (the current layout is followed).
+    layout: Option<(u32, u32)>,
     after: String,
 }
 
 impl Cursor {
+    fn start(account: &str) -> Cursor {
+        Cursor {
+            account: account.to_string(),
+            page: 0,
+            layout: None,
+            after: String::new(),
+        }
+    }
+
     fn encode(&self) -> String {
-        format!("{}~{}~{}", self.account, self.page, self.after)
+        match self.layout {
+            Some((base, pages)) => format!(
+                "{}~{}.{}.{}~{}",
+                self.account, self.page, base, pages, self.after
+            ),
+            None => format!("{}~{}~{}", self.account, self.page, self.after),
+        }
     }
 
     fn parse(s: &str) -> Result<Cursor, ApiError> {
         let bad = || ApiError::invalid_field("cursor", "not a cursor this API returned");
         let mut parts = s.splitn(3, '~');
         let account = parts.next().filter(|a| !a.is_empty()).ok_or_else(bad)?;
-        let page = parts
+        let numbers: Vec<u32> = parts
             .next()
-            .and_then(|p| p.parse::<u32>().ok())
-            .ok_or_else(bad)?;
+            .ok_or_else(bad)?
+            .split('.')
+            .map(|n| n.parse::<u32>().map_err(|_| bad()))
+            .collect::<Result<_, _>>()?;
+        let (page, layout) = match numbers[..] {
+            [page] => (page, None),
+            [page, base, pages] => (page, Some((base, pages))),
+            _ => return Err(bad()),
+        };
         let after = parts.next().ok_or_else(bad)?;
         Ok(Cursor {
             account: account.to_string(),
             page,
+            layout,
             after: after.to_string(),
         })
     }
@@ -379,11 +410,7 @@ fn walk(
     let mut at = match cursor.filter(|c| !c.is_empty()) {
         None => match ids.first() {
             None => return Ok(None),
-            Some(first) => Cursor {
-                account: first.clone(),
-                page: 0,
-                after: String::new(),
-            },
+            Some(first) => Cursor::start(first),
         },
         Some(c) => Cursor::parse(c)?,
     };
@@ -413,32 +440,55 @@ fn walk(
             account_index += 1;
             match ids.get(account_index) {
                 Some(next) => {
-                    at = Cursor {
-                        account: next.clone(),
-                        page: 0,
-                        after: String::new(),
-                    };
+                    at = Cursor::start(next);
                     continue;
                 }
                 None => break,
             }
         };
         let ix = copy::index(kv, id)?;
+        let base_now = keys::asset_page_base(ix.asset_pages, ix.base_pages);
+        let (base, pages) = match at.layout {
+            Some((base, pages)) if base != base_now || pages < base => {
+                // A full refresh of an account that shrank below its base laid its assets out
+                // anew: where the walk stood means nothing there.
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    "this account's licenses were laid out anew by a full synchronization since \
+                     the cursor was given; start again without a cursor",
+                )
+                .with_details(json!({"field": "cursor"})));
+            }
+            Some(layout) => layout,
+            None => (base_now, ix.asset_pages.max(1)),
+        };
+        at.layout = Some((base, pages));
         // Reservations: the open ledger values of the assets that may have open entries.
         let reserved = crate::ledger::open_reservations(kv, id)?;
-        while at.page < ix.asset_pages {
+        while at.page < pages {
             if pages_read >= max_pages {
                 return Ok(Some(at.encode()));
             }
-            pages_read += 1;
+            // The pages holding the walked page's assets now: itself, unless it split since.
+            let holding = keys::asset_pages_holding(at.page, pages, ix.asset_pages, base);
+            pages_read += holding.len() as u32;
             // Without a filter every record read is a row: read only the rows still wanted.
             let want = if needle.is_none() && !filter.low_only {
                 limit.saturating_sub(rows.len())
             } else {
                 usize::MAX
             };
-            let page = copy::page_after_raw(kv, id, &ix, at.page, &at.after, want)?;
-            for (k, text) in page.iter() {
+            let walked = at.page;
+            let in_walked = |k: &str| keys::asset_page_in(k, pages, base) == walked;
+            let parts = holding
+                .into_iter()
+                .map(|q| copy::page_after_raw(kv, id, &ix, q, &at.after, want, in_walked))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut records: Vec<(&str, &[u8])> = parts.iter().flat_map(|p| p.iter()).collect();
+            if parts.len() > 1 {
+                records.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            }
+            for (k, text) in records {
                 at.after.clear();
                 at.after.push_str(k);
                 let record = RawRecord::parse(text)?;
@@ -468,13 +518,7 @@ fn walk(
         }
         account_index += 1;
         match ids.get(account_index) {
-            Some(next) => {
-                at = Cursor {
-                    account: next.clone(),
-                    page: 0,
-                    after: String::new(),
-                };
-            }
+            Some(next) => at = Cursor::start(next),
             None => break,
         }
     }
@@ -944,6 +988,153 @@ mod tests {
             ..Filter::default()
         });
         assert!(bad.next_chunk(&kv).is_err());
+    }
+
+    /// Account `a1` listed, with `n` assets from adamId 100000 in one generation.
+    fn listed_account(kv: &vpp_store::MemoryKv, n: usize) {
+        store_account(kv, "North");
+        vpp_store::set_json(kv, &keys::accounts(), &vec!["a1".to_string()]).unwrap();
+        let records: Vec<AssetRecord> = (0..n)
+            .map(|i| AssetRecord {
+                adam_id: format!("{}", 100_000 + i),
+                pricing_param: "STDQ".into(),
+                product_type: "App".into(),
+                name: Some(format!("App {i}")),
+                icon_url: None,
+                total: 10,
+                available: 10,
+                in_use: 0,
+                retired: 0,
+                device_assignable: true,
+                revocable: true,
+                supported_platforms: Vec::new(),
+                shards: 1,
+            })
+            .collect();
+        copy::write_generation(kv, "a1", 1, None, records).unwrap();
+    }
+
+    /// Walk the list by cursor, `limit` rows a request, calling `between` after each page;
+    /// the adamIds in the order returned.
+    fn walk_all(
+        kv: &vpp_store::MemoryKv,
+        limit: usize,
+        mut between: impl FnMut(usize),
+    ) -> Result<Vec<String>, ApiError> {
+        let mut seen = Vec::new();
+        let mut cursor: Option<String> = None;
+        for request in 0.. {
+            let page = list_page(kv, &Filter::default(), cursor.as_deref(), limit)?;
+            seen.extend(page.rows.into_iter().map(|r| r.adam_id));
+            cursor = page.next_cursor;
+            if cursor.is_none() {
+                break;
+            }
+            between(request);
+        }
+        Ok(seen)
+    }
+
+    fn each_once(seen: &[String], n: usize) {
+        let distinct: std::collections::BTreeSet<&String> = seen.iter().collect();
+        assert_eq!(distinct.len(), seen.len(), "an asset returned twice");
+        assert_eq!(seen.len(), n, "an asset skipped");
+    }
+
+    /// Pages split while a client walks the list (an incremental refresh adding assets): each
+    /// asset is returned once. Before the walk followed its starting layout, the assets that
+    /// moved from a page already walked to the new page came again.
+    #[test]
+    fn a_walk_by_cursor_returns_each_asset_once_while_pages_split() {
+        let kv = vpp_store::MemoryKv::default();
+        listed_account(&kv, 450);
+        let start = copy::index(&kv, "a1").unwrap();
+        assert_eq!((start.asset_pages, start.base_pages), (5, 0));
+        let seen = walk_all(&kv, 30, |_| {
+            let ix = copy::index(&kv, "a1").unwrap();
+            copy::split_next_page(&kv, "a1", &keys::assets("a1"), &ix).unwrap();
+        })
+        .unwrap();
+        let end = copy::index(&kv, "a1").unwrap();
+        assert!(end.asset_pages >= 2 * start.asset_pages, "{end:?}");
+        each_once(&seen, 450);
+    }
+
+    /// A split killed between its index switch and its clean up leaves copies of the moved
+    /// records on the page it split: the list shows each asset once, the whole-copy read too,
+    /// and the next split clears them.
+    #[test]
+    fn copies_left_by_a_killed_split_are_not_listed_and_the_next_split_clears_them() {
+        use vpp_store::{get_json, set_json};
+        let kv = vpp_store::MemoryKv::default();
+        listed_account(&kv, 450);
+        let before = copy::index(&kv, "a1").unwrap();
+        let split_page = keys::asset_page("a1", 1, 0);
+        let old: copy::AssetPage = get_json(&kv, &split_page).unwrap().unwrap();
+        copy::split_next_page(&kv, "a1", &keys::assets("a1"), &before).unwrap();
+        // What the kill leaves: the moved records still on the old page as well.
+        set_json(&kv, &split_page, &old).unwrap();
+        let ix = copy::index(&kv, "a1").unwrap();
+        let moved = old.keys().filter(|k| ix.page_of(k) != 0).count();
+        assert!(moved > 0);
+        each_once(&walk_all(&kv, 1000, |_| {}).unwrap(), 450);
+        each_once(&walk_all(&kv, 17, |_| {}).unwrap(), 450);
+        assert_eq!(copy::all_assets(&kv, "a1").unwrap().assets.len(), 450);
+        copy::split_next_page(&kv, "a1", &keys::assets("a1"), &ix).unwrap();
+        let cleared: copy::AssetPage = get_json(&kv, &split_page).unwrap().unwrap();
+        assert_eq!(
+            cleared.len(),
+            old.len() - moved,
+            "the stale copies are gone"
+        );
+        assert!(cleared.keys().all(|k| ix.page_of(k) == 0));
+    }
+
+    /// A full refresh switching generations mid-walk keeps the walk's base when the account
+    /// did not shrink below it: the walk goes on, each asset once. One that lays the account
+    /// out anew makes the cursor a 409 (start again), never a silent repeat or skip.
+    #[test]
+    fn a_walk_by_cursor_goes_on_across_a_full_refresh_or_is_refused() {
+        let kv = vpp_store::MemoryKv::default();
+        listed_account(&kv, 450);
+        let rewrite = |n: usize, generation: u64| {
+            // What a full refresh's pack and commit write: the layout keys::asset_layout_for
+            // gives from the current index.
+            let cur = copy::index(&kv, "a1").unwrap();
+            let mut records: Vec<AssetRecord> = copy::all_assets(&kv, "a1").unwrap().assets;
+            records.truncate(n);
+            let (pages, base) =
+                keys::asset_layout_for(records.len(), Some((cur.asset_pages, cur.base_pages)));
+            let ix = CopyIndex {
+                generation,
+                asset_pages: pages,
+                base_pages: base,
+                ..cur.clone()
+            };
+            copy::write_pages(&kv, "a1", &ix, records).unwrap();
+            vpp_store::set_json(&kv, &keys::assets("a1"), &ix).unwrap();
+            copy::delete_generation(&kv, "a1", &cur).unwrap();
+        };
+        // Split twice, then a full refresh of the same assets keeps base 5.
+        let seen = walk_all(&kv, 40, |request| match request {
+            0 | 1 => {
+                let ix = copy::index(&kv, "a1").unwrap();
+                copy::split_next_page(&kv, "a1", &keys::assets("a1"), &ix).unwrap();
+            }
+            3 => rewrite(450, 2),
+            _ => {}
+        })
+        .unwrap();
+        let ix = copy::index(&kv, "a1").unwrap();
+        assert_eq!((ix.generation, ix.asset_pages, ix.base_pages), (2, 5, 0));
+        each_once(&seen, 450);
+        // The account shrinks to 150 assets (2 pages, below base 5): a new layout.
+        let first = list_page(&kv, &Filter::default(), None, 40).unwrap();
+        rewrite(150, 3);
+        let e = list_page(&kv, &Filter::default(), first.next_cursor.as_deref(), 40).unwrap_err();
+        assert_eq!((e.status(), e.code.as_str()), (409, "conflict"));
+        assert_eq!(e.body()["error"]["details"]["field"], "cursor");
+        each_once(&walk_all(&kv, 40, |_| {}).unwrap(), 150);
     }
 
     /// The body written from the records' text is the JSON of the rows decoded and serialized,

@@ -61,7 +61,7 @@ pub fn paths() -> Value {
                 query("search", json!({"type": "string"}), "case-insensitive part of the name or adamId"),
                 query("low", json!({"type": "string", "enum": ["true", "false"]}), "only assets at or below the low-license threshold"),
                 query("format", json!({"type": "string", "enum": ["json", "csv"]}), "csv for a CSV export of every row (or send Accept: text/csv)"),
-                query("cursor", json!({"type": "string", "pattern": "^$|^[0-9a-f]{32}~[0-9]{1,9}~"}), "where this page starts: the previous page's nextCursor (`<accountId>~<page>~<last key>`; empty, as without it: the first page); one whose account this list no longer holds (deleted, or another accountId) is 409: start again without a cursor"),
+                query("cursor", json!({"type": "string", "pattern": "^$|^[0-9a-f]{32}~[0-9]{1,9}(\\.[0-9]{1,9}\\.[0-9]{1,9})?~"}), "where this page starts: the previous page's nextCursor (`<accountId>~<page>.<base>.<pages>~<last key>`; empty, as without it: the first page). A walk by cursor returns each asset at most once, and every asset the list held throughout the walk, whatever synchronizations happen meanwhile (one added or removed meanwhile may or may not be returned). A cursor whose account this list no longer holds (deleted, or another accountId), or whose account's licenses a full synchronization laid out anew since (after the account lost most of its assets), is 409: start again without a cursor"),
                 query("limit", json!({"type": "integer", "minimum": 1, "maximum": 1000}), "rows per page, 1 to 1000 (default 50)"),
             ],
             "responses": {

@@ -784,8 +784,11 @@ fn pack(kv: &impl Kv, account_id: &str, st: &RefreshState) -> Result<(), StepErr
     ix.generation = st.generation;
     ix.assets = records.len() as u64;
     ix.assignments = assignments;
-    ix.asset_pages = keys::asset_pages_for(records.len());
-    ix.base_pages = 0;
+    // The current copy's base kept where it can be, so a walk of the licenses list by cursor
+    // goes on across the switch (`keys::asset_layout_for`).
+    let copied = (current.generation != 0 && current.generation != ix.generation)
+        .then_some((current.asset_pages, current.base_pages));
+    (ix.asset_pages, ix.base_pages) = keys::asset_layout_for(records.len(), copied);
     ix.copy_shards = keys::copy_shards_for(assignments as usize);
     for r in records.values_mut() {
         r.shards = keys::asset_copy_pages_for(r.in_use.max(0) as usize, ix.copy_shards);

@@ -833,7 +833,10 @@ fn assets_added_between_full_refreshes_split_their_pages() {
     );
     let mut seen = BTreeSet::new();
     for p in 0..ix.asset_pages {
-        let page = copy::page(&kv, ACCOUNT, &ix, p).unwrap();
+        // As stored (copy::page keeps only the page's own records).
+        let page: copy::AssetPage = get_json(&kv, &keys::asset_page(ACCOUNT, ix.generation, p))
+            .unwrap()
+            .unwrap_or_default();
         assert!(
             page.len() <= keys::ASSET_PAGE_SPLIT,
             "page {p}: {}",
@@ -855,6 +858,23 @@ fn assets_added_between_full_refreshes_split_their_pages() {
         .collect();
     let found = copy::update_assets(&kv, ACCOUNT, &some, |a| a.in_use += 1).unwrap();
     assert_eq!(found.len(), some.len());
+    // The next full refresh keeps the base the pages split from (a walk of the list by cursor
+    // goes on across it), with the page count the key budget counts.
+    run_refresh(&kv, &apple, true, 500);
+    let full = copy::index(&kv, ACCOUNT).unwrap();
+    assert!(full.generation > ix.generation);
+    assert_eq!(
+        (full.asset_pages, full.base_pages),
+        (keys::asset_pages_for(3_050), 1),
+        "{full:?}"
+    );
+    let all = copy::all_assets(&kv, ACCOUNT).unwrap();
+    assert_eq!(all.assets.len(), 3_050);
+    for p in 0..full.asset_pages {
+        for k in copy::page(&kv, ACCOUNT, &full, p).unwrap().keys() {
+            assert_eq!(full.page_of(k), p);
+        }
+    }
 }
 
 #[test]

@@ -421,6 +421,65 @@ pub fn asset_page_in(asset_key: &str, pages: u32, base: u32) -> u32 {
     }
 }
 
+/// The base of a copy of `pages` asset pages split from `base` (0: never split): `pages` when
+/// it never split. Two layouts of one base are one family of linear hashing: an asset's page in
+/// one is found from its page in the other (see [`asset_pages_holding`]).
+pub fn asset_page_base(pages: u32, base: u32) -> u32 {
+    if base == 0 {
+        pages.max(1)
+    } else {
+        base
+    }
+}
+
+/// The modulus of page `page` of a layout: the assets on it are those whose hash is `page`
+/// modulo it (`2b` for a page split at this level and for the page split off it, `b`
+/// otherwise).
+fn asset_page_modulus(page: u32, pages: u32, base: u32) -> u32 {
+    let b = asset_page_level(pages, base);
+    if page < pages.max(1) - b || page >= b {
+        2 * b
+    } else {
+        b
+    }
+}
+
+/// The pages of the layout (`pages`, `base`) that can hold assets of page `old` of the layout
+/// (`old_pages`, `base`): the same base, any number of splits between (more pages or fewer).
+/// Both moduli are `base × 2^i`, so page `q` holds assets of `old` exactly when `q` and `old`
+/// agree modulo the smaller one. In page order; one page when nothing split in between.
+pub fn asset_pages_holding(old: u32, old_pages: u32, pages: u32, base: u32) -> Vec<u32> {
+    let base = asset_page_base(old_pages, base);
+    let m_old = asset_page_modulus(old, old_pages, base);
+    (0..pages.max(1))
+        .filter(|&q| {
+            let m = asset_page_modulus(q, pages, base).min(m_old);
+            q % m == old % m
+        })
+        .collect()
+}
+
+/// The asset pages and base (0: not split) of a full refresh's new generation of `assets`
+/// assets, when the current generation has `pages` pages of base `base` (`None`: no copy yet).
+/// The new generation keeps the current base when it needs at least that many pages, so it
+/// is the same family and a cursor into the licenses list stays valid across the refresh; an
+/// account that shrank below its base starts a new family (such a cursor is refused, 409).
+/// Either way the page count is [`asset_pages_for`], what the key budget counts.
+pub fn asset_layout_for(assets: usize, current: Option<(u32, u32)>) -> (u32, u32) {
+    let pages = asset_pages_for(assets);
+    match current {
+        Some((p, b)) => {
+            let base = asset_page_base(p, b);
+            if base < pages {
+                (pages, base)
+            } else {
+                (pages, 0)
+            }
+        }
+        None => (pages, 0),
+    }
+}
+
 /// The level size `b` of [`asset_page_in`]: `base × 2^L`, the largest not above `pages`.
 pub fn asset_page_level(pages: u32, base: u32) -> u32 {
     let n = pages.max(1);
@@ -515,6 +574,57 @@ mod tests {
                     "{k} {n}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn the_pages_holding_an_old_page_are_exactly_where_its_assets_went() {
+        // Enough assets that every page of every layout below holds some of every old page
+        // it can: the pages listed are exactly those the assets went to.
+        let ks: Vec<String> = (0..4000).map(|i| format!("{}:STDQ", 100000 + i)).collect();
+        for base in [1u32, 3] {
+            for old_pages in base..base * 5 {
+                let old_of: Vec<u32> = ks
+                    .iter()
+                    .map(|k| asset_page_in(k, old_pages, base))
+                    .collect();
+                for pages in base..base * 9 {
+                    let now: Vec<u32> = ks.iter().map(|k| asset_page_in(k, pages, base)).collect();
+                    for old in 0..old_pages {
+                        let holding = asset_pages_holding(old, old_pages, pages, base);
+                        let went: Vec<u32> = (0..ks.len())
+                            .filter(|&i| old_of[i] == old)
+                            .map(|i| now[i])
+                            .collect::<std::collections::BTreeSet<u32>>()
+                            .into_iter()
+                            .collect();
+                        assert_eq!(
+                            holding, went,
+                            "base {base}, {old_pages} -> {pages} pages: {old}"
+                        );
+                    }
+                }
+            }
+        }
+        // Nothing split between: the page itself.
+        assert_eq!(asset_pages_holding(2, 7, 7, 4), vec![2]);
+        assert_eq!(asset_pages_holding(2, 7, 7, 0), vec![2]);
+    }
+
+    #[test]
+    fn a_full_refresh_keeps_the_base_unless_the_account_shrank_below_it() {
+        // No copy yet: a new family of asset_pages_for pages.
+        assert_eq!(asset_layout_for(1_000, None), (10, 0));
+        // Never split, as many pages or more: the same base.
+        assert_eq!(asset_layout_for(1_000, Some((10, 0))), (10, 0));
+        assert_eq!(asset_layout_for(3_000, Some((10, 0))), (30, 10));
+        // Split from 3 to 17: base 3 kept.
+        assert_eq!(asset_layout_for(2_000, Some((17, 3))), (20, 3));
+        // Shrank below the base: a new family.
+        assert_eq!(asset_layout_for(200, Some((10, 0))), (2, 0));
+        // Whatever the history, the page count is what the key budget counts.
+        for (a, cur) in [(5_000, Some((1, 0))), (10_000, Some((64, 2))), (7, None)] {
+            assert_eq!(asset_layout_for(a, cur).0, asset_pages_for(a));
         }
     }
 
