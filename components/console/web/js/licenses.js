@@ -35,24 +35,32 @@ export async function render(root, args) {
   const prev = el("button", { type: "button", id: "license-prev", disabled: true }, "Previous page");
   const next = el("button", { type: "button", id: "license-next", disabled: true }, "Next page");
   const pager = el("nav", { class: "pager", "aria-label": "Pages of app licenses" }, prev, range, next);
-  const view = { host, summary, range, prev, next };
+  const view = { host, summary, range, prev, next, pager };
   let timer = null;
   // A new search or filter starts again at the first page.
   const reload = () => { paging = firstPage(); return load(view); };
+  // After Previous or Next: the new page from its top, the focus kept on a button that works.
+  const turned = async () => {
+    const had = document.activeElement;
+    await load(view);
+    if (had === next && next.disabled && !prev.disabled) prev.focus();
+    if (had === prev && prev.disabled && !next.disabled) next.focus();
+    if (summary.getBoundingClientRect().top < 0) summary.scrollIntoView({ block: "start" });
+  };
   prev.addEventListener("click", () => {
-    if (paging.index === 0) return;
+    if (view.loading || paging.index === 0) return;
     paging.index -= 1;
-    load(view);
+    turned();
   });
   next.addEventListener("click", () => {
-    if (!paging.next) return;
+    if (view.loading || !paging.next) return;
     const i = paging.index;
     paging.cursors.length = i + 1;
     paging.starts.length = i + 1;
     paging.cursors.push(paging.next);
     paging.starts.push(paging.starts[i] + paging.count);
     paging.index = i + 1;
-    load(view);
+    turned();
   });
   search.addEventListener("input", () => { filters.search = search.value; clearTimeout(timer); timer = setTimeout(reload, 250); });
   account.addEventListener("change", () => { filters.accountId = account.value; reload(); });
@@ -106,15 +114,18 @@ function icon(row) {
 // earlier one still waiting for its answer.
 let loads = 0;
 async function load(view) {
-  const { host, summary, range, prev, next } = view;
+  const { host, summary, range, prev, next, pager } = view;
   const mine = ++loads;
-  prev.disabled = true;
-  next.disabled = true;
+  // While a page loads its buttons do nothing (they stay enabled, so the focus stays on them).
+  view.loading = true;
+  host.setAttribute("aria-busy", "true");
   let page;
   try {
     page = await licensePage(query, paging.cursors[paging.index], PAGE_SIZE);
   } catch (e) {
     if (mine !== loads) return;
+    view.loading = false;
+    host.removeAttribute("aria-busy");
     // A cursor into an account no longer listed (deleted meanwhile): start again.
     if (e.status === 409 && paging.index > 0) { paging = firstPage(); return load(view); }
     host.replaceChildren(errorBox(e));
@@ -124,24 +135,32 @@ async function load(view) {
     return;
   }
   if (mine !== loads) return;
+  view.loading = false;
+  host.removeAttribute("aria-busy");
   const rows = page.rows;
   paging.next = page.next;
   paging.count = rows.length;
   const first = paging.starts[paging.index];
   const lowCount = rows.filter((r) => r.lowLicenses).length;
+  // Which rows these are, and whether more follow: the API gives no total, but once nothing
+  // follows the rows seen so far are all of them.
+  const last = first + rows.length;
+  const shown = rows.length === 1 ? "Row " + last : "Rows " + (first + 1) + "–" + last;
   let text;
-  if (rows.length) {
-    text = (rows.length === 1 ? "Row " + (first + 1) : "Rows " + (first + 1) + "–" + (first + rows.length)) +
-      (lowCount ? " (" + lowCount + " low on licenses)" : "") +
-      (!page.next ? (paging.index === 0 ? ": every match" : ": the last page")
-        : rows.length < PAGE_SIZE ? ": the search goes on, Next looks further" : ": more follow");
-  } else if (paging.index > 0) {
-    text = "No more rows after row " + first + ".";
+  if (!rows.length) {
+    text = paging.index > 0 ? "No more rows after row " + first + "."
+      : page.next ? "No match yet: the search goes on, Next page looks further." : "No asset matches.";
+  } else if (!page.next) {
+    text = shown + " of " + last;
+  } else if (rows.length < PAGE_SIZE) {
+    text = shown + "; the search goes on: Next page looks further";
   } else {
-    text = page.next ? "No match yet: the search goes on, Next looks further." : "No asset matches.";
+    text = shown + ", more follow";
   }
+  if (lowCount) text += " · " + lowCount + " low on licenses" + (paging.index === 0 && !page.next ? "" : " on this page");
   summary.textContent = text;
-  range.textContent = rows.length ? (first + 1) + "–" + (first + rows.length) + (page.next ? "" : " (last)") : "";
+  range.textContent = rows.length ? (page.next ? shown : shown + " of " + last) : "";
+  pager.hidden = paging.index === 0 && !page.next;
   prev.disabled = paging.index === 0;
   next.disabled = !page.next;
   const trs = rows.map((r) => {

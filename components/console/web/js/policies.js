@@ -116,12 +116,15 @@ async function edit(p) {
       }
       if (mine !== picks) return;
       if (!moreOf) assetList.replaceChildren();
+      const had = document.activeElement;
+      let firstNew = null;
       for (const l of page.rows) {
         const key = l.adamId + "/" + l.pricingParam;
         const asset = { adamId: l.adamId, pricingParam: l.pricingParam, name: l.name };
         if (chosen.has(key) && !chosen.get(key).name) { chosen.set(key, asset); showChosen(); }
         const box = el("input", { type: "checkbox", value: key, "data-adam": l.adamId });
         box.checked = chosen.has(key);
+        firstNew = firstNew || box;
         box.addEventListener("change", () => choose(key, asset, box.checked));
         assetList.append(el("label", {}, box, assetLabel(l) + " · " + (l.unlimited ? "unlimited" : l.available + " available")));
       }
@@ -133,6 +136,8 @@ async function edit(p) {
       }
       more.hidden = !page.next;
       more.disabled = false;
+      // More gone (nothing follows): the focus goes to the first asset it brought.
+      if (had === more && more.hidden && firstNew) firstNew.focus();
       assetStatus.textContent = (shown === 1 ? "1 asset shown" : shown + " assets shown") + (page.next ? "; more follow." : search ? ": every match." : ": every asset.");
     }
     more.addEventListener("click", () => fillAssets(true));
