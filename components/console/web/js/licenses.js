@@ -131,7 +131,11 @@ async function load(view) {
     host.replaceChildren(errorBox(e));
     summary.textContent = "";
     range.textContent = "";
+    paging.next = null;
+    paging.count = 0;
+    next.disabled = true;
     prev.disabled = paging.index === 0;
+    pager.hidden = paging.index === 0;
     return;
   }
   if (mine !== loads) return;

@@ -80,7 +80,10 @@ async function edit(p) {
       const key = a.adamId + "/" + (a.pricingParam || "STDQ");
       return [key, { adamId: a.adamId, pricingParam: a.pricingParam || "STDQ", name: null }];
     }));
-    const assetLabel = (l) => (l.name || l.adamId) + " (" + l.adamId + (l.pricingParam !== "STDQ" ? ", " + l.pricingParam : "") + ")";
+    const assetLabel = (l) => {
+      const id = l.adamId + (l.pricingParam !== "STDQ" ? ", " + l.pricingParam : "");
+      return l.name ? l.name + " (" + id + ")" : id;
+    };
     // A tick in the results shows the asset among the chosen ones; one in the chosen list leaves
     // that list as it is (the box keeps its place and the focus) until the next tick below.
     function choose(key, asset, on, inChosen) {
@@ -96,38 +99,42 @@ async function edit(p) {
       });
       chosenList.replaceChildren(...(items.length ? items : [el("span", { class: "hint" }, "No asset chosen yet: tick assets below.")]));
     }
-    let cursor = null, shown = 0, picks = 0, searchTimer = null;
+    let cursor = null, shown = 0, picks = 0, loading = false, searchTimer = null;
     // The first page of the account's assets matching the search (`more`: the next page).
     async function fillAssets(moreOf) {
+      if (moreOf && loading) return;
       const mine = ++picks;
+      loading = true;
       if (!moreOf) {
         cursor = null; shown = 0;
         assetList.replaceChildren(el("span", { class: "hint" }, "Loading the account's assets…"));
       }
-      more.disabled = true;
       const search = assetSearch.value.trim();
       const path = (q) => "/api/licenses?" + new URLSearchParams({ accountId: account.value, ...(search ? { search } : {}), ...q }).toString();
       let page;
       try {
         page = await licensePage(path, moreOf ? cursor : null, PAGE_SIZE);
       } catch (e) {
-        if (mine === picks) { assetList.replaceChildren(errorBox(e)); more.hidden = true; assetStatus.textContent = ""; }
+        if (mine === picks) { loading = false; assetList.replaceChildren(errorBox(e)); more.hidden = true; assetStatus.textContent = ""; }
         return;
       }
       if (mine !== picks) return;
+      loading = false;
       if (!moreOf) assetList.replaceChildren();
       const had = document.activeElement;
-      let firstNew = null;
+      let firstNew = null, named = false;
       for (const l of page.rows) {
         const key = l.adamId + "/" + l.pricingParam;
         const asset = { adamId: l.adamId, pricingParam: l.pricingParam, name: l.name };
-        if (chosen.has(key) && !chosen.get(key).name) { chosen.set(key, asset); showChosen(); }
+        if (chosen.has(key) && !chosen.get(key).name && asset.name) { chosen.set(key, asset); named = true; }
         const box = el("input", { type: "checkbox", value: key, "data-adam": l.adamId });
         box.checked = chosen.has(key);
         firstNew = firstNew || box;
         box.addEventListener("change", () => choose(key, asset, box.checked));
         assetList.append(el("label", {}, box, assetLabel(l) + " · " + (l.unlimited ? "unlimited" : l.available + " available")));
       }
+      // Chosen assets known by their Adam ID only (a saved policy) get their names as they show up.
+      if (named && !chosenList.contains(document.activeElement)) showChosen();
       shown += page.rows.length;
       cursor = page.next;
       if (!shown) {
@@ -135,7 +142,6 @@ async function edit(p) {
           : "This account has no assets yet: refresh it first."));
       }
       more.hidden = !page.next;
-      more.disabled = false;
       // More gone (nothing follows): the focus goes to the first asset it brought.
       if (had === more && more.hidden && firstNew) firstNew.focus();
       assetStatus.textContent = (shown === 1 ? "1 asset shown" : shown + " assets shown") + (page.next ? "; more follow." : search ? ": every match." : ": every asset.");
