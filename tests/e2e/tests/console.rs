@@ -993,6 +993,7 @@ async fn console_pages_an_account_larger_than_a_page_in_chromium() {
         "the page asks for a page at a time: {limits:?}"
     );
     assert_accessible_and_strict(&b, "licenses, last page").await;
+    assert_fits_narrow(&b, "licenses, last page").await;
 
     // Previous walks back along the same pages.
     for (from, to) in [(351, 400), (301, 350)] {
@@ -1116,6 +1117,7 @@ async fn console_pages_an_account_larger_than_a_page_in_chromium() {
     )
     .await;
     assert_accessible_and_strict(&b, "the policy editor").await;
+    assert_fits_narrow(&b, "the policy editor").await;
     let first = order[0].clone();
     let beyond = order[80].clone();
     assert!(
