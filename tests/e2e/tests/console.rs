@@ -875,3 +875,327 @@ async fn console_reader_key_sees_everything_and_no_enabled_action() {
     .await;
     b.stop().await;
 }
+
+/// The adamIds of the rows the licenses page shows, in order.
+async fn shown_rows(b: &Browser) -> Vec<String> {
+    let v = b
+        .js("return [...document.querySelectorAll('tr[data-adam]')].map((t) => t.dataset.adam)")
+        .await;
+    serde_json::from_value(v).expect("adamIds")
+}
+
+/// The `limit` of every licenses-list request the page sent since `window.__api` was reset.
+async fn list_limits(b: &Browser) -> Vec<u64> {
+    let v = b
+        .js("return window.__api.filter((u) => u.includes('/api/licenses?') && !u.includes('format=csv')).map((u) => Number(new URL(u, location.href).searchParams.get('limit')))")
+        .await;
+    serde_json::from_value(v).expect("limits")
+}
+
+/// An account with more assets than a page (450; a page is 50, and a search request of the API
+/// reads a bounded part of them): the list shows one page at a time and its Next/Previous walk
+/// shows every asset exactly once, in the API's order; a search starts again at the first page
+/// and gathers its matches from the API's short pages; an asset far down the list opens with its counts; the policy
+/// editor's picker pages, finds an asset beyond its first page by search, and keeps the chosen
+/// assets ticked and shown whatever the search.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_pages_an_account_larger_than_a_page_in_chromium() {
+    let _one = ONE_BROWSER.lock().await;
+    let env = Env::start().await;
+    let ids: Vec<String> = (0..450).map(|i| (700_000 + i).to_string()).collect();
+    // Nine assets are low on licenses (one left), spread over the list.
+    let low = |i: usize| i % 50 == 7;
+    let assets: Vec<(&str, u64)> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.as_str(), if low(i) { 1 } else { 40 }))
+        .collect();
+    let token = seed_location(&env.sim, "District", &assets, &[]);
+    let account = env.add_account("District", &token).await;
+    env.refresh(&account).await;
+    let all = env.get("/api/licenses?limit=1000").await.json();
+    assert!(all["nextCursor"].is_null(), "{}", all["nextCursor"]);
+    let order: Vec<String> = all["licenses"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| r["adamId"].as_str().expect("adamId").to_string())
+        .collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(sorted, ids, "the API lists every asset once");
+
+    let b = Browser::start().await;
+    b.sign_in(&format!("{}/", env.public_url), ADMIN_KEY).await;
+    // Every API call the page makes, to check the size of what it asks for.
+    b.js("window.__api = []; const f = window.fetch; window.fetch = (u, o) => { window.__api.push(String(u)); return f(u, o); };")
+        .await;
+
+    // The list: one page of 50, then Next until the end, each row once.
+    b.page(
+        "#/licenses",
+        "document.querySelectorAll('tr[data-adam]').length > 0 && document.getElementById('license-summary').innerText",
+    )
+    .await;
+    assert_eq!(
+        b.js("return document.getElementById('license-prev').disabled")
+            .await,
+        true,
+        "no Previous on the first page"
+    );
+    let mut seen: Vec<String> = Vec::new();
+    let mut sizes = Vec::new();
+    loop {
+        let rows = shown_rows(&b).await;
+        let summary = b.text("#license-summary").await;
+        let (from, to) = (seen.len() + 1, seen.len() + rows.len());
+        assert!(
+            summary.starts_with(&format!("Rows {from}–{to}")),
+            "{summary}"
+        );
+        sizes.push(rows.len());
+        seen.extend(rows);
+        let last = b
+            .js("return document.getElementById('license-next').disabled")
+            .await;
+        if last == true {
+            assert!(
+                summary.starts_with(&format!("Rows {from}–{to} of {to}")),
+                "{summary}"
+            );
+            break;
+        }
+        assert!(
+            summary.starts_with(&format!("Rows {from}–{to}, more follow")),
+            "{summary}"
+        );
+        assert!(sizes.len() < 10, "the walk ends");
+        b.click("#license-next").await;
+        b.until(
+            &format!(
+                "document.getElementById('license-summary').innerText.startsWith('Rows {}–')",
+                to + 1
+            ),
+            "the next page",
+        )
+        .await;
+    }
+    assert_eq!(sizes, [50; 9]);
+    assert_eq!(
+        b.js("return document.activeElement.id").await,
+        "license-prev",
+        "the focus leaves the disabled Next for Previous"
+    );
+    assert_eq!(seen, order, "every asset exactly once, in the API's order");
+    let limits = list_limits(&b).await;
+    assert!(
+        !limits.is_empty() && limits.iter().all(|l| (1..=50).contains(l)),
+        "the page asks for a page at a time: {limits:?}"
+    );
+    assert_accessible_and_strict(&b, "licenses, last page").await;
+    assert_fits_narrow(&b, "licenses, last page").await;
+
+    // Previous walks back along the same pages.
+    for (from, to) in [(351, 400), (301, 350)] {
+        b.click("#license-prev").await;
+        b.until(
+            &format!("document.getElementById('license-summary').innerText.startsWith('Rows {from}–{to}')"),
+            "the page before",
+        )
+        .await;
+        assert_eq!(shown_rows(&b).await, order[from - 1..to]);
+    }
+
+    // A search from the seventh page starts again at the first, with every match (the API
+    // answers it in short pages: the console asks again until its page is full or nothing
+    // follows).
+    b.js("window.__api = [];").await;
+    b.type_into("#license-search", "70011").await;
+    b.until(
+        "document.getElementById('license-summary').innerText.startsWith('Rows 1–10')",
+        "the search's first page",
+    )
+    .await;
+    let found = shown_rows(&b).await;
+    let want: Vec<String> = order
+        .iter()
+        .filter(|a| a.contains("70011"))
+        .cloned()
+        .collect();
+    assert_eq!(found, want);
+    assert_eq!(b.text("#license-summary").await, "Rows 1–10 of 10");
+    let asked = b
+        .js("return window.__api.filter((u) => u.includes('search=70011')).length")
+        .await;
+    assert!(
+        asked.as_u64().is_some_and(|n| n >= 2),
+        "the search's page came from more than one of the API's short pages: {asked}"
+    );
+    assert_eq!(
+        b.js("return [document.getElementById('license-prev').disabled, document.getElementById('license-next').disabled]")
+            .await,
+        json!([true, true])
+    );
+    b.js("const s = document.getElementById('license-search'); s.value = ''; s.dispatchEvent(new Event('input'));")
+        .await;
+    b.until(
+        "document.getElementById('license-summary').innerText.startsWith('Rows 1–50')",
+        "the first page again",
+    )
+    .await;
+
+    // The low-license filter, from the second page, starts again at the first too: the nine.
+    b.click("#license-next").await;
+    b.until(
+        "document.getElementById('license-summary').innerText.startsWith('Rows 51–100')",
+        "the second page",
+    )
+    .await;
+    b.click("#license-low").await;
+    b.until(
+        "document.getElementById('license-summary').innerText.startsWith('Rows 1–9 ')",
+        "the low-license filter's first page",
+    )
+    .await;
+    assert_eq!(
+        b.text("#license-summary").await,
+        "Rows 1–9 of 9 · 9 low on licenses"
+    );
+    let lows: Vec<String> = order
+        .iter()
+        .filter(|a| a.ends_with("07") || a.ends_with("57"))
+        .cloned()
+        .collect();
+    assert_eq!(shown_rows(&b).await, lows);
+    b.click("#license-low").await;
+    b.until(
+        "document.getElementById('license-summary').innerText.startsWith('Rows 1–50')",
+        "the first page without the filter",
+    )
+    .await;
+
+    // The last asset of the list opens with its counts, found by a search for its Adam ID in
+    // requests of 100 rows that follow the cursor until it shows up.
+    let far = order[449].clone();
+    b.js("window.__api = [];").await;
+    b.page(
+        &format!("#/licenses/{account}/{far}/STDQ"),
+        "document.querySelector('#page h1') && document.querySelector('#page h1').innerText.startsWith('App ')",
+    )
+    .await;
+    assert_eq!(b.text("#page h1").await, format!("App {far}"));
+    let head = b.text("#page p.hint").await;
+    let total = if low(ids.iter().position(|i| *i == far).expect("far")) {
+        1
+    } else {
+        40
+    };
+    assert!(
+        head.contains(&format!("total {total}, available {total}")),
+        "{head}"
+    );
+    let asked = b
+        .js("return window.__api.filter((u) => u.includes('/api/licenses?'))")
+        .await;
+    let asked: Vec<String> = serde_json::from_value(asked).expect("urls");
+    assert!(
+        asked.len() >= 2
+            && asked.iter().all(|u| u.contains(&format!("search={far}"))
+                && u.contains(&account)
+                && u.contains("limit=100")),
+        "a bounded search for it, following the cursor: {asked:?}"
+    );
+
+    // The policy editor's picker: a page of assets, a search the API runs, More for the rest.
+    b.page("#/policies", "document.querySelector('#new-policy')")
+        .await;
+    b.click("#new-policy").await;
+    b.type_into("#policy-name", "Lab Macs").await;
+    b.until(
+        "document.querySelectorAll('#policy-assets input[data-adam]').length === 50 && !document.getElementById('policy-assets-more').hidden",
+        "the picker's first page",
+    )
+    .await;
+    assert_accessible_and_strict(&b, "the policy editor").await;
+    assert_fits_narrow(&b, "the policy editor").await;
+    let first = order[0].clone();
+    let beyond = order[80].clone();
+    assert!(
+        b.js(&format!(
+            "return !document.querySelector('#policy-assets input[data-adam=\"{beyond}\"]')"
+        ))
+        .await
+            == true
+    );
+    b.click(&format!("#policy-assets input[data-adam='{first}']"))
+        .await;
+    b.type_into("#policy-asset-search", &beyond).await;
+    b.until(
+        &format!("document.querySelectorAll('#policy-assets input[data-adam]').length === 1 && document.querySelector('#policy-assets input[data-adam=\"{beyond}\"]')"),
+        "the search's match",
+    )
+    .await;
+    b.click(&format!("#policy-assets input[data-adam='{beyond}']"))
+        .await;
+    let chosen = "return [...document.querySelectorAll('#policy-chosen input[data-adam]')].filter((c) => c.checked).map((c) => c.dataset.adam)";
+    assert_eq!(b.js(chosen).await, json!([first, beyond]));
+    // Back to the whole list: both stay chosen, the one beyond the page shown among the chosen.
+    b.js("const s = document.getElementById('policy-asset-search'); s.value = ''; s.dispatchEvent(new Event('input'));")
+        .await;
+    b.until(
+        "document.querySelectorAll('#policy-assets input[data-adam]').length === 50",
+        "the picker's first page again",
+    )
+    .await;
+    assert_eq!(b.js(chosen).await, json!([first, beyond]));
+    assert_eq!(
+        b.js(&format!(
+            "return document.querySelector('#policy-assets input[data-adam=\"{first}\"]').checked"
+        ))
+        .await,
+        true
+    );
+    b.click("#policy-assets-more").await;
+    b.until(
+        "document.querySelectorAll('#policy-assets input[data-adam]').length === 100",
+        "the picker's second page",
+    )
+    .await;
+    assert_eq!(
+        b.js(&format!(
+            "return document.querySelector('#policy-assets input[data-adam=\"{beyond}\"]').checked"
+        ))
+        .await,
+        true
+    );
+    b.type_into("#policy-devices", "MAC-0001").await;
+    b.click("dialog[open] button[type=submit]").await;
+    b.until(
+        "document.querySelector('#policy-result')",
+        "the policy result",
+    )
+    .await;
+    let policy = env.get("/api/policies/lab-macs").await.json();
+    let mut saved: Vec<String> = policy["assets"]
+        .as_array()
+        .expect("assets")
+        .iter()
+        .map(|a| a["adamId"].as_str().expect("adamId").to_string())
+        .collect();
+    saved.sort();
+    let mut want = vec![first.clone(), beyond.clone()];
+    want.sort();
+    assert_eq!(saved, want);
+
+    // Editing it again shows both chosen, though one is not on the picker's first page.
+    b.click("tr[data-policy='lab-macs'] button.link").await;
+    b.until(
+        "document.querySelectorAll('#policy-assets input[data-adam]').length === 50",
+        "the picker of the saved policy",
+    )
+    .await;
+    let mut shown: Vec<String> = serde_json::from_value(b.js(chosen).await).expect("chosen");
+    shown.sort();
+    assert_eq!(shown, want);
+    b.stop().await;
+}

@@ -1,11 +1,28 @@
-// App licenses: every app and book with its counts, search, account filter, Sync, CSV export,
-// and the drill-down into one asset's assignments.
+// App licenses: the apps and books with their counts, a page at a time (Next and Previous),
+// search, account filter, Sync, CSV export (every row), and the drill-down into one asset's
+// assignments.
 import { get, post, apiText, enc } from "./api.js";
 import { el, action, table, timeEl, errorBox, followJob, announce } from "./ui.js";
 
 export const title = "App licenses";
 
+/** Rows the list shows at once (the API's default page). */
+export const PAGE_SIZE = 50;
+/** Requests one page may make to fill itself when a search leaves the API's pages short. */
+const FILL_REQUESTS = 8;
+/**
+ * Requests the asset page makes at most to find its row, and the rows each may return (a
+ * request of the API reads a bounded part of the account for a search: with these, the row of
+ * an account of 10,000 assets is found within the cap).
+ */
+const FIND_REQUESTS = 30;
+const FIND_LIMIT = "100";
+
 let filters = { search: "", accountId: "", low: false };
+// Where the list is: the cursor that starts each page seen so far (the API's cursor only goes
+// forward, so Previous goes back along this stack) and the row number each page starts after.
+const firstPage = () => ({ cursors: [null], starts: [0], index: 0, next: null, count: 0 });
+let paging = firstPage();
 
 export async function render(root, args) {
   if (args.length >= 2) return renderAsset(root, args[0], args[1], args[2] || "");
@@ -18,8 +35,37 @@ export async function render(root, args) {
   const low = el("input", { type: "checkbox", id: "license-low" });
   low.checked = filters.low;
   const summary = el("p", { class: "hint", id: "license-summary", role: "status" });
+  const range = el("span", { class: "hint", id: "license-range" });
+  const prev = el("button", { type: "button", id: "license-prev", disabled: true }, "Previous page");
+  const next = el("button", { type: "button", id: "license-next", disabled: true }, "Next page");
+  const pager = el("nav", { class: "pager", "aria-label": "Pages of app licenses" }, prev, range, next);
+  const view = { host, summary, range, prev, next, pager };
   let timer = null;
-  const reload = () => load(host, summary);
+  // A new search or filter starts again at the first page.
+  const reload = () => { paging = firstPage(); return load(view); };
+  // After Previous or Next: the new page from its top, the focus kept on a button that works.
+  const turned = async () => {
+    const had = document.activeElement;
+    await load(view);
+    if (had === next && next.disabled && !prev.disabled) prev.focus();
+    if (had === prev && prev.disabled && !next.disabled) next.focus();
+    if (summary.getBoundingClientRect().top < 0) summary.scrollIntoView({ block: "start" });
+  };
+  prev.addEventListener("click", () => {
+    if (view.loading || paging.index === 0) return;
+    paging.index -= 1;
+    turned();
+  });
+  next.addEventListener("click", () => {
+    if (view.loading || !paging.next) return;
+    const i = paging.index;
+    paging.cursors.length = i + 1;
+    paging.starts.length = i + 1;
+    paging.cursors.push(paging.next);
+    paging.starts.push(paging.starts[i] + paging.count);
+    paging.index = i + 1;
+    turned();
+  });
   search.addEventListener("input", () => { filters.search = search.value; clearTimeout(timer); timer = setTimeout(reload, 250); });
   account.addEventListener("change", () => { filters.accountId = account.value; reload(); });
   low.addEventListener("change", () => { filters.low = low.checked; reload(); });
@@ -34,18 +80,18 @@ export async function render(root, args) {
       }
     }
   }, { id: "license-sync", title: "Read the changes since the last synchronization from Apple", reason: accounts.length ? undefined : "No account to synchronize" });
-  const csv = el("button", { type: "button", id: "license-csv" }, "Download CSV");
+  const csv = el("button", { type: "button", id: "license-csv", title: "Every row that matches the search and filters, in one file" }, "Download CSV");
   csv.addEventListener("click", () => downloadCsv(csv));
   root.append(
     el("h1", {}, "App licenses"),
-    el("p", { class: "hint" }, "Licenses of every app and book the organization bought, per account: how many there are, how many are free, and how many are in use."),
+    el("p", { class: "hint" }, "Licenses of every app and book the organization bought, per account: how many there are, how many are free, and how many are in use. The list shows " + PAGE_SIZE + " at a time; Download CSV gives every row that matches."),
     el("div", { class: "toolbar", role: "search" },
       el("label", { for: "license-search" }, "Search"), search,
       el("label", { for: "license-account" }, "Account"), account,
       el("label", { class: "inline", for: "license-low" }, low, "Low on licenses only"),
       el("span", { class: "spacer" }), sync, csv),
-    jobs, summary, host);
-  await reload();
+    jobs, summary, host, pager);
+  await load(view);
 }
 
 function query(extra) {
@@ -68,16 +114,63 @@ function icon(row) {
   return el("span", { class: "asset-icon", "aria-hidden": "true" }, letter);
 }
 
-async function load(host, summary) {
-  let rows = [];
+// The page `paging.index` of the list; a later call (another page, a new search) wins over an
+// earlier one still waiting for its answer.
+let loads = 0;
+async function load(view) {
+  const { host, summary, range, prev, next, pager } = view;
+  const mine = ++loads;
+  // While a page loads its buttons do nothing (they stay enabled, so the focus stays on them).
+  view.loading = true;
+  host.setAttribute("aria-busy", "true");
+  let page;
   try {
-    rows = await allRows(query, {});
+    page = await licensePage(query, paging.cursors[paging.index], PAGE_SIZE);
   } catch (e) {
+    if (mine !== loads) return;
+    view.loading = false;
+    host.removeAttribute("aria-busy");
+    // A cursor into an account no longer listed (deleted meanwhile): start again.
+    if (e.status === 409 && paging.index > 0) { paging = firstPage(); return load(view); }
     host.replaceChildren(errorBox(e));
+    summary.textContent = "";
+    range.textContent = "";
+    paging.next = null;
+    paging.count = 0;
+    next.disabled = true;
+    prev.disabled = paging.index === 0;
+    pager.hidden = paging.index === 0;
     return;
   }
+  if (mine !== loads) return;
+  view.loading = false;
+  host.removeAttribute("aria-busy");
+  const rows = page.rows;
+  paging.next = page.next;
+  paging.count = rows.length;
+  const first = paging.starts[paging.index];
   const lowCount = rows.filter((r) => r.lowLicenses).length;
-  summary.textContent = rows.length + (rows.length === 1 ? " asset" : " assets") + (lowCount ? ", " + lowCount + " low on licenses" : "");
+  // Which rows these are, and whether more follow: the API gives no total, but once nothing
+  // follows the rows seen so far are all of them.
+  const last = first + rows.length;
+  const shown = rows.length === 1 ? "Row " + last : "Rows " + (first + 1) + "–" + last;
+  let text;
+  if (!rows.length) {
+    text = paging.index > 0 ? "No more rows after row " + first + "."
+      : page.next ? "No match yet: the search goes on, Next page looks further." : "No asset matches.";
+  } else if (!page.next) {
+    text = shown + " of " + last;
+  } else if (rows.length < PAGE_SIZE) {
+    text = shown + "; the search goes on: Next page looks further";
+  } else {
+    text = shown + ", more follow";
+  }
+  if (lowCount) text += " · " + lowCount + " low on licenses" + (paging.index === 0 && !page.next ? "" : " on this page");
+  summary.textContent = text;
+  range.textContent = rows.length ? (page.next ? shown : shown + " of " + last) : "";
+  pager.hidden = paging.index === 0 && !page.next;
+  prev.disabled = paging.index === 0;
+  next.disabled = !page.next;
   const trs = rows.map((r) => {
     const href = "#/licenses/" + enc(r.accountId) + "/" + enc(r.adamId) + "/" + enc(r.pricingParam);
     return el("tr", { "data-adam": r.adamId },
@@ -91,19 +184,52 @@ async function load(host, summary) {
       el("td", {}, r.lowLicenses ? el("span", { class: "badge low", title: "Few or no licenses left to assign" }, "⚠ Low") : ""));
   });
   host.replaceChildren(table(["", "Name", "Type", "Account", { label: "Total", num: true }, { label: "Available", num: true }, { label: "In use", num: true }, "Licenses"],
-    trs, "No licenses match. Add an account, or change the search.", "App licenses"));
+    trs, paging.index > 0 ? "No more rows." : "No licenses match. Add an account, or change the search.", "App licenses"));
 }
 
-// Every row of a filtered list: the API pages it (a default page is 50 rows), so this follows
-// nextCursor, asking for the largest page (1,000 rows) to keep the requests few.
-export async function allRows(path, extra) {
-  let page = await get(path({ ...extra, limit: "1000" }));
-  let rows = page.licenses;
-  while (page.nextCursor) {
-    page = await get(path({ ...extra, limit: "1000", cursor: page.nextCursor }));
+/**
+ * One page of a filtered list: up to `size` rows from `cursor` (null: the beginning), and the
+ * cursor of what follows (null: nothing). The API may answer a search with fewer rows and a
+ * cursor (it reads a bounded part of the store per request), so this asks again, at most
+ * FILL_REQUESTS times, until the page is full. After a full page the API gives a cursor even
+ * when nothing follows, so one more request for a single row tells whether a next page exists.
+ * `path(params)` builds the request from the limit and cursor.
+ */
+export async function licensePage(path, cursor, size) {
+  let rows = [];
+  let next = cursor || null;
+  let asked = 0;
+  do {
+    const params = { limit: String(size - rows.length) };
+    if (next) params.cursor = next;
+    const page = await get(path(params));
     rows = rows.concat(page.licenses);
+    next = page.nextCursor || null;
+    asked += 1;
+  } while (next && rows.length < size && asked < FILL_REQUESTS);
+  if (next && rows.length >= size) {
+    const peek = await get(path({ limit: "1", cursor: next }));
+    if (!peek.licenses.length && !peek.nextCursor) next = null;
   }
-  return rows;
+  return { rows, next };
+}
+
+/**
+ * One asset's row of the list (its counts), or null: a search for its Adam ID in its account,
+ * following the cursor only until the row is found, and at most FIND_REQUESTS requests.
+ */
+export async function findAsset(accountId, adamId, pricing) {
+  let cursor = null;
+  for (let asked = 0; asked < FIND_REQUESTS; asked++) {
+    const q = new URLSearchParams({ accountId, search: adamId, limit: FIND_LIMIT });
+    if (cursor) q.set("cursor", cursor);
+    const page = await get("/api/licenses?" + q.toString());
+    const row = page.licenses.find((l) => l.adamId === adamId && (!pricing || l.pricingParam === pricing));
+    if (row) return row;
+    if (!page.nextCursor) return null;
+    cursor = page.nextCursor;
+  }
+  return null;
 }
 
 async function downloadCsv(btn) {
@@ -135,14 +261,14 @@ async function renderAsset(root, accountId, adamId, pricing) {
   root.append(back, head, host);
   let row = null;
   try {
-    const licenses = await allRows((q) => "/api/licenses?" + new URLSearchParams({ accountId, search: adamId, ...q }).toString(), {});
-    row = licenses.find((l) => l.adamId === adamId && (!pricing || l.pricingParam === pricing)) || null;
+    row = await findAsset(accountId, adamId, pricing);
   } catch (e) {
     head.append(errorBox(e));
   }
   head.append(el("h1", {}, row && row.name ? row.name : "Asset " + adamId),
     row ? el("p", { class: "hint" }, row.accountName + " · Adam ID " + adamId + " · " + row.pricingParam + " · total " + (row.unlimited ? "unlimited" : row.total) + ", available " + (row.unlimited ? "unlimited" : row.available) + ", in use " + row.inUse +
-      (row.pending ? " · " + row.pending + " assignment(s) sent to Apple and not confirmed yet" : "") + " · synchronized " + (row.syncedAt ? new Date(row.syncedAt).toLocaleString() : "never")) : "");
+      (row.pending ? " · " + row.pending + " assignment(s) sent to Apple and not confirmed yet" : "") + " · synchronized " + (row.syncedAt ? new Date(row.syncedAt).toLocaleString() : "never"))
+      : el("p", { class: "hint" }, "Adam ID " + adamId + (pricing ? " · " + pricing : "") + " · its counts were not found in the licenses list: synchronize the account, or search for it on App licenses."));
   await assignmentsPage(host, accountId, adamId, pricing, 0);
 }
 

@@ -2,7 +2,7 @@
 // account). Create, edit by pasting lists, delete; the shortfall the API reports after a save.
 import { get, put, del, enc, ApiFailure } from "./api.js";
 import { el, action, table, modal, confirmDialog, errorBox, announce, parseList, unsavedDialog } from "./ui.js";
-import { allRows } from "./licenses.js";
+import { licensePage, PAGE_SIZE } from "./licenses.js";
 
 export const title = "App policies";
 
@@ -59,7 +59,13 @@ async function edit(p) {
     const name = el("input", { type: "text", id: "policy-name", required: true, autocomplete: "off", "aria-describedby": "policy-name-error" });
     const id = el("input", { type: "text", id: "policy-id", required: true, autocomplete: "off", pattern: "[A-Za-z0-9._-]{1,64}", "aria-describedby": "policy-id-hint policy-id-error" });
     const account = el("select", { id: "policy-account", "aria-describedby": "policy-accountId-error" }, accounts.map((a) => el("option", { value: a.id }, a.name)));
-    const assetList = el("div", { class: "asset-list", id: "policy-assets", role: "group", "aria-label": "Assets" });
+    // The asset picker: the chosen assets (always shown, whatever the search), then the account's
+    // assets a page at a time, narrowed by a search the API runs.
+    const chosenList = el("div", { class: "asset-list chosen", id: "policy-chosen", role: "group", "aria-label": "Chosen assets" });
+    const assetSearch = el("input", { type: "search", id: "policy-asset-search", placeholder: "Name or Adam ID", autocomplete: "off", "aria-controls": "policy-assets" });
+    const assetList = el("div", { class: "asset-list", id: "policy-assets", role: "group", "aria-label": "Assets of the account" });
+    const more = el("button", { type: "button", id: "policy-assets-more", hidden: true }, "More assets");
+    const assetStatus = el("span", { class: "hint", id: "policy-assets-status", role: "status" });
     const devices = el("textarea", { id: "policy-devices", "aria-describedby": "policy-devices-hint policy-serialNumbers-error", spellcheck: "false" });
     const users = el("textarea", { id: "policy-users", "aria-describedby": "policy-users-hint policy-clientUserIds-error", spellcheck: "false" });
     const general = el("div", { "aria-live": "polite" });
@@ -69,32 +75,95 @@ async function edit(p) {
     }
     name.addEventListener("input", () => { if (!p && !id.dataset.touched) id.value = slug(name.value); });
     id.addEventListener("input", () => { id.dataset.touched = "1"; });
-    const chosen = new Set((p ? p.assets : []).map((a) => a.adamId + "/" + (a.pricingParam || "STDQ")));
-    async function fillAssets() {
-      assetList.replaceChildren(el("span", { class: "hint" }, "Loading the account's assets…"));
-      try {
-        const licenses = await allRows((q) => "/api/licenses?" + new URLSearchParams({ accountId: account.value, ...q }).toString(), {});
-        assetList.replaceChildren(...(licenses.length ? licenses.map((l) => {
-          const key = l.adamId + "/" + l.pricingParam;
-          const box = el("input", { type: "checkbox", value: key, "data-adam": l.adamId });
-          box.checked = chosen.has(key);
-          box.addEventListener("change", () => (box.checked ? chosen.add(key) : chosen.delete(key)));
-          return el("label", {}, box, (l.name || l.adamId) + " (" + l.adamId + (l.pricingParam !== "STDQ" ? ", " + l.pricingParam : "") + ") · " + (l.unlimited ? "unlimited" : l.available + " available"));
-        }) : [el("span", { class: "hint" }, "This account has no assets yet: refresh it first.")]));
-      } catch (e) {
-        assetList.replaceChildren(errorBox(e));
-      }
+    // Chosen assets by key (adamId/pricingParam), with what the picker knows of each.
+    const chosen = new Map((p ? p.assets : []).map((a) => {
+      const key = a.adamId + "/" + (a.pricingParam || "STDQ");
+      return [key, { adamId: a.adamId, pricingParam: a.pricingParam || "STDQ", name: null }];
+    }));
+    const assetLabel = (l) => {
+      const id = l.adamId + (l.pricingParam !== "STDQ" ? ", " + l.pricingParam : "");
+      return l.name ? l.name + " (" + id + ")" : id;
+    };
+    // A tick in the results shows the asset among the chosen ones; one in the chosen list leaves
+    // that list as it is (the box keeps its place and the focus) until the next tick below.
+    function choose(key, asset, on, inChosen) {
+      if (on) chosen.set(key, asset); else chosen.delete(key);
+      assetList.querySelectorAll("input[type=checkbox]").forEach((b) => { if (b.value === key) b.checked = on; });
+      if (!inChosen) showChosen();
     }
-    account.addEventListener("change", () => { chosen.clear(); fillAssets(); });
+    function showChosen() {
+      const items = [...chosen.entries()].map(([key, a]) => {
+        const box = el("input", { type: "checkbox", value: key, "data-adam": a.adamId, checked: true });
+        box.addEventListener("change", () => choose(key, a, box.checked, true));
+        return el("label", {}, box, assetLabel(a));
+      });
+      chosenList.replaceChildren(...(items.length ? items : [el("span", { class: "hint" }, "No asset chosen yet: tick assets below.")]));
+    }
+    let cursor = null, shown = 0, picks = 0, loading = false, searchTimer = null;
+    // The first page of the account's assets matching the search (`more`: the next page).
+    async function fillAssets(moreOf) {
+      if (moreOf && loading) return;
+      const mine = ++picks;
+      loading = true;
+      if (!moreOf) {
+        cursor = null; shown = 0;
+        assetList.replaceChildren(el("span", { class: "hint" }, "Loading the account's assets…"));
+      }
+      const search = assetSearch.value.trim();
+      const path = (q) => "/api/licenses?" + new URLSearchParams({ accountId: account.value, ...(search ? { search } : {}), ...q }).toString();
+      let page;
+      try {
+        page = await licensePage(path, moreOf ? cursor : null, PAGE_SIZE);
+      } catch (e) {
+        if (mine === picks) { loading = false; assetList.replaceChildren(errorBox(e)); more.hidden = true; assetStatus.textContent = ""; }
+        return;
+      }
+      if (mine !== picks) return;
+      loading = false;
+      if (!moreOf) assetList.replaceChildren();
+      const had = document.activeElement;
+      let firstNew = null, named = false;
+      for (const l of page.rows) {
+        const key = l.adamId + "/" + l.pricingParam;
+        const asset = { adamId: l.adamId, pricingParam: l.pricingParam, name: l.name };
+        if (chosen.has(key) && !chosen.get(key).name && asset.name) { chosen.set(key, asset); named = true; }
+        const box = el("input", { type: "checkbox", value: key, "data-adam": l.adamId });
+        box.checked = chosen.has(key);
+        firstNew = firstNew || box;
+        box.addEventListener("change", () => choose(key, asset, box.checked));
+        assetList.append(el("label", {}, box, assetLabel(l) + " · " + (l.unlimited ? "unlimited" : l.available + " available")));
+      }
+      // Chosen assets known by their Adam ID only (a saved policy) get their names as they show up.
+      if (named && !chosenList.contains(document.activeElement)) showChosen();
+      shown += page.rows.length;
+      cursor = page.next;
+      if (!shown) {
+        assetList.replaceChildren(el("span", { class: "hint" }, search ? (page.next ? "No match yet: More assets looks further." : "No asset of this account matches.")
+          : "This account has no assets yet: refresh it first."));
+      }
+      more.hidden = !page.next;
+      // More gone (nothing follows): the focus goes to the first asset it brought.
+      if (had === more && more.hidden && firstNew) firstNew.focus();
+      assetStatus.textContent = (shown === 1 ? "1 asset shown" : shown + " assets shown") + (page.next ? "; more follow." : search ? ": every match." : ": every asset.");
+    }
+    more.addEventListener("click", () => fillAssets(true));
+    // Enter in the search box searches now (it does not save the policy).
+    assetSearch.addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); clearTimeout(searchTimer); fillAssets(false); } });
+    assetSearch.addEventListener("input", () => { clearTimeout(searchTimer); searchTimer = setTimeout(() => fillAssets(false), 250); });
+    account.addEventListener("change", () => { chosen.clear(); showChosen(); fillAssets(false); });
+    showChosen();
     const err = (f) => el("p", { class: "field-error", id: "policy-" + f + "-error", "aria-live": "polite" });
     const save = el("button", { type: "submit", class: "primary" }, "Save policy");
-    const snapshot = () => JSON.stringify([name.value, id.value, account.value, [...chosen].sort(), devices.value, users.value]);
+    const snapshot = () => JSON.stringify([name.value, id.value, account.value, [...chosen.keys()].sort(), devices.value, users.value]);
     let initial = "";
     const form = el("form", { novalidate: true }, h,
       el("div", { class: "field" }, el("label", { for: "policy-name" }, "Name"), name, err("name")),
       el("div", { class: "field" }, el("label", { for: "policy-id" }, "Policy ID"), id, el("p", { class: "hint", id: "policy-id-hint" }, "Letters, digits, '.', '_' or '-'; fixed once created."), err("id")),
       el("div", { class: "field" }, el("label", { for: "policy-account" }, "Account"), account, err("accountId")),
-      el("div", { class: "field" }, el("span", { class: "label" }, el("strong", {}, "Assets")), assetList, err("assets")),
+      el("div", { class: "field" }, el("span", { class: "label" }, el("strong", {}, "Assets")),
+        el("p", { class: "hint" }, "Chosen"), chosenList,
+        el("label", { for: "policy-asset-search" }, "Find assets"), assetSearch,
+        assetList, el("div", { class: "pager" }, more, assetStatus), err("assets")),
       el("div", { class: "field" }, el("label", { for: "policy-devices" }, "Device serial numbers"), el("p", { class: "hint", id: "policy-devices-hint" }, "Paste a list: one per line, or separated by commas or spaces."), devices, err("serialNumbers")),
       el("div", { class: "field" }, el("label", { for: "policy-users" }, "Users (client user IDs)"), el("p", { class: "hint", id: "policy-users-hint" }, "Paste a list, as for devices."), users, err("clientUserIds")),
       general,
@@ -113,7 +182,7 @@ async function edit(p) {
       general.replaceChildren();
       const body = {
         name: name.value.trim(), accountId: account.value,
-        assets: [...chosen].map((k) => { const [adamId, pricingParam] = k.split("/"); return { adamId, pricingParam }; }),
+        assets: [...chosen.values()].map((a) => ({ adamId: a.adamId, pricingParam: a.pricingParam })),
         serialNumbers: parseList(devices.value), clientUserIds: parseList(users.value),
       };
       if (!id.value.trim()) { form.querySelector("#policy-id-error").textContent = "Give the policy an ID."; id.focus(); return; }
