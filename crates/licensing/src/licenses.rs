@@ -645,14 +645,26 @@ pub fn assignments(
     }
     let page = page.unwrap_or(0);
     let page32 = u32::try_from(page).unwrap_or(u32::MAX);
-    // Two calls to the store in the usual case: the account with the copy's index, then the
-    // asset's page with the copy shard of the page asked for and the asset's open ledger
-    // value (STDQ first unless pricingParam says; PLUS read after when STDQ is not there).
-    let (account_key, index_key) = (keys::account(account_id), keys::assets(account_id));
-    let got = kv.get_many(&[account_key.as_str(), index_key.as_str()])?;
+    // Two calls to the store in the usual case: the account with the copy's index and the
+    // settings, then the asset's page with the copy shard of the page asked for and the
+    // asset's open ledger value (STDQ first unless pricingParam says; PLUS read after when
+    // STDQ is not there).
+    let (account_key, index_key, settings_key) = (
+        keys::account(account_id),
+        keys::assets(account_id),
+        keys::settings(),
+    );
+    let got = kv.get_many(&[
+        account_key.as_str(),
+        index_key.as_str(),
+        settings_key.as_str(),
+    ])?;
     let account: Account = vpp_store::from_stored(&account_key, got[0].as_deref())?
         .ok_or_else(|| ApiError::not_found(format!("account {account_id}")))?;
     let ix: CopyIndex = vpp_store::from_stored(&index_key, got[1].as_deref())?.unwrap_or_default();
+    let threshold = vpp_store::from_stored::<settings::Settings>(&settings_key, got[2].as_deref())?
+        .unwrap_or_default()
+        .low_license_threshold;
     let mut found = None;
     let mut tried = vec![first_pricing];
     if pricing.is_none() {
@@ -661,19 +673,15 @@ pub fn assignments(
     for p in &tried {
         let ak = asset_key(adam_id, p);
         let open_key = crate::ledger::open_key(&account.id, &ak);
-        let wants_open = page == 0;
-        let also: Vec<&str> = wants_open
-            .then_some(open_key.as_str())
-            .into_iter()
-            .collect();
-        let (hit, rest) = copy::asset_with_page(kv, &account.id, &ix, &ak, page32, &also)?;
+        let (hit, rest) =
+            copy::asset_with_page(kv, &account.id, &ix, &ak, page32, &[open_key.as_str()])?;
         if let Some(hit) = hit {
             let open_bytes = rest.into_iter().next().flatten();
-            found = Some((hit, wants_open.then_some((open_key, open_bytes))));
+            found = Some((hit, (open_key, open_bytes)));
             break;
         }
     }
-    let Some(((asset, entries), open)) = found else {
+    let Some(((asset, entries), (open_key, open_bytes))) = found else {
         return Err(match pricing {
             Some(_) => {
                 let none = AssetsDoc::default();
@@ -707,10 +715,12 @@ pub fn assignments(
             Some(v)
         })
         .collect();
-    // Our open entries (not yet in Apple's copy): shown with their state, on the first page.
+    // Our open entries (not yet in Apple's copy): shown with their state, on the first page;
+    // their number is the asset's reservation (`pending` in its license row) on every page.
+    let open = crate::ledger::open_doc_in(&open_key, open_bytes.as_deref(), &asset.key())?;
+    let license = row(&account, &ix, &asset, open.entries.len() as i64, threshold);
     let mut pending = Vec::new();
-    if let Some((open_key, bytes)) = open {
-        let open = crate::ledger::open_doc_in(&open_key, bytes.as_deref(), &asset.key())?;
+    if page == 0 {
         for (tag, o) in &open.entries {
             let Some(subject) = Subject::from_tag(tag) else {
                 continue;
@@ -725,6 +735,7 @@ pub fn assignments(
     }
     let next = page + 1;
     Ok(json!({
+        "license": license,
         "pending": pending,
         "accountId": account.id,
         "adamId": asset.adam_id,
@@ -898,6 +909,18 @@ mod tests {
                 let want_tags: Vec<String> = want.iter().map(|(t, _)| t.clone()).collect();
                 assert_eq!(tags, want_tags, "{adam} page {p}");
                 assert_eq!(got["inUse"], a.in_use);
+                // The asset's row of the list, as the list gives it, on every page.
+                let filter = Filter {
+                    account_id: Some("a1".into()),
+                    search: Some(adam.into()),
+                    low_only: false,
+                };
+                let rows = list(&kv, &filter).unwrap();
+                let want_row = rows
+                    .iter()
+                    .find(|r| r.adam_id == adam && r.pricing_param == a.pricing_param)
+                    .unwrap();
+                assert_eq!(got["license"], serde_json::to_value(want_row).unwrap());
                 assert_eq!(got["pages"], pages);
                 assert_eq!(got["pricingParam"], a.pricing_param);
                 assert_eq!(

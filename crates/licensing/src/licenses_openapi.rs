@@ -201,7 +201,8 @@ pub fn schemas() -> Value {
             "inUse": s("integer"), "retired": s("integer"), "pending": s("integer"), "unlimited": s("boolean"),
             "lowLicenses": s("boolean"), "deviceAssignable": s("boolean"), "revocable": s("boolean"),
             "syncedAt": {"type": ["string", "null"], "format": "date-time"}}},
-        "AssignmentsPage": {"type": "object", "required": ["page", "pages", "assignments"], "properties": {
+        "AssignmentsPage": {"type": "object", "required": ["license", "page", "pages", "assignments"], "properties": {
+            "license": {"allOf": [r("LicenseRow")], "description": "the asset's row of the licenses list (its counts, and `pending`: our ledger entries not yet settled), as of this read"},
             "accountId": s("string"), "adamId": s("string"), "pricingParam": s("string"), "inUse": s("integer"),
             "page": s("integer"), "pages": s("integer"), "nextPage": n("integer"),
             "assignments": {"type": "array", "items": {"type": "object", "required": ["madeBy"], "properties": {

@@ -111,6 +111,9 @@ async fn manual_reconcile_settles_fresh_assignments_first() {
         .json();
     let pending = page["pending"].as_array().unwrap();
     assert_eq!(pending.len(), 2, "{page}");
+    // The asset's license row counts them (what the console's asset page shows).
+    assert_eq!(page["license"]["pending"], 2, "{page}");
+    assert_eq!(page["license"]["total"], 10, "{page}");
     assert!(pending
         .iter()
         .all(|p| p["state"] == "pending" && p["madeBy"] == "thisInstance"));

@@ -15,8 +15,6 @@ const FILL_REQUESTS = 8;
  * request of the API reads a bounded part of the account for a search: with these, the row of
  * an account of 10,000 assets is found within the cap).
  */
-const FIND_REQUESTS = 30;
-const FIND_LIMIT = "100";
 
 let filters = { search: "", accountId: "", low: false };
 // Where the list is: the cursor that starts each page seen so far (the API's cursor only goes
@@ -214,24 +212,6 @@ export async function licensePage(path, cursor, size) {
   return { rows, next };
 }
 
-/**
- * One asset's row of the list (its counts), or null: a search for its Adam ID in its account,
- * following the cursor only until the row is found, and at most FIND_REQUESTS requests.
- */
-export async function findAsset(accountId, adamId, pricing) {
-  let cursor = null;
-  for (let asked = 0; asked < FIND_REQUESTS; asked++) {
-    const q = new URLSearchParams({ accountId, search: adamId, limit: FIND_LIMIT });
-    if (cursor) q.set("cursor", cursor);
-    const page = await get("/api/licenses?" + q.toString());
-    const row = page.licenses.find((l) => l.adamId === adamId && (!pricing || l.pricingParam === pricing));
-    if (row) return row;
-    if (!page.nextCursor) return null;
-    cursor = page.nextCursor;
-  }
-  return null;
-}
-
 async function downloadCsv(btn) {
   btn.disabled = true;
   try {
@@ -259,17 +239,13 @@ async function renderAsset(root, accountId, adamId, pricing) {
   const head = el("div", {});
   const host = el("div", {});
   root.append(back, head, host);
-  let row = null;
-  try {
-    row = await findAsset(accountId, adamId, pricing);
-  } catch (e) {
-    head.append(errorBox(e));
-  }
+  // The first page of assignments carries the asset's row of the list (its counts): one request.
+  const first = await assignmentsPage(host, accountId, adamId, pricing, 0);
+  const row = first && first.license ? first.license : null;
   head.append(el("h1", {}, row && row.name ? row.name : "Asset " + adamId),
     row ? el("p", { class: "hint" }, row.accountName + " · Adam ID " + adamId + " · " + row.pricingParam + " · total " + (row.unlimited ? "unlimited" : row.total) + ", available " + (row.unlimited ? "unlimited" : row.available) + ", in use " + row.inUse +
       (row.pending ? " · " + row.pending + " assignment(s) sent to Apple and not confirmed yet" : "") + " · synchronized " + (row.syncedAt ? new Date(row.syncedAt).toLocaleString() : "never"))
-      : el("p", { class: "hint" }, "Adam ID " + adamId + (pricing ? " · " + pricing : "") + " · its counts were not found in the licenses list: synchronize the account, or search for it on App licenses."));
-  await assignmentsPage(host, accountId, adamId, pricing, 0);
+      : el("p", { class: "hint" }, "Adam ID " + adamId + (pricing ? " · " + pricing : "") + " · its counts could not be read (see below)."));
 }
 
 async function assignmentsPage(host, accountId, adamId, pricing, page) {
@@ -278,7 +254,7 @@ async function assignmentsPage(host, accountId, adamId, pricing, page) {
     r = await get("/api/licenses/" + enc(accountId) + "/" + enc(adamId) + "/assignments?page=" + page + (pricing ? "&pricingParam=" + enc(pricing) : ""));
   } catch (e) {
     host.replaceChildren(errorBox(e));
-    return;
+    return null;
   }
   const rows = r.assignments.map((a) => el("tr", { "data-subject": a.serialNumber || a.clientUserId },
     el("td", {}, a.serialNumber ? "Device" : "User"),
@@ -295,4 +271,5 @@ async function assignmentsPage(host, accountId, adamId, pricing, page) {
     el("p", { class: "hint" }, "As Apple last reported them at synchronization; who made each: this app, or someone else (another MDM, or Apple Business Manager directly)."),
     table(["Kind", "Device serial or user", "Made by", "State", "Assigned at", "Apple event"], rows, "No device or user holds this asset.", "Assignments"),
     el("div", { class: "pager" }, prev, el("span", { role: "status" }, "Page " + (page + 1) + " of " + pages), next));
+  return r;
 }
