@@ -473,8 +473,10 @@ fn walk(
             let holding = keys::asset_pages_holding(at.page, pages, ix.asset_pages, base);
             pages_read += holding.len() as u32;
             // Without a filter every record read is a row: read only the rows still wanted.
+            // (One more than the rows wanted: whether another follows tells a full last page
+            // from one with more after it.)
             let want = if needle.is_none() && !filter.low_only {
-                limit.saturating_sub(rows.len())
+                limit.saturating_sub(rows.len()).saturating_add(1)
             } else {
                 usize::MAX
             };
@@ -488,7 +490,8 @@ fn walk(
             if parts.len() > 1 {
                 records.sort_unstable_by(|a, b| a.0.cmp(b.0));
             }
-            for (k, text) in records {
+            let read = records.len();
+            for (i, (k, text)) in records.into_iter().enumerate() {
                 at.after.clear();
                 at.after.push_str(k);
                 let record = RawRecord::parse(text)?;
@@ -510,7 +513,11 @@ fn walk(
                 }
                 rows.add(&account, &ix, &record, pending, threshold)?;
                 if rows.len() >= limit {
-                    return Ok(Some(at.encode()));
+                    // No cursor when this was the list's last record: a full last page ends
+                    // the walk (a filtered walk may still end on a page that comes out empty).
+                    let last =
+                        i + 1 == read && at.page + 1 >= pages && account_index + 1 >= ids.len();
+                    return Ok((!last).then(|| at.encode()));
                 }
             }
             at.page += 1;
@@ -1056,6 +1063,31 @@ mod tests {
             between(request);
         }
         Ok(seen)
+    }
+
+    /// A page that ends exactly at the list's last asset says nothing follows (no cursor for
+    /// an empty page); one with more after it gives a cursor.
+    #[test]
+    fn a_full_last_page_has_no_cursor() {
+        let kv = vpp_store::MemoryKv::default();
+        listed_account(&kv, 100);
+        let first = list_page(&kv, &Filter::default(), None, 50).unwrap();
+        assert_eq!(first.rows.len(), 50);
+        let second = list_page(&kv, &Filter::default(), first.next_cursor.as_deref(), 50).unwrap();
+        assert_eq!((second.rows.len(), second.next_cursor), (50, None));
+        let all = list_page(&kv, &Filter::default(), None, 100).unwrap();
+        assert_eq!((all.rows.len(), all.next_cursor), (100, None));
+        let most = list_page(&kv, &Filter::default(), None, 99).unwrap();
+        assert!(most.next_cursor.is_some());
+        // 450 assets in pages of 50: nine requests, the last one without a cursor.
+        let mut requests = 1;
+        let listed = walk_all(&kv, 50, |_| requests += 1).unwrap();
+        assert_eq!((listed.len(), requests), (100, 2));
+        let kv = vpp_store::MemoryKv::default();
+        listed_account(&kv, 450);
+        let mut requests = 1;
+        each_once(&walk_all(&kv, 50, |_| requests += 1).unwrap(), 450);
+        assert_eq!(requests, 9);
     }
 
     fn each_once(seen: &[String], n: usize) {
