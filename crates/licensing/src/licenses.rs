@@ -886,7 +886,13 @@ mod tests {
             ("1001", Some("STDQ"), 1, 2),
             ("5", None, 1, 3),
             ("5", Some("PLUS"), 1, 2),
-            ("7", None, 2, 2),
+            // 2,500 entries: a page of ASSET_COPY_PAGE each, as the account's shards allow.
+            (
+                "7",
+                None,
+                keys::asset_copy_pages_for(2_500, copy::index(&kv, "a1").unwrap().copy_shards),
+                2,
+            ),
         ] {
             let (doc, a) = copy::asset(
                 &kv,

@@ -215,6 +215,12 @@ pub const ASSET_PAGE_SPLIT: usize = 4 * ASSET_PAGE_ENTRIES;
 /// a copy written with it stays readable, its index records its shard count, and the next full
 /// refresh writes the new size.)
 pub const COPY_SHARD_ENTRIES: usize = 8192;
+/// Assignment entries per copy shard while an account has fewer than [`COPY_SHARDS_SMALL`]
+/// shards (~20-60 KiB a shard; see [`copy_shards_for`]).
+pub const COPY_SHARD_MIN_ENTRIES: usize = 1024;
+/// Copy shards an account uses at most before its shards grow past
+/// [`COPY_SHARD_MIN_ENTRIES`] entries.
+pub const COPY_SHARDS_SMALL: u32 = 64;
 /// An asset's entries per copy shard it owns (and per page of its assignments).
 pub const ASSET_COPY_PAGE: usize = 1000;
 
@@ -390,9 +396,18 @@ pub const fn asset_pages_for(count: usize) -> u32 {
     (if n == 0 { 1 } else { n }) as u32
 }
 
-/// Copy shards for `count` assignments (at least one).
+/// Copy shards for `count` assignments (at least one): shards of ~[`COPY_SHARD_MIN_ENTRIES`]
+/// until the account has [`COPY_SHARDS_SMALL`] of them (~65,000 assignments), as many as that
+/// up to [`COPY_SHARD_ENTRIES`] each (~524,000), then more of that size. Small shards make a
+/// page of an asset's assignments (one shard) and an incremental refresh's rewrites small; the
+/// count is capped so the supported shape's keys are those of [`COPY_SHARD_ENTRIES`] alone.
 pub const fn copy_shards_for(count: usize) -> u32 {
-    let n = count.div_ceil(COPY_SHARD_ENTRIES);
+    let big = count.div_ceil(COPY_SHARD_ENTRIES);
+    let mut small = count.div_ceil(COPY_SHARD_MIN_ENTRIES);
+    if small > COPY_SHARDS_SMALL as usize {
+        small = COPY_SHARDS_SMALL as usize;
+    }
+    let n = if big > small { big } else { small };
     (if n == 0 { 1 } else { n }) as u32
 }
 
@@ -513,9 +528,19 @@ mod tests {
         }
         assert_eq!(shard_of("x", 0), 0);
         assert_eq!(copy_shards_for(0), 1);
-        assert_eq!(copy_shards_for(COPY_SHARD_ENTRIES), 1);
-        assert_eq!(copy_shards_for(COPY_SHARD_ENTRIES + 1), 2);
+        assert_eq!(copy_shards_for(COPY_SHARD_MIN_ENTRIES), 1);
+        assert_eq!(copy_shards_for(COPY_SHARD_MIN_ENTRIES + 1), 2);
+        // 100,000 assignments: 64 shards of ~1,560 (before: 13 of ~7,700).
+        assert_eq!(copy_shards_for(100_000), COPY_SHARDS_SMALL);
+        let small_max = COPY_SHARDS_SMALL as usize * COPY_SHARD_ENTRIES;
+        assert_eq!(copy_shards_for(small_max), COPY_SHARDS_SMALL);
+        assert_eq!(copy_shards_for(small_max + 1), COPY_SHARDS_SMALL + 1);
+        // The supported shape's shards are those of COPY_SHARD_ENTRIES alone.
         assert_eq!(copy_shards_for(1_000_000), 123);
+        assert_eq!(
+            copy_shards_for(1_000_000),
+            1_000_000usize.div_ceil(COPY_SHARD_ENTRIES) as u32
+        );
         assert_eq!(asset_pages_for(10_000), 100);
         assert_eq!(asset_copy_pages_for(0, 245), 1);
         assert_eq!(asset_copy_pages_for(100_000, 245), 100);
