@@ -52,7 +52,9 @@
 //   `copy_shard_of(k, t, n, C)`. Small assets share shards; a big one is spread over `n` of
 //   them, ~[`ASSET_COPY_PAGE`] of its entries on each, so page `i` of an asset's assignments is
 //   one read. Entries are compact (foreign `0`, ours `[eventId, unixSeconds]`: ~20-60 B), a
-//   shard holds ~[`COPY_SHARD_ENTRIES`] of them (~160-480 KiB).
+//   shard holds ~[`COPY_SHARD_MIN_ENTRIES`] of them (~20-60 KiB) until the account has
+//   [`COPY_SHARDS_SMALL`] shards, then up to ~[`COPY_SHARD_ENTRIES`] (~160-480 KiB), then
+//   more shards of that size ([`copy_shards_for`]).
 // - Bounds: 10,000 assets and 1,000,000 assignments make 100 asset pages and 123 copy shards
 //   (plus as many again while a full refresh builds the next generation, and 10 raw pages):
 //   456 keys at the peak ([`copy_peak_keys`]), the largest value ~260 KiB. Nothing in the copy grows with the number of assets
