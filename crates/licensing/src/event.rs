@@ -350,7 +350,7 @@ pub fn apply_outcome(
                 let later = match (asked_at, doc.assets.iter().find(|a| a.key() == *ak)) {
                     (Some(t), Some(asset)) => {
                         let held = crate::copy::held(kv, account_id, &doc, asset, &ok_subjects)?;
-                        made_after(kv, &held, event_id, t)?
+                        made_after(kv, account_id, ak, &held, event_id, t)?
                     }
                     _ => BTreeSet::new(),
                 };
@@ -702,7 +702,7 @@ fn held_before_removal(
             None => BTreeMap::new(),
         };
         let later = match asked_at {
-            Some(t) => made_after(kv, &in_copy, None, t)?,
+            Some(t) => made_after(kv, account_id, ak, &in_copy, None, t)?,
             None => BTreeSet::new(),
         };
         for s in subjects {
@@ -733,24 +733,42 @@ fn held_before_removal(
 /// Subjects (by tag) whose copy entry records an assignment of ours Apple accepted after
 /// `asked_at` (another event than `removal`): a removal accepted at `asked_at` came before it
 /// and did not take what the copy shows.
+///
+/// Also when the copy's entry is an open entry's of ours (it names none of our events, or one
+/// the entry waits on) admitted after `asked_at`: every request of that entry was sent, so
+/// accepted, after the removal (also when its event has no record yet: an invocation stopped
+/// before tracking it, or its answer was lost).
 fn made_after(
     kv: &impl Kv,
+    account_id: &str,
+    asset_key: &str,
     held: &BTreeMap<String, MadeBy>,
     removal: Option<&str>,
     asked_at: DateTime<Utc>,
 ) -> Result<BTreeSet<String>, StoreError> {
     let mut out = BTreeSet::new();
+    let mut open: Option<ledger::OpenDoc> = None;
     for (tag, m) in held {
-        let MadeBy::Ours {
-            event_id: Some(id), ..
-        } = m
-        else {
+        let MadeBy::Ours { event_id, .. } = m else {
             continue;
         };
-        if Some(id.as_str()) == removal {
+        if event_id.is_some() && event_id.as_deref() == removal {
             continue;
         }
-        if load(kv, id)?.is_some_and(|r| r.kind == EventKind::Associate && r.created_at > asked_at)
+        if let Some(id) = event_id {
+            if load(kv, id)?
+                .is_some_and(|r| r.kind == EventKind::Associate && r.created_at > asked_at)
+            {
+                out.insert(tag.clone());
+                continue;
+            }
+        }
+        if open.is_none() {
+            open = Some(ledger::open_doc(kv, account_id, asset_key)?);
+        }
+        if open
+            .as_ref()
+            .is_some_and(|o| ledger::admitted_after(o, tag, event_id.as_deref(), asked_at))
         {
             out.insert(tag.clone());
         }

@@ -841,6 +841,24 @@ pub fn taken_while_open(
     })
 }
 
+/// Does the open entry of `tag` record a request of ours admitted after `t`, and is the copy's
+/// entry (naming `copy_event`, if any) that request's (it names no event, or one the entry
+/// waits on)? The entry's requests were all sent after it was admitted: Apple accepted, so
+/// applied, each of them after anything it accepted at `t`.
+pub fn admitted_after(
+    open: &OpenDoc,
+    tag: &str,
+    copy_event: Option<&str>,
+    t: DateTime<Utc>,
+) -> bool {
+    let Some(o) = open.entries.get(tag) else {
+        return false;
+    };
+    let reflects = copy_event.is_none_or(|id| open.event_ids(o).iter().any(|e| e == id));
+    // `since` is whole seconds (rounded down): later than `t` only when really later.
+    reflects && at(o.since) > t
+}
+
 /// The settled entries of `subjects` (by tag) that exist.
 fn settled_of(
     kv: &impl Kv,

@@ -3412,3 +3412,87 @@ fn a_revoke_of_a_license_whose_assign_answer_was_lost_gives_its_notice() {
     );
     assert_eq!(state_of(&run, "100", "D1"), None, "Apple does not hold it");
 }
+
+/// Found by the notice invariant (seeds 407 and 413 of `every_removal_has_exactly_one_notice`):
+/// a revoke of ours, then an assignment of the same license admitted after it whose event we
+/// did not know when the revoke's outcome was read (its answer was lost: the entry `unknown`;
+/// or the invocation stopped before the event's record was written). Apple applied them in the
+/// order it accepted them: the revoke found nothing, the associate assigned. A refresh put the
+/// license in the copy as ours; the revoke's outcome then took it out and gave an `api` notice,
+/// and the later revoke that did take it gave a second. An open entry admitted after the
+/// removal was accepted records a request Apple applied after it: the removal took nothing.
+#[test]
+fn a_removal_read_after_an_assignment_admitted_later_whose_event_we_did_not_know_takes_nothing() {
+    for lost_answer in [true, false] {
+        let mut run = Run::new(11);
+        let now = run.now();
+        let mut b = run.budget();
+        block_on(assignment::revoke(
+            &run.kv,
+            &run.client(),
+            &assign_body("200", &["D1".into()]),
+            now,
+            &mut b,
+        ))
+        .unwrap();
+        run.clock.advance(std::time::Duration::from_secs(20));
+        let now = run.now();
+        let mut b = run.budget();
+        if lost_answer {
+            run.world
+                .lock()
+                .unwrap()
+                .forced
+                .push_back(Fault::AppliedThenDropped);
+            let out = block_on(assignment::assign(
+                &run.kv,
+                &run.client_once(),
+                &assign_body("200", &["D1".into()]),
+                now,
+                &mut b,
+            ))
+            .unwrap();
+            assert_eq!(out.unknown.len(), 1, "{out:?}");
+            assert_eq!(state_of(&run, "200", "D1"), Some("unknown"));
+        } else {
+            let out = block_on(assignment::assign(
+                &run.kv,
+                &run.client(),
+                &assign_body("200", &["D1".into()]),
+                now,
+                &mut b,
+            ))
+            .unwrap();
+            // Stopped after the entry named the event, before its record was written.
+            run.kv.delete(&keys::event(&out.events[0].id)).unwrap();
+            assert_eq!(state_of(&run, "200", "D1"), Some("pending"));
+        }
+        {
+            let mut w = run.world.lock().unwrap();
+            // In the order Apple accepted them: the revoke finds nothing, the associate assigns.
+            w.apply_scheduled();
+            w.notes.clear();
+            assert!(w.removals.is_empty(), "Apple took nothing away");
+        }
+        run.clock.advance(std::time::Duration::from_secs(30));
+        run.refresh(true);
+        assert!(
+            matches!(copy_made_by(&run, "200", "D1"), Some(MadeBy::Ours { .. })),
+            "the copy shows it as ours: {:?}",
+            copy_made_by(&run, "200", "D1")
+        );
+        run.clock.advance(std::time::Duration::from_secs(60));
+        let now = run.now();
+        let mut b = run.budget();
+        block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+        assert!(
+            notices(&run).is_empty(),
+            "lost answer {lost_answer}: {:?}",
+            notices(&run)
+        );
+        assert!(
+            copy_made_by(&run, "200", "D1").is_some(),
+            "lost answer {lost_answer}: still in the copy"
+        );
+    }
+}
