@@ -1066,6 +1066,12 @@ pub fn gone(
 
 /// A refresh found these confirmed licenses missing at Apple: forget them, unless they changed
 /// since (only `confirmed` entries not newer than `before` go).
+///
+/// An open entry a confirmed one left behind (its outcome's writer stopped between settling it
+/// and closing it: admitted no later than it was confirmed, as settling tells) is closed first:
+/// left open, the outcome read again would confirm the license Apple no longer holds (and its
+/// removal would be noticed twice). Closed first, a stop between the two writes leaves the
+/// confirmed entry for the next refresh.
 pub fn forget_confirmed(
     kv: &impl Kv,
     account: &str,
@@ -1077,6 +1083,21 @@ pub fn forget_confirmed(
         by_asset.entry(ak.as_str()).or_default().push(s.clone());
     }
     for (ak, subjects) in by_asset {
+        let open = open_doc(kv, account, ak)?;
+        let mut leftovers = Vec::new();
+        for s in &subjects {
+            let Some(o) = open.entries.get(&s.tag()) else {
+                continue;
+            };
+            if settled(kv, account, ak, s)?
+                .is_some_and(|e| e.state == LedgerState::Confirmed && e.at.timestamp() >= o.since)
+            {
+                leftovers.push(s.clone());
+            }
+        }
+        if !leftovers.is_empty() {
+            close(kv, account, ak, &leftovers)?;
+        }
         shard_write(kv, account, ak, &subjects, now, |_, cur| match cur {
             Some(e) if e.state == LedgerState::Confirmed => Some(None),
             _ => None,

@@ -3496,3 +3496,82 @@ fn a_removal_read_after_an_assignment_admitted_later_whose_event_we_did_not_know
         );
     }
 }
+
+/// Found by the notice invariant (seed 424 of `every_removal_has_exactly_one_notice`): an
+/// associate's outcome was read by an invocation killed after it confirmed the entry and before
+/// it closed the open entry. A revoke of ours, accepted after the associate, took the license;
+/// a full refresh found the confirmed entry gone (its notice). The associate's outcome, read
+/// again, found the open entry still waiting on it and confirmed the license once more (the
+/// ledger held what Apple did not), and the revoke's outcome then gave a second notice. A
+/// refresh forgetting a confirmed entry now closes the open entry it left behind.
+#[test]
+fn a_confirmation_killed_before_its_close_is_not_revived_after_a_refresh_found_it_gone() {
+    let mut run = Run::new(11);
+    let now = run.now();
+    let mut b = run.budget();
+    let out = block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    assert_eq!(out.events.len(), 1);
+    run.clock.advance(std::time::Duration::from_secs(20));
+    let now = run.now();
+    let mut b = run.budget();
+    let out = block_on(assignment::revoke(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    assert_eq!(out.events.len(), 1, "{out:?}");
+    // Apple applies the associate; its notification is read by an invocation killed after
+    // the confirmed entry was written (the first write), before the open entry was closed.
+    let notes: Vec<Outgoing> = {
+        let mut w = run.world.lock().unwrap();
+        let id = w.scheduled.remove(0);
+        w.apply(&id);
+        std::mem::take(&mut w.notes)
+    };
+    assert_eq!(notes.len(), 1);
+    run.kv.left.set(Some(1));
+    assert!(!deliver(&run.kv, &notes[0], run.now()));
+    run.kv.left.set(None);
+    assert_eq!(state_of(&run, "200", "D1"), Some("pending"), "left open");
+    assert!(
+        ledger::settled(&run.kv, ACCOUNT, "200:STDQ", &d("D1"))
+            .unwrap()
+            .is_some_and(|e| e.state == LedgerState::Confirmed),
+        "and confirmed"
+    );
+    // Apple applies the revoke (its notification is lost); a full refresh finds it gone.
+    {
+        let mut w = run.world.lock().unwrap();
+        w.apply_scheduled();
+        w.notes.clear();
+        assert_eq!(w.removals.len(), 1, "Apple took it away");
+    }
+    run.clock.advance(std::time::Duration::from_secs(60));
+    run.refresh(true);
+    // The associate's outcome is read again (Apple's retry), then the revoke's.
+    assert!(deliver(&run.kv, &notes[0], run.now()));
+    for _ in 0..2 {
+        run.clock.advance(std::time::Duration::from_secs(16 * 60));
+        let now = run.now();
+        let mut b = run.budget();
+        block_on(event::poll_due(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+        block_on(ledger::settle_all(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    }
+    assert_eq!(state_of(&run, "200", "D1"), None, "Apple does not hold it");
+    assert_eq!(
+        notices(&run).len(),
+        1,
+        "one removal, one notice: {:?}",
+        notices(&run)
+    );
+}
