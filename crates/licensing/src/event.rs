@@ -266,8 +266,9 @@ pub fn apply_outcome(
     let mut was_ours = vec![false; items.len()];
     let mut prev: Vec<Option<LedgerState>> = vec![None; items.len()];
     let mut stale = vec![false; items.len()];
-    // Removal: kept because the entry records a newer request of ours (see `ledger::gone`).
-    let mut kept = vec![false; items.len()];
+    // Removal: left as it is because a newer request of ours came after it: the ledger entry
+    // records it (kept: see `ledger::gone`), or the copy's entry is its (see `made_after`).
+    let mut newer_ours = vec![false; items.len()];
     let mut taken: Vec<((String, Subject), String)> = Vec::new();
     // Open entries a later removal took: closed once their notices are recorded (step 4).
     let mut to_close: Vec<(String, Vec<Subject>)> = Vec::new();
@@ -378,11 +379,12 @@ pub fn apply_outcome(
                     let unclaimed = g.before.is_none_or(|b| b == LedgerState::Failed);
                     if unclaimed && later.contains(&items[*i].subject.tag()) {
                         stale[*i] = true;
+                        newer_ours[*i] = true;
                         continue;
                     }
                     // An assignment of ours this removal may have come before: a full
                     // refresh decides; the copy, counts and notices stay as they are.
-                    kept[*i] = g.kept;
+                    newer_ours[*i] = g.kept;
                     let tag = items[*i].subject.tag();
                     stale[*i] = g.kept
                         || (g.before.is_none()
@@ -507,10 +509,11 @@ pub fn apply_outcome(
             let mut owed = Vec::new();
             for pair in owed_before {
                 // Owed: it was held when asked for; a newer request of ours that keeps its
-                // entry came after it (Apple applies them in the order it accepted them).
+                // entry, or whose assignment the copy shows, came after it (Apple applies them
+                // in the order it accepted them): what this removal took stays taken.
                 let ok = items.iter().enumerate().any(|(i, it)| {
                     it.failure.is_none()
-                        && (!stale[i] || kept[i])
+                        && (!stale[i] || newer_ours[i])
                         && it.asset_key == pair.0
                         && it.subject == pair.1
                 });

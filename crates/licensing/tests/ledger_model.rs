@@ -3575,3 +3575,82 @@ fn a_confirmation_killed_before_its_close_is_not_revived_after_a_refresh_found_i
         notices(&run)
     );
 }
+
+/// Found by the notice invariant (seed 450 of `every_removal_has_exactly_one_notice`): a
+/// revoke's outcome read by an invocation killed after it took the license out of the ledger
+/// and the copy, before its notice (owed on its record). The license was then assigned again
+/// by a request of ours accepted after the revoke, and the copy showed that assignment when the
+/// revoke's outcome was read again: the outcome left the copy's entry alone (rightly: the
+/// removal came first) and dropped the notice it owed with it. A notice owed stays owed when
+/// a newer request of ours came after the removal.
+#[test]
+fn a_removal_killed_before_its_notice_keeps_it_after_a_later_assignment_of_ours() {
+    let mut run = Run::new(11);
+    let assign = |run: &mut Run| {
+        let now = run.now();
+        let mut b = run.budget();
+        let out = block_on(assignment::assign(
+            &run.kv,
+            &run.client(),
+            &assign_body("200", &["D1".into()]),
+            now,
+            &mut b,
+        ))
+        .unwrap();
+        assert_eq!(out.events.len(), 1, "{out:?}");
+        let notes: Vec<Outgoing> = {
+            let mut w = run.world.lock().unwrap();
+            w.apply_scheduled();
+            std::mem::take(&mut w.notes)
+        };
+        notes
+    };
+    for n in assign(&mut run) {
+        assert!(deliver(&run.kv, &n, run.now()));
+    }
+    assert_eq!(state_of(&run, "200", "D1"), Some("confirmed"));
+    run.clock.advance(std::time::Duration::from_secs(30));
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(assignment::revoke(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    let revoked: Vec<Outgoing> = {
+        let mut w = run.world.lock().unwrap();
+        w.apply_scheduled();
+        std::mem::take(&mut w.notes)
+    };
+    assert_eq!(revoked.len(), 1);
+    // Read by an invocation killed after three writes: owed on the record, out of the ledger
+    // and the copy, no notice yet.
+    run.kv.left.set(Some(3));
+    assert!(!deliver(&run.kv, &revoked[0], run.now()));
+    run.kv.left.set(None);
+    assert_eq!(state_of(&run, "200", "D1"), None);
+    assert_eq!(copy_made_by(&run, "200", "D1"), None);
+    assert!(notices(&run).is_empty());
+    // Assigned again (accepted after the revoke); a full refresh puts it in the copy.
+    run.clock.advance(std::time::Duration::from_secs(30));
+    let again = assign(&mut run);
+    run.clock.advance(std::time::Duration::from_secs(30));
+    run.refresh(true);
+    assert!(copy_made_by(&run, "200", "D1").is_some());
+    // Apple sends the revoke's notification again, then the new associate's.
+    assert!(deliver(&run.kv, &revoked[0], run.now()));
+    for n in &again {
+        assert!(deliver(&run.kv, n, run.now()));
+    }
+    assert_eq!(
+        notices(&run),
+        vec![("200".to_string(), "D1".to_string(), "api".to_string())],
+        "Apple took it away once"
+    );
+    assert_eq!(run.world.lock().unwrap().removals.len(), 1);
+    assert_eq!(state_of(&run, "200", "D1"), Some("confirmed"));
+    assert!(copy_made_by(&run, "200", "D1").is_some(), "Apple holds it");
+}
