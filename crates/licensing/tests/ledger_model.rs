@@ -3654,3 +3654,49 @@ fn a_removal_killed_before_its_notice_keeps_it_after_a_later_assignment_of_ours(
     assert_eq!(state_of(&run, "200", "D1"), Some("confirmed"));
     assert!(copy_made_by(&run, "200", "D1").is_some(), "Apple holds it");
 }
+
+/// Found by the model (seed 502 of `ledger_matches_apple_after_random_operations_and_faults`):
+/// an associate whose first attempt Apple applied before the connection dropped, resent by the
+/// client's retries and refused with an `errorNumber` (429) on the last attempt. The refusal
+/// was taken as "nothing happened": the entry was released while Apple held the license, which
+/// the next refresh then counted as foreign. A refusal after an unclear attempt is unclear: the
+/// entry stays `unknown` until Apple's assignments say, and settling confirms it.
+#[test]
+fn a_refusal_after_an_applied_attempt_whose_answer_was_lost_leaves_it_unknown() {
+    let run = Run::new(11);
+    let client = run.client().with_policy(vpp_apple::RetryPolicy {
+        max_attempts: 2,
+        ..vpp_apple::RetryPolicy::default()
+    });
+    run.world
+        .lock()
+        .unwrap()
+        .forced
+        .extend([Fault::AppliedThenDropped, Fault::RateLimited]);
+    let now = run.now();
+    let mut b = run.budget();
+    let out = block_on(assignment::assign(
+        &run.kv,
+        &client,
+        &assign_body("100", &["D1".into()]),
+        now,
+        &mut b,
+    ));
+    let out = out.unwrap();
+    assert_eq!(
+        (out.events.len(), out.unknown.len(), out.rejected.len()),
+        (0, 1, 0),
+        "{out:?}"
+    );
+    assert_eq!(state_of(&run, "100", "D1"), Some("unknown"));
+    run.world.lock().unwrap().apply_scheduled();
+    run.clock.advance(std::time::Duration::from_secs(60));
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(ledger::settle_all(&run.kv, |_| run.client(), now, &mut b)).unwrap();
+    assert_eq!(
+        state_of(&run, "100", "D1"),
+        Some("confirmed"),
+        "Apple holds it"
+    );
+}
