@@ -247,13 +247,24 @@ pub fn apply_outcome(
     // (most likely that request, sent again after its answer was lost: see step 4): the
     // notices of what it finds held are owed on that removal's record before anything moves,
     // so an invocation killed between the moves and the notices finds them when that
-    // removal's outcome is read (or this one again).
+    // removal's outcome is read (or this one again). Held as that removal sees it, asked when
+    // it was: an assignment of ours Apple accepted after it (which this one, accepted before
+    // it, came before too) is not what it takes.
     if record.is_none() && removing {
         let held = held_before_removal(kv, account_id, &doc, items, false, None)?;
-        for ((ak, tag), (id, _, _)) in pending_removals(kv, account_id, &held)? {
-            if let Some(s) = Subject::from_tag(&tag) {
-                owe_notice(kv, &id, (ak, s))?;
+        for ((ak, tag), (id, _, at)) in pending_removals(kv, account_id, &held)? {
+            let Some(s) = Subject::from_tag(&tag) else {
+                continue;
+            };
+            let item: Vec<Item> = items
+                .iter()
+                .filter(|it| it.asset_key == ak && it.subject == s)
+                .cloned()
+                .collect();
+            if held_before_removal(kv, account_id, &doc, &item, false, Some(at))?.is_empty() {
+                continue;
             }
+            owe_notice(kv, &id, (ak, s))?;
         }
     }
 

@@ -3700,3 +3700,82 @@ fn a_refusal_after_an_applied_attempt_whose_answer_was_lost_leaves_it_unknown() 
         "Apple holds it"
     );
 }
+
+/// Found by re-running seeds 1..=600 after `a_removal_killed_before_its_notice_keeps_it_after_a_later_assignment_of_ours`
+/// (seeds 379 and 511 of `every_removal_has_exactly_one_notice`): a revoke of a license Apple
+/// did not hold was sent twice (the first answer lost) and the license was then assigned again
+/// by a request of ours Apple accepted after both. The first sending's notification (an event
+/// we cannot place) found that later assignment held and owed its notice on the revoke we know,
+/// still pending, whose outcome then gave it though Apple took nothing. What a removal we
+/// cannot place owes a pending removal of ours is now judged as that removal sees it (asked
+/// when it was): an assignment of ours accepted after it is not what it takes.
+#[test]
+fn a_twin_removal_owes_nothing_for_an_assignment_of_ours_accepted_after_it() {
+    let mut run = Run::new(11);
+    run.world
+        .lock()
+        .unwrap()
+        .forced
+        .push_back(Fault::AppliedThen500);
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(assignment::revoke(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    let mut events = run.world.lock().unwrap().model.pending_events();
+    assert_eq!(
+        events.len(),
+        2,
+        "asked twice: the answer to the first was lost"
+    );
+    events.sort_by_key(|id| event::load(&run.kv, id).unwrap().is_some());
+    let (twin, ours) = (events[0].clone(), events[1].clone());
+    assert!(event::load(&run.kv, &twin).unwrap().is_none());
+    // Apple applies both (nothing to take), then an assignment of ours accepted after them.
+    let revoked: Vec<Outgoing> = {
+        let mut w = run.world.lock().unwrap();
+        w.apply_scheduled();
+        std::mem::take(&mut w.notes)
+    };
+    run.clock.advance(std::time::Duration::from_secs(30));
+    let now = run.now();
+    let mut b = run.budget();
+    let out = block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    assert_eq!(out.events.len(), 1);
+    let assigned: Vec<Outgoing> = {
+        let mut w = run.world.lock().unwrap();
+        w.apply_scheduled();
+        assert!(w.removals.is_empty(), "Apple took nothing away");
+        std::mem::take(&mut w.notes)
+    };
+    run.clock.advance(std::time::Duration::from_secs(30));
+    run.refresh(true);
+    assert!(copy_made_by(&run, "200", "D1").is_some());
+    // The twin's notification first (our revoke still pending), then ours, then the assign's.
+    let by_event = |id: &str| {
+        revoked
+            .iter()
+            .find(|n| n.envelope["notification"]["eventId"] == id)
+            .cloned()
+            .unwrap()
+    };
+    assert!(deliver(&run.kv, &by_event(&twin), run.now()));
+    assert!(deliver(&run.kv, &by_event(&ours), run.now()));
+    for n in &assigned {
+        assert!(deliver(&run.kv, n, run.now()));
+    }
+    assert!(notices(&run).is_empty(), "{:?}", notices(&run));
+    assert_eq!(state_of(&run, "200", "D1"), Some("confirmed"));
+}
