@@ -1020,10 +1020,18 @@ pub fn revoke_refused(
 /// applies events in the order it accepted them). One asked since (or, when we do not know when
 /// it was asked, confirmed since), or a removal we cannot place in time, may have come before
 /// it: the license it records may be held now, and the next full refresh (which sees what Apple
-/// holds) decides. Every other entry (`revoking`, `pending`, `failed`) goes.
+/// holds) decides. A `revoking` entry that knows when its assignment was accepted (`asked`) is
+/// likewise not taken by a removal of ours accepted before that (an earlier revoke, read late:
+/// it took an earlier license, and the entry's own revoke is still to come). Every other entry
+/// (`revoking` otherwise, `pending`, `failed`) goes.
 pub fn removal_takes(entry: &LedgerEntry, asked_at: Option<DateTime<Utc>>) -> bool {
-    entry.state != LedgerState::Confirmed
-        || asked_at.is_some_and(|t| entry.asked.unwrap_or(entry.at) <= t)
+    match (entry.state, asked_at, entry.asked) {
+        (LedgerState::Confirmed, _, _) => {
+            asked_at.is_some_and(|t| entry.asked.unwrap_or(entry.at) <= t)
+        }
+        (LedgerState::Revoking, Some(t), Some(asked)) => asked <= t,
+        _ => true,
+    }
 }
 
 /// What [`gone`] found for one subject.

@@ -3791,3 +3791,109 @@ fn a_twin_removal_owes_nothing_for_an_assignment_of_ours_accepted_after_it() {
     assert!(notices(&run).is_empty(), "{:?}", notices(&run));
     assert_eq!(state_of(&run, "200", "D1"), Some("confirmed"));
 }
+
+/// Found by seeds 601..=800 of `every_removal_has_exactly_one_notice` (seed 743): a revoke of
+/// ours took a license; before its outcome was read, a full refresh dropped the license from
+/// the copy, it was assigned again (the revoke's notice then owed on its record) and a second
+/// revoke of ours was asked. The first revoke's outcome, read late, took the second one's
+/// `revoking` entry and the copy's entry of the new assignment (Apple applied it after that
+/// revoke): the second removal found nothing and had no notice. A removal of ours accepted
+/// before the assignment a `revoking` entry records does not take it.
+#[test]
+fn a_late_revoke_outcome_does_not_take_a_later_assignment_being_revoked() {
+    let mut run = Run::new(11);
+    let revoke = |run: &mut Run| -> Outgoing {
+        run.clock.advance(std::time::Duration::from_secs(30));
+        let now = run.now();
+        let mut b = run.budget();
+        let out = block_on(assignment::revoke(
+            &run.kv,
+            &run.client(),
+            &assign_body("200", &["D1".into()]),
+            now,
+            &mut b,
+        ))
+        .unwrap();
+        assert_eq!(out.events.len(), 1, "{out:?}");
+        let mut w = run.world.lock().unwrap();
+        w.apply_scheduled();
+        let mut notes = std::mem::take(&mut w.notes);
+        assert_eq!(notes.len(), 1);
+        notes.remove(0)
+    };
+    let assign = |run: &mut Run| {
+        run.clock.advance(std::time::Duration::from_secs(30));
+        let now = run.now();
+        let mut b = run.budget();
+        let out = block_on(assignment::assign(
+            &run.kv,
+            &run.client(),
+            &assign_body("200", &["D1".into()]),
+            now,
+            &mut b,
+        ))
+        .unwrap();
+        assert_eq!(out.events.len(), 1, "{out:?}");
+        let notes: Vec<Outgoing> = {
+            let mut w = run.world.lock().unwrap();
+            w.apply_scheduled();
+            std::mem::take(&mut w.notes)
+        };
+        for n in &notes {
+            assert!(deliver(&run.kv, n, run.now()));
+        }
+        assert_eq!(state_of(run, "200", "D1"), Some("confirmed"));
+    };
+    assign(&mut run);
+    // The first revoke takes it; its outcome is not read yet.
+    let first = revoke(&mut run);
+    run.clock.advance(std::time::Duration::from_secs(30));
+    run.refresh(true);
+    assert_eq!(copy_made_by(&run, "200", "D1"), None, "gone from the copy");
+    // Assigned again, and a second revoke asked (not yet applied by Apple).
+    assign(&mut run);
+    run.clock.advance(std::time::Duration::from_secs(30));
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(assignment::revoke(
+        &run.kv,
+        &run.client(),
+        &assign_body("200", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    assert_eq!(state_of(&run, "200", "D1"), Some("revoking"));
+    // The first revoke's outcome, late: it took the earlier license only.
+    assert!(deliver(&run.kv, &first, run.now()));
+    assert_eq!(
+        state_of(&run, "200", "D1"),
+        Some("revoking"),
+        "still being revoked"
+    );
+    assert!(
+        copy_made_by(&run, "200", "D1").is_some(),
+        "Apple still holds it"
+    );
+    // Apple applies the second revoke; its outcome gives the second notice.
+    let second: Vec<Outgoing> = {
+        let mut w = run.world.lock().unwrap();
+        w.apply_scheduled();
+        std::mem::take(&mut w.notes)
+    };
+    for n in &second {
+        assert!(deliver(&run.kv, n, run.now()));
+    }
+    assert_eq!(
+        run.world.lock().unwrap().removals.values().sum::<u32>(),
+        2,
+        "Apple took it away twice"
+    );
+    assert_eq!(
+        notices(&run).len(),
+        2,
+        "two removals, two notices: {:?}",
+        notices(&run)
+    );
+    assert_eq!(state_of(&run, "200", "D1"), None);
+}
