@@ -645,8 +645,10 @@ pub fn confirm(
     let idx = own.and_then(|id| open.events.iter().position(|e| e == id));
     let concerns = |tag: &str| match (open.entries.get(tag), own) {
         (None, _) => false,
-        // Only the entry whose request's answer was lost (it waits on no event we know).
-        (Some(o), None) => !unplaced || o.events.is_empty(),
+        // Only the entry whose request's answer was lost (sent, and it waits on no event we
+        // know): a queued entry's request was never sent (or Apple refused it), so an
+        // associate we cannot place is not its.
+        (Some(o), None) => !unplaced || (o.events.is_empty() && o.state == OpenState::Unknown),
         (Some(o), Some(_)) => {
             o.events.is_empty() || idx.is_some_and(|i| o.events.contains(&(i as u32)))
         }

@@ -3900,3 +3900,84 @@ fn a_late_revoke_outcome_does_not_take_a_later_assignment_being_revoked() {
     );
     assert_eq!(state_of(&run, "200", "D1"), None);
 }
+
+/// Found by seeds 801..=1000 of `every_removal_has_exactly_one_notice` (seed 982): the late
+/// notification of an associate we never learned of (a request whose answer was lost, long
+/// since applied, then revoked with its notice) arrived while the same license was queued
+/// again, not yet sent. It confirmed the queued entry: the ledger held a license Apple did not,
+/// and the next full refresh gave a second notice. An associate we cannot place settles only an
+/// entry whose request was sent and whose answer was lost (`unknown`, as `ledger::fail` has it),
+/// never a queued one.
+#[test]
+fn a_late_associate_we_never_learned_of_does_not_confirm_a_queued_entry() {
+    let mut run = Run::new(11);
+    run.world
+        .lock()
+        .unwrap()
+        .forced
+        .push_back(Fault::AppliedThen500);
+    let now = run.now();
+    let mut b = run.budget();
+    let out = block_on(assignment::assign(
+        &run.kv,
+        &run.client_once(),
+        &assign_body("100", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    assert_eq!(out.unknown.len(), 1);
+    // Apple applies it; its notification comes late.
+    let late: Vec<Outgoing> = {
+        let mut w = run.world.lock().unwrap();
+        w.apply_scheduled();
+        std::mem::take(&mut w.notes)
+    };
+    assert_eq!(late.len(), 1);
+    // A revoke looks it up (held), takes it, and gives its notice.
+    run.clock.advance(std::time::Duration::from_secs(30));
+    let now = run.now();
+    let mut b = run.budget();
+    block_on(assignment::revoke(
+        &run.kv,
+        &run.client(),
+        &assign_body("100", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    let revoked: Vec<Outgoing> = {
+        let mut w = run.world.lock().unwrap();
+        w.apply_scheduled();
+        std::mem::take(&mut w.notes)
+    };
+    for n in &revoked {
+        assert!(deliver(&run.kv, n, run.now()));
+    }
+    assert_eq!(notices(&run).len(), 1, "{:?}", notices(&run));
+    assert_eq!(state_of(&run, "100", "D1"), None);
+    // Assigned again, queued (no Apple call left in this request).
+    run.clock.advance(std::time::Duration::from_secs(30));
+    let now = run.now();
+    let mut b = Budget::new(now, 20, 0);
+    let out = block_on(assignment::assign(
+        &run.kv,
+        &run.client(),
+        &assign_body("100", &["D1".into()]),
+        now,
+        &mut b,
+    ))
+    .unwrap();
+    assert_eq!(out.queued, 1, "{out:?}");
+    assert_eq!(state_of(&run, "100", "D1"), Some("queued"));
+    // The first associate's notification arrives now.
+    assert!(deliver(&run.kv, &late[0], run.now()));
+    assert_eq!(state_of(&run, "100", "D1"), Some("queued"), "not confirmed");
+    run.refresh(true);
+    assert_eq!(
+        notices(&run).len(),
+        1,
+        "one removal, one notice: {:?}",
+        notices(&run)
+    );
+}
