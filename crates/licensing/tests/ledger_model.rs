@@ -1092,15 +1092,15 @@ fn ledger_matches_apple_after_random_operations_and_faults() {
 }
 
 /// Seeds on which `every_removal_has_exactly_one_notice` holds at 150 steps, as CI runs them:
-/// 1..=40, 51, 52, 71, 280, 517, and 407, 424, 450, 502 and 743 (one per cause fixed in
-/// 401..=800) (about 25 s on a loaded 2-core machine, 12 s on an idle one; seeds 19..=40 added
-/// about 10 s, 71, 280 and 517 about 0.5 s each, 407, 424, 450, 502 and 743 about 0.25 s each
-/// on an idle one).
+/// 1..=40, 51, 52, 71, 280, 517, and 407, 424, 450, 502, 743 and 982 (one per cause fixed in
+/// 401..=1000) (about 25 s on a loaded 2-core machine, 12 s on an idle one; seeds 19..=40 added
+/// about 10 s, 71, 280 and 517 about 0.5 s each, 407, 424, 450, 502, 743 and 982 about 0.25 s
+/// each on an idle one).
 /// `every_removal_has_exactly_one_notice_wide` runs 1..=60.
-const EXACT_NOTICE_SEEDS: [u64; 50] = [
+const EXACT_NOTICE_SEEDS: [u64; 51] = [
     1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26,
     27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 51, 52, 71, 280, 517, 407, 424, 450,
-    502, 743,
+    502, 743, 982,
 ];
 
 fn exactly_one_notice(seeds: &[u64]) {
@@ -1132,7 +1132,8 @@ fn exactly_one_notice(seeds: &[u64]) {
 /// confirmation killed before its close and revived after a refresh found it gone, a removal
 /// killed before its notice and read again after a later assignment of ours, a twin removal
 /// owing a pending one a later assignment, a write refused after an unclear attempt, a late
-/// revoke outcome taking a later assignment being revoked.
+/// revoke outcome taking a later assignment being revoked, a late associate we never learned
+/// of confirming a queued entry.
 #[test]
 fn every_removal_has_exactly_one_notice() {
     match env_u64("LEDGER_MODEL_SEED") {
@@ -1169,6 +1170,15 @@ fn every_removal_has_exactly_one_notice() {
 /// 511; 502 `a_refusal_after_an_applied_attempt_whose_answer_was_lost_leaves_it_unknown`; 508
 /// `a_revoke_of_a_license_whose_assign_answer_was_lost_gives_its_notice`). Seeds 601..=800:
 /// all pass (743 was `a_late_revoke_outcome_does_not_take_a_later_assignment_being_revoked`).
+/// Seeds 801..=1000: all but 994 pass (982 was
+/// `a_late_associate_we_never_learned_of_does_not_confirm_a_queued_entry`). 994 is open: an
+/// assign whose answer was lost (`unknown`), then a revoke of ours that looked it up before
+/// Apple applied the associate (not held, so still `unknown`); Apple applied the associate,
+/// then the revoke, which took the license. Neither the revoke's outcome (no claim in the
+/// ledger or the copy) nor anything later gives the notice (the entry is released as never
+/// applied). It needs the revoke to mark an `unknown` entry sent before it as taken (as
+/// `ledger::taken_while_open` does for pending ones) and the associate we cannot place, when
+/// its notification comes, to give that notice.
 /// Not in CI (about 35 s, past what CI's budget allows); run with
 /// `cargo test -p vpp-licensing --test ledger_model -- --ignored every_removal_has_exactly_one_notice_wide`.
 #[ignore = "about 35 s: run by hand (CI runs EXACT_NOTICE_SEEDS)"]
