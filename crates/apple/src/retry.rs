@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::error::AppleError;
-use crate::transport::{AppleRequest, AppleResponse, Clock, Transport};
+use crate::transport::{AppleRequest, AppleResponse, Clock, Method, Transport};
 
 /// One second plus a margin: requests leave here but Apple counts them on arrival, and latency
 /// varies (against the simulator a bare 1 s window drew a 429 on the 16th request).
@@ -171,6 +171,11 @@ pub struct Attempted {
 
 /// Send `req` with pacing and bounded retries, and keep the last raw answer. The Apple
 /// component uses this to forward Apple's own status, body and `Retry-After`.
+///
+/// A write (POST) resent after an attempt whose outcome was unclear (no answer, or an error
+/// without an `errorNumber`: Apple may have applied it) and refused on a later attempt with an
+/// `errorNumber` ends with that unclear attempt: the refusal proves only that the resend did
+/// nothing, not the first attempt, and callers take an `errorNumber` as "nothing happened".
 pub async fn send_with_retry_raw<T: Transport, C: Clock>(
     transport: &T,
     clock: &C,
@@ -179,8 +184,11 @@ pub async fn send_with_retry_raw<T: Transport, C: Clock>(
     req: &AppleRequest,
 ) -> Attempted {
     let max_attempts = policy.max_attempts.max(1);
+    let write = req.method == Method::Post;
     let mut attempts = 0u32;
     let mut waited = Duration::ZERO;
+    // A write's first attempt whose outcome was unclear: (its answer, its classification).
+    let mut unclear: Option<(Result<AppleResponse, String>, AppleError)> = None;
     loop {
         attempts += 1;
         pacer.acquire(clock).await;
@@ -197,22 +205,33 @@ pub async fn send_with_retry_raw<T: Transport, C: Clock>(
                 waited,
             };
         };
+        // What the loop ends with: this attempt, or a write's earlier unclear one.
+        let end = |last, error: Option<AppleError>, unclear, waited| {
+            let refused = error.as_ref().is_some_and(|e| e.number().is_some());
+            match unclear {
+                Some((first, first_err)) if refused => Attempted {
+                    last: first,
+                    error: Some(first_err),
+                    attempts,
+                    waited,
+                },
+                _ => Attempted {
+                    last,
+                    error,
+                    attempts,
+                    waited,
+                },
+            }
+        };
         if !err.is_retryable() || attempts >= max_attempts {
-            return Attempted {
-                last,
-                error,
-                attempts,
-                waited,
-            };
+            return end(last, error, unclear, waited);
         }
         let delay = policy.delay(attempts, err, clock.jitter());
         if waited + delay > policy.max_total_wait {
-            return Attempted {
-                last,
-                error,
-                attempts,
-                waited,
-            };
+            return end(last, error, unclear, waited);
+        }
+        if write && unclear.is_none() && err.number().is_none() {
+            unclear = Some((last.clone(), err.clone()));
         }
         clock.sleep(delay).await;
         waited += delay;

@@ -247,13 +247,24 @@ pub fn apply_outcome(
     // (most likely that request, sent again after its answer was lost: see step 4): the
     // notices of what it finds held are owed on that removal's record before anything moves,
     // so an invocation killed between the moves and the notices finds them when that
-    // removal's outcome is read (or this one again).
+    // removal's outcome is read (or this one again). Held as that removal sees it, asked when
+    // it was: an assignment of ours Apple accepted after it (which this one, accepted before
+    // it, came before too) is not what it takes.
     if record.is_none() && removing {
         let held = held_before_removal(kv, account_id, &doc, items, false, None)?;
-        for ((ak, tag), (id, _, _)) in pending_removals(kv, account_id, &held)? {
-            if let Some(s) = Subject::from_tag(&tag) {
-                owe_notice(kv, &id, (ak, s))?;
+        for ((ak, tag), (id, _, at)) in pending_removals(kv, account_id, &held)? {
+            let Some(s) = Subject::from_tag(&tag) else {
+                continue;
+            };
+            let item: Vec<Item> = items
+                .iter()
+                .filter(|it| it.asset_key == ak && it.subject == s)
+                .cloned()
+                .collect();
+            if held_before_removal(kv, account_id, &doc, &item, false, Some(at))?.is_empty() {
+                continue;
             }
+            owe_notice(kv, &id, (ak, s))?;
         }
     }
 
@@ -266,8 +277,9 @@ pub fn apply_outcome(
     let mut was_ours = vec![false; items.len()];
     let mut prev: Vec<Option<LedgerState>> = vec![None; items.len()];
     let mut stale = vec![false; items.len()];
-    // Removal: kept because the entry records a newer request of ours (see `ledger::gone`).
-    let mut kept = vec![false; items.len()];
+    // Removal: left as it is because a newer request of ours came after it: the ledger entry
+    // records it (kept: see `ledger::gone`), or the copy's entry is its (see `made_after`).
+    let mut newer_ours = vec![false; items.len()];
     let mut taken: Vec<((String, Subject), String)> = Vec::new();
     // Open entries a later removal took: closed once their notices are recorded (step 4).
     let mut to_close: Vec<(String, Vec<Subject>)> = Vec::new();
@@ -350,7 +362,7 @@ pub fn apply_outcome(
                 let later = match (asked_at, doc.assets.iter().find(|a| a.key() == *ak)) {
                     (Some(t), Some(asset)) => {
                         let held = crate::copy::held(kv, account_id, &doc, asset, &ok_subjects)?;
-                        made_after(kv, &held, event_id, t)?
+                        made_after(kv, account_id, ak, &held, event_id, t)?
                     }
                     _ => BTreeSet::new(),
                 };
@@ -378,11 +390,12 @@ pub fn apply_outcome(
                     let unclaimed = g.before.is_none_or(|b| b == LedgerState::Failed);
                     if unclaimed && later.contains(&items[*i].subject.tag()) {
                         stale[*i] = true;
+                        newer_ours[*i] = true;
                         continue;
                     }
                     // An assignment of ours this removal may have come before: a full
                     // refresh decides; the copy, counts and notices stay as they are.
-                    kept[*i] = g.kept;
+                    newer_ours[*i] = g.kept;
                     let tag = items[*i].subject.tag();
                     stale[*i] = g.kept
                         || (g.before.is_none()
@@ -507,10 +520,11 @@ pub fn apply_outcome(
             let mut owed = Vec::new();
             for pair in owed_before {
                 // Owed: it was held when asked for; a newer request of ours that keeps its
-                // entry came after it (Apple applies them in the order it accepted them).
+                // entry, or whose assignment the copy shows, came after it (Apple applies them
+                // in the order it accepted them): what this removal took stays taken.
                 let ok = items.iter().enumerate().any(|(i, it)| {
                     it.failure.is_none()
-                        && (!stale[i] || kept[i])
+                        && (!stale[i] || newer_ours[i])
                         && it.asset_key == pair.0
                         && it.subject == pair.1
                 });
@@ -702,7 +716,7 @@ fn held_before_removal(
             None => BTreeMap::new(),
         };
         let later = match asked_at {
-            Some(t) => made_after(kv, &in_copy, None, t)?,
+            Some(t) => made_after(kv, account_id, ak, &in_copy, None, t)?,
             None => BTreeSet::new(),
         };
         for s in subjects {
@@ -733,24 +747,42 @@ fn held_before_removal(
 /// Subjects (by tag) whose copy entry records an assignment of ours Apple accepted after
 /// `asked_at` (another event than `removal`): a removal accepted at `asked_at` came before it
 /// and did not take what the copy shows.
+///
+/// Also when the copy's entry is an open entry's of ours (it names none of our events, or one
+/// the entry waits on) admitted after `asked_at`: every request of that entry was sent, so
+/// accepted, after the removal (also when its event has no record yet: an invocation stopped
+/// before tracking it, or its answer was lost).
 fn made_after(
     kv: &impl Kv,
+    account_id: &str,
+    asset_key: &str,
     held: &BTreeMap<String, MadeBy>,
     removal: Option<&str>,
     asked_at: DateTime<Utc>,
 ) -> Result<BTreeSet<String>, StoreError> {
     let mut out = BTreeSet::new();
+    let mut open: Option<ledger::OpenDoc> = None;
     for (tag, m) in held {
-        let MadeBy::Ours {
-            event_id: Some(id), ..
-        } = m
-        else {
+        let MadeBy::Ours { event_id, .. } = m else {
             continue;
         };
-        if Some(id.as_str()) == removal {
+        if event_id.is_some() && event_id.as_deref() == removal {
             continue;
         }
-        if load(kv, id)?.is_some_and(|r| r.kind == EventKind::Associate && r.created_at > asked_at)
+        if let Some(id) = event_id {
+            if load(kv, id)?
+                .is_some_and(|r| r.kind == EventKind::Associate && r.created_at > asked_at)
+            {
+                out.insert(tag.clone());
+                continue;
+            }
+        }
+        if open.is_none() {
+            open = Some(ledger::open_doc(kv, account_id, asset_key)?);
+        }
+        if open
+            .as_ref()
+            .is_some_and(|o| ledger::admitted_after(o, tag, event_id.as_deref(), asked_at))
         {
             out.insert(tag.clone());
         }

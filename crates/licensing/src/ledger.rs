@@ -645,8 +645,10 @@ pub fn confirm(
     let idx = own.and_then(|id| open.events.iter().position(|e| e == id));
     let concerns = |tag: &str| match (open.entries.get(tag), own) {
         (None, _) => false,
-        // Only the entry whose request's answer was lost (it waits on no event we know).
-        (Some(o), None) => !unplaced || o.events.is_empty(),
+        // Only the entry whose request's answer was lost (sent, and it waits on no event we
+        // know): a queued entry's request was never sent (or Apple refused it), so an
+        // associate we cannot place is not its.
+        (Some(o), None) => !unplaced || (o.events.is_empty() && o.state == OpenState::Unknown),
         (Some(o), Some(_)) => {
             o.events.is_empty() || idx.is_some_and(|i| o.events.contains(&(i as u32)))
         }
@@ -841,6 +843,24 @@ pub fn taken_while_open(
     })
 }
 
+/// Does the open entry of `tag` record a request of ours admitted after `t`, and is the copy's
+/// entry (naming `copy_event`, if any) that request's (it names no event, or one the entry
+/// waits on)? The entry's requests were all sent after it was admitted: Apple accepted, so
+/// applied, each of them after anything it accepted at `t`.
+pub fn admitted_after(
+    open: &OpenDoc,
+    tag: &str,
+    copy_event: Option<&str>,
+    t: DateTime<Utc>,
+) -> bool {
+    let Some(o) = open.entries.get(tag) else {
+        return false;
+    };
+    let reflects = copy_event.is_none_or(|id| open.event_ids(o).iter().any(|e| e == id));
+    // `since` is whole seconds (rounded down): later than `t` only when really later.
+    reflects && at(o.since) > t
+}
+
 /// The settled entries of `subjects` (by tag) that exist.
 fn settled_of(
     kv: &impl Kv,
@@ -1002,10 +1022,18 @@ pub fn revoke_refused(
 /// applies events in the order it accepted them). One asked since (or, when we do not know when
 /// it was asked, confirmed since), or a removal we cannot place in time, may have come before
 /// it: the license it records may be held now, and the next full refresh (which sees what Apple
-/// holds) decides. Every other entry (`revoking`, `pending`, `failed`) goes.
+/// holds) decides. A `revoking` entry that knows when its assignment was accepted (`asked`) is
+/// likewise not taken by a removal of ours accepted before that (an earlier revoke, read late:
+/// it took an earlier license, and the entry's own revoke is still to come). Every other entry
+/// (`revoking` otherwise, `pending`, `failed`) goes.
 pub fn removal_takes(entry: &LedgerEntry, asked_at: Option<DateTime<Utc>>) -> bool {
-    entry.state != LedgerState::Confirmed
-        || asked_at.is_some_and(|t| entry.asked.unwrap_or(entry.at) <= t)
+    match (entry.state, asked_at, entry.asked) {
+        (LedgerState::Confirmed, _, _) => {
+            asked_at.is_some_and(|t| entry.asked.unwrap_or(entry.at) <= t)
+        }
+        (LedgerState::Revoking, Some(t), Some(asked)) => asked <= t,
+        _ => true,
+    }
 }
 
 /// What [`gone`] found for one subject.
@@ -1048,6 +1076,12 @@ pub fn gone(
 
 /// A refresh found these confirmed licenses missing at Apple: forget them, unless they changed
 /// since (only `confirmed` entries not newer than `before` go).
+///
+/// An open entry a confirmed one left behind (its outcome's writer stopped between settling it
+/// and closing it: admitted no later than it was confirmed, as settling tells) is closed first:
+/// left open, the outcome read again would confirm the license Apple no longer holds (and its
+/// removal would be noticed twice). Closed first, a stop between the two writes leaves the
+/// confirmed entry for the next refresh.
 pub fn forget_confirmed(
     kv: &impl Kv,
     account: &str,
@@ -1059,6 +1093,21 @@ pub fn forget_confirmed(
         by_asset.entry(ak.as_str()).or_default().push(s.clone());
     }
     for (ak, subjects) in by_asset {
+        let open = open_doc(kv, account, ak)?;
+        let mut leftovers = Vec::new();
+        for s in &subjects {
+            let Some(o) = open.entries.get(&s.tag()) else {
+                continue;
+            };
+            if settled(kv, account, ak, s)?
+                .is_some_and(|e| e.state == LedgerState::Confirmed && e.at.timestamp() >= o.since)
+            {
+                leftovers.push(s.clone());
+            }
+        }
+        if !leftovers.is_empty() {
+            close(kv, account, ak, &leftovers)?;
+        }
         shard_write(kv, account, ak, &subjects, now, |_, cur| match cur {
             Some(e) if e.state == LedgerState::Confirmed => Some(None),
             _ => None,

@@ -283,3 +283,57 @@ fn proxied_client_makes_one_attempt_and_reports_apple_terms() {
     c.set_service_config(crate::ServiceConfig::default());
     assert_eq!(c.pacer().max_per_second(), u32::MAX);
 }
+
+/// A write resent after an attempt whose outcome was unclear (the connection dropped after it
+/// was sent, or a bare 5xx) and refused on the last attempt with an `errorNumber` ends with the
+/// unclear attempt: the refusal says nothing about the first one, which Apple may have applied
+/// (found by seed 502 of the licensing ledger model). A read ends with its last answer.
+#[test]
+fn a_write_refused_after_an_unclear_attempt_stays_unclear() {
+    let refused = || {
+        let mut r = resp(
+            429,
+            json!({"errorNumber": 9646, "errorMessage": "Too many"}),
+        );
+        r.retry_after = Some("1".into());
+        Ok(r)
+    };
+    let policy = RetryPolicy {
+        max_attempts: 3,
+        ..RetryPolicy::default()
+    };
+    let post = AppleRequest::post("assets/associate", b"{}".to_vec());
+    for (unclear, code) in [
+        (
+            Err("connection reset after sending".to_string()),
+            "apple_transport",
+        ),
+        (
+            Ok(AppleResponse::new(500, "upstream timed out")),
+            "apple_unavailable",
+        ),
+    ] {
+        let t = ScriptedTransport::sequence(vec![refused(), unclear.clone(), refused()]);
+        let done = block_on(send_with_retry_raw(
+            &t,
+            &FakeClock::default(),
+            &Pacer::default(),
+            &policy,
+            &post,
+        ));
+        assert_eq!(done.attempts, 3);
+        assert_eq!(done.last, unclear, "{code}");
+        let e = done.error.unwrap();
+        assert_eq!((e.code(), e.number()), (code, None));
+        // A read is not applied twice: its last answer stands.
+        let t = ScriptedTransport::sequence(vec![unclear.clone(), refused(), refused()]);
+        let done = block_on(send_with_retry_raw(
+            &t,
+            &FakeClock::default(),
+            &Pacer::default(),
+            &policy,
+            &req(),
+        ));
+        assert_eq!(done.error.unwrap().number(), Some(9646), "{code}");
+    }
+}
