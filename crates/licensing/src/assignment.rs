@@ -240,6 +240,11 @@ pub struct Submitted {
     pub unknown: Vec<serde_json::Value>,
     /// Admitted, not sent within this request: a job (or the daily run) sends them.
     pub queued: usize,
+    /// Revoke only: not sent, because the answer to their assignment's request was lost and
+    /// Apple does not hold it yet (it may still apply it). Revoke them again once the ledger
+    /// settles that assignment (the entry is `confirmed`, or gone as never applied).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub waiting: Vec<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<serde_json::Value>,
 }
@@ -379,7 +384,9 @@ pub async fn revoke<T: Transport, C: Clock>(
 
 /// Disassociate `asset` from `subjects`, one event per Apple request, within `budget`. What is
 /// not sent stays `revoking` without an event: reconcile sends it again. An unclear answer
-/// leaves it so as well (sending a disassociate twice does no harm).
+/// leaves it so as well (sending a disassociate twice does no harm). A subject whose
+/// assignment of ours has an unknown outcome that Apple does not show yet is not sent
+/// ([`Submitted::waiting`], see [`ledger::verify_before_removal`]).
 #[allow(clippy::too_many_arguments)]
 pub async fn disassociate<T: Transport, C: Clock>(
     kv: &impl Kv,
@@ -397,7 +404,19 @@ pub async fn disassociate<T: Transport, C: Clock>(
     }
     let ak = asset.key();
     let aref = ledger::asset_ref(&ak);
-    ledger::verify_before_removal(kv, client, account_id, asset, subjects, now, budget).await?;
+    let verified =
+        ledger::verify_before_removal(kv, client, account_id, asset, subjects, now, budget).await?;
+    // An assignment of ours whose outcome is unknown: the removal waits for it.
+    out.waiting = verified.waiting.iter().map(event::subject_json).collect();
+    let subjects: Vec<Subject> = subjects
+        .iter()
+        .filter(|s| !verified.waiting.contains(s))
+        .cloned()
+        .collect();
+    if subjects.is_empty() {
+        return Ok(out);
+    }
+    let subjects = subjects.as_slice();
     ledger::begin_revoke(kv, account_id, &ak, subjects, now)?;
     let limits = match client.limits().await {
         Ok(l) => l,

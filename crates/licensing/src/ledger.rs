@@ -1691,12 +1691,28 @@ pub async fn held_at_apple<T: Transport, C: Clock>(
     }))
 }
 
+/// What [`verify_before_removal`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Verified {
+    /// Unknown entries Apple holds: confirmed, so the removal takes a license the books know.
+    pub confirmed: u32,
+    /// Subjects whose assignment of ours still has an unknown outcome (not held at Apple now,
+    /// or not looked up): the removal must not be sent for them yet.
+    pub waiting: Vec<Subject>,
+}
+
 /// Before a removal of ours is sent: each of `subjects` whose assignment of ours has an unknown
-/// outcome (the answer to its associate was lost, no event of it known) is looked up at Apple
-/// first, and confirmed when Apple holds it. The removal then takes a license the books know
-/// of, and its notice is given; sent over an unknown entry, it took a license we could not see
-/// and gave none. Within `budget` (one Apple call each); a lookup that fails leaves the entry
-/// unknown for the usual settling. Returns how many were confirmed.
+/// outcome (the answer to its request was lost) is looked up at Apple first, and confirmed when
+/// Apple holds it. The removal then takes a license the books know of, and its notice is given.
+///
+/// Not held (or not looked up: out of `budget`, one Apple call each, or the lookup failed),
+/// the entry stays unknown and the subject waits: the removal is not sent for it. Apple may
+/// still hold the request whose answer was lost, accepted before the removal and so applied
+/// before it; sent now, the removal would take that license, and nothing could ever tell
+/// (Apple answers a removal of a license not held with success too, and the lookup that
+/// settles the entry then finds nothing either way): its notice would be lost, or given for a
+/// removal that did not happen. Once the entry settles (confirmed, or released as never
+/// applied), a removal asked again is exact.
 pub async fn verify_before_removal<T: Transport, C: Clock>(
     kv: &impl Kv,
     client: &Client<T, C>,
@@ -1705,7 +1721,7 @@ pub async fn verify_before_removal<T: Transport, C: Clock>(
     subjects: &[Subject],
     now: DateTime<Utc>,
     budget: &mut Budget,
-) -> Result<u32, StoreError> {
+) -> Result<Verified, StoreError> {
     let ak = asset.key();
     let open = open_doc(kv, account, &ak)?;
     let unknown: Vec<&Subject> = subjects
@@ -1713,15 +1729,13 @@ pub async fn verify_before_removal<T: Transport, C: Clock>(
         .filter(|s| {
             open.entries
                 .get(&s.tag())
-                .is_some_and(|o| o.state == OpenState::Unknown && o.events.is_empty())
+                .is_some_and(|o| o.state == OpenState::Unknown)
         })
         .collect();
-    let mut confirmed = 0;
+    let mut out = Verified::default();
     for s in unknown {
-        if !budget.take_call(now) {
-            break;
-        }
-        if let Ok(true) = held_at_apple(client, asset, s).await {
+        let held = budget.take_call(now) && held_now(client, asset, s).await;
+        if held {
             let c = confirm(
                 kv,
                 account,
@@ -1733,10 +1747,27 @@ pub async fn verify_before_removal<T: Transport, C: Clock>(
                 now,
             )?;
             close(kv, account, &ak, &c.to_close)?;
-            confirmed += 1;
+            out.confirmed += 1;
+        }
+        // Still unknown (not held, not looked up, or settled otherwise meanwhile: read again).
+        let still = open_doc(kv, account, &ak)?
+            .entries
+            .get(&s.tag())
+            .is_some_and(|o| o.state == OpenState::Unknown);
+        if still {
+            out.waiting.push(s.clone());
         }
     }
-    Ok(confirmed)
+    Ok(out)
+}
+
+/// Does Apple hold `asset` for `subject` (a failed lookup: not known to)?
+async fn held_now<T: Transport, C: Clock>(
+    client: &Client<T, C>,
+    asset: &AssetRecord,
+    subject: &Subject,
+) -> bool {
+    matches!(held_at_apple(client, asset, subject).await, Ok(true))
 }
 
 /// Every account's open entries and due events, within `budget` (the daily run, reconcile).
