@@ -226,6 +226,7 @@ pub fn schemas() -> Value {
             "rejected": {"type": "array", "items": subject},
             "unknown": {"type": "array", "items": subject, "description": "sent, answer lost: held as unknown until Apple's assignments show what happened"},
             "queued": {"type": "integer", "description": "admitted, not yet sent: the ledger job sends them"},
+            "waiting": {"type": "array", "items": subject, "description": "revoke only: not sent, their assignment's answer was lost and Apple does not hold it yet; revoke again once the ledger settles it"},
             "job": r("JobLink"), "error": {}}},
         "JobLink": {"type": "object", "properties": {"id": s("string"), "kind": s("string"), "state": s("string"), "href": s("string")}},
         "Event": {"type": "object", "required": ["id", "state"], "properties": {
