@@ -689,6 +689,13 @@ pub fn confirm(
         .filter(|s| !stale.contains(&s.tag()))
         .cloned()
         .collect();
+    // When the open entry's request was last sent (it concerns this outcome).
+    let sent_of = |tag: &str| {
+        open.entries
+            .get(tag)
+            .filter(|_| concerns(tag))
+            .map(|o| at(o.sent.unwrap_or(o.since)))
+    };
     let before = shard_write(kv, account, asset_key, &fresh, now, |s, cur| {
         let in_open = concerns(&s.tag());
         match cur {
@@ -700,7 +707,10 @@ pub fn confirm(
                 event_id: event_id.map(str::to_string).or(e.event_id.clone()),
                 at: now,
                 error: None,
-                asked: asked.or(e.asked),
+                // The open entry's request, when no event of it is known: Apple accepted it
+                // after it was sent, so after any removal of ours accepted before (an earlier
+                // revoke read late takes nothing of it). Not the settled entry's older time.
+                asked: asked.or_else(|| sent_of(&s.tag())).or(e.asked),
             })),
             None if in_open || ours => Some(Some(LedgerEntry {
                 state: LedgerState::Confirmed,
