@@ -3532,6 +3532,99 @@ fn a_revoke_waits_for_an_assignment_whose_answer_was_lost_that_apple_does_not_ho
     assert_eq!(state_of(&run, "100", "D1"), None, "Apple does not hold it");
 }
 
+/// The e2e model test's exact mode, seed 48 (once seed 994 was fixed): an assign whose answer
+/// was lost, confirmed by a lookup and revoked (R1); assigned again, that answer lost too; Apple
+/// applied R1, then the new associate. A revoke (R2) looked the unknown entry up (held) and
+/// confirmed it over the `revoking` entry R1 left, keeping R1's entry's time of assignment; read
+/// late, R1's outcome then took the entry R2 was revoking (its assignment looked older than R1),
+/// and R2's outcome found nothing: its notice was lost. The confirmed entry records when its own
+/// request was sent (after R1 was accepted): R1 takes nothing of it, and each removal has its
+/// notice.
+#[test]
+fn a_late_revoke_outcome_does_not_take_an_unknown_assignment_confirmed_after_it() {
+    let run = Run::new(11);
+    let pair = ("200".to_string(), "D1".to_string());
+    let body = assign_body("200", &["D1".into()]);
+    let assign_lost = |run: &Run| {
+        run.world
+            .lock()
+            .unwrap()
+            .forced
+            .push_back(Fault::AppliedThen500);
+        let now = run.now();
+        let mut b = run.budget();
+        let out = block_on(assignment::assign(
+            &run.kv,
+            &run.client_once(),
+            &body,
+            now,
+            &mut b,
+        ))
+        .unwrap();
+        assert_eq!(out.unknown.len(), 1, "{out:?}");
+        assert_eq!(state_of(run, "200", "D1"), Some("unknown"));
+    };
+    let revoke = |run: &Run| {
+        run.clock.advance(std::time::Duration::from_secs(30));
+        let now = run.now();
+        let mut b = run.budget();
+        let out = block_on(assignment::revoke(
+            &run.kv,
+            &run.client(),
+            &body,
+            now,
+            &mut b,
+        ))
+        .unwrap();
+        assert_eq!(out.events.len(), 1, "{out:?}");
+    };
+    assign_lost(&run);
+    {
+        let mut w = run.world.lock().unwrap();
+        w.apply_scheduled();
+        w.notes.clear();
+    }
+    // R1: the lookup confirms the entry, the revoke is sent; Apple has not applied it yet.
+    revoke(&run);
+    run.clock.advance(std::time::Duration::from_secs(30));
+    assign_lost(&run);
+    // Apple applies R1 (its notification waits), then the new associate (its notification is
+    // lost).
+    let r1_notes: Vec<Outgoing> = {
+        let mut w = run.world.lock().unwrap();
+        let scheduled = std::mem::take(&mut w.scheduled);
+        assert_eq!(scheduled.len(), 2);
+        w.apply(&scheduled[0]);
+        let notes = std::mem::take(&mut w.notes);
+        w.apply(&scheduled[1]);
+        w.notes.clear();
+        notes
+    };
+    assert!(run.world.lock().unwrap().held.contains(&pair));
+    // R2: the lookup confirms the new assignment, the revoke is sent.
+    revoke(&run);
+    for n in &r1_notes {
+        assert!(deliver(&run.kv, n, run.now()));
+    }
+    let notes: Vec<Outgoing> = {
+        let mut w = run.world.lock().unwrap();
+        w.apply_scheduled();
+        std::mem::take(&mut w.notes)
+    };
+    for n in &notes {
+        assert!(deliver(&run.kv, n, run.now()));
+    }
+    let removals = run.world.lock().unwrap().removals.get(&pair).copied();
+    assert_eq!(removals, Some(2), "Apple took it away twice");
+    let api = ("200".to_string(), "D1".to_string(), "api".to_string());
+    assert_eq!(
+        notices(&run),
+        vec![api.clone(), api],
+        "one notice per removal"
+    );
+    assert_eq!(state_of(&run, "200", "D1"), None, "Apple does not hold it");
+}
+
 /// Found by the notice invariant (seeds 407 and 413 of `every_removal_has_exactly_one_notice`):
 /// a revoke of ours, then an assignment of the same license admitted after it whose event we
 /// did not know when the revoke's outcome was read (its answer was lost: the entry `unknown`;
