@@ -1176,7 +1176,8 @@ fn every_removal_has_exactly_one_notice() {
 /// `a_revoke_waits_for_an_assignment_whose_answer_was_lost_that_apple_does_not_hold_yet`: an
 /// assign whose answer was lost, then a revoke whose lookup came before Apple applied the
 /// associate, so the revoke took a license no outcome showed; a revoke now waits for such a
-/// subject until its entry settles).
+/// subject until its entry settles). The e2e model test's seed 48 then needed
+/// `a_late_revoke_outcome_does_not_take_an_unknown_assignment_confirmed_after_it`.
 /// Not in CI (about 35 s, past what CI's budget allows); run with
 /// `cargo test -p vpp-licensing --test ledger_model -- --ignored every_removal_has_exactly_one_notice_wide`.
 #[ignore = "about 35 s: run by hand (CI runs EXACT_NOTICE_SEEDS)"]

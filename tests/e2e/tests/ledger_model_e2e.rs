@@ -539,10 +539,11 @@ impl Run {
         }
         // By default: none missing for a license of ours. `LEDGER_E2E_NOTICES=exact`: exactly one
         // per removal, ours and foreign, none for a license never taken away. At 40 steps it
-        // holds on 79 of seeds 1..=80 (58 and 65 were a revoke over an assignment whose answer
-        // was lost: `ledger::verify_before_removal`). Seed 48 misses two notices for licenses
-        // of ours: revoked while the lost-answer associate was still pending at Apple, so the
-        // lookup found nothing and Apple applied the associate, then the revoke (open).
+        // holds on all of seeds 1..=80 (58 and 65 were a revoke over an assignment whose answer
+        // was lost: `ledger::verify_before_removal`; 48 a revoke sent while such an associate
+        // was still pending at Apple, which now waits, then a late revoke outcome taking the
+        // assignment a later revoke was taking: see the native model test's
+        // `a_late_revoke_outcome_does_not_take_an_unknown_assignment_confirmed_after_it`).
         let exact = std::env::var("LEDGER_E2E_NOTICES").is_ok_and(|v| v == "exact");
         let pairs: BTreeSet<&(String, String)> = removed.keys().chain(noticed.keys()).collect();
         for pair in pairs {
